@@ -1,0 +1,117 @@
+"""Configuration of a :class:`~ckptio.CheckpointManager`: one keyword-only dataclass, validated up front."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["CheckpointOptions", "parse_size"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20, "mi": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40,
+}
+
+
+def parse_size(value: int | str | None, *, what: str = "size") -> int | None:
+    """Parse ``2GB``, ``500MiB``, ``1.5G`` or a byte count into bytes (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a byte count or a string like '2GB', not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what} must not be negative, got {value}")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if match is None or (match.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"{what} {value!r} is not a size: write e.g. '2GB', '500MiB' or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointOptions:
+    """How a :class:`~ckptio.CheckpointManager` writes, keeps and removes checkpoints."""
+
+    format: Literal["torch", "safetensors"] = "torch"
+    """``torch`` writes a ``torch.save`` file (``.pth``) that ``torch.load(weights_only=True)`` reads;
+    ``safetensors`` writes a ``.safetensors`` file whose non-tensor structure lives in its metadata."""
+
+    compression: Literal["zstd"] | None = None
+    """``zstd`` compresses the file (suffix ``.zst`` after the format's); ``None`` writes it raw."""
+
+    compression_level: int = 3
+    """zstd level, 1 (fastest) to 19; low levels already get most of what float weights give."""
+
+    compression_threads: int = 0
+    """zstd worker threads: 0 compresses in the writer thread, -1 uses every core."""
+
+    async_save: bool = True
+    """Write in a background thread (``save()`` returns after the snapshot); ``False`` writes in the caller."""
+
+    max_pending: int = 1
+    """Snapshots that may wait for the writer besides the one being written; host memory is about
+    ``(max_pending + 1) x state size``."""
+
+    on_full: Literal["block", "skip"] = "block"
+    """When ``max_pending`` snapshots already wait: ``block`` waits for the writer, ``skip`` drops this save."""
+
+    keep_count: int | None = None
+    """Keep only the newest N periodic checkpoints after each commit (protected names are never removed)."""
+
+    disk_budget: int | str | None = None
+    """Upper bound on the bytes of all checkpoints in the directory after each save (``"2GB"`` or bytes)."""
+
+    min_free: int | str | None = None
+    """Free space the volume must keep after a checkpoint is written (``"5GB"`` or bytes)."""
+
+    on_no_space: Literal["skip", "raise"] = "skip"
+    """When a save cannot fit (``min_free``, ENOSPC, EFBIG): ``skip`` warns and training goes on,
+    ``raise`` surfaces the error on the next ``save()``, ``wait()`` or ``close()``."""
+
+    protected_names: tuple[str, ...] = ("best_model",)
+    """Checkpoint names that retention and the disk budget never delete."""
+
+    fsync: bool = True
+    """fsync each file and its directory before it counts as committed; turn off only for throwaway runs."""
+
+    drop_page_cache: bool = True
+    """Advise the kernel to drop a written checkpoint's pages so that they do not evict training data."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("torch", "safetensors"):
+            raise ValueError(f"format must be 'torch' or 'safetensors', not {self.format!r}")
+        if self.compression not in (None, "zstd"):
+            raise ValueError(f"compression must be None or 'zstd', not {self.compression!r}")
+        if not 1 <= self.compression_level <= 22:
+            raise ValueError(f"compression_level must be between 1 and 22, got {self.compression_level}")
+        if self.compression_threads < -1:
+            raise ValueError("compression_threads must be -1 (all cores), 0 (writer thread) or a positive count")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1 (one snapshot may wait), got {self.max_pending}")
+        if self.on_full not in ("block", "skip"):
+            raise ValueError(f"on_full must be 'block' or 'skip', not {self.on_full!r}")
+        if self.on_no_space not in ("skip", "raise"):
+            raise ValueError(f"on_no_space must be 'skip' or 'raise', not {self.on_no_space!r}")
+        if self.keep_count is not None and self.keep_count < 1:
+            raise ValueError(
+                f"keep_count must be at least 1 (the newest checkpoint is what a resume needs), got {self.keep_count}"
+            )
+        object.__setattr__(self, "disk_budget", parse_size(self.disk_budget, what="disk_budget"))
+        object.__setattr__(self, "min_free", parse_size(self.min_free, what="min_free"))
+        if self.disk_budget == 0:
+            raise ValueError("disk_budget must be positive (or None for no budget)")
+        object.__setattr__(self, "protected_names", tuple(self.protected_names))
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.disk_budget  # type: ignore[return-value]
+
+    @property
+    def min_free_bytes(self) -> int | None:
+        return self.min_free  # type: ignore[return-value]

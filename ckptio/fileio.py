@@ -1,0 +1,255 @@
+"""Write one snapshot to one sealed checkpoint file; read, describe and verify such files."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import zstandard
+
+from . import formats
+from .atomic import atomic_write
+from .errors import CorruptCheckpointError
+from .integrity import (
+    DIGEST_PLACEHOLDER,
+    HashingWriter,
+    Seal,
+    ZipCommentSealer,
+    bytes_reader,
+    compute_digest,
+    container_of,
+    file_reader,
+    read_seal,
+    zstd_trailer,
+)
+from .snapshot import Snapshot
+
+__all__ = ["FileCheck", "SavedCheckpoint", "inner_format", "load", "read_meta", "verify_file", "write_checkpoint"]
+
+FORMAT_VERSION = 1
+# A declared-size cap for zstd data we did not write (no recorded size): generous, but bounded.
+_UNSEALED_EXPANSION_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A committed checkpoint: durable under ``path``, with the digest recorded inside it."""
+
+    path: Path
+    name: str
+    digest: str
+    size: int
+    meta: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """The outcome of verifying one file."""
+
+    path: Path
+    status: Literal["verified", "corrupt", "unsealed"]
+    reason: str
+    digest: str | None = None
+    meta: dict[str, Any] | None = None
+    size: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "corrupt"
+
+
+def inner_format(path: Path) -> str:
+    name = path.name[:-4] if path.name.endswith(".zst") else path.name
+    return "safetensors" if name.endswith(".safetensors") else "torch"
+
+
+def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, compression: str | None,
+                     level: int = 3, threads: int = 0, fsync: bool = True, drop_page_cache: bool = False,
+                     user_meta: dict[str, Any] | None = None) -> SavedCheckpoint:
+    """Serialize ``snapshot`` into ``path`` atomically and durably, sealed with its digest."""
+    started = time.perf_counter()
+    meta: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "name": name,
+        "format": fmt,
+        "compression": compression,
+        "created": time.time(),
+        "summary": snapshot.summary,
+        "tensors": len(snapshot.tensors),
+        "elements": snapshot.element_count,
+        "tensor_bytes": snapshot.tensor_bytes,
+        "model_elements": snapshot.model_elements,
+        "user": user_meta or {},
+    }
+    with atomic_write(path, fsync=fsync, drop_page_cache=drop_page_cache) as file:
+        sink = HashingWriter(file)
+        if compression == "zstd":
+            compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+            counter = _CountingWriter()
+            with compressor.stream_writer(sink, closefd=False, write_size=2**20) as zstd_stream:
+                tee = _Tee(zstd_stream, counter)
+                if fmt == "torch":
+                    formats.write_torch(snapshot, tee)  # type: ignore[arg-type]
+                else:
+                    formats.write_safetensors(snapshot, tee, meta)  # type: ignore[arg-type]
+            meta["raw_size"] = counter.size
+            digest = sink.hexdigest()
+            sink.write_unhashed(zstd_trailer(digest, meta))
+        elif fmt == "torch":
+            sealer = ZipCommentSealer(sink)
+            formats.write_torch(snapshot, sealer)  # type: ignore[arg-type]
+            meta["raw_size"] = sink.size + 22
+            digest = sealer.finish(meta)
+        else:
+            meta["raw_size"] = None  # the file itself; its size is known from stat
+            placeholder_at = formats.write_safetensors(snapshot, sink, meta, digest_placeholder=DIGEST_PLACEHOLDER)
+            digest = sink.hexdigest()
+            file.flush()
+            assert placeholder_at is not None
+            os.pwrite(file.fileno(), digest.encode(), placeholder_at)
+        size = sink.size
+    return SavedCheckpoint(path=path, name=name, digest=digest, size=size, meta=meta,
+                           seconds=time.perf_counter() - started)
+
+
+class _CountingWriter:
+    size = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+
+@dataclass
+class _Tee:
+    main: Any
+    counter: _CountingWriter
+
+    def write(self, data: Any) -> int:
+        self.counter.write(data)
+        return self.main.write(data)
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
+def _open_for_reading(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it") from None
+
+
+def read_meta(path: str | os.PathLike[str]) -> tuple[Seal | None, int]:
+    """The file's seal (digest and meta) and size, reading only its end or header."""
+    path = Path(path)
+    fd = _open_for_reading(path)
+    try:
+        size = os.fstat(fd).st_size
+        return read_seal(path, size, file_reader(fd)), size
+    finally:
+        os.close(fd)
+
+
+def verify_file(path: str | os.PathLike[str]) -> FileCheck:
+    """Re-read every byte and compare with the recorded digest (a full structural load for unsealed files)."""
+    path = Path(path)
+    try:
+        fd = _open_for_reading(path)
+    except OSError as exc:
+        return FileCheck(path, "corrupt", str(exc))
+    try:
+        size = os.fstat(fd).st_size
+        read_at = file_reader(fd)
+        try:
+            seal = read_seal(path, size, read_at)
+        except (CorruptCheckpointError, ValueError) as exc:
+            return FileCheck(path, "corrupt", getattr(exc, "reason", str(exc)), size=size)
+        if seal is None:
+            try:
+                load(path, verify=False)
+            except CorruptCheckpointError as exc:
+                return FileCheck(path, "corrupt", exc.reason, size=size)
+            return FileCheck(path, "unsealed", "loadable, but it carries no ckptio digest to check", size=size)
+        actual = compute_digest(seal, read_at)
+        if actual != seal.digest:
+            return FileCheck(path, "corrupt", f"digest mismatch: recorded {seal.digest}, computed {actual}",
+                             digest=seal.digest, meta=seal.meta, size=size)
+        return FileCheck(path, "verified", "digest matches", digest=seal.digest, meta=seal.meta, size=size)
+    finally:
+        os.close(fd)
+
+
+def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True) -> Any:
+    """Load a checkpoint written by ckptio (or a plain torch/safetensors file) after checking its digest.
+
+    Raises :class:`CorruptCheckpointError` naming the file when its bytes do not match the recorded digest or
+    its structure is broken. Never runs code from the file.
+    """
+    path = Path(path)
+    fd = _open_for_reading(path)
+    try:
+        data = _read_all(fd)
+    finally:
+        os.close(fd)
+    seal = read_seal(path, len(data), bytes_reader(data))
+    if seal is not None and verify:
+        actual = compute_digest(seal, bytes_reader(data))
+        if actual != seal.digest:
+            raise CorruptCheckpointError(
+                path, f"digest mismatch: recorded {seal.digest}, computed {actual}; the file was damaged after "
+                "it was written; load an older checkpoint"
+            )
+    if container_of(path) == "zstd":
+        data = _decompress(path, data, seal)
+    if inner_format(path) == "safetensors":
+        return formats.read_safetensors(data, path, map_location)
+    return formats.read_torch(data, path, map_location)
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 64 * 2**20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _decompress(path: Path, data: bytes, seal: Seal | None) -> bytes:
+    body = memoryview(data)[: seal.hashed_length] if seal else memoryview(data)
+    declared = seal.meta.get("raw_size") if seal else None
+    limit = declared if isinstance(declared, int) and declared >= 0 else len(body) * _UNSEALED_EXPANSION_LIMIT
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        out = reader.read(limit + 1)
+        chunks = [out]
+        total = len(out)
+        while out and total <= limit:
+            out = reader.read(limit + 1 - total)
+            chunks.append(out)
+            total += len(out)
+    except zstandard.ZstdError as exc:
+        raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
+    if total > limit:
+        raise CorruptCheckpointError(
+            path, f"zstd data expands beyond the {limit} bytes recorded for it; refusing to decompress further"
+        )
+    result = b"".join(chunks)
+    if isinstance(declared, int) and len(result) != declared:
+        raise CorruptCheckpointError(path, f"zstd data expands to {len(result)} bytes, {declared} were recorded")
+    return result

@@ -1,0 +1,274 @@
+"""Digests that travel inside each checkpoint file, and the checks that use them.
+
+Every file ckptio writes carries an xxh3-128 digest of its bytes and a small JSON description ("meta") where
+each container allows it without breaking standard readers:
+
+* raw ``.pth`` (a zip): in the zip archive comment, after the end-of-central-directory record;
+* raw ``.safetensors``: in the header's ``__metadata__``, as a fixed-width value hashed as zeros;
+* ``.zst``: in a zstd skippable frame after the compressed data, which every zstd decoder skips.
+
+So a file copied elsewhere can be verified alone, the digest becomes visible atomically with the file (it is
+part of it), and the meta can be read from the file's end or header without reading the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+
+from .errors import CorruptCheckpointError
+from .formats import SAFETENSORS_DIGEST_KEY, SAFETENSORS_META_KEY, read_safetensors_header
+
+__all__ = [
+    "DIGEST_PLACEHOLDER",
+    "HashingWriter",
+    "Seal",
+    "ZipCommentSealer",
+    "compute_digest",
+    "read_seal",
+    "zstd_trailer",
+]
+
+DIGEST_ALGORITHM = "xxh3_128"
+DIGEST_PLACEHOLDER = "0" * 32
+ZIP_END_SIGNATURE = b"PK\x05\x06"
+ZIP_END_SIZE = 22
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_SKIPPABLE_MAGIC = struct.pack("<I", 0x184D2A5E)
+TRAILER_MAGIC = b"CKPTIO01"
+_CHUNK = 8 * 2**20
+
+ReadAt = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class Seal:
+    """Where a file's digest lives and which bytes it covers."""
+
+    digest: str
+    meta: dict[str, Any]
+    hashed_length: int
+    """Bytes ``[0, hashed_length)`` are hashed; the trailer holding the digest follows them."""
+    zeroed: tuple[int, int] | None = None
+    """A byte range hashed as ASCII zeros (the digest's own place inside a safetensors header)."""
+
+
+class HashingWriter:
+    """A write-only stream that hashes and counts every byte on its way to ``raw``."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.hasher.update(view)
+        self.raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def write_unhashed(self, data: bytes) -> None:
+        self.raw.write(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """Flushing happens once, when the file is committed; torch.save's frequent flushes are ignored."""
+
+    def writable(self) -> bool:
+        return True
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+@dataclass
+class ZipCommentSealer:
+    """Stream wrapper for a raw ``.pth``: holds back the zip end record so that a comment can be added."""
+
+    inner: HashingWriter
+    _tail: bytes = field(default=b"")
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= ZIP_END_SIZE:
+            if self._tail:
+                self.inner.write(self._tail)
+            self.inner.write(view[:-ZIP_END_SIZE])
+            self._tail = bytes(view[-ZIP_END_SIZE:])
+        else:
+            combined = self._tail + bytes(view)
+            cut = max(0, len(combined) - ZIP_END_SIZE)
+            if cut:
+                self.inner.write(combined[:cut])
+            self._tail = combined[cut:]
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def finish(self, meta: dict[str, Any]) -> str:
+        tail = self._tail
+        if len(tail) != ZIP_END_SIZE or not tail.startswith(ZIP_END_SIGNATURE) or tail[20:22] != b"\0\0":
+            raise RuntimeError("torch.save did not end with a plain zip end record; cannot seal the file")
+        comment_length = len(_trailer_json(DIGEST_PLACEHOLDER, meta))
+        if comment_length > 0xFFFF:
+            raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
+        self.inner.write(tail[:20] + struct.pack("<H", comment_length))
+        digest = self.inner.hexdigest()
+        self.inner.write_unhashed(_trailer_json(digest, meta))
+        return digest
+
+
+def _trailer_json(digest: str, meta: dict[str, Any]) -> bytes:
+    return json.dumps({"ckptio": 1, "algorithm": DIGEST_ALGORITHM, "digest": digest, "meta": meta},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+def zstd_trailer(digest: str, meta: dict[str, Any]) -> bytes:
+    """A zstd skippable frame carrying the digest: ``magic, size, json, len(json), TRAILER_MAGIC``."""
+    body = _trailer_json(digest, meta)
+    payload = body + struct.pack("<I", len(body)) + TRAILER_MAGIC
+    return ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload
+
+
+def _parse_trailer(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorruptCheckpointError(path, "the ckptio trailer is not valid JSON") from None
+    if (not isinstance(doc, dict) or doc.get("algorithm") != DIGEST_ALGORITHM
+            or not isinstance(doc.get("digest"), str) or not isinstance(doc.get("meta"), dict)):
+        raise CorruptCheckpointError(path, "the ckptio trailer lacks a digest or meta")
+    return doc["digest"], doc["meta"]
+
+
+def container_of(path: Path) -> str:
+    """``zstd``, ``torch`` or ``safetensors``: how the file's bytes are laid out, from its suffix."""
+    name = path.name
+    if name.endswith(".zst"):
+        return "zstd"
+    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        return "torch"
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    raise ValueError(
+        f"{path}: unknown checkpoint suffix; expected .pth, .safetensors, or either followed by .zst"
+    )
+
+
+def read_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
+    """The file's seal, ``None`` for a well-formed file that ckptio did not write (no digest to check).
+
+    Raises :class:`CorruptCheckpointError` for bytes that cannot be what the suffix says (truncated files
+    included), reading only the file's end or header.
+    """
+    if size == 0:
+        raise CorruptCheckpointError(path, "the file is empty")
+    container = container_of(path)
+    head = read_at(0, min(size, 8))
+    if container == "zstd":
+        if head[:4] != ZSTD_MAGIC:
+            raise CorruptCheckpointError(path, "not a zstd stream (wrong suffix, or the start is damaged)")
+        return _zstd_seal(path, size, read_at)
+    if container == "torch":
+        if head[:4] != b"PK\x03\x04":
+            what = "a zstd stream; name it .pth.zst" if head[:4] == ZSTD_MAGIC else "a torch zip file"
+            raise CorruptCheckpointError(path, f"not {what} (wrong suffix, or the start is damaged)")
+        return _zip_seal(path, size, read_at)
+    return _safetensors_seal(path, size, read_at)
+
+
+def _zstd_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
+    if size < 20 or read_at(size - 8, 8) != TRAILER_MAGIC:
+        return None
+    (body_length,) = struct.unpack("<I", read_at(size - 12, 4))
+    start = size - 20 - body_length
+    if start < 4 or read_at(start, 8) != ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", body_length + 12):
+        raise CorruptCheckpointError(path, "the ckptio trailer frame is damaged")
+    digest, meta = _parse_trailer(read_at(start + 8, body_length), path)
+    return Seal(digest=digest, meta=meta, hashed_length=start)
+
+
+def _zip_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
+    window = min(size, ZIP_END_SIZE + 0xFFFF)
+    tail = read_at(size - window, window)
+    at = tail.rfind(ZIP_END_SIGNATURE)
+    while at >= 0:
+        (comment_length,) = struct.unpack("<H", tail[at + 20 : at + 22]) if at + 22 <= len(tail) else (-1,)
+        if at + ZIP_END_SIZE + comment_length == len(tail):
+            break
+        at = tail.rfind(ZIP_END_SIGNATURE, 0, at)
+    if at < 0:
+        raise CorruptCheckpointError(path, "no zip end record: the file is truncated or damaged at its end")
+    if comment_length == 0:
+        return None
+    digest, meta = _parse_trailer(tail[at + ZIP_END_SIZE :], path)
+    return Seal(digest=digest, meta=meta, hashed_length=size - comment_length)
+
+
+def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
+    (length,) = struct.unpack("<Q", read_at(0, 8)) if size >= 8 else (size,)
+    if size < 8 or length > size - 8:
+        raise CorruptCheckpointError(path, "the safetensors header is longer than the file: truncated or damaged")
+    raw = read_at(0, 8 + length)
+    header = read_safetensors_header(raw, path)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or SAFETENSORS_DIGEST_KEY not in metadata:
+        return None
+    marker = json.dumps(SAFETENSORS_DIGEST_KEY).encode() + b':"'
+    at = raw.find(marker)
+    if at < 0 or raw.find(marker, at + 1) >= 0:
+        raise CorruptCheckpointError(path, "the digest field in the safetensors header is damaged")
+    at += len(marker)
+    try:
+        meta = json.loads(metadata.get(SAFETENSORS_META_KEY, "{}"))
+    except (TypeError, json.JSONDecodeError):
+        raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged")
+    return Seal(digest=str(metadata[SAFETENSORS_DIGEST_KEY]), meta=meta, hashed_length=size,
+                zeroed=(at, at + len(DIGEST_PLACEHOLDER)))
+
+
+def compute_digest(seal: Seal, read_at: ReadAt) -> str:
+    hasher = xxhash.xxh3_128()
+    position = 0
+    while position < seal.hashed_length:
+        chunk = read_at(position, min(_CHUNK, seal.hashed_length - position))
+        if not chunk:
+            break
+        if seal.zeroed is not None:
+            start, end = seal.zeroed
+            lo, hi = max(start, position), min(end, position + len(chunk))
+            if lo < hi:
+                chunk = chunk[: lo - position] + b"0" * (hi - lo) + chunk[hi - position :]
+        hasher.update(chunk)
+        position += len(chunk)
+    return hasher.hexdigest()
+
+
+def file_reader(fd: int) -> ReadAt:
+    def read_at(offset: int, length: int) -> bytes:
+        return os.pread(fd, length, offset)
+
+    return read_at
+
+
+def bytes_reader(data: bytes | memoryview) -> ReadAt:
+    view = memoryview(data)
+
+    def read_at(offset: int, length: int) -> bytes:
+        return bytes(view[offset : offset + length])
+
+    return read_at

@@ -1,0 +1,65 @@
+"""Which checkpoints to delete: small pure policies over a directory listing (newest first).
+
+Nothing here touches the disk. The manager and ``ckptio clean`` apply the plan, and only after the newest
+checkpoint is durable, so a crash at any point leaves a loadable newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import CheckpointEntry
+
+__all__ = ["RetentionPlan", "beyond_newest", "over_budget", "plan_retention"]
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    delete: list[CheckpointEntry]
+    keep: list[CheckpointEntry]
+    bytes_over_budget: int
+    """How far the kept files still exceed the budget (0 when it holds): only never-deleted files remain."""
+
+
+def _deletable(entry: CheckpointEntry, must_keep: Path | None) -> bool:
+    return not entry.protected and entry.path != must_keep
+
+
+def beyond_newest(entries: Sequence[CheckpointEntry], keep_count: int, must_keep: Path | None) -> list[CheckpointEntry]:
+    """Periodic checkpoints past the newest ``keep_count`` (protected ones and ``must_keep`` excluded)."""
+    periodic = [e for e in entries if not e.protected]
+    return [e for e in periodic[keep_count:] if _deletable(e, must_keep)]
+
+
+def over_budget(entries: Sequence[CheckpointEntry], budget: int, must_keep: Path | None,
+                reserve: int = 0) -> list[CheckpointEntry]:
+    """Oldest deletable checkpoints to remove until the rest plus ``reserve`` bytes fit in ``budget``."""
+    total = sum(e.size for e in entries) + reserve
+    chosen = []
+    for entry in reversed(entries):  # oldest first
+        if total <= budget:
+            break
+        if _deletable(entry, must_keep):
+            chosen.append(entry)
+            total -= entry.size
+    return chosen
+
+
+def plan_retention(entries: Sequence[CheckpointEntry], *, keep_count: int | None = None, budget: int | None = None,
+                   must_keep: Path | None = None, reserve: int = 0) -> RetentionPlan:
+    """Compose the policies: first the count, then the byte budget on what remains.
+
+    ``must_keep`` is the newest valid checkpoint (what a resume needs); ``reserve`` counts bytes about to be
+    written, for making room before a save.
+    """
+    delete: list[CheckpointEntry] = []
+    if keep_count is not None:
+        delete += beyond_newest(entries, keep_count, must_keep)
+    remaining = [e for e in entries if e not in delete]
+    if budget is not None:
+        delete += over_budget(remaining, budget, must_keep, reserve)
+        remaining = [e for e in entries if e not in delete]
+    excess = 0 if budget is None else max(0, sum(e.size for e in remaining) + reserve - budget)
+    return RetentionPlan(delete=delete, keep=remaining, bytes_over_budget=excess)

@@ -1,0 +1,251 @@
+"""Copy a trainer's state into reusable CPU buffers, so that it can be written while training goes on.
+
+A state is any nesting of dict / OrderedDict / list / tuple holding tensors and Python scalars. It is split in
+two parts: a *skeleton* (plain JSON data describing the nesting and the scalars, with ``{"T": i}`` where tensor
+``i`` was) and the list of tensors, copied into buffers that belong to a :class:`BufferSlot` and are reused by
+the next snapshot taken in the same slot, so that thousands of saves do not allocate thousands of copies.
+
+On CUDA the copies run on a side stream into pinned memory with ``non_blocking=True``; the caller's stream is
+made to wait for the copy before its next kernel, so that the caller may change its tensors right away while
+the CPU never blocks on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BufferSlot", "Snapshot", "rebuild", "walk_tensors"]
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Snapshot:
+    """The state at the moment of ``save()``: a JSON skeleton and CPU tensors (possibly still being copied)."""
+
+    skeleton: Any
+    tensors: list[torch.Tensor]
+    names: list[str]
+    summary: dict[str, Any]
+    copy_done: Any = None  # a torch.cuda.Event while device-to-host copies may still be in flight
+    element_count: int = 0
+    tensor_bytes: int = 0
+    model_elements: int | None = None
+
+    def wait_until_copied(self) -> None:
+        if self.copy_done is not None:
+            self.copy_done.synchronize()
+            self.copy_done = None
+
+    def materialize(self) -> Any:
+        """The state as nested Python containers holding the snapshot's tensors (for ``torch.save``)."""
+        self.wait_until_copied()
+        return rebuild(self.skeleton, self.tensors)
+
+
+@dataclass
+class BufferSlot:
+    """Host buffers for one snapshot, reused by every later snapshot taken in this slot."""
+
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    _copy_streams: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def take(self, state: Any) -> Snapshot:
+        """Copy ``state`` into this slot's buffers; the caller's objects are read, never changed."""
+        sources: list[torch.Tensor] = []
+        names: list[str] = []
+        seen: dict[tuple[Any, ...], int] = {}
+        skeleton = _flatten(state, "", sources, names, seen)
+        cuda_sources = [i for i, t in enumerate(sources) if t.is_cuda]
+        self._fit_buffers(sources)
+        for i, source in enumerate(sources):
+            if not source.is_cuda:
+                self.buffers[i].copy_(source.detach())
+        copy_done = self._copy_from_devices(sources, cuda_sources) if cuda_sources else None
+        tensors = self.buffers[: len(sources)]
+        elements = sum(t.numel() for t in tensors)
+        return Snapshot(
+            skeleton=skeleton,
+            tensors=list(tensors),
+            names=names,
+            summary=_summary(state),
+            copy_done=copy_done,
+            element_count=elements,
+            tensor_bytes=sum(t.numel() * t.element_size() for t in tensors),
+            model_elements=_model_elements(state),
+        )
+
+    def _fit_buffers(self, sources: list[torch.Tensor]) -> None:
+        pin = torch.cuda.is_available()
+        for i, source in enumerate(sources):
+            if i < len(self.buffers):
+                buf = self.buffers[i]
+                if buf.dtype == source.dtype and buf.shape == source.shape:
+                    continue
+            fresh = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin and source.is_cuda)
+            if i < len(self.buffers):
+                self.buffers[i] = fresh
+            else:
+                self.buffers.append(fresh)
+        del self.buffers[len(sources):]
+
+    def _copy_from_devices(self, sources: list[torch.Tensor], indices: list[int]) -> Any:
+        by_device: dict[int, list[int]] = {}
+        for i in indices:
+            by_device.setdefault(sources[i].device.index or 0, []).append(i)
+        events = []
+        for device, members in by_device.items():
+            with torch.cuda.device(device):
+                stream = self._copy_streams.get(device)
+                if stream is None:
+                    stream = self._copy_streams[device] = torch.cuda.Stream(device)
+                producer = torch.cuda.current_stream(device)
+                # The copies must see every kernel queued so far, and later kernels must not overwrite the
+                # sources before the copies have read them: order both ways, without blocking the CPU.
+                stream.wait_stream(producer)
+                with torch.cuda.stream(stream):
+                    for i in members:
+                        self.buffers[i].copy_(sources[i].detach(), non_blocking=True)
+                        sources[i].record_stream(stream)
+                event = torch.cuda.Event()
+                event.record(stream)
+                producer.wait_event(event)
+                events.append(event)
+        return _AllEvents(events)
+
+
+@dataclass
+class _AllEvents:
+    events: list[Any]
+
+    def synchronize(self) -> None:
+        for event in self.events:
+            event.synchronize()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        t.device.type,
+        t.device.index,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    where = path or "the state"
+    if t.layout != torch.strided:
+        raise ValueError(f"{where} is a {t.layout} tensor; make it a dense tensor with .to_dense() before saving")
+    if t.is_quantized:
+        raise ValueError(f"{where} is a quantized tensor; dequantize it with .dequantize() before saving")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where} lives on {t.device}; move it to the CPU or a CUDA device before saving")
+
+
+def _flatten(obj: Any, path: str, tensors: list[torch.Tensor], names: list[str],
+             seen: dict[tuple[Any, ...], int]) -> Any:
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor):
+        _check_tensor(obj, path)
+        key = _tensor_key(obj)
+        index = seen.get(key)
+        if index is None:
+            index = seen[key] = len(tensors)
+            tensors.append(obj)
+            names.append(path or "tensor")
+        return {"T": index}
+    if kind in _SCALARS:
+        if kind is float and not math.isfinite(obj):
+            return {"F": repr(obj)}
+        return obj
+    if kind is dict or kind is OrderedDict:
+        items = []
+        for key, value in obj.items():
+            if type(key) not in _SCALARS:
+                raise ValueError(
+                    f"{path or 'the state'} has a key of type {type(key).__name__}; "
+                    "use str, int, float, bool or None keys"
+                )
+            child = f"{path}/{key}" if path else str(key)
+            items.append([_flatten(key, "", tensors, names, seen), _flatten(value, child, tensors, names, seen)])
+        return {"O" if kind is OrderedDict else "D": items}
+    if kind is list or kind is tuple:
+        children = [
+            _flatten(value, f"{path}/{i}" if path else str(i), tensors, names, seen) for i, value in enumerate(obj)
+        ]
+        return {"L" if kind is list else "U": children}
+    raise ValueError(
+        f"{path or 'the state'} is a {kind.__module__}.{kind.__qualname__}, which a checkpoint cannot hold; "
+        "convert it to a tensor, a Python scalar, or a dict/list/tuple of those"
+    )
+
+
+def rebuild(node: Any, tensors: list[torch.Tensor]) -> Any:
+    """Turn a skeleton back into nested containers, putting ``tensors[i]`` where ``{"T": i}`` stands."""
+    if not isinstance(node, dict):
+        return node
+    if len(node) != 1:
+        raise ValueError(f"malformed skeleton node with keys {sorted(node)}")
+    ((tag, value),) = node.items()
+    if tag == "T":
+        if type(value) is not int or not 0 <= value < len(tensors):
+            raise ValueError(f"skeleton refers to tensor {value!r}, but the file holds {len(tensors)}")
+        return tensors[value]
+    if tag == "F":
+        if value not in ("nan", "inf", "-inf"):
+            raise ValueError(f"malformed float {value!r} in skeleton")
+        return float(value)
+    if tag in ("D", "O"):
+        pairs = ((rebuild(k, tensors), rebuild(v, tensors)) for k, v in value)
+        return OrderedDict(pairs) if tag == "O" else dict(pairs)
+    if tag == "L":
+        return [rebuild(v, tensors) for v in value]
+    if tag == "U":
+        return tuple(rebuild(v, tensors) for v in value)
+    raise ValueError(f"unknown skeleton tag {tag!r}")
+
+
+def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested state, in order (duplicates included)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from walk_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from walk_tensors(value)
+
+
+def _summary(state: Any) -> dict[str, Any]:
+    """Top-level scalars (epoch, batch, losses...) that listing and ``info`` show without loading tensors."""
+    if not isinstance(state, dict):
+        return {}
+    summary = {}
+    for key, value in state.items():
+        if isinstance(key, str) and type(value) in _SCALARS:
+            if type(value) is float and not math.isfinite(value):
+                value = repr(value)
+            if type(value) is str and len(value) > 200:
+                continue
+            summary[key] = value
+    return summary
+
+
+def _model_elements(state: Any) -> int | None:
+    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+        return sum(t.numel() for t in walk_tensors(state["model_state_dict"]))
+    return None
