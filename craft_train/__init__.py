@@ -1,0 +1,3 @@
+"""Training code for the CRAFT text detector."""
+
+__all__ = []

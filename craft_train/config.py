@@ -1,0 +1,108 @@
+"""The trainer's whole configuration: one keyword-only dataclass, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ckptio import parse_size
+
+__all__ = ["RESUME_MUST_MATCH", "TrainConfig", "incompatible_changes"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run depends on. Stored in every checkpoint, so that a resume can check it."""
+
+    # -- data --
+    data_dir: str | None = None
+    """ICDAR2015-style directory (images + ``gt_<image>.txt``); ``None`` uses the built-in synthetic data."""
+    synthetic_size: int = 1000
+    """Number of synthetic images when no ``data_dir`` is given."""
+    val_fraction: float = 0.1
+    """Share of the images held out for validation (0 disables validation and best_model)."""
+    image_size: int = 512
+    """Side of the square training crops, a multiple of 32."""
+    augment: bool = True
+    """Random scale, crop, rotation and colour jitter for training images."""
+    workers: int = 2
+    """DataLoader worker processes (0 loads in the training process)."""
+
+    # -- optimisation --
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    lr_decay_steps: int = 10000
+    """Multiply the learning rate by ``lr_gamma`` every this many steps (as the official CRAFT training)."""
+    lr_gamma: float = 0.8
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (across resumes); ``None`` runs all epochs."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    """Mixed precision on CUDA (ignored on CPU)."""
+    pretrained: str | None = None
+    """Full CRAFT weights to fine-tune from (e.g. ``craft_mlt_25k.pth``)."""
+    pretrained_backbone: str | None = None
+    """torchvision-style VGG16-BN ImageNet weights for the backbone."""
+
+    # -- checkpoints --
+    save_dir: str = "checkpoints_improved"
+    save_freq: int = 100
+    """Save ``checkpoint_epoch_{epoch}_batch_{batch}`` every this many batches (0 disables)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread; training continues after the snapshot copy."""
+    format: Literal["torch", "safetensors"] = "torch"
+    compression: Literal["zstd"] | None = None
+    keep_count: int | None = None
+    disk_budget: str | None = None
+    min_free: str | None = None
+    resume: str | None = None
+    """A checkpoint path, or ``auto`` for the newest checkpoint in ``save_dir`` that verifies."""
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ValueError(f"--image-size must be a positive multiple of 32 (CRAFT halves it 5 times), "
+                             f"got {self.image_size}")
+        for name in ("epochs", "batch_size", "lr_decay_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.save_freq < 0:
+            raise ValueError(f"--save-freq must be 0 (off) or a number of batches, got {self.save_freq}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.data_dir is None and self.synthetic_size < 1:
+            raise ValueError(f"--synthetic-size must be at least 1, got {self.synthetic_size}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        parse_size(self.disk_budget, what="--disk-budget")
+        parse_size(self.min_free, what="--min-free")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Settings that decide what the weights and the data order are: changing them mid-run would make the resumed
+# run a different experiment, so a resume refuses. Everything else (save frequency, max steps, epochs, workers,
+# device, checkpoint options) can change freely.
+RESUME_MUST_MATCH = (
+    "data_dir", "synthetic_size", "val_fraction", "image_size", "augment", "batch_size", "lr", "weight_decay",
+    "lr_decay_steps", "lr_gamma", "seed",
+)
+
+
+def incompatible_changes(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Human-readable differences in :data:`RESUME_MUST_MATCH` between a checkpoint's config and this run's."""
+    changes = []
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(current, name):
+            changes.append(f"{name}: checkpoint has {saved[name]!r}, this run has {getattr(current, name)!r}")
+    return changes

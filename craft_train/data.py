@@ -1,0 +1,357 @@
+"""Datasets, augmentation and batching for CRAFT training.
+
+Determinism contract: ``dataset[(index, aug_seed)]`` draws all of its randomness from
+``numpy.random.default_rng`` generators seeded from the key (and, for synthetic data, the
+dataset seed) - never from global RNG state - so the same key yields a bit-identical sample
+in any process, DataLoader workers included.  A sample is a dict of float32 tensors::
+
+    image     (3, S, S)      RGB, ImageNet-normalised
+    region    (S/2, S/2)     character region score
+    affinity  (S/2, S/2)     link score between neighbouring characters
+    mask      (S/2, S/2)     loss confidence: 1 background, word confidence, 0 don't-care
+
+Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from craft_train.labels import gaussian_template, render_labels, split_word_quad
+from craft_train.synthetic import render_scene
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Annotation",
+    "IcdarDataset",
+    "SyntheticTextDataset",
+    "Word",
+    "collate",
+    "make_sample",
+    "parse_icdar_gt",
+    "render_labels",
+    "split_indices",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+DONT_CARE = "###"
+SPLIT_WORD_CONFIDENCE = 0.5
+_SAMPLE_KEYS = ("image", "region", "affinity", "mask")
+# Domain tags keep content and augmentation streams apart even when the seeds coincide.
+_CONTENT_STREAM = 1
+_AUGMENT_STREAM = 2
+_LAYOUT_HELP = "expected DIR/*.jpg with DIR/gt_<stem>.txt, or DIR/images/*.jpg with DIR/gt/gt_<stem>.txt"
+
+
+@dataclass(frozen=True)
+class Word:
+    """Character quads ``(n, 4, 2)`` of one word and how much the loss trusts them."""
+
+    char_quads: np.ndarray
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Everything the labels are made of, in source-image pixel coordinates."""
+
+    words: tuple[Word, ...] = ()
+    dont_care: tuple[np.ndarray, ...] = field(default_factory=tuple)
+
+
+def _check_image_size(image_size: int) -> int:
+    size = operator.index(image_size)
+    if size <= 0 or size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+    return size
+
+
+def _check_key(key: object, length: int) -> tuple[int, int]:
+    if not isinstance(key, (tuple, list)) or len(key) != 2:
+        raise TypeError(f"dataset keys are (index, aug_seed) pairs of ints, got {key!r}")
+    index, aug_seed = operator.index(key[0]), operator.index(key[1])
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
+    if aug_seed < 0:
+        raise ValueError(f"aug_seed must be non-negative, got {aug_seed}")
+    return index, aug_seed
+
+
+def _augment_rng(aug_seed: int, index: int) -> np.random.Generator:
+    # The index is mixed in so one seed per epoch still gives every sample its own draw.
+    return np.random.default_rng([aug_seed, index, _AUGMENT_STREAM])
+
+
+def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def _crop_origin(rng: np.random.Generator, lo: float, hi: float, size: int, target: float | None) -> float:
+    """Pick the crop start on one axis, keeping ``target`` well inside when possible."""
+    a, b = (lo, hi - size) if hi - lo >= size else (hi - size, lo)
+    if target is not None:
+        margin = 0.15 * size
+        a2, b2 = max(a, target - size + margin), min(b, target - margin)
+        if a2 <= b2:
+            a, b = a2, b2
+    return float(rng.uniform(a, b)) if b > a else float(a)
+
+
+def _geometry(rng: np.random.Generator | None, image: np.ndarray, annotation: Annotation,
+              size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (resized image, 2x3 source->resized affine, 2x3 resized->crop affine)."""
+    h, w = image.shape[:2]
+    if rng is None:
+        # Validation: whole image, aspect kept, top-left aligned and zero padded.
+        scale = size / max(h, w)
+        angle = 0.0
+    else:
+        scale = size / min(h, w) * float(rng.uniform(0.7, 1.5))
+        angle = float(rng.uniform(-10.0, 10.0)) if rng.random() < 0.5 else 0.0
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    to_resized = np.array([[new_w / w, 0.0, 0.0], [0.0, new_h / h, 0.0]])
+    if rng is None:
+        return resized, to_resized, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    rot = cv2.getRotationMatrix2D((new_w / 2.0, new_h / 2.0), angle, 1.0)
+    corners = _transform_points(np.array([[0, 0], [new_w, 0], [new_w, new_h], [0, new_h]], float), rot)
+    target = None
+    if annotation.words and rng.random() < 0.9:
+        word = annotation.words[int(rng.integers(len(annotation.words)))]
+        centre = word.char_quads.reshape(-1, 2).mean(axis=0)
+        if np.all(np.isfinite(centre)):
+            target = _transform_points(_transform_points(centre[None], to_resized), rot)[0]
+    ox = _crop_origin(rng, corners[:, 0].min(), corners[:, 0].max(), size,
+                      None if target is None else float(target[0]))
+    oy = _crop_origin(rng, corners[:, 1].min(), corners[:, 1].max(), size,
+                      None if target is None else float(target[1]))
+    rot[:, 2] -= (ox, oy)
+    return resized, to_resized, rot
+
+
+def _colour_jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    img = image.astype(np.float32)
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    img *= np.float32(rng.uniform(0.75, 1.25))
+    mean = np.float32((img @ luma).mean())
+    img = (img - mean) * np.float32(rng.uniform(0.75, 1.25)) + mean
+    gray = (img @ luma)[..., None]
+    img = gray + (img - gray) * np.float32(rng.uniform(0.7, 1.3))
+    return np.clip(img, 0.0, 255.0)
+
+
+def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
+                rng: np.random.Generator | None = None,
+                template: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Turn an RGB uint8 image and its annotation into a training sample.
+
+    With ``rng`` the image gets random scale, small rotation, a crop preferring text and
+    colour jitter; without it the whole image is resized into the S x S canvas (validation).
+    """
+    size = _check_image_size(image_size)
+    resized, to_resized, to_crop = _geometry(rng, image, annotation, size)
+    canvas = cv2.warpAffine(resized, to_crop, (size, size), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    pixels = _colour_jitter(rng, canvas) if rng is not None else canvas.astype(np.float32)
+    # Full-resolution pixel centre x maps to (x + 0.5) / 2 - 0.5 on the half-resolution map.
+    to_label = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])
+
+    def place(points: np.ndarray) -> np.ndarray:
+        p = np.asarray(points, dtype=np.float64)
+        flat = p.reshape(-1, 2)
+        for m in (to_resized, to_crop, to_label):
+            flat = _transform_points(flat, m)
+        return flat.reshape(p.shape)
+
+    half = (size // 2, size // 2)
+    region, affinity, mask = render_labels(
+        [place(w.char_quads) for w in annotation.words],
+        [w.confidence for w in annotation.words],
+        [place(q) for q in annotation.dont_care],
+        half,
+        template,
+    )
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
+    normalised = ((pixels - mean) / std).transpose(2, 0, 1)
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32)),
+        "region": torch.from_numpy(region),
+        "affinity": torch.from_numpy(affinity),
+        "mask": torch.from_numpy(mask),
+    }
+
+
+def parse_icdar_gt(text: str) -> Annotation:
+    """Parse ICDAR2015 ``x1,y1,...,x4,y4,transcription`` lines.
+
+    The transcription may contain commas; ``###`` (or an empty transcription) marks a
+    don't-care region.  Words are split evenly into characters (confidence 0.5); a
+    one-character transcription is taken as an exact character box (confidence 1.0).
+    Raises ``ValueError`` on a malformed line.
+    """
+    words: list[Word] = []
+    dont_care: list[np.ndarray] = []
+    for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split(",")
+        if len(fields) < 8:
+            raise ValueError(f"line {number}: expected 8 coordinates and a transcription, got {line!r}")
+        try:
+            quad = np.array([float(v) for v in fields[:8]], dtype=np.float64).reshape(4, 2)
+        except ValueError:
+            raise ValueError(f"line {number}: non-numeric coordinate in {line!r}") from None
+        transcription = ",".join(fields[8:]).strip()
+        if not transcription or transcription == DONT_CARE:
+            dont_care.append(quad)
+            continue
+        n = len(transcription)
+        confidence = 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE
+        words.append(Word(split_word_quad(quad, n), confidence))
+    return Annotation(tuple(words), tuple(dont_care))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    data = np.fromfile(path, dtype=np.uint8)
+    # Annotations refer to the stored pixel grid, so EXIF rotation must not be applied.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise ValueError(f"cannot decode image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class IcdarDataset:
+    """ICDAR2015-style folder: images plus ``gt_<image stem>.txt`` files.
+
+    Layouts: ``DIR/*.jpg`` + ``DIR/gt_*.txt``, or ``DIR/images/`` + ``DIR/gt/`` (a ``gt/``
+    folder next to the images also works).  ``indices`` selects a subset of the images in
+    sorted file-name order; dataset keys index into that subset.
+    """
+
+    def __init__(self, data_dir: str | Path, image_size: int, indices: Sequence[int] | None = None,
+                 augment: bool = True) -> None:
+        self.image_size = _check_image_size(image_size)
+        self.augment = augment
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise ValueError(f"ICDAR data directory {str(root)!r} does not exist; {_LAYOUT_HELP}")
+        image_dir = root / "images" if (root / "images").is_dir() else root
+        images = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"no .jpg/.jpeg/.png images in {str(image_dir)!r}; {_LAYOUT_HELP}")
+        gt_dirs = [d for d in (root / "gt", image_dir / "gt", image_dir, root) if d.is_dir()]
+        items = [(img, self._find_gt(gt_dirs, img.stem)) for img in images]
+        if all(gt is None for _, gt in items):
+            raise ValueError(f"found {len(images)} images in {str(image_dir)!r} but no ground-truth "
+                             f"files gt_<stem>.txt; {_LAYOUT_HELP}")
+        if indices is not None:
+            chosen = [operator.index(i) for i in indices]
+            bad = [i for i in chosen if not 0 <= i < len(items)]
+            if bad:
+                raise ValueError(f"indices {bad[:5]} out of range for {len(items)} images in {str(root)!r}")
+            items = [items[i] for i in chosen]
+        self.items: list[tuple[Path, Path | None]] = items
+        self._template = gaussian_template()
+
+    @staticmethod
+    def _find_gt(gt_dirs: Sequence[Path], stem: str) -> Path | None:
+        for directory in gt_dirs:
+            candidate = directory / f"gt_{stem}.txt"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> tuple[np.ndarray, Annotation]:
+        """Read image ``index`` (RGB uint8) and its annotation; raises on bad files."""
+        image_path, gt_path = self.items[index]
+        if gt_path is None:
+            raise ValueError(f"no ground truth for {image_path}")
+        annotation = parse_icdar_gt(gt_path.read_text(encoding="utf-8-sig"))
+        return _read_rgb(image_path), annotation
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        index, aug_seed = _check_key(key, len(self))
+        try:
+            image, annotation = self.load(index)
+        except (OSError, ValueError, UnicodeDecodeError, cv2.error):
+            return None
+        rng = _augment_rng(aug_seed, index) if self.augment else None
+        return make_sample(image, annotation, self.image_size, rng, self._template)
+
+
+class SyntheticTextDataset:
+    """``size`` OpenCV-rendered scenes; content depends only on ``(seed, index)``."""
+
+    def __init__(self, size: int, image_size: int, seed: int, augment: bool = True) -> None:
+        if operator.index(size) < 0 or operator.index(seed) < 0:
+            raise ValueError(f"size and seed must be non-negative, got {size=}, {seed=}")
+        self.size = operator.index(size)
+        self.seed = operator.index(seed)
+        self.image_size = _check_image_size(image_size)
+        self.augment = augment
+        self._template = gaussian_template()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def render(self, index: int) -> tuple[np.ndarray, Annotation]:
+        """The un-augmented RGB image and exact character annotation of item ``index``."""
+        rng = np.random.default_rng([self.seed, index, _CONTENT_STREAM])
+        s = self.image_size
+        height, width = s, round(s * rng.uniform(1.0, 1.4))
+        image, words = render_scene(rng, height, width)
+        return image, Annotation(tuple(Word(w.char_quads, 1.0) for w in words), ())
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        index, aug_seed = _check_key(key, len(self))
+        image, annotation = self.render(index)
+        rng = _augment_rng(aug_seed, index) if self.augment else None
+        return make_sample(image, annotation, self.image_size, rng, self._template)
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor | int]:
+    """Stack the readable samples; ``errors`` counts dropped ``None`` samples.
+
+    When nothing is left the tensors have zero rows (``image`` is ``(0, 3, 0, 0)``).
+    """
+    kept = [s for s in samples if s is not None]
+    batch: dict[str, torch.Tensor | int] = {}
+    for name in _SAMPLE_KEYS:
+        if kept:
+            batch[name] = torch.stack([s[name] for s in kept])
+        else:
+            batch[name] = torch.zeros((0, 3, 0, 0) if name == "image" else (0, 0, 0), dtype=torch.float32)
+    batch["errors"] = len(samples) - len(kept)
+    batch["size"] = len(kept)
+    return batch
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic shuffled split of ``range(n)`` into sorted (train, val) index lists.
+
+    With ``val_fraction > 0`` and ``n >= 2`` both parts get at least one item.
+    """
+    if n < 0 or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"need n >= 0 and 0 <= val_fraction < 1, got {n=}, {val_fraction=}")
+    order = np.random.default_rng([operator.index(seed), n]).permutation(n)
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])

@@ -1,0 +1,100 @@
+"""What makes a resume exact: the data order, the RNG states, and finding the checkpoint to resume from.
+
+The data order of epoch ``e`` is a pure function of ``(seed, e)`` and each sample's augmentation a pure
+function of ``(seed, e, index)``, so a resumed run feeds the model exactly the batches an uninterrupted run
+would, with any number of DataLoader workers. The permutation is also stored in the checkpoint, so that a
+resume does not depend on this module never changing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import ckptio
+from ckptio.layout import read_index, scan
+
+__all__ = [
+    "augmentation_seed",
+    "capture_rng",
+    "epoch_permutation",
+    "find_resume_checkpoint",
+    "restore_rng",
+]
+
+
+def epoch_permutation(seed: int, epoch: int, indices: Sequence[int]) -> torch.Tensor:
+    """The order in which epoch ``epoch`` visits ``indices`` (an int64 tensor of dataset indices)."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(indices))
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64)[order])
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index, 0xA06]).generate_state(1, dtype=np.uint32)[0])
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and every CUDA device's RNG state, as tensors and scalars only."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        for i, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+
+
+def _progress_key(path: Path, index: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(global_step, mtime) from the directory index, or from the file's own trailer."""
+    record = index.get(path.name) or {}
+    summary = (record.get("meta") or {}).get("summary")
+    if summary is None:
+        try:
+            seal, _ = ckptio.read_meta(path)
+            summary = seal.meta.get("summary", {}) if seal else {}
+        except (ValueError, OSError):
+            summary = {}
+    step = summary.get("global_step")
+    return (step if isinstance(step, int) else -1, path.stat().st_mtime_ns)
+
+
+def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint in ``save_dir`` (by training progress) whose digest verifies.
+
+    A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one.
+    """
+    directory = Path(save_dir)
+    if not directory.is_dir():
+        say(f"--resume auto: {directory} does not exist; starting a fresh run")
+        return None
+    index = read_index(directory)
+    entries = scan(directory, ())
+    ranked = sorted(entries, key=lambda e: _progress_key(e.path, index), reverse=True)
+    for entry in ranked:
+        check = ckptio.fileio.verify_file(entry.path)
+        if check.status == "verified":
+            return entry.path
+        say(f"--resume auto: skipping {entry.path.name}: {check.status} ({check.reason}); trying the previous one")
+    say(f"--resume auto: no usable checkpoint in {directory}; starting a fresh run")
+    return None

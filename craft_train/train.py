@@ -1,0 +1,285 @@
+"""The CRAFT training loop: read it top to bottom.
+
+Every ``save_freq`` batches the full training state goes to ``checkpoint_epoch_{epoch}_batch_{batch}``
+through :class:`ckptio.CheckpointManager` (in the background with ``async_save``); ``best_model`` whenever the
+validation loss improves. Any of them resumes the run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import ckptio
+
+from .config import TrainConfig, incompatible_changes
+from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
+from .loss import craft_loss
+from .model import CRAFT, load_pretrained, load_pretrained_backbone
+from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
+
+__all__ = ["TrainResult", "train"]
+
+CHECKPOINT_KIND = "craft_train"
+
+
+@dataclass
+class TrainResult:
+    """What a run did; the CLI prints it, tests inspect it."""
+
+    global_step: int = 0
+    epoch: int = 1
+    batch: int = 0
+    seconds: float = 0.0
+    saves: int = 0
+    save_blocked_seconds: float = 0.0
+    best_val_loss: float = math.inf
+    interrupted: bool = False
+    errors: int = 0
+    saved_paths: list[Path] = field(default_factory=list)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+
+
+def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainResult:
+    started = time.perf_counter()
+
+    # ---- device -------------------------------------------------------------------------------------------
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    use_amp = config.amp and device.type == "cuda"
+    torch.manual_seed(config.seed)
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    if config.data_dir is not None:
+        train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment)
+        val_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=False)
+    else:
+        train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, config.augment)
+        val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False)
+    train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
+    total_batches = math.ceil(len(train_indices) / config.batch_size)
+    if total_batches == 0:
+        raise ValueError("no training images left after the validation split; lower --val-fraction")
+
+    # ---- model, optimizer, schedule -----------------------------------------------------------------------
+    model = CRAFT().to(device)
+    if config.pretrained:
+        load_pretrained(model, config.pretrained)
+    elif config.pretrained_backbone:
+        load_pretrained_backbone(model, config.pretrained_backbone)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_steps, gamma=config.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    result = TrainResult(model=model, optimizer=optimizer)
+    epoch, batch_in_epoch, global_step = 1, 0, 0
+    sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
+    resumed_permutation: torch.Tensor | None = None
+    resume_path = _resume_path(config, say)
+    if resume_path is not None:
+        state = _load_resume_state(resume_path, config)
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+        scaler.load_state_dict(state["scaler_state_dict"])
+        restore_rng(state["rng_state"])
+        epoch, batch_in_epoch, global_step = state["epoch"], state["batch"], state["global_step"]
+        sums = dict(state["loss_sums"])
+        result.errors = state["errors"]
+        result.best_val_loss = state["best_val_loss"]
+        resumed_permutation = state["data_order"]["permutation"]
+        say(f"resumed from {resume_path}: epoch {epoch}, batch {batch_in_epoch}/{total_batches}, "
+            f"global step {global_step}")
+    result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
+
+    def checkpoint_state(permutation: torch.Tensor) -> dict[str, Any]:
+        batches = max(sums["batches"], 1)
+        return {
+            "epoch": epoch,
+            "batch": batch_in_epoch,
+            "total_batches": total_batches,
+            "global_step": global_step,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+            "scaler_state_dict": scaler.state_dict(),
+            "train_loss": sums["train"] / batches,
+            "cls_loss": sums["cls"] / batches,
+            "geo_loss": sums["geo"] / batches,
+            "loss_sums": dict(sums),
+            "errors": result.errors,
+            "best_val_loss": result.best_val_loss,
+            "rng_state": capture_rng(),
+            "data_order": {"epoch": epoch, "permutation": permutation,
+                           "position": min(batch_in_epoch * config.batch_size, len(permutation))},
+            "config": config.to_dict(),
+            "kind": CHECKPOINT_KIND,
+        }
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    manager = ckptio.CheckpointManager(
+        config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
+        keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
+    )
+
+    def save(name: str, permutation: torch.Tensor) -> None:
+        future = manager.save(checkpoint_state(permutation), name=name)
+        if future is not None:
+            result.saves += 1
+            result.saved_paths.append(manager.path_for(name))
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    stop = False
+    last_saved_step = global_step
+    try:
+        while epoch <= config.epochs and not stop:
+            if batch_in_epoch == 0:
+                sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
+            if resumed_permutation is not None:
+                permutation, resumed_permutation = resumed_permutation, None
+            else:
+                permutation = epoch_permutation(config.seed, epoch, train_indices)
+            start = batch_in_epoch * config.batch_size
+            keys = [(int(i), augmentation_seed(config.seed, epoch, int(i))) for i in permutation[start:].tolist()]
+            loader = DataLoader(
+                train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
+                num_workers=config.workers, pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(config.seed + epoch),  # leaves the global RNG alone
+            )
+            saved_label = ""
+            bar = tqdm(total=total_batches, initial=batch_in_epoch, desc=f"Epoch {epoch}", file=sys.stderr,
+                       dynamic_ncols=True, disable=None)
+            for batch in loader:
+                # forward and backward
+                model.train()
+                result.errors += int(batch["errors"])
+                if batch["size"] > 0:
+                    images = batch["image"].to(device, non_blocking=True)
+                    targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        prediction, _ = model(images)
+                    loss, cls_loss, geo_loss = craft_loss(prediction.float(), *targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    losses = (loss.item(), cls_loss.item(), geo_loss.item())
+                    sums["train"] += losses[0]
+                    sums["cls"] += losses[1]
+                    sums["geo"] += losses[2]
+                    sums["batches"] += 1
+                else:
+                    losses = (math.nan, math.nan, math.nan)
+                batch_in_epoch += 1
+                global_step += 1
+
+                # periodic checkpoint
+                if config.save_freq and batch_in_epoch % config.save_freq == 0:
+                    save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", permutation)
+                    last_saved_step = global_step
+                    saved_label = f" [saved: batch {batch_in_epoch}]"
+                    if bar.disable:
+                        say(f"Epoch {epoch} batch {batch_in_epoch}/{total_batches}: saved, loss={losses[0]:.4f}")
+
+                # progress
+                bar.set_description(f"Epoch {epoch}{saved_label}", refresh=False)
+                bar.set_postfix(loss=f"{losses[0]:.4f}", cls=f"{losses[1]:.4f}", geo=f"{losses[2]:.4f}",
+                                errors=result.errors, avg_loss=f"{sums['train'] / max(sums['batches'], 1):.4f}",
+                                refresh=False)
+                bar.update(1)
+                if config.max_steps is not None and global_step >= config.max_steps:
+                    stop = True
+                    break
+            bar.close()
+
+            # validation and best model, at each epoch's end
+            if not stop and val_indices:
+                val_loss = _validate(model, val_set, val_indices, config, device, use_amp)
+                improved = val_loss < result.best_val_loss
+                if improved:
+                    result.best_val_loss = val_loss
+                    save("best_model", permutation)
+                say(f"Epoch {epoch}: train_loss={sums['train'] / max(sums['batches'], 1):.4f} "
+                    f"val_loss={val_loss:.4f}" + (" (best so far, saved best_model)" if improved else ""))
+            if not stop:
+                epoch, batch_in_epoch = epoch + 1, 0
+
+        # a final checkpoint, so that the last steps are never lost
+        if config.save_freq and global_step > last_saved_step:
+            if batch_in_epoch == 0:  # finished the last epoch: describe it as its end
+                epoch, batch_in_epoch = epoch - 1, total_batches
+            save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", permutation)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        say("interrupted: finishing the checkpoints already queued, nothing half-written is left")
+    finally:
+        manager.close()
+
+    # ---- summary ------------------------------------------------------------------------------------------
+    result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
+    result.seconds = time.perf_counter() - started
+    result.save_blocked_seconds = manager.stats.blocked_seconds
+    stats = manager.stats
+    say(f"done: {global_step} steps in {result.seconds:.1f}s; {stats.committed} checkpoints saved "
+        f"({stats.skipped_busy + stats.skipped_no_space} skipped), training blocked {stats.blocked_seconds:.2f}s "
+        f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
+        f"errors={result.errors}; checkpoints in {config.save_dir}")
+    return result
+
+
+def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
+              device: torch.device, use_amp: bool) -> float:
+    """Mean loss over the held-out images (no augmentation, fixed order): deterministic."""
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=[(i, 0) for i in indices],
+                        collate_fn=collate, num_workers=0)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            if batch["size"] == 0:
+                continue
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                prediction, _ = model(batch["image"].to(device))
+            loss, _, _ = craft_loss(prediction.float(), *(batch[k].to(device) for k in ("region", "affinity", "mask")))
+            total += loss.item() * batch["size"]
+            count += batch["size"]
+    model.train()
+    return total / count if count else math.inf
+
+
+def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return find_resume_checkpoint(config.save_dir, say)
+    path = Path(config.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint file (or use --resume auto)")
+    return path
+
+
+def _load_resume_state(path: Path, config: TrainConfig) -> dict[str, Any]:
+    state = ckptio.load(path, map_location="cpu")
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(
+            f"{path} is not a craft_train checkpoint (it lacks the training state); to start from its weights "
+            "use --pretrained instead of --resume"
+        )
+    changes = incompatible_changes(state["config"], config)
+    if changes:
+        raise ValueError(f"cannot resume from {path} with different settings: " + "; ".join(changes)
+                         + ". Use the checkpoint's settings, or start a new run in another --save-dir")
+    return state
