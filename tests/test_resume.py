@@ -1,0 +1,130 @@
+"""Exact batch-level resume: stopping and resuming gives bit-identical weights to never having stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptio
+from craft_train.config import TrainConfig
+from craft_train.train import TrainResult, train
+
+# 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs.
+BASE = dict(synthetic_size=10, image_size=64, batch_size=2, epochs=3, val_fraction=0.2, seed=7, workers=1,
+            augment=True)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _config(**overrides: object) -> TrainConfig:
+    return TrainConfig(**{**BASE, **overrides})  # type: ignore[arg-type]
+
+
+def _assert_same_training_state(a: TrainResult, b: TrainResult) -> None:
+    assert a.model is not None and b.model is not None and a.optimizer is not None and b.optimizer is not None
+    model_a, model_b = a.model.state_dict(), b.model.state_dict()
+    assert model_a.keys() == model_b.keys()
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    opt_a, opt_b = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for index, slots in opt_a["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(value, opt_b["state"][index][name]), (index, name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    directory = tmp_path_factory.mktemp("straight")
+    return train(_config(save_dir=str(directory), save_freq=0, max_steps=10), say=_quiet)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fmt", "compression", "async_save", "stop_at"),
+    [
+        ("torch", None, True, 5),  # mid-epoch 2, after crossing the first epoch boundary
+        ("torch", "zstd", False, 3),  # mid-epoch 1: the resumed run crosses two boundaries
+        ("safetensors", None, False, 4),  # exactly at an epoch's end, before its validation
+        ("safetensors", "zstd", True, 6),
+    ],
+)
+def test_resuming_from_a_batch_checkpoint_is_bit_identical_to_an_uninterrupted_run(
+    tmp_path: Path, uninterrupted: TrainResult, fmt: str, compression: str | None, async_save: bool, stop_at: int
+) -> None:
+    common = dict(save_dir=str(tmp_path), format=fmt, compression=compression, async_save=async_save)
+    first = train(_config(**common, save_freq=stop_at, max_steps=stop_at), say=_quiet)
+    assert first.global_step == stop_at
+    messages: list[str] = []
+    resumed = train(_config(**common, save_freq=100, max_steps=10, resume="auto"), say=messages.append)
+    assert any(m.startswith("resumed from") and f"global step {stop_at}" in m for m in messages), messages
+    assert resumed.global_step == 10
+    _assert_same_training_state(uninterrupted, resumed)
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path: Path) -> None:
+    common = dict(save_dir=str(tmp_path), workers=0, val_fraction=0.0)
+    train(_config(**common, save_freq=1, max_steps=2), say=_quiet)
+    newest = tmp_path / "checkpoint_epoch_1_batch_2.pth"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    messages: list[str] = []
+    resumed = train(_config(**common, save_freq=0, max_steps=3, resume="auto"),
+                    say=messages.append)
+    assert any("skipping checkpoint_epoch_1_batch_2.pth: corrupt" in m for m in messages), messages
+    assert any("resumed from" in m and "checkpoint_epoch_1_batch_1.pth" in m for m in messages), messages
+    assert resumed.global_step == 3
+
+
+def test_resume_auto_in_an_empty_directory_starts_fresh_and_says_so(tmp_path: Path) -> None:
+    messages: list[str] = []
+    result = train(_config(save_dir=str(tmp_path / "new"), save_freq=0, max_steps=1, workers=0, resume="auto"),
+                   say=messages.append)
+    assert result.global_step == 1
+    assert any("starting a fresh run" in m for m in messages), messages
+
+
+def test_resume_with_another_image_size_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    train(_config(workers=0, save_dir=str(tmp_path), save_freq=1, max_steps=1), say=_quiet)
+    checkpoint = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    with pytest.raises(ValueError, match="image_size: checkpoint has 64, this run has 96"):
+        train(_config(workers=0, image_size=96, save_dir=str(tmp_path), resume=str(checkpoint)), say=_quiet)
+
+
+def test_resume_from_a_file_without_training_state_suggests_pretrained(tmp_path: Path) -> None:
+    weights = tmp_path / "weights.pth"
+    torch.save({"model_state_dict": {}}, weights)
+    with pytest.raises(ValueError, match="--pretrained"):
+        train(_config(workers=0, save_dir=str(tmp_path / "run"), resume=str(weights)), say=_quiet)
+
+
+def test_checkpoint_holds_everything_a_resume_needs(tmp_path: Path) -> None:
+    train(_config(workers=0, save_dir=str(tmp_path), save_freq=3, max_steps=3), say=_quiet)
+    state = ckptio.load(tmp_path / "checkpoint_epoch_1_batch_3.pth")
+    for key in ("epoch", "batch", "total_batches", "global_step", "model_state_dict", "optimizer_state_dict",
+                "scheduler_state_dict", "scaler_state_dict", "train_loss", "cls_loss", "geo_loss", "rng_state",
+                "data_order", "best_val_loss", "config", "loss_sums"):
+        assert key in state, key
+    assert (state["epoch"], state["batch"], state["total_batches"], state["global_step"]) == (1, 3, 4, 3)
+    assert set(state["rng_state"]) >= {"python", "numpy", "torch"}
+    assert state["data_order"]["position"] == 6
+    assert len(set(state["data_order"]["permutation"].tolist())) == 8
+    assert state["train_loss"] == pytest.approx(state["cls_loss"] + state["geo_loss"])
+
+
+def test_ckptio_info_shows_the_resume_point(tmp_path: Path) -> None:
+    train(_config(workers=0, save_dir=str(tmp_path), save_freq=2, max_steps=2), say=_quiet)
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptio", "info", str(tmp_path / "checkpoint_epoch_1_batch_2.pth"), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert json.loads(out)["resume_point"] == {"epoch": 1, "batch": 2, "global_step": 2}
