@@ -15,7 +15,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m craft_train --demo
+	$(PY) -m craft_train --demo --save-dir checkpoints_improved
+	$(PY) -m ckptio list checkpoints_improved
+	$(PY) -m ckptio verify checkpoints_improved
 
 test: install
 	$(PY) -m ruff check ckptio craft_train benchmarks tests

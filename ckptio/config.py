@@ -45,8 +45,9 @@ class CheckpointOptions:
     compression: Literal["zstd"] | None = None
     """``zstd`` compresses the file (suffix ``.zst`` after the format's); ``None`` writes it raw."""
 
-    compression_level: int = 3
-    """zstd level, 1 (fastest) to 19; low levels already get most of what float weights give."""
+    compression_level: int = 1
+    """zstd level, 1 (fastest) to 22. On CRAFT weights level 3 saved no more than level 1 (ratio 1.09) and ran
+    30% slower, so the default is 1."""
 
     compression_threads: int = 0
     """zstd worker threads: 0 compresses in the writer thread, -1 uses every core."""

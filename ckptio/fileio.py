@@ -68,7 +68,7 @@ def inner_format(path: Path) -> str:
 
 
 def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, compression: str | None,
-                     level: int = 3, threads: int = 0, fsync: bool = True, drop_page_cache: bool = False,
+                     level: int = 1, threads: int = 0, fsync: bool = True, drop_page_cache: bool = False,
                      user_meta: dict[str, Any] | None = None) -> SavedCheckpoint:
     """Serialize ``snapshot`` into ``path`` atomically and durably, sealed with its digest."""
     started = time.perf_counter()

@@ -15,8 +15,8 @@ __all__ = ["DEMO", "main"]
 
 # `make demo`: a CPU-friendly run of a few minutes on 2 cores, with several async saves and a best model.
 DEMO = {
-    "synthetic_size": 48, "image_size": 128, "batch_size": 4, "epochs": 2, "save_freq": 4, "async_save": True,
-    "workers": 1, "val_fraction": 0.17, "keep_count": 5,
+    "synthetic_size": 64, "image_size": 192, "batch_size": 4, "epochs": 3, "save_freq": 5, "async_save": True,
+    "workers": 1, "val_fraction": 0.125, "keep_count": 5,
 }
 
 
