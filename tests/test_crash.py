@@ -1,0 +1,102 @@
+"""kill -9 at random moments, many times: no good checkpoint is lost, no bad one is ever visible, and the run
+that is resumed again and again ends with exactly the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.atomic import TEMP_SUFFIX
+from ckptio.layout import scan
+
+STEPS = 8
+TRAIN = ["--synthetic-size", "8", "--image-size", "64", "--batch-size", "2", "--workers", "0",
+         "--val-fraction", "0.25", "--epochs", "10", "--save-freq", "1", "--async-save", "--keep-count", "3",
+         "--max-steps", str(STEPS)]
+
+
+def _start(save_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "craft_train", *TRAIN, "--save-dir", str(save_dir), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _temporaries(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(TEMP_SUFFIX)] if directory.exists() else []
+
+
+def _committed(directory: Path) -> set[tuple[str, int]]:
+    return {(e.path.name, e.mtime_ns) for e in scan(directory)} if directory.exists() else set()
+
+
+def _kill_at_a_random_moment(save_dir: Path, rng: random.Random, mid_write: bool, extra: list[str]) -> bool:
+    """Start a resumed run and SIGKILL it; returns whether the kill landed while a file was being written."""
+    before = _committed(save_dir)
+    process = _start(save_dir, "--resume", "auto", *extra)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if mid_write and _temporaries(save_dir):
+                break
+            if not mid_write and _committed(save_dir) - before:
+                time.sleep(rng.uniform(0.0, 0.4))
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return bool(_temporaries(save_dir))
+
+
+def _after_a_kill_everything_visible_verifies(save_dir: Path) -> None:
+    report = ckptio.verify(save_dir, record=False)
+    assert report.ok, [(c.path.name, c.reason) for c in report.corrupt]
+    for entry in scan(save_dir):  # nothing partial under a checkpoint name: every visible file is sealed
+        assert ckptio.read_meta(entry.path)[0] is not None, entry.path
+
+
+def _final_state(save_dir: Path) -> dict:
+    newest = max(scan(save_dir), key=lambda e: (ckptio.read_meta(e.path)[0].meta["summary"]["global_step"],
+                                                 not e.protected))
+    return ckptio.load(newest.path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("extra", "kills"), [([], 12), (["--format", "safetensors"], 8)])
+def test_repeated_kill_9_loses_nothing_and_the_resumed_run_ends_bit_identical(
+    tmp_path: Path, extra: list[str], kills: int
+) -> None:
+    rng = random.Random(1234 + kills)
+    reference_dir, crash_dir = tmp_path / "straight", tmp_path / "crashed"
+    reference = _start(reference_dir, *extra)
+
+    landed_mid_write = 0
+    for attempt in range(kills):
+        landed_mid_write += _kill_at_a_random_moment(crash_dir, rng, mid_write=attempt % 2 == 0, extra=extra)
+        _after_a_kill_everything_visible_verifies(crash_dir)
+    assert landed_mid_write >= 2, "the test must kill some runs while a checkpoint is being written"
+
+    verify_cli = subprocess.run([sys.executable, "-m", "ckptio", "verify", str(crash_dir)], capture_output=True)
+    assert verify_cli.returncode == 0, verify_cli.stdout
+
+    finish = _start(crash_dir, "--resume", "auto", *extra)
+    assert finish.wait(timeout=300) == 0
+    assert reference.wait(timeout=300) == 0
+    assert _temporaries(crash_dir) == []
+
+    expected, actual = _final_state(reference_dir), _final_state(crash_dir)
+    assert actual["global_step"] == expected["global_step"] == STEPS
+    for key, tensor in expected["model_state_dict"].items():
+        assert torch.equal(tensor, actual["model_state_dict"][key]), key
+    for index, slots in expected["optimizer_state_dict"]["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(value, actual["optimizer_state_dict"]["state"][index][name]), (index, name)
