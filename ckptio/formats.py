@@ -105,7 +105,7 @@ def read_safetensors_header(data: bytes | memoryview, path: Any) -> dict[str, An
         )
     try:
         header = json.loads(bytes(data[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(path, "safetensors header is not a JSON object")
@@ -127,7 +127,7 @@ def read_safetensors(data: bytes, path: Any, map_location: Any = None) -> Any:
     try:
         skeleton = json.loads(skeleton_json)
         return rebuild(skeleton["tree"], [tensors[name] for name in skeleton["tensors"]])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"ckptio structure in the safetensors metadata is broken ({exc})") from None
 
 

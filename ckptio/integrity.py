@@ -145,7 +145,7 @@ def zstd_trailer(digest: str, meta: dict[str, Any]) -> bytes:
 def _parse_trailer(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CorruptCheckpointError(path, "the ckptio trailer is not valid JSON") from None
     if (not isinstance(doc, dict) or doc.get("algorithm") != DIGEST_ALGORITHM
             or not isinstance(doc.get("digest"), str) or not isinstance(doc.get("meta"), dict)):
@@ -233,7 +233,7 @@ def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     at += len(marker)
     try:
         meta = json.loads(metadata.get(SAFETENSORS_META_KEY, "{}"))
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged")
