@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); stop quietly as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except CorruptCheckpointError as exc:
         print(f"ckptio: {exc}", file=sys.stderr)
         return EXIT_BAD
@@ -53,10 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"ckptio: {exc}", file=sys.stderr)
         return EXIT_BAD
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`); stop quietly as other command-line tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except KeyboardInterrupt:
         return 130
 
@@ -67,7 +67,11 @@ def _guide_spelling(argv: list[str]) -> list[str]:
     for arg in argv:
         if arg.startswith("--"):
             flag, sep, value = arg.partition("=")
-            arg = flag.replace("_", "-") + sep + value
+            flag = flag.replace("_", "-")
+            if flag == "--action" and sep:
+                out += [flag, value]
+                continue
+            arg = flag + sep + value
         out.append(arg)
     if "--action" in out:
         at = out.index("--action")
@@ -298,7 +302,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
-    entries = scan(directory)
+    # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
+    entries = [e for e in scan(directory) if not e.protected and parse_checkpoint_name(e.name)]
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"
@@ -316,6 +321,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if forgotten:
         update_index(directory, forgotten)
     kept = len(entries) - len(victims)
+    if not entries:
+        print(f"no batch checkpoints in {directory}")
     print(f"🧹 {verb} {len(victims)} checkpoint(s), {_mb(freed)}; kept {kept}"
           + (f" (newest valid: {newest_valid.name})" if newest_valid else ""))
     return EXIT_OK

@@ -31,7 +31,7 @@ def parse_size(value: int | str | None, *, what: str = "size") -> int | None:
     match = _SIZE_RE.match(str(value))
     if match is None or (match.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"{what} {value!r} is not a size: write e.g. '2GB', '500MiB' or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    return round(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +85,15 @@ class CheckpointOptions:
     """Advise the kernel to drop a written checkpoint's pages so that they do not evict training data."""
 
     def __post_init__(self) -> None:
+        for name in ("compression_level", "compression_threads", "max_pending"):
+            _require_int(name, getattr(self, name))
+        if self.keep_count is not None:
+            _require_int("keep_count", self.keep_count)
+        for name in ("async_save", "fsync", "drop_page_cache"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if isinstance(self.protected_names, str):
+            raise ValueError(f"protected_names must be a tuple of names, e.g. ({self.protected_names!r},)")
         if self.format not in ("torch", "safetensors"):
             raise ValueError(f"format must be 'torch' or 'safetensors', not {self.format!r}")
         if self.compression not in (None, "zstd"):
@@ -116,3 +125,8 @@ class CheckpointOptions:
     @property
     def min_free_bytes(self) -> int | None:
         return self.min_free  # type: ignore[return-value]
+
+
+def _require_int(name: str, value: object) -> None:
+    if type(value) is not int:
+        raise ValueError(f"{name} must be a whole number, not {value!r}")

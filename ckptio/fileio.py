@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from .atomic import atomic_write
 from .errors import CorruptCheckpointError
 from .integrity import (
     DIGEST_PLACEHOLDER,
+    ZSTD_LEADING_FRAME,
     HashingWriter,
     Seal,
     ZipCommentSealer,
@@ -90,6 +92,7 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
         if compression == "zstd":
             compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
             counter = _CountingWriter()
+            sink.write(ZSTD_LEADING_FRAME)
             with compressor.stream_writer(sink, closefd=False, write_size=2**20) as zstd_stream:
                 tee = _Tee(zstd_stream, counter)
                 if fmt == "torch":
@@ -97,8 +100,7 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
                 else:
                     formats.write_safetensors(snapshot, tee, meta)  # type: ignore[arg-type]
             meta["raw_size"] = counter.size
-            digest = sink.hexdigest()
-            sink.write_unhashed(zstd_trailer(digest, meta))
+            digest = sink.seal_with(zstd_trailer(DIGEST_PLACEHOLDER, meta), lambda d: zstd_trailer(d, meta))
         elif fmt == "torch":
             sealer = ZipCommentSealer(sink)
             formats.write_torch(snapshot, sealer)  # type: ignore[arg-type]
@@ -143,11 +145,16 @@ class _Tee:
 
 def _open_for_reading(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such checkpoint file") from None
     except IsADirectoryError:
-        raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it") from None
+        fd = None
+    if fd is None or stat.S_ISDIR(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it")
+    return fd
 
 
 def read_meta(path: str | os.PathLike[str]) -> tuple[Seal | None, int]:
@@ -203,7 +210,9 @@ def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool
     finally:
         os.close(fd)
     seal = read_seal(path, len(data), bytes_reader(data))
-    if seal is not None and verify:
+    verified = seal is not None and verify
+    if verified:
+        assert seal is not None
         actual = compute_digest(seal, bytes_reader(data))
         if actual != seal.digest:
             raise CorruptCheckpointError(
@@ -211,7 +220,7 @@ def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool
                 "it was written; load an older checkpoint"
             )
     if container_of(path) == "zstd":
-        data = _decompress(path, data, seal)
+        data = _decompress(path, data, seal, verified)
     if inner_format(path) == "safetensors":
         return formats.read_safetensors(data, path, map_location)
     return formats.read_torch(data, path, map_location)
@@ -230,26 +239,46 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decompress(path: Path, data: bytes, seal: Seal | None) -> bytes:
-    body = memoryview(data)[: seal.hashed_length] if seal else memoryview(data)
+def _decompress(path: Path, data: bytes, seal: Seal | None, verified: bool) -> bytes:
+    body = memoryview(data)[seal.body_start : seal.body_length] if seal else memoryview(data)
     declared = seal.meta.get("raw_size") if seal else None
-    limit = declared if isinstance(declared, int) and declared >= 0 else len(body) * _UNSEALED_EXPANSION_LIMIT
+    if verified and isinstance(declared, int) and declared >= 0:
+        # The digest vouches for every byte, so the frame is complete and the recorded size is true.
+        try:
+            result = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True).read(declared + 1)
+        except zstandard.ZstdError as exc:
+            raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
+        if len(result) != declared:
+            raise CorruptCheckpointError(path, f"zstd data expands to {len(result)} bytes, {declared} were recorded")
+        return result
+    return _decompress_untrusted(path, body, declared)
+
+
+def _decompress_untrusted(path: Path, body: memoryview, declared: Any) -> bytes:
+    """Decompress bytes no digest vouches for: bounded output, and the frame must really end."""
+    limit = len(body) * _UNSEALED_EXPANSION_LIMIT + 2**20
+    if isinstance(declared, int) and declared >= 0:
+        limit = min(limit, declared)
+    out = bytearray()
+    # Small input chunks bound what one call can produce (zstd expands at most ~32768x).
+    chunk = 4096
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    position = 0
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
-        out = reader.read(limit + 1)
-        chunks = [out]
-        total = len(out)
-        while out and total <= limit:
-            out = reader.read(limit + 1 - total)
-            chunks.append(out)
-            total += len(out)
+        while position < len(body):
+            out += decoder.decompress(body[position : position + chunk])
+            position += chunk
+            if len(out) > limit:
+                raise CorruptCheckpointError(
+                    path, f"zstd data expands beyond the {limit} bytes allowed for it; refusing to decompress further")
+            if decoder.eof and (decoder.unused_data or position < len(body)):
+                body = memoryview(bytes(decoder.unused_data) + bytes(body[position:]))
+                position = 0
+                decoder = zstandard.ZstdDecompressor().decompressobj()
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
-    if total > limit:
-        raise CorruptCheckpointError(
-            path, f"zstd data expands beyond the {limit} bytes recorded for it; refusing to decompress further"
-        )
-    result = b"".join(chunks)
-    if isinstance(declared, int) and len(result) != declared:
-        raise CorruptCheckpointError(path, f"zstd data expands to {len(result)} bytes, {declared} were recorded")
-    return result
+    if not decoder.eof:
+        raise CorruptCheckpointError(path, "the zstd stream ends early: the file is truncated")
+    if isinstance(declared, int) and len(out) != declared:
+        raise CorruptCheckpointError(path, f"zstd data expands to {len(out)} bytes, {declared} were recorded")
+    return bytes(out)

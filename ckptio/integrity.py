@@ -7,12 +7,15 @@ each container allows it without breaking standard readers:
 * raw ``.safetensors``: in the header's ``__metadata__``, as a fixed-width value hashed as zeros;
 * ``.zst``: in a zstd skippable frame after the compressed data, which every zstd decoder skips.
 
-So a file copied elsewhere can be verified alone, the digest becomes visible atomically with the file (it is
-part of it), and the meta can be read from the file's end or header without reading the tensors.
+The digest covers every byte of the file, the trailer and its meta included, with the 32 hex digits of the
+digest itself hashed as ASCII zeros. So a file copied elsewhere can be verified alone, the digest becomes
+visible atomically with the file (it is part of it), and the meta can be read from the file's end or header
+without reading the tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -28,6 +31,7 @@ from .formats import SAFETENSORS_DIGEST_KEY, SAFETENSORS_META_KEY, read_safetens
 
 __all__ = [
     "DIGEST_PLACEHOLDER",
+    "ZSTD_LEADING_FRAME",
     "HashingWriter",
     "Seal",
     "ZipCommentSealer",
@@ -43,6 +47,9 @@ ZIP_END_SIZE = 22
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE_MAGIC = struct.pack("<I", 0x184D2A5E)
 TRAILER_MAGIC = b"CKPTIO01"
+# A ckptio .zst file starts with this skippable frame, so that one which lost its trailer is known as truncated
+# rather than mistaken for zstd data someone else wrote.
+ZSTD_LEADING_FRAME = struct.pack("<II", 0x184D2A5C, 8) + TRAILER_MAGIC
 _CHUNK = 8 * 2**20
 
 ReadAt = Callable[[int, int], bytes]
@@ -50,14 +57,18 @@ ReadAt = Callable[[int, int], bytes]
 
 @dataclass(frozen=True)
 class Seal:
-    """Where a file's digest lives and which bytes it covers."""
+    """A file's recorded digest and meta, and where they sit."""
 
     digest: str
     meta: dict[str, Any]
     hashed_length: int
-    """Bytes ``[0, hashed_length)`` are hashed; the trailer holding the digest follows them."""
-    zeroed: tuple[int, int] | None = None
-    """A byte range hashed as ASCII zeros (the digest's own place inside a safetensors header)."""
+    """Bytes ``[0, hashed_length)`` are hashed: the whole file."""
+    zeroed: tuple[int, int]
+    """The byte range of the digest's own 32 hex digits, hashed as ASCII zeros."""
+    body_length: int
+    """Where the payload ends: a zstd file's trailer frame follows it; other files are all payload."""
+    body_start: int = 0
+    """Where the payload starts: after a zstd file's leading frame."""
 
 
 class HashingWriter:
@@ -78,6 +89,16 @@ class HashingWriter:
     def write_unhashed(self, data: bytes) -> None:
         self.raw.write(data)
         self.size += len(data)
+
+    def seal_with(self, placeholder: bytes, final: Callable[[str], bytes]) -> str:
+        """Hash ``placeholder`` (a trailer whose digest is zeros), then write ``final(digest)`` in its place."""
+        self.hasher.update(placeholder)
+        digest = self.hexdigest()
+        trailer = final(digest)
+        if len(trailer) != len(placeholder):
+            raise RuntimeError("a sealed trailer changed length when its digest was filled in")
+        self.write_unhashed(trailer)
+        return digest
 
     def flush(self) -> None:
         """Flushing happens once, when the file is committed; torch.save's frequent flushes are ignored."""
@@ -121,13 +142,11 @@ class ZipCommentSealer:
         tail = self._tail
         if len(tail) != ZIP_END_SIZE or not tail.startswith(ZIP_END_SIGNATURE) or tail[20:22] != b"\0\0":
             raise RuntimeError("torch.save did not end with a plain zip end record; cannot seal the file")
-        comment_length = len(_trailer_json(DIGEST_PLACEHOLDER, meta))
-        if comment_length > 0xFFFF:
+        placeholder = _trailer_json(DIGEST_PLACEHOLDER, meta)
+        if len(placeholder) > 0xFFFF:
             raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
-        self.inner.write(tail[:20] + struct.pack("<H", comment_length))
-        digest = self.inner.hexdigest()
-        self.inner.write_unhashed(_trailer_json(digest, meta))
-        return digest
+        self.inner.write(tail[:20] + struct.pack("<H", len(placeholder)))
+        return self.inner.seal_with(placeholder, lambda digest: _trailer_json(digest, meta))
 
 
 def _trailer_json(digest: str, meta: dict[str, Any]) -> bytes:
@@ -142,7 +161,11 @@ def zstd_trailer(digest: str, meta: dict[str, Any]) -> bytes:
     return ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload
 
 
-def _parse_trailer(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
+_TRAILER_DIGEST_MARKER = b'"digest":"'
+
+
+def _parse_trailer(raw: bytes, path: Path, offset: int, size: int, body_length: int) -> Seal:
+    """The seal in trailer JSON ``raw`` found at byte ``offset`` of the file."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -150,7 +173,11 @@ def _parse_trailer(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
     if (not isinstance(doc, dict) or doc.get("algorithm") != DIGEST_ALGORITHM
             or not isinstance(doc.get("digest"), str) or not isinstance(doc.get("meta"), dict)):
         raise CorruptCheckpointError(path, "the ckptio trailer lacks a digest or meta")
-    return doc["digest"], doc["meta"]
+    # Keys are sorted and "digest" precedes "meta", so the first occurrence is the trailer's own field.
+    at = raw.find(_TRAILER_DIGEST_MARKER) + len(_TRAILER_DIGEST_MARKER)
+    start = offset + at
+    return Seal(digest=doc["digest"], meta=doc["meta"], hashed_length=size,
+                zeroed=(start, start + len(DIGEST_PLACEHOLDER)), body_length=body_length)
 
 
 def container_of(path: Path) -> str:
@@ -176,14 +203,20 @@ def read_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     if size == 0:
         raise CorruptCheckpointError(path, "the file is empty")
     container = container_of(path)
-    head = read_at(0, min(size, 8))
+    head = read_at(0, min(size, len(ZSTD_LEADING_FRAME)))
     if container == "zstd":
+        if head == ZSTD_LEADING_FRAME:
+            seal = _zstd_seal(path, size, read_at)
+            if seal is None:
+                raise CorruptCheckpointError(path, "the ckptio trailer is missing: the file is truncated")
+            return seal
         if head[:4] != ZSTD_MAGIC:
             raise CorruptCheckpointError(path, "not a zstd stream (wrong suffix, or the start is damaged)")
         return _zstd_seal(path, size, read_at)
     if container == "torch":
         if head[:4] != b"PK\x03\x04":
-            what = "a zstd stream; name it .pth.zst" if head[:4] == ZSTD_MAGIC else "a torch zip file"
+            zstd = head[:4] == ZSTD_MAGIC or head == ZSTD_LEADING_FRAME
+            what = "a zstd stream; name it .pth.zst" if zstd else "a torch zip file"
             raise CorruptCheckpointError(path, f"not {what} (wrong suffix, or the start is damaged)")
         return _zip_seal(path, size, read_at)
     return _safetensors_seal(path, size, read_at)
@@ -192,12 +225,14 @@ def read_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
 def _zstd_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     if size < 20 or read_at(size - 8, 8) != TRAILER_MAGIC:
         return None
-    (body_length,) = struct.unpack("<I", read_at(size - 12, 4))
-    start = size - 20 - body_length
-    if start < 4 or read_at(start, 8) != ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", body_length + 12):
+    (json_length,) = struct.unpack("<I", read_at(size - 12, 4))
+    start = size - 20 - json_length
+    if start < 4 or read_at(start, 8) != ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", json_length + 12):
         raise CorruptCheckpointError(path, "the ckptio trailer frame is damaged")
-    digest, meta = _parse_trailer(read_at(start + 8, body_length), path)
-    return Seal(digest=digest, meta=meta, hashed_length=start)
+    seal = _parse_trailer(read_at(start + 8, json_length), path, start + 8, size, body_length=start)
+    if read_at(0, len(ZSTD_LEADING_FRAME)) == ZSTD_LEADING_FRAME:
+        seal = dataclasses.replace(seal, body_start=len(ZSTD_LEADING_FRAME))
+    return seal
 
 
 def _zip_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
@@ -213,8 +248,7 @@ def _zip_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
         raise CorruptCheckpointError(path, "no zip end record: the file is truncated or damaged at its end")
     if comment_length == 0:
         return None
-    digest, meta = _parse_trailer(tail[at + ZIP_END_SIZE :], path)
-    return Seal(digest=digest, meta=meta, hashed_length=size - comment_length)
+    return _parse_trailer(tail[at + ZIP_END_SIZE :], path, size - comment_length, size, body_length=size)
 
 
 def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
@@ -224,11 +258,11 @@ def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     raw = read_at(0, 8 + length)
     header = read_safetensors_header(raw, path)
     metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or SAFETENSORS_DIGEST_KEY not in metadata:
+    if not isinstance(metadata, dict) or not any(str(key).startswith("ckptio.") for key in metadata):
         return None
     marker = json.dumps(SAFETENSORS_DIGEST_KEY).encode() + b':"'
     at = raw.find(marker)
-    if at < 0 or raw.find(marker, at + 1) >= 0:
+    if SAFETENSORS_DIGEST_KEY not in metadata or at < 0 or raw.find(marker, at + 1) >= 0:
         raise CorruptCheckpointError(path, "the digest field in the safetensors header is damaged")
     at += len(marker)
     try:
@@ -238,7 +272,7 @@ def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged")
     return Seal(digest=str(metadata[SAFETENSORS_DIGEST_KEY]), meta=meta, hashed_length=size,
-                zeroed=(at, at + len(DIGEST_PLACEHOLDER)))
+                zeroed=(at, at + len(DIGEST_PLACEHOLDER)), body_length=size)
 
 
 def compute_digest(seal: Seal, read_at: ReadAt) -> str:
@@ -248,11 +282,10 @@ def compute_digest(seal: Seal, read_at: ReadAt) -> str:
         chunk = read_at(position, min(_CHUNK, seal.hashed_length - position))
         if not chunk:
             break
-        if seal.zeroed is not None:
-            start, end = seal.zeroed
-            lo, hi = max(start, position), min(end, position + len(chunk))
-            if lo < hi:
-                chunk = chunk[: lo - position] + b"0" * (hi - lo) + chunk[hi - position :]
+        start, end = seal.zeroed
+        lo, hi = max(start, position), min(end, position + len(chunk))
+        if lo < hi:
+            chunk = chunk[: lo - position] + b"0" * (hi - lo) + chunk[hi - position :]
         hasher.update(chunk)
         position += len(chunk)
     return hasher.hexdigest()

@@ -125,7 +125,11 @@ def read_index(directory: Path) -> dict[str, dict[str, Any]]:
     except (FileNotFoundError, ValueError, OSError):
         return {}
     files = doc.get("files") if isinstance(doc, dict) else None
-    return files if isinstance(files, dict) else {}
+    if not isinstance(files, dict):
+        return {}
+    # A damaged record means "state unknown", never a crash: the index is only a cache.
+    return {name: record for name, record in files.items()
+            if isinstance(record, dict) and isinstance(record.get("meta", {}), dict)}
 
 
 def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, fsync: bool = True) -> None:

@@ -85,6 +85,13 @@ class CheckpointManager:
         except FileExistsError:
             raise NotADirectoryError(f"{self.directory} exists and is not a directory; choose another path") from None
         self._lock_fd = _lock_directory(self.directory)
+        try:
+            self._start()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _start(self) -> None:
         for leftover in remove_leftovers(self.directory):
             log.warning("removed %s, left behind by an interrupted save", leftover)
         self.stats = SaveStats()
@@ -142,7 +149,11 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every queued save is durable; raise the first background error, if any."""
         if self._thread is not None and not self._closed:
-            self._jobs.join()
+            while self._jobs.unfinished_tasks and self._thread.is_alive():
+                with self._jobs.all_tasks_done:
+                    self._jobs.all_tasks_done.wait(timeout=1.0)
+            if self._jobs.unfinished_tasks:
+                raise CheckpointWriteError("the checkpoint writer thread died; see the log")
         self._raise_background_error()
 
     def close(self) -> None:
@@ -209,6 +220,8 @@ class CheckpointManager:
                 if job is None:
                     return
                 self._process(job)
+            except BaseException as exc:  # never let the writer die silently: the caller must hear of it
+                self._fail(job, self.path_for(job.name), exc) if job is not None else None
             finally:
                 self._jobs.task_done()
 
@@ -238,13 +251,19 @@ class CheckpointManager:
             self.stats.write_seconds += saved.seconds
             self.stats.bytes_written += saved.size
             self.stats.last = saved
-            self._record(saved)
-            self._apply_retention(saved.path)
-            job.future.set_result(saved)
+            try:
+                self._record(saved)
+                self._apply_retention(saved)
+            except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
+                self._fail(job, path, exc)
+            else:
+                job.future.set_result(saved)
         finally:
             self._free_slots.put(job.slot)
 
     def _fail(self, job: _Job, path: Path, exc: BaseException) -> None:
+        if job.future.done():
+            return
         self.stats.failed += 1
         log.error("saving %s failed: %s", path, exc)
         wrapped = CheckpointWriteError(f"saving {path} failed: {exc}")
@@ -268,12 +287,15 @@ class CheckpointManager:
         except OSError as exc:  # the index is a cache; the file itself carries its digest
             log.warning("could not update the index of %s: %s", self.directory, exc)
 
-    def _apply_retention(self, newest: Path) -> None:
+    def _apply_retention(self, saved: SavedCheckpoint) -> None:
         options = self.options
         if options.keep_count is None and options.budget_bytes is None:
             return
-        plan = plan_retention(self.checkpoints(), keep_count=options.keep_count, budget=options.budget_bytes,
-                              must_keep=newest)
+        entries = self.checkpoints()
+        # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
+        newest = saved.path if saved.name not in options.protected_names else next(
+            (e.path for e in entries if not e.protected), None)
+        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest)
         self._delete(plan.delete, "retention")
         if plan.bytes_over_budget:
             log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "

@@ -142,6 +142,8 @@ def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
         tuple(t.shape),
         t.stride(),
         t.dtype,
+        t.is_conj(),
+        t.is_neg(),
     )
 
 
@@ -230,17 +232,28 @@ def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from walk_tensors(value)
 
 
+_SUMMARY_LIMIT = 8192  # bytes of JSON: the summary must fit any container's metadata (a zip comment: 64 KiB)
+
+
 def _summary(state: Any) -> dict[str, Any]:
-    """Top-level scalars (epoch, batch, losses...) that listing and ``info`` show without loading tensors."""
+    """Top-level scalars (epoch, batch, losses...) that listing and ``info`` show without loading tensors.
+
+    Bounded in size: long strings and the scalars past the limit stay in the checkpoint but not in its summary.
+    """
     if not isinstance(state, dict):
         return {}
     summary = {}
+    used = 2
     for key, value in state.items():
         if isinstance(key, str) and type(value) in _SCALARS:
             if type(value) is float and not math.isfinite(value):
                 value = repr(value)
             if type(value) is str and len(value) > 200:
                 continue
+            cost = len(key) + len(str(value)) + 8
+            if used + cost > _SUMMARY_LIMIT or len(key) > 200:
+                continue
+            used += cost
             summary[key] = value
     return summary
 

@@ -23,6 +23,7 @@ import ckptio
 
 from .config import TrainConfig, incompatible_changes
 from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
+from .distributed import World, setup_world
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
@@ -51,12 +52,27 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainResult:
+    """Train CRAFT as ``config`` says; under ``torchrun`` every process calls this and rank 0 saves."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    world = setup_world(device_kind)
+    try:
+        return _train(config, world, say if world.is_main else _silent)
+    finally:
+        world.close()
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> TrainResult:
     started = time.perf_counter()
 
     # ---- device -------------------------------------------------------------------------------------------
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
-    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch.device(device_kind, world.local_rank) if device_kind == "cuda" else torch.device("cpu")
     use_amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
 
@@ -68,7 +84,8 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
         train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, config.augment)
         val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False)
     train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
-    total_batches = math.ceil(len(train_indices) / config.batch_size)
+    step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
+    total_batches = math.ceil(len(train_indices) / step_samples)
     if total_batches == 0:
         raise ValueError("no training images left after the validation split; lower --val-fraction")
 
@@ -81,13 +98,17 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_steps, gamma=config.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    trained = model
+    if world.distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- resume -------------------------------------------------------------------------------------------
     result = TrainResult(model=model, optimizer=optimizer)
-    epoch, batch_in_epoch, global_step = 1, 0, 0
+    epoch, batch_in_epoch, global_step, position = 1, 0, 0, 0
     sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
     resumed_permutation: torch.Tensor | None = None
-    resume_path = _resume_path(config, say)
+    resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
     if resume_path is not None:
         state = _load_resume_state(resume_path, config)
         model.load_state_dict(state["model_state_dict"])
@@ -100,8 +121,14 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
         result.errors = state["errors"]
         result.best_val_loss = state["best_val_loss"]
         resumed_permutation = state["data_order"]["permutation"]
-        say(f"resumed from {resume_path}: epoch {epoch}, batch {batch_in_epoch}/{total_batches}, "
+        position = state["data_order"]["position"]
+        saved_world = state.get("world_size", 1)
+        say(f"resumed from {resume_path}: epoch {epoch}, batch {batch_in_epoch}/{state['total_batches']}, "
             f"global step {global_step}")
+        if saved_world != world.size:
+            say(f"the checkpoint was written by {saved_world} process(es), this run has {world.size}: a step now "
+                f"takes {step_samples} samples instead of {config.batch_size * saved_world}; the epoch continues "
+                f"at sample {position} of {len(train_indices)}, so no sample is skipped or repeated")
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
 
     def checkpoint_state(permutation: torch.Tensor) -> dict[str, Any]:
@@ -122,19 +149,22 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
             "errors": result.errors,
             "best_val_loss": result.best_val_loss,
             "rng_state": capture_rng(),
-            "data_order": {"epoch": epoch, "permutation": permutation,
-                           "position": min(batch_in_epoch * config.batch_size, len(permutation))},
+            "data_order": {"epoch": epoch, "permutation": permutation, "position": position},
+            "world_size": world.size,
             "config": config.to_dict(),
             "kind": CHECKPOINT_KIND,
         }
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    # Replicated state is written once, by rank 0; the other processes never wait for it.
     manager = ckptio.CheckpointManager(
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
         keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
-    )
+    ) if world.is_main else None
 
     def save(name: str, permutation: torch.Tensor) -> None:
+        if manager is None:
+            return
         future = manager.save(checkpoint_state(permutation), name=name)
         if future is not None:
             result.saves += 1
@@ -147,44 +177,49 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
         while epoch <= config.epochs and not stop:
             if batch_in_epoch == 0:
                 sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
+                position = 0
             if resumed_permutation is not None:
                 permutation, resumed_permutation = resumed_permutation, None
             else:
                 permutation = epoch_permutation(config.seed, epoch, train_indices)
-            start = batch_in_epoch * config.batch_size
-            keys = [(int(i), augmentation_seed(config.seed, epoch, int(i))) for i in permutation[start:].tolist()]
+            order = _share(permutation.tolist(), position, config.batch_size, world)
+            keys = [(i, augmentation_seed(config.seed, epoch, i)) for i in order]
+            epoch_batches = batch_in_epoch + math.ceil((len(permutation) - position) / step_samples)
             loader = DataLoader(
                 train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
                 num_workers=config.workers, pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(config.seed + epoch),  # leaves the global RNG alone
             )
             saved_label = ""
-            bar = tqdm(total=total_batches, initial=batch_in_epoch, desc=f"Epoch {epoch}", file=sys.stderr,
-                       dynamic_ncols=True, disable=None)
+            bar = tqdm(total=epoch_batches, initial=batch_in_epoch, desc=f"Epoch {epoch}", file=sys.stderr,
+                       dynamic_ncols=True, disable=True if not world.is_main else None)
             for batch in loader:
                 # forward and backward
                 model.train()
-                result.errors += int(batch["errors"])
+                if batch["size"] == 0 and world.distributed:
+                    batch = _stand_in_batch(batch, config.image_size)  # every process must join the all-reduce
                 if batch["size"] > 0:
                     images = batch["image"].to(device, non_blocking=True)
                     targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                        prediction, _ = model(images)
+                        prediction, _ = trained(images)
                     loss, cls_loss, geo_loss = craft_loss(prediction.float(), *targets)
                     optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
+                    scaler.scale(loss * batch.get("weight", 1.0)).backward()
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
-                    losses = (loss.item(), cls_loss.item(), geo_loss.item())
+                    losses = tuple(world.mean([loss.item(), cls_loss.item(), geo_loss.item()], device))
                     sums["train"] += losses[0]
                     sums["cls"] += losses[1]
                     sums["geo"] += losses[2]
                     sums["batches"] += 1
                 else:
                     losses = (math.nan, math.nan, math.nan)
+                result.errors += world.total(int(batch["errors"]), device)
                 batch_in_epoch += 1
                 global_step += 1
+                position = min(position + step_samples, len(permutation))
 
                 # periodic checkpoint
                 if config.save_freq and batch_in_epoch % config.save_freq == 0:
@@ -205,8 +240,8 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
                     break
             bar.close()
 
-            # validation and best model, at each epoch's end
-            if not stop and val_indices:
+            # validation and best model, at each epoch's end (rank 0; the others wait at their next all-reduce)
+            if not stop and val_indices and world.is_main:
                 val_loss = _validate(model, val_set, val_indices, config, device, use_amp)
                 improved = val_loss < result.best_val_loss
                 if improved:
@@ -226,18 +261,44 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
         result.interrupted = True
         say("interrupted: finishing the checkpoints already queued, nothing half-written is left")
     finally:
-        manager.close()
+        if manager is not None:
+            manager.close()
 
     # ---- summary ------------------------------------------------------------------------------------------
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
-    result.save_blocked_seconds = manager.stats.blocked_seconds
-    stats = manager.stats
+    stats = manager.stats if manager is not None else ckptio.SaveStats()
+    result.save_blocked_seconds = stats.blocked_seconds
     say(f"done: {global_step} steps in {result.seconds:.1f}s; {stats.committed} checkpoints saved "
         f"({stats.skipped_busy + stats.skipped_no_space} skipped), training blocked {stats.blocked_seconds:.2f}s "
         f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
         f"errors={result.errors}; checkpoints in {config.save_dir}")
     return result
+
+
+def _share(permutation: list[int], position: int, batch_size: int, world: World) -> list[int]:
+    """This process's samples for the rest of the epoch, step by step from ``position``.
+
+    Step ``s`` takes the next ``batch_size x world.size`` samples of the epoch's order and gives process ``r``
+    the ``r``-th slice, so the order is the same for any number of processes. A process left without samples
+    in a short final step gets one sample from the epoch's start (as DistributedSampler pads).
+    """
+    if world.size == 1:
+        return permutation[position:]
+    step = batch_size * world.size
+    mine: list[int] = []
+    for start in range(position, len(permutation), step):
+        part = permutation[start : start + step][world.rank * batch_size : (world.rank + 1) * batch_size]
+        mine.extend(part or permutation[world.rank % len(permutation) : world.rank % len(permutation) + 1])
+    return mine
+
+
+def _stand_in_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """One blank image whose loss is weighted 0, for a process whose samples all failed to load."""
+    half = image_size // 2
+    return {"image": torch.zeros(1, 3, image_size, image_size), "region": torch.zeros(1, half, half),
+            "affinity": torch.zeros(1, half, half), "mask": torch.zeros(1, half, half),
+            "errors": batch["errors"], "size": 1, "weight": 0.0}
 
 
 def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
