@@ -15,7 +15,7 @@ from .errors import (
     CorruptCheckpointError,
     InsufficientSpaceError,
 )
-from .fileio import FileCheck, SavedCheckpoint, load, read_meta
+from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
 from .layout import CheckpointEntry
 from .manager import CheckpointManager, SaveStats
 from .verify import VerifyReport, verify
@@ -33,6 +33,7 @@ __all__ = [
     "SavedCheckpoint",
     "VerifyReport",
     "load",
+    "load_shard",
     "parse_size",
     "read_meta",
     "verify",

@@ -18,7 +18,15 @@ from typing import Any
 
 from .errors import CorruptCheckpointError
 from .fileio import load, read_meta, verify_file
-from .layout import CheckpointEntry, integrity_state, parse_checkpoint_name, read_index, scan, update_index
+from .layout import (
+    CheckpointEntry,
+    delete_checkpoint,
+    integrity_state,
+    parse_checkpoint_name,
+    read_index,
+    scan,
+    update_index,
+)
 from .retention import beyond_newest
 from .verify import verify
 
@@ -163,7 +171,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     index = read_index(directory)
     rows = [_entry_json(e, index) for e in entries]
     if args.json:
-        total = sum(e.size for e in entries)
+        total = sum(e.total_size for e in entries)
         print(json.dumps({"directory": str(directory), "checkpoints": rows, "count": len(rows),
                           "total_bytes": total}, indent=2))
         return EXIT_OK
@@ -187,7 +195,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     states = [integrity_state(e, index) for e in entries]
     print("\n📊 统计信息:")
     print(f"  批次检查点总数: {len(batches)}")
-    print(f"  总大小: {_mb(sum(e.size for e in entries))}")
+    print(f"  总大小: {_mb(sum(e.total_size for e in entries))}")
     print(f"  完整性: {states.count('verified')} verified, {states.count('unverified')} unverified, "
           f"{states.count('corrupt')} corrupt")
     return EXIT_OK
@@ -196,13 +204,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _entry_line(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime_ns / 1e9))
     state = _STATE_LABELS[integrity_state(entry, index)]
-    return f"  {entry.path.name} - {_mb(entry.size)} - {stamp} - {state}"
+    shards = " (with shards)" if entry.shard_bytes else ""
+    return f"  {entry.path.name} - {_mb(entry.total_size)}{shards} - {stamp} - {state}"
 
 
 def _entry_json(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
     record = index.get(entry.path.name) or {}
     return {
-        "file": entry.path.name, "name": entry.name, "size": entry.size, "mtime": entry.mtime_ns / 1e9,
+        "file": entry.path.name, "name": entry.name, "size": entry.total_size, "mtime": entry.mtime_ns / 1e9,
         "best": entry.protected, "integrity": integrity_state(entry, index),
         "summary": (record.get("meta") or {}).get("summary", {}) if integrity_state(entry, index) != "unverified"
         else {},
@@ -311,13 +320,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     forgotten: dict[str, dict[str, Any] | None] = {}
     for entry in victims:
         if not args.dry_run:
-            try:
-                entry.path.unlink()
-            except FileNotFoundError:  # a training run's own retention got there first
-                continue
+            delete_checkpoint(entry.path)  # a training run's own retention may have got there first: fine
             forgotten[entry.path.name] = None
-        freed += entry.size
-        print(f"  {verb}: {entry.path.name} - {_mb(entry.size)}")
+        freed += entry.total_size
+        print(f"  {verb}: {entry.path.name} - {_mb(entry.total_size)}")
     if forgotten:
         update_index(directory, forgotten)
     kept = len(entries) - len(victims)

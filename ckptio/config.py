@@ -78,6 +78,16 @@ class CheckpointOptions:
     protected_names: tuple[str, ...] = ("best_model",)
     """Checkpoint names that retention and the disk budget never delete."""
 
+    rank: int = 0
+    """This process's rank when several processes write one sharded checkpoint together (``save(shard=...)``):
+    each writes its shard, and rank 0 commits the manifest that ties them together once all are durable."""
+
+    world_size: int = 1
+    """How many processes write each sharded checkpoint (1: checkpoints are not sharded)."""
+
+    shard_timeout: float = 600.0
+    """Seconds rank 0 waits for the other ranks' shards before it gives the checkpoint up as failed."""
+
     fsync: bool = True
     """fsync each file and its directory before it counts as committed; turn off only for throwaway runs."""
 
@@ -85,7 +95,7 @@ class CheckpointOptions:
     """Advise the kernel to drop a written checkpoint's pages so that they do not evict training data."""
 
     def __post_init__(self) -> None:
-        for name in ("compression_level", "compression_threads", "max_pending"):
+        for name in ("compression_level", "compression_threads", "max_pending", "rank", "world_size"):
             _require_int(name, getattr(self, name))
         if self.keep_count is not None:
             _require_int("keep_count", self.keep_count)
@@ -94,6 +104,10 @@ class CheckpointOptions:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if isinstance(self.protected_names, str):
             raise ValueError(f"protected_names must be a tuple of names, e.g. ({self.protected_names!r},)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if self.shard_timeout <= 0:
+            raise ValueError(f"shard_timeout must be positive, got {self.shard_timeout}")
         if self.format not in ("torch", "safetensors"):
             raise ValueError(f"format must be 'torch' or 'safetensors', not {self.format!r}")
         if self.compression not in (None, "zstd"):

@@ -29,7 +29,16 @@ from .integrity import (
 )
 from .snapshot import Snapshot
 
-__all__ = ["FileCheck", "SavedCheckpoint", "inner_format", "load", "read_meta", "verify_file", "write_checkpoint"]
+__all__ = [
+    "FileCheck",
+    "SavedCheckpoint",
+    "inner_format",
+    "load",
+    "load_shard",
+    "read_meta",
+    "verify_file",
+    "write_checkpoint",
+]
 
 FORMAT_VERSION = 1
 # A declared-size cap for zstd data we did not write (no recorded size): generous, but bounded.
@@ -71,7 +80,8 @@ def inner_format(path: Path) -> str:
 
 def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, compression: str | None,
                      level: int = 1, threads: int = 0, fsync: bool = True, drop_page_cache: bool = False,
-                     user_meta: dict[str, Any] | None = None) -> SavedCheckpoint:
+                     user_meta: dict[str, Any] | None = None,
+                     shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
     """Serialize ``snapshot`` into ``path`` atomically and durably, sealed with its digest."""
     started = time.perf_counter()
     meta: dict[str, Any] = {
@@ -87,6 +97,8 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
         "model_elements": snapshot.model_elements,
         "user": user_meta or {},
     }
+    if shards:
+        meta["shards"] = shards  # a manifest: valid only together with these files and digests
     with atomic_write(path, fsync=fsync, drop_page_cache=drop_page_cache) as file:
         sink = HashingWriter(file)
         if compression == "zstd":
@@ -192,9 +204,60 @@ def verify_file(path: str | os.PathLike[str]) -> FileCheck:
         if actual != seal.digest:
             return FileCheck(path, "corrupt", f"digest mismatch: recorded {seal.digest}, computed {actual}",
                              digest=seal.digest, meta=seal.meta, size=size)
+        problem = _shard_problem(path, seal, full=True)
+        if problem:
+            return FileCheck(path, "corrupt", problem, digest=seal.digest, meta=seal.meta, size=size)
         return FileCheck(path, "verified", "digest matches", digest=seal.digest, meta=seal.meta, size=size)
     finally:
         os.close(fd)
+
+
+def _shard_problem(manifest: Path, seal: Seal, *, full: bool) -> str | None:
+    """Why a sharded checkpoint is incomplete (a shard missing, damaged or not the one recorded), or None."""
+    shards = seal.meta.get("shards")
+    if not shards:
+        return None
+    if not isinstance(shards, list):
+        return "the shard table in the manifest is damaged"
+    for record in shards:
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" not in record["file"]:
+            return "the shard table in the manifest is damaged"
+        shard = manifest.parent / record["file"]
+        if shard.parent.parent != manifest.parent or not shard.is_file():
+            return f"shard {record['file']} is missing"
+        if full:
+            check = verify_file(shard)
+            if check.status != "verified":
+                return f"shard {record['file']} is {check.status}: {check.reason}"
+            digest = check.digest
+        else:
+            try:
+                shard_seal, _ = read_meta(shard)
+            except (ValueError, OSError) as exc:
+                return f"shard {record['file']} is damaged: {exc}"
+            digest = shard_seal.digest if shard_seal else None
+        if digest != record.get("digest"):
+            return f"shard {record['file']} is not the one this manifest recorded (digest {digest})"
+    return None
+
+
+def load_shard(path: str | os.PathLike[str], rank: int, map_location: Any = None) -> Any:
+    """Load rank ``rank``'s shard of the sharded checkpoint whose manifest is ``path`` (digests checked)."""
+    path = Path(path)
+    seal, _ = read_meta(path)
+    shards = seal.meta.get("shards") if seal else None
+    if not shards:
+        raise ValueError(f"{path} is not a sharded checkpoint; load it with ckptio.load")
+    record = next((r for r in shards if isinstance(r, dict) and r.get("rank") == rank), None)
+    if record is None:
+        raise ValueError(f"{path} has no shard for rank {rank}; it was written by {len(shards)} processes")
+    shard = path.parent / record["file"]
+    if not shard.is_file():
+        raise CorruptCheckpointError(path, f"shard {record['file']} is missing")
+    shard_seal, _ = read_meta(shard)
+    if shard_seal is None or shard_seal.digest != record.get("digest"):
+        raise CorruptCheckpointError(path, f"shard {record['file']} is not the one this manifest recorded")
+    return load(shard, map_location)
 
 
 def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True) -> Any:
@@ -219,6 +282,10 @@ def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool
                 path, f"digest mismatch: recorded {seal.digest}, computed {actual}; the file was damaged after "
                 "it was written; load an older checkpoint"
             )
+    if seal is not None:
+        problem = _shard_problem(path, seal, full=False)
+        if problem:
+            raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
     if container_of(path) == "zstd":
         data = _decompress(path, data, seal, verified)
     if inner_format(path) == "safetensors":

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,22 @@ from .atomic import TEMP_SUFFIX, fsync_directory, is_temporary
 __all__ = [
     "INDEX_NAME",
     "LOCK_NAME",
+    "SHARDS_SUFFIX",
     "CheckpointEntry",
+    "delete_checkpoint",
     "file_name",
     "parse_checkpoint_name",
     "read_index",
     "scan",
+    "shard_directory",
+    "shard_file_name",
     "split_suffix",
     "update_index",
     "validate_name",
 ]
 
 INDEX_NAME = ".ckptio-index.json"
+SHARDS_SUFFIX = ".shards"
 LOCK_NAME = ".ckptio.lock"
 _INDEX_LOCK_NAME = ".ckptio-index.lock"
 _SUFFIXES = (".pth.zst", ".safetensors.zst", ".pth", ".safetensors")
@@ -41,6 +47,38 @@ _BATCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)_batch_(\d+)$")
 
 def file_name(name: str, fmt: str, compression: str | None) -> str:
     return name + (".pth" if fmt == "torch" else ".safetensors") + (".zst" if compression else "")
+
+
+def shard_directory(checkpoint: Path) -> Path:
+    """Where the shards of a sharded checkpoint live: ``NAME.shards/`` beside its manifest ``NAME.pth``."""
+    parts = split_suffix(checkpoint.name)
+    stem = parts[0] if parts else checkpoint.name
+    return checkpoint.parent / f"{stem}{SHARDS_SUFFIX}"
+
+
+def shard_file_name(rank: int, world_size: int, fmt: str, compression: str | None) -> str:
+    return file_name(f"rank{rank:05d}-of-{world_size:05d}", fmt, compression)
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Remove a checkpoint and, for a sharded one, its shards (the manifest first: it is what makes it valid)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    shards = shard_directory(path)
+    if shards.is_dir():
+        shutil.rmtree(shards, ignore_errors=True)
+
+
+def _shards_size(checkpoint: Path) -> int:
+    directory = shard_directory(checkpoint)
+    if not directory.is_dir():
+        return 0
+    total = 0
+    with os.scandir(directory) as it:
+        for item in it:
+            with contextlib.suppress(FileNotFoundError):
+                total += item.stat(follow_symlinks=False).st_size
+    return total
 
 
 def validate_name(name: str) -> None:
@@ -75,6 +113,12 @@ class CheckpointEntry:
     size: int
     mtime_ns: int
     protected: bool
+    shard_bytes: int = 0
+    """Bytes of the shards of a sharded checkpoint (``size`` is its manifest's)."""
+
+    @property
+    def total_size(self) -> int:
+        return self.size + self.shard_bytes
 
     @property
     def epoch_batch(self) -> tuple[int, int] | None:
@@ -104,6 +148,7 @@ def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) ->
             entries.append(CheckpointEntry(
                 path=Path(item.path), name=parts[0], suffix=parts[1], size=info.st_size,
                 mtime_ns=info.st_mtime_ns, protected=parts[0] in protected_names,
+                shard_bytes=_shards_size(Path(item.path)),
             ))
     entries.sort(key=lambda e: e.order_key, reverse=True)
     return entries

@@ -26,8 +26,20 @@ import psutil
 from .atomic import remove_leftovers
 from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError, InsufficientSpaceError
-from .fileio import SavedCheckpoint, write_checkpoint
-from .layout import LOCK_NAME, CheckpointEntry, file_name, index_record, scan, update_index, validate_name
+from .fileio import SavedCheckpoint, read_meta, write_checkpoint
+from .layout import (
+    LOCK_NAME,
+    SHARDS_SUFFIX,
+    CheckpointEntry,
+    delete_checkpoint,
+    file_name,
+    index_record,
+    scan,
+    shard_directory,
+    shard_file_name,
+    update_index,
+    validate_name,
+)
 from .retention import plan_retention
 from .snapshot import BufferSlot, Snapshot
 
@@ -57,12 +69,22 @@ class SaveStats:
 
 
 @dataclass
+class _Slot:
+    """Reusable buffers for one queued save: the state, and this process's shard of a sharded checkpoint."""
+
+    main: BufferSlot = field(default_factory=BufferSlot)
+    shard: BufferSlot = field(default_factory=BufferSlot)
+
+
+@dataclass
 class _Job:
     name: str
-    snapshot: Snapshot
-    slot: BufferSlot
+    snapshot: Snapshot | None
+    slot: _Slot
     future: Future[SavedCheckpoint | None]
     metadata: dict[str, Any] | None
+    shard: Snapshot | None = None
+    token: str | None = None
 
 
 class CheckpointManager:
@@ -84,7 +106,7 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             raise NotADirectoryError(f"{self.directory} exists and is not a directory; choose another path") from None
-        self._lock_fd = _lock_directory(self.directory)
+        self._lock_fd = _lock_directory(self.directory, self.options.rank)
         try:
             self._start()
         except BaseException:
@@ -92,15 +114,19 @@ class CheckpointManager:
             raise
 
     def _start(self) -> None:
-        for leftover in remove_leftovers(self.directory):
-            log.warning("removed %s, left behind by an interrupted save", leftover)
+        if self.options.rank == 0:
+            leftovers = remove_leftovers(self.directory)
+            for shards in self.directory.glob(f"*{SHARDS_SUFFIX}"):
+                leftovers += remove_leftovers(shards)
+            for leftover in leftovers:
+                log.warning("removed %s, left behind by an interrupted save", leftover)
         self.stats = SaveStats()
         self._errors: list[BaseException] = []
         self._errors_lock = threading.Lock()
         slot_count = self.options.max_pending + 1 if self.options.async_save else 1
-        self._free_slots: queue.Queue[BufferSlot] = queue.Queue()
+        self._free_slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(slot_count):
-            self._free_slots.put(BufferSlot())
+            self._free_slots.put(_Slot())
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -111,17 +137,30 @@ class CheckpointManager:
 
     # -- public API -----------------------------------------------------------------------------------------
 
-    def save(self, state: Any, *, name: str, metadata: dict[str, Any] | None = None
-             ) -> Future[SavedCheckpoint | None] | None:
+    def save(self, state: Any, *, name: str, metadata: dict[str, Any] | None = None, shard: Any = None,
+             token: str | None = None) -> Future[SavedCheckpoint | None] | None:
         """Snapshot ``state`` and queue it to be written as ``name`` (plus the format's suffix).
 
         Returns once the snapshot is taken; the caller may then change its tensors. Returns ``None`` when the
         save was dropped because the queue was full and ``on_full="skip"``; otherwise a future that resolves
         to the :class:`~ckptio.SavedCheckpoint` (or ``None`` if it was skipped for lack of space).
+
+        Sharded checkpoints (``world_size > 1``): every rank passes its own part as ``shard`` and the same
+        ``token`` (unique per save, e.g. run id and step); rank 0 also passes the replicated ``state`` (other
+        ranks pass ``None``). Each shard goes to ``NAME.shards/``; rank 0 commits ``NAME`` last, once every
+        shard is durable, so the checkpoint is valid only when complete. No collective is issued.
         """
         self._check_open()
         self._raise_background_error()
         validate_name(name)
+        options = self.options
+        if options.world_size > 1:
+            if shard is None or token is None:
+                raise ValueError("with world_size > 1 every rank passes shard=<its part> and the same token=...")
+            if (state is None) != (options.rank != 0):
+                raise ValueError("rank 0 passes the replicated state; the other ranks pass state=None")
+        elif shard is not None:
+            raise ValueError("shard= needs world_size > 1 (and rank=) in the manager's options")
         started = time.perf_counter()
         self.stats.requested += 1
         slot = self._acquire_slot()
@@ -132,11 +171,12 @@ class CheckpointManager:
                         name, self.options.max_pending + 1)
             return None
         try:
-            snapshot = slot.take(state)
+            snapshot = slot.main.take(state) if state is not None else None
+            shard_snapshot = slot.shard.take(shard) if shard is not None else None
         except BaseException:
             self._free_slots.put(slot)
             raise
-        job = _Job(name, snapshot, slot, Future(), dict(metadata) if metadata else None)
+        job = _Job(name, snapshot, slot, Future(), dict(metadata) if metadata else None, shard_snapshot, token)
         if self._thread is not None:
             self._jobs.put(job)
         else:
@@ -200,7 +240,7 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError(f"the checkpoint manager for {self.directory} is closed; create a new one")
 
-    def _acquire_slot(self) -> BufferSlot | None:
+    def _acquire_slot(self) -> _Slot | None:
         if self.options.on_full == "skip":
             try:
                 return self._free_slots.get_nowait()
@@ -231,11 +271,16 @@ class CheckpointManager:
         try:
             if options.min_free_bytes is not None:
                 self._make_room(job, path)
-            saved = write_checkpoint(
-                path, job.snapshot, name=job.name, fmt=options.format, compression=options.compression,
-                level=options.compression_level, threads=options.compression_threads, fsync=options.fsync,
-                drop_page_cache=options.drop_page_cache, user_meta=job.metadata,
-            )
+            shards = None
+            if job.shard is not None:
+                self._write(self._shard_path(job.name, options.rank), job.shard, f"{job.name} shard {options.rank}",
+                            {"token": job.token, "rank": options.rank, "world_size": options.world_size})
+                if options.rank != 0:
+                    job.future.set_result(None)
+                    return
+                shards = self._await_shards(job.name, job.token)
+            assert job.snapshot is not None
+            saved = self._write(path, job.snapshot, job.name, job.metadata, shards)
         except OSError as exc:
             if exc.errno in _NO_SPACE_ERRNOS and options.on_no_space == "skip":
                 self.stats.skipped_no_space += 1
@@ -260,6 +305,48 @@ class CheckpointManager:
                 job.future.set_result(saved)
         finally:
             self._free_slots.put(job.slot)
+
+    def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
+               shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
+        options = self.options
+        return write_checkpoint(
+            path, snapshot, name=name, fmt=options.format, compression=options.compression,
+            level=options.compression_level, threads=options.compression_threads, fsync=options.fsync,
+            drop_page_cache=options.drop_page_cache, user_meta=metadata, shards=shards,
+        )
+
+    def _shard_path(self, name: str, rank: int) -> Path:
+        options = self.options
+        directory = shard_directory(self.path_for(name))
+        directory.mkdir(exist_ok=True)
+        return directory / shard_file_name(rank, options.world_size, options.format, options.compression)
+
+    def _await_shards(self, name: str, token: str | None) -> list[dict[str, Any]]:
+        """Rank 0: wait (polling the filesystem, never a collective) until every rank's shard of this save is
+        durable, and return their digests for the manifest."""
+        options = self.options
+        deadline = time.monotonic() + options.shard_timeout
+        table: dict[int, dict[str, Any]] = {}
+        while True:
+            for rank in range(options.world_size):
+                if rank in table:
+                    continue
+                path = self._shard_path(name, rank)
+                try:
+                    seal, size = read_meta(path)
+                except (FileNotFoundError, ValueError):
+                    continue
+                if seal is not None and seal.meta.get("user", {}).get("token") == token:
+                    table[rank] = {"rank": rank, "file": f"{path.parent.name}/{path.name}", "digest": seal.digest,
+                                   "size": size}
+            if len(table) == options.world_size:
+                return [table[rank] for rank in range(options.world_size)]
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(options.world_size)) - set(table))
+                raise CheckpointWriteError(
+                    f"ranks {missing} did not write their shards of {name} within {options.shard_timeout}s;"
+                    " the checkpoint was not committed (the previous one stays valid)")
+            time.sleep(0.02)
 
     def _fail(self, job: _Job, path: Path, exc: BaseException) -> None:
         if job.future.done():
@@ -306,9 +393,7 @@ class CheckpointManager:
         forgotten: dict[str, dict[str, Any] | None] = {}
         for entry in entries:
             try:
-                entry.path.unlink()
-            except FileNotFoundError:
-                pass
+                delete_checkpoint(entry.path)
             except OSError as exc:  # a failed delete must not stop training; the next pass retries
                 log.warning("could not delete %s (%s): %s", entry.path, why, exc)
                 continue
@@ -321,7 +406,8 @@ class CheckpointManager:
             log.warning("could not update the index of %s: %s", self.directory, exc)
 
     def _make_room(self, job: _Job, path: Path) -> None:
-        needed = job.snapshot.tensor_bytes + _FRAMING_BYTES + (self.options.min_free_bytes or 0)
+        pending_bytes = sum(s.tensor_bytes for s in (job.snapshot, job.shard) if s is not None)
+        needed = pending_bytes + _FRAMING_BYTES + (self.options.min_free_bytes or 0)
         free = psutil.disk_usage(str(self.directory)).free
         if free >= needed:
             return
@@ -333,19 +419,20 @@ class CheckpointManager:
                 break
             if not entry.protected and entry.path != newest_periodic:
                 victims.append(entry)
-                free += entry.size
+                free += entry.total_size
         if free < needed:
             raise InsufficientSpaceError(
                 errno.ENOSPC,
                 f"{self.directory} has {psutil.disk_usage(str(self.directory)).free} bytes free; saving {job.name} "
-                f"needs about {job.snapshot.tensor_bytes + _FRAMING_BYTES} and min_free keeps "
+                f"needs about {pending_bytes + _FRAMING_BYTES} and min_free keeps "
                 f"{self.options.min_free_bytes} (free space, or lower min_free)",
             )
         self._delete(victims, "min_free")
 
 
-def _lock_directory(directory: Path) -> int:
-    lock_path = directory / LOCK_NAME
+def _lock_directory(directory: Path, rank: int) -> int:
+    # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
+    lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

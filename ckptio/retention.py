@@ -36,14 +36,14 @@ def beyond_newest(entries: Sequence[CheckpointEntry], keep_count: int, must_keep
 def over_budget(entries: Sequence[CheckpointEntry], budget: int, must_keep: Path | None,
                 reserve: int = 0) -> list[CheckpointEntry]:
     """Oldest deletable checkpoints to remove until the rest plus ``reserve`` bytes fit in ``budget``."""
-    total = sum(e.size for e in entries) + reserve
+    total = sum(e.total_size for e in entries) + reserve
     chosen = []
     for entry in reversed(entries):  # oldest first
         if total <= budget:
             break
         if _deletable(entry, must_keep):
             chosen.append(entry)
-            total -= entry.size
+            total -= entry.total_size
     return chosen
 
 
@@ -61,5 +61,5 @@ def plan_retention(entries: Sequence[CheckpointEntry], *, keep_count: int | None
     if budget is not None:
         delete += over_budget(remaining, budget, must_keep, reserve)
         remaining = [e for e in entries if e not in delete]
-    excess = 0 if budget is None else max(0, sum(e.size for e in remaining) + reserve - budget)
+    excess = 0 if budget is None else max(0, sum(e.total_size for e in remaining) + reserve - budget)
     return RetentionPlan(delete=delete, keep=remaining, bytes_over_budget=excess)

@@ -43,6 +43,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     """Mixed precision on CUDA (ignored on CPU)."""
+    zero: bool = False
+    """Under torchrun, shard the Adam state across processes (ZeroRedundancyOptimizer); each process writes
+    its shard of every checkpoint."""
     pretrained: str | None = None
     """Full CRAFT weights to fine-tune from (e.g. ``craft_mlt_25k.pth``)."""
     pretrained_backbone: str | None = None

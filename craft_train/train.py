@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -95,7 +97,15 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         load_pretrained(model, config.pretrained)
     elif config.pretrained_backbone:
         load_pretrained_backbone(model, config.pretrained_backbone)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sharded = config.zero and world.distributed
+    if config.zero and not world.distributed:
+        say("--zero shards the optimizer across processes; with one process it has no effect")
+    optimizer: torch.optim.Optimizer
+    if sharded:  # each process keeps (and checkpoints) only its shard of the Adam state
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=config.lr,
+                                            weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_steps, gamma=config.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     trained = model
@@ -110,10 +120,15 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     resumed_permutation: torch.Tensor | None = None
     resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
     if resume_path is not None:
-        state = _load_resume_state(resume_path, config)
+        state = _load_resume_state(resume_path, config, world)
         model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
+        if sharded:
+            optimizer.optim.load_state_dict(ckptio.load_shard(resume_path, world.rank)["optimizer_shard"])
+        else:
+            optimizer.load_state_dict(state["optimizer_state_dict"])
         scheduler.load_state_dict(state["scheduler_state_dict"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
         scaler.load_state_dict(state["scaler_state_dict"])
         restore_rng(state["rng_state"])
         epoch, batch_in_epoch, global_step = state["epoch"], state["batch"], state["global_step"]
@@ -139,7 +154,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             "total_batches": total_batches,
             "global_step": global_step,
             "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
+            **({} if sharded else {"optimizer_state_dict": optimizer.state_dict()}),
             "scheduler_state_dict": scheduler.state_dict(),
             "scaler_state_dict": scaler.state_dict(),
             "train_loss": sums["train"] / batches,
@@ -151,21 +166,30 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             "rng_state": capture_rng(),
             "data_order": {"epoch": epoch, "permutation": permutation, "position": position},
             "world_size": world.size,
+            "sharded": sharded,
             "config": config.to_dict(),
             "kind": CHECKPOINT_KIND,
         }
 
     # ---- checkpoints --------------------------------------------------------------------------------------
-    # Replicated state is written once, by rank 0; the other processes never wait for it.
+    # Replicated state is written once, by rank 0; the other processes never wait for it. With --zero every
+    # process writes its optimizer shard, and rank 0 commits the manifest once all shards are durable.
     manager = ckptio.CheckpointManager(
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
         keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
-    ) if world.is_main else None
+        rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
+    ) if world.is_main or sharded else None
+    run_id = world.broadcast(uuid.uuid4().hex)
 
     def save(name: str, permutation: torch.Tensor) -> None:
         if manager is None:
             return
-        future = manager.save(checkpoint_state(permutation), name=name)
+        if sharded:
+            shard = {"optimizer_shard": optimizer.optim.state_dict(), "rank": world.rank}
+            state = checkpoint_state(permutation) if world.is_main else None
+            future = manager.save(state, name=name, shard=shard, token=f"{run_id}:{global_step}:{name}")
+        else:
+            future = manager.save(checkpoint_state(permutation), name=name)
         if future is not None:
             result.saves += 1
             result.saved_paths.append(manager.path_for(name))
@@ -240,9 +264,11 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                     break
             bar.close()
 
-            # validation and best model, at each epoch's end (rank 0; the others wait at their next all-reduce)
-            if not stop and val_indices and world.is_main:
-                val_loss = _validate(model, val_set, val_indices, config, device, use_amp)
+            # validation and best model, at each epoch's end (rank 0 validates and tells the others, which all
+            # take part in a sharded best_model save)
+            if not stop and val_indices:
+                val_loss = world.broadcast(
+                    _validate(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
                 improved = val_loss < result.best_val_loss
                 if improved:
                     result.best_val_loss = val_loss
@@ -332,13 +358,19 @@ def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None
     return path
 
 
-def _load_resume_state(path: Path, config: TrainConfig) -> dict[str, Any]:
+def _load_resume_state(path: Path, config: TrainConfig, world: World) -> dict[str, Any]:
     state = ckptio.load(path, map_location="cpu")
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise ValueError(
             f"{path} is not a craft_train checkpoint (it lacks the training state); to start from its weights "
             "use --pretrained instead of --resume"
         )
+    if state.get("sharded") and (not config.zero or state.get("world_size") != world.size):
+        raise ValueError(
+            f"{path} holds an optimizer sharded over {state.get('world_size')} processes (--zero); resume it with "
+            f"--zero and --nproc-per-node {state.get('world_size')}")
+    if not state.get("sharded") and config.zero and world.distributed:
+        raise ValueError(f"{path} holds a whole optimizer state; resume it without --zero")
     changes = incompatible_changes(state["config"], config)
     if changes:
         raise ValueError(f"cannot resume from {path} with different settings: " + "; ".join(changes)

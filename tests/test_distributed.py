@@ -90,3 +90,34 @@ def test_killing_one_rank_mid_run_leaves_the_previous_checkpoint_valid(tmp_path:
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".ckptio-tmp") and not p.name.startswith(".")] == []
     newest = scan(tmp_path)[0]
     assert ckptio.load(newest.path)["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_checkpoints_are_valid_only_with_every_shard_and_resume_exactly(tmp_path: Path) -> None:
+    _run(2, tmp_path / "straight", "--epochs", "1", "--zero")
+    _run(2, tmp_path / "resumed", "--epochs", "1", "--zero", "--max-steps", "1")
+    _run(2, tmp_path / "resumed", "--epochs", "1", "--zero", "--resume", "auto")
+    for directory in ("straight", "resumed"):
+        shards = sorted(p.name for p in (tmp_path / directory / "checkpoint_epoch_1_batch_2.shards").iterdir())
+        assert shards == ["rank00000-of-00002.pth", "rank00001-of-00002.pth"]
+    expected = ckptio.load(tmp_path / "straight" / "checkpoint_epoch_1_batch_2.pth")
+    actual = ckptio.load(tmp_path / "resumed" / "checkpoint_epoch_1_batch_2.pth")
+    assert "optimizer_state_dict" not in actual and actual["sharded"]
+    for key, tensor in expected["model_state_dict"].items():
+        assert torch.equal(tensor, actual["model_state_dict"][key]), key
+    for rank in (0, 1):
+        a = ckptio.load_shard(tmp_path / "straight" / "checkpoint_epoch_1_batch_2.pth", rank)["optimizer_shard"]
+        b = ckptio.load_shard(tmp_path / "resumed" / "checkpoint_epoch_1_batch_2.pth", rank)["optimizer_shard"]
+        for index, slots in a["state"].items():
+            for name, value in slots.items():
+                assert torch.equal(value, b["state"][index][name]), (rank, index, name)
+
+    (tmp_path / "straight" / "checkpoint_epoch_1_batch_2.shards" / "rank00001-of-00002.pth").unlink()
+    verify = subprocess.run([sys.executable, "-m", "ckptio", "verify", str(tmp_path / "straight")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 1
+    assert "batch_2.pth: corrupt - shard checkpoint_epoch_1_batch_2.shards/rank00001" in verify.stdout
+
+    refused = subprocess.run([sys.executable, "-m", "craft_train", *TINY, "--save-dir", str(tmp_path / "resumed"),
+                              "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--nproc-per-node 2" in refused.stderr

@@ -1,0 +1,211 @@
+"""``python -m craft_train.detect``: run a trained CRAFT over a folder of images.
+
+Writes ``res_<stem>.txt`` (ICDAR2015 result format: ``x1,y1,x2,y2,x3,y3,x4,y4`` integers, one word a line)
+and ``<stem>_det.jpg`` (the image with its boxes drawn) for every image; with ``--eval-gt DIR`` also scores
+the boxes against ``DIR/gt_<stem>.txt`` and prints precision, recall and H-mean.
+
+Weights come from a trainer checkpoint (``model_state_dict``, read with :func:`ckptio.load`), a bare state
+dict, or the official ``craft_mlt_25k.pth`` (``module.``-prefixed keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+import ckptio
+
+from .data import IMAGE_SUFFIXES
+from .evaluate import DetectionCounts, detect_words, format_scores, match_image, parse_gt_quads
+from .model import CRAFT, load_pretrained
+from .postprocess import DEFAULT_THRESHOLDS, Thresholds
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "format_result_lines", "load_detector", "main", "write_result_file"]
+
+DEFAULT_IMAGE_SIZE = 1280
+"""Used when neither ``--image-size`` nor the checkpoint's training config gives one (official canvas size)."""
+_BOX_COLOUR = (0, 0, 255)  # BGR red, as the official demo draws
+GroundTruth = tuple[list[np.ndarray], list[np.ndarray]]
+
+
+class DetectError(Exception):
+    """A problem the user can fix (a wrong path, an unusable weights file): exit 2 with the message."""
+
+
+# ---- weights ----------------------------------------------------------------------------------------------------
+
+def _trainer_state(obj: Any) -> Mapping[str, Any] | None:
+    if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
+        return obj["model_state_dict"]
+    return None
+
+
+def load_detector(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRAFT, dict[str, Any]]:
+    """A CRAFT in eval mode with the weights of ``path``, and the training config stored with them (or ``{}``).
+
+    Trainer checkpoints are read with :func:`ckptio.load` (digest checked); anything else goes to
+    :func:`craft_train.model.load_pretrained`, which takes bare and ``module.``-prefixed state dicts and names
+    any mismatch. Raises :class:`DetectError` for a missing, damaged or unfitting file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DetectError(f"--checkpoint {path}: no such file")
+    model = CRAFT()
+    try:
+        obj: Any = ckptio.load(path, map_location="cpu")
+    except ckptio.CorruptCheckpointError as exc:
+        raise DetectError(f"--checkpoint {path}: {exc}") from exc
+    except Exception:  # not a file ckptio reads: load_pretrained tries it and explains what is wrong
+        obj = None
+    state = _trainer_state(obj)
+    try:
+        if state is not None:
+            model.load_state_dict(state, strict=True)
+        else:
+            load_pretrained(model, path)
+    except (RuntimeError, ValueError) as exc:
+        raise DetectError(f"--checkpoint {path}: not usable CRAFT weights: {exc}") from exc
+    config = obj.get("config") if state is not None else None
+    return model.to(device).eval(), dict(config) if isinstance(config, Mapping) else {}
+
+
+# ---- result files -----------------------------------------------------------------------------------------------
+
+def format_result_lines(boxes: np.ndarray) -> list[str]:
+    """ICDAR2015 result lines ``x1,y1,...,x4,y4`` with coordinates rounded to integers."""
+    rounded = np.rint(np.asarray(boxes, dtype=np.float64).reshape(-1, 8)).astype(np.int64)
+    return [",".join(str(int(v)) for v in row) for row in rounded]
+
+
+def write_result_file(path: str | Path, boxes: np.ndarray) -> None:
+    lines = format_result_lines(boxes)
+    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _draw(image_rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    polygons = [np.rint(b).astype(np.int32).reshape(-1, 1, 2) for b in boxes]
+    cv2.polylines(canvas, polygons, isClosed=True, color=_BOX_COLOUR, thickness=2)
+    return canvas
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m craft_train.detect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="trainer checkpoint, bare state dict or craft_mlt_25k.pth")
+    p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png images")
+    p.add_argument("--out", required=True, help="folder for res_<stem>.txt and <stem>_det.jpg (created)")
+    p.add_argument("--eval-gt", help="folder of gt_<stem>.txt files: print precision, recall and H-mean")
+    p.add_argument("--text-threshold", type=float, default=DEFAULT_THRESHOLDS.text_threshold)
+    p.add_argument("--link-threshold", type=float, default=DEFAULT_THRESHOLDS.link_threshold)
+    p.add_argument("--low-text", type=float, default=DEFAULT_THRESHOLDS.low_text)
+    p.add_argument("--image-size", type=int,
+                   help=f"longer image side for the network, a multiple of 32 (default: the checkpoint's training "
+                        f"image size, else {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DetectError(f"--images {folder}: no such directory")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DetectError(f"--images {folder}: no .jpg/.jpeg/.png images in it")
+    return images
+
+
+def _read_ground_truth(folder: Path, images: Sequence[Path]) -> dict[str, GroundTruth]:
+    """Every image's ground truth, read before any work so that a bad file stops the run at once."""
+    if not folder.is_dir():
+        raise DetectError(f"--eval-gt {folder}: no such directory")
+    files = {img.stem: folder / f"gt_{img.stem}.txt" for img in images}
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DetectError(f"--eval-gt {folder}: missing ground truth {shown}")
+    truth = {}
+    for stem, path in files.items():
+        try:
+            truth[stem] = parse_gt_quads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as exc:
+            raise DetectError(f"--eval-gt {path}: {exc}") from exc
+    return truth
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DetectError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _image_size(requested: int | None, config: Mapping[str, Any]) -> int:
+    size = requested if requested is not None else int(config.get("image_size", DEFAULT_IMAGE_SIZE))
+    if size <= 0 or size % 32:
+        raise DetectError(f"--image-size must be a positive multiple of 32, got {size}")
+    return size
+
+
+def _read_rgb(path: Path) -> np.ndarray | None:
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR) if path.stat().st_size else None
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _run(args: argparse.Namespace) -> int:
+    thresholds = Thresholds(args.text_threshold, args.link_threshold, args.low_text)
+    images = _list_images(Path(args.images))
+    truth = _read_ground_truth(Path(args.eval_gt), images) if args.eval_gt else None
+    device = _device(args.device)
+    model, config = load_detector(args.checkpoint, device)
+    size = _image_size(args.image_size, config)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DetectError(f"--out {out}: cannot create it: {exc}") from exc
+    counts, unreadable, total = DetectionCounts(), [], 0
+    for path in images:
+        image = _read_rgb(path)
+        if image is None:
+            unreadable.append(path.name)
+            print(f"warning: cannot decode {path}, skipped", file=sys.stderr)
+            continue
+        boxes = detect_words(model, image, size, device, thresholds)
+        total += len(boxes)
+        write_result_file(out / f"res_{path.stem}.txt", boxes)
+        cv2.imwrite(str(out / f"{path.stem}_det.jpg"), _draw(image, boxes))
+        if truth is not None:
+            words, dont_care = truth[path.stem]
+            counts.add(match_image(words, boxes, dont_care))
+    print(f"{len(images) - len(unreadable)} images, {total} words detected at image size {size}; results in {out}")
+    if truth is not None:
+        scores = counts.as_dict()
+        print(format_scores(scores))
+        report = {**scores, "image_size": size, "thresholds": dataclasses.asdict(thresholds)}
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 1 if unreadable else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 some images could not be decoded (the rest are done), 2 a usage error."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (DetectError, ValueError) as exc:
+        print(f"craft_train.detect: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
