@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -35,11 +36,21 @@ def fsync_directory(directory: Path) -> None:
 def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = False) -> Iterator[BinaryIO]:
     """Yield a file to write ``final``'s bytes into; they appear under ``final`` only if the block succeeds.
 
-    On any error (ENOSPC included) the temporary file is removed and the previous ``final``, if any, is kept.
+    The bytes go to ``final``'s name inside a private hidden directory beside it (so that a writer which names
+    its records after the file, as ``torch.save`` does, writes exactly what it would write to ``final``), and
+    are renamed into place. On any error (ENOSPC included) the temporary file is removed and the previous
+    ``final``, if any, is kept.
     """
-    tmp = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+    workspace = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    workspace.mkdir(mode=0o700)
+    tmp = workspace / final.name
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+    except BaseException:
+        shutil.rmtree(workspace, ignore_errors=True)
+        raise
+    file.temp_path = tmp  # type: ignore[attr-defined]  # for writers that must open the file by name
     try:
         yield file
         file.flush()
@@ -53,9 +64,10 @@ def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = Fal
     except BaseException:
         with contextlib.suppress(OSError):
             file.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        shutil.rmtree(workspace, ignore_errors=True)
         raise
+    with contextlib.suppress(OSError):
+        workspace.rmdir()
     if fsync:
         fsync_directory(final.parent)
 
@@ -64,7 +76,12 @@ def remove_leftovers(directory: Path) -> list[Path]:
     """Delete temporary files a crashed writer left behind; call only while holding the directory's lock."""
     removed = []
     for entry in os.scandir(directory):
-        if is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
+        if not is_temporary(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))

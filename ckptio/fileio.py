@@ -19,12 +19,12 @@ from .integrity import (
     ZSTD_LEADING_FRAME,
     HashingWriter,
     Seal,
-    ZipCommentSealer,
     bytes_reader,
     compute_digest,
     container_of,
     file_reader,
     read_seal,
+    seal_zip_file,
     zstd_trailer,
 )
 from .snapshot import Snapshot
@@ -114,10 +114,14 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
             meta["raw_size"] = counter.size
             digest = sink.seal_with(zstd_trailer(DIGEST_PLACEHOLDER, meta), lambda d: zstd_trailer(d, meta))
         elif fmt == "torch":
-            sealer = ZipCommentSealer(sink)
-            formats.write_torch(snapshot, sealer)  # type: ignore[arg-type]
-            meta["raw_size"] = sink.size + 22
-            digest = sealer.finish(meta)
+            # torch.save's own C++ writer, given a path, is ~4x faster than feeding a Python stream (which
+            # copies every record into a bytes object); the file is then sealed in place.
+            file.flush()
+            snapshot.wait_until_copied()
+            formats.write_torch_file(snapshot, file.temp_path)  # type: ignore[attr-defined]
+            meta["raw_size"] = os.fstat(file.fileno()).st_size
+            digest, written = seal_zip_file(file.fileno(), meta)
+            sink.size = written
         else:
             meta["raw_size"] = None  # the file itself; its size is known from stat
             placeholder_at = formats.write_safetensors(snapshot, sink, meta, digest_placeholder=DIGEST_PLACEHOLDER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import safetensors.torch
@@ -26,6 +27,7 @@ __all__ = [
     "read_torch",
     "write_safetensors",
     "write_torch",
+    "write_torch_file",
 ]
 
 SAFETENSORS_DIGEST_KEY = "ckptio.digest"
@@ -39,6 +41,11 @@ _DTYPE_CODES = {dtype: code for code, dtype in safetensors.torch._TYPES.items()}
 
 def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
     torch.save(snapshot.materialize(), stream)
+
+
+def write_torch_file(snapshot: Snapshot, path: Path) -> None:
+    """``torch.save`` to a path: its C++ writer skips the copy into Python bytes that a stream costs."""
+    torch.save(snapshot.materialize(), path)
 
 
 def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any], *,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -147,6 +148,25 @@ class ZipCommentSealer:
             raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
         self.inner.write(tail[:20] + struct.pack("<H", len(placeholder)))
         return self.inner.seal_with(placeholder, lambda digest: _trailer_json(digest, meta))
+
+
+def seal_zip_file(fd: int, meta: dict[str, Any]) -> tuple[str, int]:
+    """Seal a complete zip file in place (what ``ZipCommentSealer`` does to a stream); returns digest, size."""
+    size = os.fstat(fd).st_size
+    end = os.pread(fd, ZIP_END_SIZE, size - ZIP_END_SIZE) if size >= ZIP_END_SIZE else b""
+    if not end.startswith(ZIP_END_SIGNATURE) or end[20:22] != b"\0\0":
+        raise RuntimeError("torch.save did not end with a plain zip end record; cannot seal the file")
+    placeholder = _trailer_json(DIGEST_PLACEHOLDER, meta)
+    if len(placeholder) > 0xFFFF:
+        raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
+    os.pwrite(fd, struct.pack("<H", len(placeholder)), size - 2)
+    hasher = xxhash.xxh3_128()
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
+        hasher.update(mapped)
+    hasher.update(placeholder)
+    digest = hasher.hexdigest()
+    os.pwrite(fd, _trailer_json(digest, meta), size)
+    return digest, size + len(placeholder)
 
 
 def _trailer_json(digest: str, meta: dict[str, Any]) -> bytes:

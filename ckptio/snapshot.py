@@ -12,6 +12,7 @@ the CPU never blocks on the device.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ class BufferSlot:
         self._fit_buffers(sources)
         for i, source in enumerate(sources):
             if not source.is_cuda:
-                self.buffers[i].copy_(source.detach())
+                _copy_from_host(self.buffers[i], source)
         copy_done = self._copy_from_devices(sources, cuda_sources) if cuda_sources else None
         tensors = self.buffers[: len(sources)]
         elements = sum(t.numel() for t in tensors)
@@ -122,6 +123,17 @@ class BufferSlot:
                 producer.wait_event(event)
                 events.append(event)
         return _AllEvents(events)
+
+
+def _copy_from_host(buffer: torch.Tensor, source: torch.Tensor) -> None:
+    """A plain memcpy where the layout allows: ``Tensor.copy_`` enters the intra-op thread pool for every tensor,
+    which cost 440 ms instead of 16 ms for CRAFT's 436 tensors while another core was busy (as in training)."""
+    if source.is_contiguous() and not source.is_conj() and not source.is_neg():
+        nbytes = source.numel() * source.element_size()
+        if nbytes:
+            ctypes.memmove(buffer.data_ptr(), source.data_ptr(), nbytes)
+    else:
+        buffer.copy_(source.detach())
 
 
 @dataclass
