@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -102,6 +101,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         say("--zero shards the optimizer across processes; with one process it has no effect")
     optimizer: torch.optim.Optimizer
     if sharded:  # each process keeps (and checkpoints) only its shard of the Adam state
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported late: it drags in TorchScript
+
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=config.lr,
                                             weight_decay=config.weight_decay)
     else:
