@@ -21,7 +21,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,9 +35,9 @@ __all__ = [
     "ZSTD_LEADING_FRAME",
     "HashingWriter",
     "Seal",
-    "ZipCommentSealer",
     "compute_digest",
     "read_seal",
+    "seal_zip_file",
     "zstd_trailer",
 ]
 
@@ -111,47 +111,9 @@ class HashingWriter:
         return self.hasher.hexdigest()
 
 
-@dataclass
-class ZipCommentSealer:
-    """Stream wrapper for a raw ``.pth``: holds back the zip end record so that a comment can be added."""
-
-    inner: HashingWriter
-    _tail: bytes = field(default=b"")
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes >= ZIP_END_SIZE:
-            if self._tail:
-                self.inner.write(self._tail)
-            self.inner.write(view[:-ZIP_END_SIZE])
-            self._tail = bytes(view[-ZIP_END_SIZE:])
-        else:
-            combined = self._tail + bytes(view)
-            cut = max(0, len(combined) - ZIP_END_SIZE)
-            if cut:
-                self.inner.write(combined[:cut])
-            self._tail = combined[cut:]
-        return view.nbytes
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def finish(self, meta: dict[str, Any]) -> str:
-        tail = self._tail
-        if len(tail) != ZIP_END_SIZE or not tail.startswith(ZIP_END_SIGNATURE) or tail[20:22] != b"\0\0":
-            raise RuntimeError("torch.save did not end with a plain zip end record; cannot seal the file")
-        placeholder = _trailer_json(DIGEST_PLACEHOLDER, meta)
-        if len(placeholder) > 0xFFFF:
-            raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
-        self.inner.write(tail[:20] + struct.pack("<H", len(placeholder)))
-        return self.inner.seal_with(placeholder, lambda digest: _trailer_json(digest, meta))
-
-
 def seal_zip_file(fd: int, meta: dict[str, Any]) -> tuple[str, int]:
-    """Seal a complete zip file in place (what ``ZipCommentSealer`` does to a stream); returns digest, size."""
+    """Seal a complete zip file in place: its digest and meta go into the archive comment; returns the digest
+    and the sealed file's size."""
     size = os.fstat(fd).st_size
     end = os.pread(fd, ZIP_END_SIZE, size - ZIP_END_SIZE) if size >= ZIP_END_SIZE else b""
     if not end.startswith(ZIP_END_SIGNATURE) or end[20:22] != b"\0\0":

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import ckptio
 from ckptio import CorruptCheckpointError
 from ckptio.fileio import verify_file, write_checkpoint
-from ckptio.integrity import DIGEST_PLACEHOLDER, HashingWriter, ZipCommentSealer, zstd_trailer
+from ckptio.integrity import DIGEST_PLACEHOLDER, HashingWriter, seal_zip_file, zstd_trailer
 from ckptio.snapshot import BufferSlot
 
 
@@ -41,11 +41,12 @@ class _RunsCode:
 
 def _sealed_torch_file(path: Path, obj: object) -> None:
     """A .pth sealed exactly as ckptio seals its own (so only weights_only stands in the way)."""
-    with open(path, "wb") as raw:
-        sink = HashingWriter(raw)
-        sealer = ZipCommentSealer(sink)
-        torch.save(obj, sealer)  # type: ignore[arg-type]
-        sealer.finish({"summary": {}})
+    torch.save(obj, path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        seal_zip_file(fd, {"summary": {}})
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("sealed", [False, True])
