@@ -270,7 +270,12 @@ def _summary(state: Any) -> dict[str, Any]:
     return summary
 
 
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def _model_elements(state: Any) -> int | None:
+    """Parameters in ``state["model_state_dict"]``: its elements, less BatchNorm's running statistics."""
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
-        return sum(t.numel() for t in walk_tensors(state["model_state_dict"]))
+        return sum(t.numel() for key, t in state["model_state_dict"].items()
+                   if isinstance(t, torch.Tensor) and not str(key).endswith(_BUFFER_SUFFIXES))
     return None
