@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import TEMP_SUFFIX, fsync_directory, is_temporary
+from .atomic import TEMP_SUFFIX, is_temporary
 
 __all__ = [
     "INDEX_NAME",
@@ -177,8 +177,12 @@ def read_index(directory: Path) -> dict[str, dict[str, Any]]:
             if isinstance(record, dict) and isinstance(record.get("meta", {}), dict)}
 
 
-def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, fsync: bool = True) -> None:
-    """Apply ``changes`` (file name -> record, or ``None`` to forget it) to the index, atomically."""
+def update_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
+    """Apply ``changes`` (file name -> record, or ``None`` to forget it) to the index, atomically.
+
+    Not fsynced: the index is a cache. After a power loss it may be stale or gone, which only turns states
+    into "unverified" until the next ``verify``; two more fsyncs per save would buy nothing.
+    """
     if not changes:
         return
     with _index_lock(directory):
@@ -194,14 +198,10 @@ def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, 
         with open(tmp, "w") as out:
             json.dump({"version": 1, "files": files}, out, separators=(",", ":"))
             out.flush()
-            if fsync:
-                os.fsync(out.fileno())
         try:
             os.replace(tmp, directory / INDEX_NAME)
         except FileNotFoundError:  # a writer opening the directory swept it as a leftover; the index is a cache
             return
-        if fsync:
-            fsync_directory(directory)
 
 
 def index_record(size: int, mtime_ns: int, status: str, digest: str | None, meta: dict[str, Any] | None,

@@ -370,7 +370,7 @@ class CheckpointManager:
         try:
             info = saved.path.stat()
             record = index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest, saved.meta)
-            update_index(self.directory, {saved.path.name: record}, fsync=self.options.fsync)
+            update_index(self.directory, {saved.path.name: record})
         except OSError as exc:  # the index is a cache; the file itself carries its digest
             log.warning("could not update the index of %s: %s", self.directory, exc)
 
@@ -401,7 +401,7 @@ class CheckpointManager:
             forgotten[entry.path.name] = None
             log.info("deleted %s (%s)", entry.path.name, why)
         try:
-            update_index(self.directory, forgotten, fsync=self.options.fsync)
+            update_index(self.directory, forgotten)
         except OSError as exc:
             log.warning("could not update the index of %s: %s", self.directory, exc)
 
