@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,7 +46,27 @@ def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
 
 def write_torch_file(snapshot: Snapshot, path: Path) -> None:
     """``torch.save`` to a path: its C++ writer skips the copy into Python bytes that a stream costs."""
-    torch.save(snapshot.materialize(), path)
+    try:
+        torch.save(snapshot.materialize(), path)
+    except RuntimeError as exc:
+        # The C++ writer reports a failed write without its errno; ask the OS by writing one byte where it
+        # stopped, so that a full disk or a file size limit is known as such (ENOSPC, EFBIG).
+        raise _probe_write_failure(path) or exc from None
+
+
+def _probe_write_failure(path: Path) -> OSError | None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc
+    try:
+        os.pwrite(fd, b"\0", os.fstat(fd).st_size)
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
 
 
 def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any], *,
