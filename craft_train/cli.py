@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=defaults.image_size)
     data.add_argument("--no-augment", dest="augment", action="store_false")
     data.add_argument("--workers", type=int, default=defaults.workers)
+    val = p.add_argument_group("validation")
+    val.add_argument("--no-val-hmean", dest="val_hmean", action="store_false",
+                     help="validation loss only: skip detecting words and scoring precision/recall/H-mean")
+    val.add_argument("--best-metric", choices=("val_loss", "hmean"), default=defaults.best_metric,
+                     help="what best_model tracks")
+    val.add_argument("--text-threshold", type=float, default=defaults.text_threshold)
+    val.add_argument("--link-threshold", type=float, default=defaults.link_threshold)
+    val.add_argument("--low-text", type=float, default=defaults.low_text)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=defaults.epochs)
     opt.add_argument("--batch-size", type=int, default=defaults.batch_size)

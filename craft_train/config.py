@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,16 @@ class TrainConfig:
     """Random scale, crop, rotation and colour jitter for training images."""
     workers: int = 2
     """DataLoader worker processes (0 loads in the training process)."""
+
+    # -- validation --
+    val_hmean: bool = True
+    """Also detect words in the validation images at each epoch's end and report precision, recall and H-mean."""
+    best_metric: Literal["val_loss", "hmean"] = "val_loss"
+    """What ``best_model`` tracks: the lowest validation loss, or the highest validation H-mean."""
+    text_threshold: float = 0.7
+    """Post-processing thresholds for the validation H-mean (official CRAFT defaults)."""
+    link_threshold: float = 0.4
+    low_text: float = 0.4
 
     # -- optimisation --
     epochs: int = 50
@@ -86,6 +97,13 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.best_metric not in ("val_loss", "hmean"):
+            raise ValueError(f"--best-metric must be val_loss or hmean, not {self.best_metric!r}")
+        if self.best_metric == "hmean" and not self.val_hmean:
+            raise ValueError("--best-metric hmean needs the validation H-mean; drop --no-val-hmean")
+        for name in ("text_threshold", "link_threshold", "low_text"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         parse_size(self.disk_budget, what="--disk-budget")
         parse_size(self.min_free, what="--min-free")
 

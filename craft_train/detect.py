@@ -150,25 +150,31 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def _image_size(requested: int | None, config: Mapping[str, Any]) -> int:
-    size = requested if requested is not None else int(config.get("image_size", DEFAULT_IMAGE_SIZE))
+def _check_image_size(size: int, source: str) -> int:
     if size <= 0 or size % 32:
-        raise DetectError(f"--image-size must be a positive multiple of 32, got {size}")
+        raise DetectError(f"{source} must be a positive multiple of 32 (CRAFT halves it 5 times), got {size}")
     return size
 
 
 def _read_rgb(path: Path) -> np.ndarray | None:
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR) if path.stat().st_size else None
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _run(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.text_threshold, args.link_threshold, args.low_text)
+    if args.image_size is not None:
+        _check_image_size(args.image_size, "--image-size")
     images = _list_images(Path(args.images))
     truth = _read_ground_truth(Path(args.eval_gt), images) if args.eval_gt else None
     device = _device(args.device)
     model, config = load_detector(args.checkpoint, device)
-    size = _image_size(args.image_size, config)
+    size = args.image_size or _check_image_size(int(config.get("image_size", DEFAULT_IMAGE_SIZE)),
+                                                "the checkpoint's image_size")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -180,11 +186,12 @@ def _run(args: argparse.Namespace) -> int:
         if image is None:
             unreadable.append(path.name)
             print(f"warning: cannot decode {path}, skipped", file=sys.stderr)
-            continue
-        boxes = detect_words(model, image, size, device, thresholds)
-        total += len(boxes)
-        write_result_file(out / f"res_{path.stem}.txt", boxes)
-        cv2.imwrite(str(out / f"{path.stem}_det.jpg"), _draw(image, boxes))
+            boxes = np.zeros((0, 4, 2), dtype=np.float32)  # its words still count, as missed
+        else:
+            boxes = detect_words(model, image, size, device, thresholds)
+            total += len(boxes)
+            write_result_file(out / f"res_{path.stem}.txt", boxes)
+            cv2.imwrite(str(out / f"{path.stem}_det.jpg"), _draw(image, boxes))
         if truth is not None:
             words, dont_care = truth[path.stem]
             counts.add(match_image(words, boxes, dont_care))

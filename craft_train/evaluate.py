@@ -143,6 +143,17 @@ def _ignored_detections(dets: Sequence[np.ndarray], dont_care: Sequence[np.ndarr
     return ignored
 
 
+def _bounds(polygons: Sequence[np.ndarray]) -> np.ndarray:
+    if not polygons:
+        return np.zeros((0, 4))
+    return np.array([[*p.min(axis=0), *p.max(axis=0)] if len(p) else [np.nan] * 4 for p in polygons])
+
+
+def _bounds_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    # NaN bounds compare False, so a polygon with non-finite corners overlaps nothing.
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+
+
 def match_image(gt_quads: Sequence[np.ndarray], det_quads: Sequence[np.ndarray] | np.ndarray,
                 dont_care: Sequence[np.ndarray] = (), *, iou_threshold: float = IOU_THRESHOLD,
                 dont_care_overlap: float = DONT_CARE_OVERLAP) -> ImageMatch:
@@ -154,10 +165,12 @@ def match_image(gt_quads: Sequence[np.ndarray], det_quads: Sequence[np.ndarray] 
     gts = [_as_polygon(g) for g in gt_quads]
     dets = [_as_polygon(d) for d in det_quads]
     ignored = _ignored_detections(dets, [_as_polygon(r) for r in dont_care], dont_care_overlap)
+    gt_boxes, det_boxes = _bounds(gts), _bounds(dets)
     candidates = []
     for i, gt in enumerate(gts):
         for j, det in enumerate(dets):
-            if j in ignored:
+            # Most pairs are far apart: their bounding boxes settle it without any polygon work.
+            if j in ignored or not _bounds_overlap(gt_boxes[i], det_boxes[j]):
                 continue
             iou = polygon_iou(gt, det)
             if iou >= iou_threshold and iou > 0.0:
@@ -240,7 +253,7 @@ def word_quad(char_quads: np.ndarray) -> np.ndarray:
 
 
 def word_quads(annotation: Annotation) -> list[np.ndarray]:
-    """The word quads of an annotation's (cared-for) words."""
+    """The word quads of an annotation's words (don't-care regions are separate); non-finite words are skipped."""
     return [word_quad(w.char_quads) for w in annotation.words if np.all(np.isfinite(w.char_quads))]
 
 

@@ -2,7 +2,8 @@
 
 Every ``save_freq`` batches the full training state goes to ``checkpoint_epoch_{epoch}_batch_{batch}``
 through :class:`ckptio.CheckpointManager` (in the background with ``async_save``); ``best_model`` whenever the
-validation loss improves. Any of them resumes the run exactly where it stopped.
+validation loss improves (or, with ``best_metric="hmean"``, the H-mean of the words detected in the validation
+images). Any of them resumes the run exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ import ckptio
 from .config import TrainConfig, incompatible_changes
 from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
 from .distributed import World, setup_world
+from .evaluate import evaluate_model
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
+from .postprocess import Thresholds
 from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
 
 __all__ = ["TrainResult", "train"]
 
 CHECKPOINT_KIND = "craft_train"
+VALIDATION_FIELDS = ("val_loss", "val_precision", "val_recall", "val_hmean")
 
 
 @dataclass
@@ -45,6 +49,10 @@ class TrainResult:
     saves: int = 0
     save_blocked_seconds: float = 0.0
     best_val_loss: float = math.inf
+    best_hmean: float = -1.0
+    """Highest validation H-mean so far; -1 before the first one."""
+    last_validation: dict[str, float] = field(default_factory=dict)
+    """The latest validation's ``val_loss`` and, unless ``val_hmean`` is off, ``val_precision/recall/hmean``."""
     interrupted: bool = False
     errors: int = 0
     saved_paths: list[Path] = field(default_factory=list)
@@ -136,6 +144,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         sums = dict(state["loss_sums"])
         result.errors = state["errors"]
         result.best_val_loss = state["best_val_loss"]
+        result.best_hmean = state.get("best_hmean", -1.0)  # checkpoints written before the H-mean lack it
+        result.last_validation = {k: state[k] for k in VALIDATION_FIELDS if state.get(k) is not None}
         resumed_permutation = state["data_order"]["permutation"]
         position = state["data_order"]["position"]
         saved_world = state.get("world_size", 1)
@@ -164,6 +174,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             "loss_sums": dict(sums),
             "errors": result.errors,
             "best_val_loss": result.best_val_loss,
+            "best_hmean": result.best_hmean,
+            # The latest validation (None before the first), top-level so that `ckptio list/info` shows it.
+            **{k: result.last_validation.get(k) for k in VALIDATION_FIELDS},
             "rng_state": capture_rng(),
             "data_order": {"epoch": epoch, "permutation": permutation, "position": position},
             "world_size": world.size,
@@ -268,14 +281,20 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             # validation and best model, at each epoch's end (rank 0 validates and tells the others, which all
             # take part in a sharded best_model save)
             if not stop and val_indices:
-                val_loss = world.broadcast(
-                    _validate(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
-                improved = val_loss < result.best_val_loss
+                result.last_validation = world.broadcast(
+                    _validate_all(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
+                val_loss, val_hmean = result.last_validation["val_loss"], result.last_validation.get("val_hmean")
+                if config.best_metric == "hmean":
+                    improved = val_hmean is not None and val_hmean > result.best_hmean
+                else:
+                    improved = val_loss < result.best_val_loss
+                result.best_val_loss = min(result.best_val_loss, val_loss)
+                if val_hmean is not None:
+                    result.best_hmean = max(result.best_hmean, val_hmean)
                 if improved:
-                    result.best_val_loss = val_loss
                     save("best_model", permutation)
                 say(f"Epoch {epoch}: train_loss={sums['train'] / max(sums['batches'], 1):.4f} "
-                    f"val_loss={val_loss:.4f}" + (" (best so far, saved best_model)" if improved else ""))
+                    f"{_describe(result.last_validation)}" + (" (best so far, saved best_model)" if improved else ""))
             if not stop:
                 epoch, batch_in_epoch = epoch + 1, 0
 
@@ -346,6 +365,26 @@ def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: 
             count += batch["size"]
     model.train()
     return total / count if count else math.inf
+
+
+def _validate_all(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
+                  device: torch.device, use_amp: bool) -> dict[str, float]:
+    """Validation loss and, with ``val_hmean``, the precision/recall/H-mean of the words the model detects."""
+    scores = {"val_loss": _validate(model, dataset, indices, config, device, use_amp)}
+    if config.val_hmean:
+        thresholds = Thresholds(config.text_threshold, config.link_threshold, config.low_text)
+        found = evaluate_model(model, dataset, indices, device, image_size=config.image_size, thresholds=thresholds,
+                               use_amp=use_amp)
+        scores.update(val_precision=found["precision"], val_recall=found["recall"], val_hmean=found["hmean"])
+    return scores
+
+
+def _describe(scores: dict[str, float]) -> str:
+    text = f"val_loss={scores['val_loss']:.4f}"
+    if "val_hmean" in scores:
+        text += (f" val_hmean={scores['val_hmean']:.3f} (precision={scores['val_precision']:.3f} "
+                 f"recall={scores['val_recall']:.3f})")
+    return text
 
 
 def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
