@@ -26,6 +26,7 @@ test: install
 bench: install
 	$(PY) benchmarks/save_latency.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/learning_curve.py
 
 clean:
 	rm -rf $(VENV) checkpoints_improved bench_out
