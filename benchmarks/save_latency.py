@@ -1,0 +1,935 @@
+"""How long does saving a checkpoint stall training, and how long until it is durable?
+
+Compares, on the same states and the same disk, interleaved round-robin:
+
+* ``torch.save`` + fsync and ``safetensors.torch.save_file`` + fsync (synchronous baselines);
+* ``torch.distributed.checkpoint.async_save`` (DCP, single process, default ``FileSystemWriter``);
+* ``ckptio.CheckpointManager`` sync and async, ``torch`` and ``safetensors`` formats, raw and zstd;
+* two floors measured in the same run: copying the state into preallocated memory (the least a snapshot
+  can cost) and one plain ``write`` + ``fsync`` of the same number of bytes (the least a durable file costs).
+
+Run ``python benchmarks/save_latency.py [--quick] [--out DIR]``; results go to ``DIR/results.json``,
+``DIR/results.md`` and ``DIR/save_latency.png``. See ``benchmarks/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+__all__ = [
+    "BenchState",
+    "Sample",
+    "build_methods",
+    "craft_state",
+    "flatten_tensors",
+    "machine_info",
+    "main",
+    "markdown_table",
+    "run_benchmark",
+    "synthetic_state",
+]
+
+MB = 10**6
+FULL_STATES = ("10MB", "100MB", "craft", "1GB")
+QUICK_STATES = ("10MB", "100MB")
+ZSTD_STATES = ("100MB", "craft")
+FLOOR_MEMCPY = "floor: memcpy into preallocated"
+FLOOR_WRITE = "floor: write+fsync one buffer"
+_WRITE_CHUNK = 64 * 2**20
+_RSS_INTERVAL_S = 0.002
+BUSY_THRESHOLD = 0.3
+"""A round is disturbed when other processes used more cores than this, on average, while it ran."""
+
+
+# ---- states -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchState:
+    """One state to save: the nested object a trainer passes, and its flat name -> tensor view."""
+
+    name: str
+    state: Any
+    flat: dict[str, torch.Tensor]
+    """Every distinct tensor under a dotted name (what ``safetensors.torch.save_file`` needs)."""
+    description: str
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.flat.values())
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.flat.values())
+
+
+def flatten_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """``{"a.b.0": tensor}`` for every tensor in a nesting of dicts/lists/tuples; tensors that share storage
+    with an earlier one are left out (``safetensors.save_file`` refuses shared tensors)."""
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+
+    def visit(obj: Any, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape))
+            if obj.numel() and key in seen:
+                return
+            seen.add(key)
+            flat[path or "tensor"] = obj.detach().contiguous()
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, f"{path}.{i}" if path else str(i))
+
+    visit(state, "")
+    return flat
+
+
+def synthetic_state(total_bytes: int, *, seed: int = 0, name: str | None = None) -> BenchState:
+    """A trainer-like nested state of about ``total_bytes``: a few big tensors (fp32 and bf16) holding most
+    of the bytes, and hundreds of small ones of a few KB (biases, norms, optimizer moments, 0-d step counters)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_small = 50 if total_bytes < 5 * MB else 200 if total_bytes < 50 * MB else 400 if total_bytes < 500 * MB else 800
+    small_sizes = (256, 512, 1024, 768)  # elements: 1-4 KB in fp32
+    model: dict[str, torch.Tensor] = {}
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    small_bytes = 0
+    for i in range(n_small // 2):
+        numel = small_sizes[i % len(small_sizes)]
+        model[f"blocks.{i}.norm.weight"] = torch.randn(numel, generator=gen)
+        opt_state[i] = {"step": torch.tensor(float(i)), "exp_avg": torch.randn(numel, generator=gen) * 1e-3}
+        small_bytes += 2 * numel * 4 + 4
+    remaining = max(total_bytes - small_bytes, 0)
+    big_plan = ((0.40, torch.float32), (0.25, torch.float32), (0.15, torch.float32), (0.12, torch.bfloat16),
+                (0.08, torch.float32))
+    for j, (share, dtype) in enumerate(big_plan):
+        element_size = torch.empty((), dtype=dtype).element_size()
+        rows = max(int(remaining * share) // (1024 * element_size), 1)
+        model[f"layers.{j}.weight"] = torch.empty(rows, 1024).normal_(generator=gen).to(dtype)
+    state = {
+        "model": model,
+        "optimizer": {"state": opt_state, "param_groups": [{"lr": 1e-4, "params": list(opt_state)}]},
+        "epoch": 3,
+        "global_step": 12345,
+        "train_loss": 0.125,
+    }
+    flat = flatten_tensors(state)
+    label = name or _size_label(total_bytes)
+    big = sum(1 for t in flat.values() if t.numel() >= 2**16)
+    desc = f"synthetic: {len(flat)} tensors ({big} big fp32/bf16, {len(flat) - big} of <= 4 KB)"
+    return BenchState(label, state, flat, desc)
+
+
+def craft_state() -> BenchState:
+    """The trainer's checkpoint dict for the real CRAFT model with Adam state after one optimizer step."""
+    from craft_train.config import TrainConfig
+    from craft_train.loss import craft_loss
+    from craft_train.model import CRAFT
+    from craft_train.resume import capture_rng
+
+    torch.manual_seed(0)
+    model = CRAFT()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10000, gamma=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+    prediction, _ = model(torch.randn(1, 3, 64, 64))
+    targets = [torch.rand(1, 32, 32), torch.rand(1, 32, 32), torch.ones(1, 32, 32)]
+    loss, _, _ = craft_loss(prediction.float(), *targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    config = TrainConfig(image_size=128, batch_size=2, workers=0)
+    state = {
+        "epoch": 1, "batch": 1, "total_batches": 450, "global_step": 1,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "scaler_state_dict": scaler.state_dict(),
+        "train_loss": loss.detach().item(), "cls_loss": 0.0, "geo_loss": 0.0,
+        "loss_sums": {"train": loss.detach().item(), "cls": 0.0, "geo": 0.0, "batches": 1},
+        "errors": 0, "best_val_loss": math.inf,
+        "rng_state": capture_rng(),
+        "data_order": {"epoch": 1, "permutation": torch.randperm(900), "position": 2},
+        "world_size": 1, "sharded": False,
+        "config": config.to_dict(),
+        "kind": "craft_train",
+    }
+    flat = flatten_tensors(state)
+    params = sum(p.numel() for p in model.parameters())
+    desc = f"CRAFT ({params / 1e6:.1f}M params) + Adam after one step, trainer's dict: {len(flat)} tensors"
+    return BenchState("craft", state, flat, desc)
+
+
+def _size_label(n: int) -> str:
+    if n >= 10**9 and n % 10**9 == 0:
+        return f"{n // 10**9}GB"
+    if n >= MB and n % MB == 0:
+        return f"{n // MB}MB"
+    return f"{n}B"
+
+
+def make_state(spec: str) -> BenchState:
+    if spec == "craft":
+        return craft_state()
+    from ckptio import parse_size
+
+    size = parse_size(spec, what="state size")
+    assert size is not None
+    return synthetic_state(size, name=spec)
+
+
+# ---- measurement ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    stall: float
+    """Seconds until control returned to the caller."""
+    durable: float
+    """Seconds until the bytes were fsynced and the file committed (as far as the method goes)."""
+    size: int
+    """Bytes on disk."""
+    rss_delta: int = 0
+    anon_delta: int = 0
+
+
+class RssSampler:
+    """Peak resident set size above the level at start, sampled in a thread; also its anonymous part (RSS minus
+    file-backed and shared pages: a mapped file's pages count in RSS but are page cache, not new memory)."""
+
+    def __init__(self, interval: float = _RSS_INTERVAL_S) -> None:
+        self.interval = interval
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self.baseline = self.peak = self.anon_baseline = self.anon_peak = 0
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        info = self._process.memory_info()
+        self.peak = max(self.peak, info.rss)
+        self.anon_peak = max(self.anon_peak, info.rss - getattr(info, "shared", 0))
+
+    def __enter__(self) -> RssSampler:
+        info = self._process.memory_info()
+        self.baseline = self.peak = info.rss
+        self.anon_baseline = self.anon_peak = info.rss - getattr(info, "shared", 0)
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self._sample()
+
+    @property
+    def delta(self) -> int:
+        return max(self.peak - self.baseline, 0)
+
+    @property
+    def anon_delta(self) -> int:
+        return max(self.anon_peak - self.anon_baseline, 0)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Method:
+    """One way of saving; ``run`` saves once and returns its timings; files are removed in ``cleanup``."""
+
+    name = ""
+    kind = "baseline"  # "floor", "baseline", "ckptio"
+    durability = ""
+    warmups = 1
+    """Uncounted runs before the measured ones."""
+
+    def prepare(self, bench: BenchState, workdir: Path) -> None:
+        self.bench = bench
+        self.workdir = workdir / _slug(self.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._leftovers: list[Path] = []
+
+    def run(self, tag: str) -> Sample:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        for path in self._leftovers:
+            _remove(path)
+        self._leftovers = []
+
+    def close(self) -> None:
+        self.cleanup()
+
+
+class MemcpyFloor(Method):
+    """The cheaper of two ways to copy every tensor into preallocated ones: a plain single-threaded memcpy
+    (``ctypes.memmove``) and ``Tensor.copy_`` (which splits big tensors over the intra-op threads, fast on an
+    idle machine, slow when another process holds a core and a thread of the pool has to wait for it)."""
+
+    name = FLOOR_MEMCPY
+    kind = "floor"
+    durability = "memory only"
+
+    def prepare(self, bench: BenchState, workdir: Path) -> None:
+        super().prepare(bench, workdir)
+        self.sources = [t.contiguous() for t in bench.tensors]
+        self.buffers = [torch.empty_like(t) for t in self.sources]
+        self.variants: dict[str, list[float]] = {"ctypes.memmove": [], "Tensor.copy_": []}
+        self._runs = 0
+
+    def _memmove(self) -> float:
+        started = time.perf_counter()
+        for dst, src in zip(self.buffers, self.sources, strict=True):
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+        return time.perf_counter() - started
+
+    def _copy(self) -> float:
+        started = time.perf_counter()
+        for dst, src in zip(self.buffers, self.sources, strict=True):
+            dst.copy_(src)
+        return time.perf_counter() - started
+
+    def run(self, tag: str) -> Sample:
+        self._runs += 1
+        first, second = (self._memmove, self._copy) if self._runs % 2 else (self._copy, self._memmove)
+        timings = {first: first(), second: second()}
+        self.variants["ctypes.memmove"].append(timings[self._memmove])
+        self.variants["Tensor.copy_"].append(timings[self._copy])
+        best = min(timings.values())
+        return Sample(best, best, 0)
+
+    @property
+    def notes(self) -> list[str]:
+        medians = {k: statistics.median(v) for k, v in self.variants.items() if v}
+        return ["memcpy floor variants (median, warm-up included): "
+                + ", ".join(f"{k} {_ms(v)} ms" for k, v in medians.items())]
+
+    def close(self) -> None:
+        self.buffers = []
+
+
+class WriteFloor(Method):
+    name = FLOOR_WRITE
+    kind = "floor"
+    durability = "fsync of the file (no rename, no directory fsync)"
+
+    def prepare(self, bench: BenchState, workdir: Path) -> None:
+        super().prepare(bench, workdir)
+        # The state's own bytes, in one preallocated buffer (resident, not lazily zero-filled pages).
+        self.buffer = torch.cat([t.reshape(-1).view(torch.uint8) for t in bench.tensors if t.numel()])
+
+    def run(self, tag: str) -> Sample:
+        path = self.workdir / f"floor_{tag}.bin"
+        self._leftovers.append(path)
+        view = memoryview(self.buffer.numpy()).cast("B")
+        started = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done: done + _WRITE_CHUNK])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        elapsed = time.perf_counter() - started
+        return Sample(elapsed, elapsed, len(view))
+
+    def close(self) -> None:
+        super().close()
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+
+class TorchSave(Method):
+    name = "torch.save + fsync"
+    durability = "fsync of the file (no rename, no directory fsync)"
+
+    def run(self, tag: str) -> Sample:
+        path = self.workdir / f"{tag}.pth"
+        self._leftovers.append(path)
+        started = time.perf_counter()
+        torch.save(self.bench.state, path)
+        _fsync_path(path)
+        elapsed = time.perf_counter() - started
+        return Sample(elapsed, elapsed, path.stat().st_size)
+
+
+class SafetensorsSave(Method):
+    name = "safetensors.save_file + fsync"
+    durability = "fsync of the file (no rename, no directory fsync)"
+
+    def run(self, tag: str) -> Sample:
+        import safetensors.torch
+
+        path = self.workdir / f"{tag}.safetensors"
+        self._leftovers.append(path)
+        flat = self.bench.flat  # flattened once, outside the timed region
+        started = time.perf_counter()
+        safetensors.torch.save_file(flat, str(path))
+        _fsync_path(path)
+        elapsed = time.perf_counter() - started
+        return Sample(elapsed, elapsed, path.stat().st_size)
+
+
+class DcpAsyncSave(Method):
+    name = "dcp.async_save"
+    kind = "baseline"
+    durability = "fsync of data and .metadata files, .metadata renamed into place, no directory fsync"
+    notes: list[str]
+
+    def __init__(self) -> None:
+        self.notes = []
+
+    def run(self, tag: str) -> Sample:
+        import torch.distributed.checkpoint as dcp
+
+        checkpoint_dir = self.workdir / f"dcp_{tag}"
+        self._leftovers.append(checkpoint_dir)
+        writer = dcp.FileSystemWriter(str(checkpoint_dir))  # defaults: sync_files=True, one writer thread
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            started = time.perf_counter()
+            future = dcp.async_save(self.bench.state, checkpoint_id=str(checkpoint_dir), storage_writer=writer)
+            returned = time.perf_counter()
+            future.result()
+            finished = time.perf_counter()
+        for w in caught:
+            text = str(w.message).strip()
+            if text not in self.notes:
+                self.notes.append(text)
+        if not getattr(writer, "sync_files", False):
+            self.notes.append("FileSystemWriter.sync_files is False: DCP did not fsync")
+        return Sample(returned - started, finished - started, _dir_bytes(checkpoint_dir))
+
+
+class CkptioMethod(Method):
+    kind = "ckptio"
+    durability = "fsync of the file, atomic rename, directory fsync, index updated (fsynced)"
+
+    def __init__(self, fmt: str, compression: str | None, async_save: bool) -> None:
+        self.fmt, self.compression, self.async_save = fmt, compression, async_save
+        mode = "async" if async_save else "sync"
+        self.name = f"ckptio {mode} {fmt}" + (" +zstd" if compression else "")
+        self.manager: Any = None
+
+    @property
+    def warmups(self) -> int:  # type: ignore[override]
+        # An async manager rotates through max_pending + 1 buffer slots, each filled on its first use: warm them all.
+        return self.manager.options.max_pending + 1 if self.async_save and self.manager is not None else 1
+
+    def prepare(self, bench: BenchState, workdir: Path) -> None:
+        import ckptio
+
+        super().prepare(bench, workdir)
+        # One long-lived manager per method, as in training: its snapshot buffers are reused by every save.
+        self.manager = ckptio.CheckpointManager(self.workdir, format=self.fmt, compression=self.compression,
+                                                async_save=self.async_save, fsync=True)
+
+    def run(self, tag: str) -> Sample:
+        name = f"bench_{tag}"
+        self._leftovers.append(self.manager.path_for(name))
+        started = time.perf_counter()
+        future = self.manager.save(self.bench.state, name=name)
+        returned = time.perf_counter()
+        saved = future.result()
+        finished = time.perf_counter()
+        return Sample(returned - started, finished - started, saved.size)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+        super().close()
+
+
+def build_methods(with_zstd: bool) -> list[Method]:
+    methods: list[Method] = [MemcpyFloor(), WriteFloor(), TorchSave(), SafetensorsSave(), DcpAsyncSave()]
+    for async_save in (False, True):
+        for fmt in ("torch", "safetensors"):
+            for compression in (None, "zstd") if with_zstd else (None,):
+                methods.append(CkptioMethod(fmt, compression, async_save))
+    return methods
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "q1": q1, "q3": q3,
+            "samples": list(values)}
+
+
+def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: Path,
+                  log: Callable[[str], None], *, max_rounds: int | None = None, quiet_wait_s: float = 0.0,
+                  busy_threshold: float = BUSY_THRESHOLD) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Warm every method up, then rounds in which every method saves once, in an order rotated each round.
+
+    A round during which other processes used more than ``busy_threshold`` cores on average is *disturbed*;
+    rounds go on (up to ``max_rounds``) until ``reps`` undisturbed ones are in. Before each round it waits for
+    the machine to be quiet, ``quiet_wait_s`` seconds at most in all. Statistics use the undisturbed rounds when
+    there are at least two (or ``reps``, if fewer), else every round.
+    """
+    max_rounds = max(max_rounds or reps, reps)
+    for method in methods:
+        method.prepare(bench, workdir)
+    import torch.distributed.checkpoint  # noqa: F401  (imported now, not inside the first timed DCP save)
+
+    samples: dict[str, list[tuple[int, Sample]]] = {m.name: [] for m in methods}
+    rounds: list[dict[str, Any]] = []
+    # Long-lived objects (torch, the state) leave the collector's view, so that the gc.collect() before each
+    # run is quick and little cyclic garbage is left for a collection inside a timed region.
+    gc.collect()
+    gc.freeze()
+    try:
+        rep, waited = -1, 0.0
+        while rep < max_rounds and (rep < reps or sum(not r["disturbed"] for r in rounds) < reps):
+            shift = max(rep, 0) % len(methods)
+            order = methods[shift:] + methods[:shift]
+            if rep >= 0 and quiet_wait_s > waited:
+                waited += wait_for_quiet(min(quiet_wait_s - waited, 20.0), threshold=busy_threshold)
+            watch = CpuWatch()
+            for method in order:
+                for run in range(1 if rep >= 0 else method.warmups):
+                    gc.collect()
+                    tag = f"r{rep + 1}" if rep >= 0 else f"warmup{run}"
+                    with RssSampler() as rss:
+                        sample = method.run(tag)
+                    sample.rss_delta, sample.anon_delta = rss.delta, rss.anon_delta
+                    method.cleanup()
+                    if rep >= 0:
+                        samples[method.name].append((rep, sample))
+            load = watch.report()
+            if rep >= 0:
+                rounds.append({"round": rep, **load, "disturbed": load["other_processes_cores"] > busy_threshold})
+            log(f"  {bench.name}: {'warm-up' if rep < 0 else f'round {rep + 1}'} done in {load['wall_s']}s, "
+                f"other processes used {load['other_processes_cores']} cores"
+                + (" (disturbed)" if rep >= 0 and rounds[-1]["disturbed"] else ""))
+            rep += 1
+    finally:
+        gc.unfreeze()
+        for method in methods:
+            method.close()
+    clean = [r["round"] for r in rounds if not r["disturbed"]]
+    used = set(clean) if len(clean) >= min(2, reps) else {r["round"] for r in rounds}
+    info = {"rounds": len(rounds), "rounds_used": len(used), "disturbed": len(rounds) - len(clean),
+            "busy_threshold_cores": busy_threshold, "waited_for_quiet_s": round(waited, 1), "round_load": rounds}
+    rows = []
+    for method in methods:
+        got = [sample for rep, sample in samples[method.name] if rep in used]
+        rows.append({
+            "state": bench.name,
+            "method": method.name,
+            "kind": method.kind,
+            "durability": method.durability,
+            "reps": len(got),
+            "stall_s": _summary([s.stall for s in got]),
+            "durable_s": _summary([s.durable for s in got]),
+            "bytes_on_disk": int(statistics.median([s.size for s in got])),
+            "peak_rss_delta_bytes": _summary([float(s.rss_delta) for s in got]),
+            "peak_anon_rss_delta_bytes": _summary([float(s.anon_delta) for s in got]),
+            "notes": list(getattr(method, "notes", [])),
+        })
+    memcpy = next(r for r in rows if r["method"] == FLOOR_MEMCPY)["stall_s"]["median"]
+    write = next(r for r in rows if r["method"] == FLOOR_WRITE)["durable_s"]["median"]
+    for row in rows:
+        row["stall_over_memcpy_floor"] = row["stall_s"]["median"] / memcpy if memcpy > 0 else None
+        row["durable_over_write_floor"] = row["durable_s"]["median"] / write if write > 0 else None
+    return rows, info
+
+
+def run_benchmark(state_specs: Sequence[str], *, reps: int, reps_large: int | None = None,
+                  zstd_states: Sequence[str] = ZSTD_STATES, workdir: Path, adaptive: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every method on every state; returns the document written to ``results.json``."""
+    results: list[dict[str, Any]] = []
+    states: dict[str, Any] = {}
+    for spec in state_specs:
+        started = time.perf_counter()
+        bench = make_state(spec)
+        n_reps = reps_large if reps_large is not None and bench.tensor_bytes >= 5 * 10**8 else reps
+        log(f"state {bench.name}: {bench.tensor_bytes / MB:.1f} MB of tensors, {bench.description} "
+            f"(built in {time.perf_counter() - started:.1f}s); {n_reps} repetitions")
+        methods = build_methods(with_zstd=spec in zstd_states)
+        rows, rounds = measure_state(bench, methods, n_reps, workdir, log,
+                                     max_rounds=n_reps * 2 if adaptive else n_reps,
+                                     quiet_wait_s=60.0 if adaptive else 0.0)
+        results += rows
+        states[bench.name] = {"tensor_bytes": bench.tensor_bytes, "tensors": len(bench.flat),
+                              "description": bench.description, "reps": n_reps, **rounds}
+        del bench
+        gc.collect()
+    return {"states": states, "results": results}
+
+
+# ---- machine and reporting --------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _filesystem(path: Path) -> str:
+    best, fstype = "", "?"
+    with contextlib.suppress(OSError):
+        target = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and target.startswith(parts[1]) and len(parts[1]) > len(best):
+                best, fstype = parts[1], f"{parts[2]} on {parts[0]}"
+    return fstype
+
+
+def machine_info(path: Path) -> dict[str, Any]:
+    import safetensors
+    import zstandard
+
+    usage = shutil.disk_usage(path)
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "zstandard": zstandard.__version__,
+        "platform": platform.platform(),
+        "disk": str(path.resolve()),
+        "filesystem": _filesystem(path),
+        "disk_free_gb": round(usage.free / 1e9, 1),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class CpuWatch:
+    """How much CPU other processes used while the benchmark ran: the machine may be shared."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.started = time.perf_counter()
+        self._busy = self._busy_seconds()
+        self._own = self._own_seconds()
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _own_seconds(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def report(self, *, precise: bool = False) -> dict[str, float]:
+        wall = time.perf_counter() - self.started
+        busy = self._busy_seconds() - self._busy
+        own = self._own_seconds() - self._own
+        digits = 3 if precise else 1
+        return {"wall_s": round(wall, digits), "own_cpu_s": round(own, digits),
+                "other_processes_cpu_s": round(busy - own, digits),
+                "other_processes_cores": round(max(busy - own, 0.0) / wall, 2) if wall > 0 else 0.0}
+
+
+def wait_for_quiet(max_wait: float, *, threshold: float = BUSY_THRESHOLD, window: float = 1.0) -> float:
+    """Wait (at most ``max_wait`` seconds) until other processes use less than ``threshold`` cores over two
+    consecutive ``window``-second periods; returns the seconds waited."""
+    started = time.perf_counter()
+    quiet = 0
+    while quiet < 2 and time.perf_counter() - started < max_wait:
+        watch = CpuWatch()
+        time.sleep(window)
+        quiet = quiet + 1 if watch.report(precise=True)["other_processes_cores"] < threshold else 0
+    return time.perf_counter() - started
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    return (f"{info['cpu']}, {info['logical_cores']} logical cores ({info['torch_threads']} torch threads), "
+            f"{info['ram_gb']} GB RAM; Python {info['python']}, torch {info['torch']}, safetensors "
+            f"{info['safetensors']}, zstandard {info['zstandard']}; disk {info['disk']} ({info['filesystem']}), "
+            f"{info['disk_free_gb']} GB free; load average at start {info['loadavg_start']}"
+            + (f", other processes used {info['cpu_watch']['other_processes_cores']} cores on average during the run"
+               if "cpu_watch" in info else ""))
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| state | method | stall ms median [min–max] | durable ms median [min–max] | MB on disk "
+        "| peak RSS Δ MB (anon) | stall / memcpy floor | durable / write floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        stall, durable = r["stall_s"], r["durable_s"]
+        lines.append(
+            f"| {r['state']} | {r['method']} | {_ms(stall['median'])} [{_ms(stall['min'])}–{_ms(stall['max'])}] "
+            f"| {_ms(durable['median'])} [{_ms(durable['min'])}–{_ms(durable['max'])}] "
+            f"| {r['bytes_on_disk'] / MB:.1f} | {r['peak_rss_delta_bytes']['median'] / MB:.0f} "
+            f"({r['peak_anon_rss_delta_bytes']['median'] / MB:.0f}) "
+            f"| {_ratio(r['stall_over_memcpy_floor'])} | {_ratio(r['durable_over_write_floor'])} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(results: list[dict[str, Any]], states: dict[str, Any]) -> list[str]:
+    """The project's targets, checked against this run (states of at least 100 MB)."""
+    lines = []
+    by = {(r["state"], r["method"]): r for r in results}
+    for state, info in states.items():
+        if info["tensor_bytes"] < 99 * MB:
+            continue
+        torch_save = by[(state, TorchSave.name)]["stall_s"]["median"]
+        dcp = by[(state, DcpAsyncSave.name)]
+        for r in results:
+            if r["state"] != state or r["kind"] != "ckptio" or " async " not in f" {r['method']} ":
+                continue
+            stall, durable = r["stall_s"]["median"], r["durable_s"]["median"]
+            checks = [
+                ("stall ≤ 1.5× memcpy floor", r["stall_over_memcpy_floor"] <= 1.5,
+                 f"{r['stall_over_memcpy_floor']:.2f}×"),
+                ("stall ≤ 1/10 torch.save+fsync", stall <= torch_save / 10, f"{stall / torch_save:.3f}"),
+                ("durable ≤ 1.2× write floor", r["durable_over_write_floor"] <= 1.2,
+                 f"{r['durable_over_write_floor']:.2f}×"),
+                ("stall < dcp.async_save stall", stall < dcp["stall_s"]["median"],
+                 f"{_ms(stall)} vs {_ms(dcp['stall_s']['median'])} ms"),
+                ("durable < dcp.async_save durable", durable < dcp["durable_s"]["median"],
+                 f"{_ms(durable)} vs {_ms(dcp['durable_s']['median'])} ms"),
+            ]
+            text = "; ".join(f"{name}: {'PASS' if ok else 'FAIL'} ({value})" for name, ok, value in checks)
+            lines.append(f"- {state} / {r['method']}: {text}")
+    return lines
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipped the chart (pip install matplotlib)"
+    states = list(doc["states"])
+    fig, axes = plt.subplots(len(states), 1, figsize=(10, 3.2 * len(states) + 0.5), squeeze=False)
+    for ax, state in zip(axes[:, 0], states, strict=True):
+        rows = [r for r in doc["results"] if r["state"] == state]
+        labels = [r["method"] for r in rows]
+        ys = range(len(rows))
+        stall = [r["stall_s"]["median"] * 1000 for r in rows]
+        durable = [r["durable_s"]["median"] * 1000 for r in rows]
+        ax.barh([y + 0.2 for y in ys], durable, height=0.4, color="#9ecae1", label="until durable")
+        ax.barh([y - 0.2 for y in ys], stall, height=0.4, color="#08519c", label="training stall")
+        ax.set_yticks(list(ys), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlim(left=min(stall + durable) / 2)
+        ax.set_xlabel("milliseconds (median, log scale)")
+        info = doc["states"][state]
+        ax.set_title(f"{state}: {info['tensor_bytes'] / MB:.0f} MB, {info['tensors']} tensors", fontsize=10)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"
+
+
+def write_outputs(doc: dict[str, Any], out: Path, *, chart: bool = True) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    table = markdown_table(doc["results"])
+    goal_lines = goals(doc["results"], doc["states"])
+    md = [
+        "# Checkpoint save latency",
+        "",
+        f"Machine: {machine_line(doc['machine'])}.",
+        "",
+        f"Mode: {doc['config']['mode']}; rounds per state (used / run): "
+        + ", ".join(f"{k} {v['rounds_used']}/{v['rounds']}" for k, v in doc["states"].items())
+        + ". Each round saves once with every method, in a rotated order, after uncounted warm-up saves. A round "
+        f"during which other processes used more than {BUSY_THRESHOLD} cores is disturbed and left out when at "
+        "least two undisturbed rounds exist; extra rounds (up to twice the repetitions) replace disturbed ones, "
+        "and before each round the benchmark waits (at most 60 s per state in all) for the machine to be quiet.",
+        "",
+        "States:",
+        *[f"- {k}: {v['tensor_bytes'] / MB:.1f} MB of tensors; {v['description']}"
+          + (" **(every round disturbed by other processes: noisy)**" if v["disturbed"] == v["rounds"] else "")
+          for k, v in doc["states"].items()],
+        "",
+        table,
+        "",
+        "Goals (ckptio async, states ≥ 100 MB):",
+        *(goal_lines or ["- (no state of 100 MB or more in this run)"]),
+        "",
+        "Notes:",
+        *[f"- {n}" for n in doc["notes"]],
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(md))
+    messages = [f"results: {out / 'results.json'}, {out / 'results.md'}"]
+    if chart:
+        messages.append(write_chart(doc, out / "save_latency.png"))
+    return messages
+
+
+def _notes(results: list[dict[str, Any]]) -> list[str]:
+    dcp_notes = sorted({n for r in results if r["method"] == DcpAsyncSave.name for n in r["notes"]})
+    notes = [
+        "stall: time until control returned to the caller; durable: time until the method's last fsync "
+        "(and, for ckptio, the rename, the directory fsync and the index update) completed, measured from the "
+        "same start. For the synchronous methods the two are equal.",
+        "The async methods' durable time was measured with the main thread idle, waiting on the future: in "
+        "training the writer shares the cores with the training step and takes longer (see train_overhead.py).",
+        "safetensors.save_file gets the state flattened to a name -> tensor dict (tensors that share storage "
+        "removed) once, outside the timed region; torch.save, DCP and ckptio get the nested state as is.",
+        "dcp.async_save ran without a process group (single process; no gloo group was needed). DCP's default "
+        "stager allocates a fresh CPU copy of the state at every save: its buffer-reusing mode "
+        "(cache_staged_state_dict=True) pins memory, which a CPU-only torch build refuses. DCP writes a "
+        "directory (one data file + .metadata), fsyncs both files and renames .metadata into place, but does "
+        "not fsync the directory, so its rename may not survive a power loss.",
+        "torch.save and safetensors.save_file baselines: write to the final name, then fsync the file; no "
+        "atomic rename and no directory fsync (cheaper, and less safe, than what ckptio does).",
+        "ckptio: one long-lived CheckpointManager per method and state, snapshot buffers reused across saves "
+        "(the warm-up save allocates them). Its files carry an xxh3-128 digest; drop_page_cache is on (default).",
+        "Every save writes a fresh file in a temporary directory under the output directory (same disk); files "
+        "are deleted between repetitions, outside the timed region. The page cache is not dropped between runs.",
+        "peak RSS Δ: highest resident set size (sampled every 2 ms in a thread) above the level just before the "
+        "save, until durable (median over the rounds); in brackets its anonymous part (RSS minus file-backed and "
+        "shared pages): a file the writer maps (ckptio's torch format hashes its file through mmap) counts in RSS "
+        "but is page cache, not new memory. Reused buffers (ckptio, memcpy floor) were allocated during warm-up "
+        "and do not show; fresh per-save allocations do, unless the allocator reuses memory freed by an earlier "
+        "save (glibc keeps freed blocks below its mmap threshold, up to 32 MB, so DCP's per-save staging copy of "
+        "CRAFT, whose largest tensor is 19 MB, shows as 0 after the first save).",
+        "memcpy floor: the faster of ctypes.memmove and Tensor.copy_ of every tensor into preallocated tensors of "
+        "the same shape, both timed in every repetition (copy_ uses the intra-op thread pool, which stalls when "
+        "another process holds a core); write floor: "
+        "os.write of the state's tensor bytes from one preallocated buffer to a new file, then fsync. Ratios "
+        "use medians; for zstd the write floor is the uncompressed size.",
+    ]
+    notes += [f"DCP said: {n}" for n in dcp_notes]
+    notes += [f"{r['state']}: {n}" for r in results if r["method"] == FLOOR_MEMCPY for n in r["notes"]]
+    return notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 MB and 100 MB states, 2 repetitions (< 1 min)")
+    parser.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    parser.add_argument("--states", help="comma-separated states: sizes like 10MB or 1GB, and 'craft' "
+                        f"(default: {','.join(FULL_STATES)}; --quick: {','.join(QUICK_STATES)})")
+    parser.add_argument("--reps", type=int, help="repetitions per state (default 5; --quick 2)")
+    parser.add_argument("--reps-large", type=int, help="repetitions for states of 500 MB or more (default 3)")
+    parser.add_argument("--zstd-on", default=",".join(ZSTD_STATES),
+                        help=f"states that also get the zstd variants (default: {','.join(ZSTD_STATES)})")
+    parser.add_argument("--no-chart", action="store_true", help="skip save_latency.png")
+    parser.add_argument("--no-extra-rounds", action="store_true",
+                        help="neither wait for a quiet machine nor add rounds to replace those disturbed by other "
+                        "processes")
+    args = parser.parse_args(argv)
+
+    states = args.states.split(",") if args.states else list(QUICK_STATES if args.quick else FULL_STATES)
+    reps = args.reps or (2 if args.quick else 5)
+    reps_large = args.reps_large or min(reps, 3)
+    zstd_states = [s for s in args.zstd_on.split(",") if s]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    info = machine_info(out)
+    print(f"machine: {machine_line(info)}", flush=True)
+    started = time.perf_counter()
+    watch = CpuWatch()
+    workdir = Path(tempfile.mkdtemp(prefix="save_latency_", dir=out))
+    try:
+        doc = run_benchmark(states, reps=reps, reps_large=reps_large, zstd_states=zstd_states, workdir=workdir,
+                            adaptive=not args.no_extra_rounds, log=lambda s: print(s, flush=True))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["cpu_watch"] = watch.report()
+    doc = {
+        "machine": info,
+        "config": {"mode": "quick" if args.quick else "full", "states": states, "reps": reps,
+                   "reps_large": reps_large, "zstd_states": zstd_states, "argv": list(argv or sys.argv[1:]),
+                   "seconds": round(time.perf_counter() - started, 1)},
+        **doc,
+        "notes": _notes(doc["results"]),
+    }
+    messages = write_outputs(doc, out, chart=not args.no_chart)
+    print()
+    print(markdown_table(doc["results"]))
+    print()
+    for line in goals(doc["results"], doc["states"]):
+        print(line)
+    for message in messages:
+        print(message)
+    print(f"total {doc['config']['seconds']}s; load average at end {info['loadavg_end']}; CPU use {info['cpu_watch']}")
+    print(f"machine: {machine_line(info)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
