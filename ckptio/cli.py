@@ -205,7 +205,10 @@ def _entry_line(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime_ns / 1e9))
     state = _STATE_LABELS[integrity_state(entry, index)]
     shards = " (with shards)" if entry.shard_bytes else ""
-    return f"  {entry.path.name} - {_mb(entry.total_size)}{shards} - {stamp} - {state}"
+    summary = ((index.get(entry.path.name) or {}).get("meta") or {}).get("summary") or {}
+    scores = "".join(f" - {key}={summary[key]:.4f}" for key in ("val_loss", "val_hmean")
+                     if isinstance(summary.get(key), float))
+    return f"  {entry.path.name} - {_mb(entry.total_size)}{shards} - {stamp} - {state}{scores}"
 
 
 def _entry_json(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:

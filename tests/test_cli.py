@@ -705,3 +705,15 @@ def test_guide_flags_given_with_an_equals_sign_work(tmp_path, cli) -> None:
     code, out, err = cli("--action=list", f"--save_dir={directory}")
     assert code == 0, err
     assert listed_files(out) == [f"{batch_name(1, 2)}.pth"]
+
+
+def test_list_shows_the_validation_scores_recorded_with_a_checkpoint(tmp_path) -> None:
+    import torch
+
+    import ckptio
+
+    with ckptio.CheckpointManager(tmp_path / "ck") as mgr:
+        mgr.save({"epoch": 1, "val_loss": 0.25, "val_hmean": 0.8125, "w": torch.ones(2)}, name="best_model")
+    out = subprocess.run([sys.executable, "-m", "ckptio", "list", "ck"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    assert "best_model.pth" in out and "val_loss=0.2500 - val_hmean=0.8125" in out
