@@ -270,6 +270,14 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -303,6 +311,11 @@ class Method:
     def cleanup(self) -> None:
         for path in self._leftovers:
             _remove(path)
+        if self._leftovers:
+            # Commit the deletions now, outside any timed region: on a filesystem mounted with `discard` the
+            # freed blocks are trimmed at the next journal commit, which the next fsync would otherwise pay for.
+            for directory in {p.parent for p in self._leftovers if p.parent.is_dir()}:
+                _fsync_dir(directory)
         self._leftovers = []
 
     def close(self) -> None:
@@ -555,7 +568,8 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
             if rep >= 0:
                 rounds.append({"round": rep, **load, "disturbed": load["other_processes_cores"] > busy_threshold})
             log(f"  {bench.name}: {'warm-up' if rep < 0 else f'round {rep + 1}'} done in {load['wall_s']}s, "
-                f"other processes used {load['other_processes_cores']} cores"
+                f"other processes used {load['other_processes_cores']} cores and wrote about "
+                f"{load['other_disk_writes_mb']} MB"
                 + (" (disturbed)" if rep >= 0 and rounds[-1]["disturbed"] else ""))
             rep += 1
     finally:
@@ -667,6 +681,15 @@ class CpuWatch:
         self.started = time.perf_counter()
         self._busy = self._busy_seconds()
         self._own = self._own_seconds()
+        self._disk, self._own_disk = self._disk_writes()
+
+    def _disk_writes(self) -> tuple[int, int]:
+        try:
+            disk = psutil.disk_io_counters()
+            own = self._process.io_counters().write_bytes
+        except (AttributeError, OSError, RuntimeError):
+            return 0, 0
+        return (disk.write_bytes if disk else 0), own
 
     @staticmethod
     def _busy_seconds() -> float:
@@ -682,9 +705,12 @@ class CpuWatch:
         busy = self._busy_seconds() - self._busy
         own = self._own_seconds() - self._own
         digits = 3 if precise else 1
+        disk, own_disk = self._disk_writes()
         return {"wall_s": round(wall, digits), "own_cpu_s": round(own, digits),
                 "other_processes_cpu_s": round(busy - own, digits),
-                "other_processes_cores": round(max(busy - own, 0.0) / wall, 2) if wall > 0 else 0.0}
+                "other_processes_cores": round(max(busy - own, 0.0) / wall, 2) if wall > 0 else 0.0,
+                # Device writes minus what this process dirtied: a rough sign of other writers (writeback lags).
+                "other_disk_writes_mb": round(max((disk - self._disk) - (own_disk - self._own_disk), 0) / MB, 1)}
 
 
 def wait_for_quiet(max_wait: float, *, threshold: float = BUSY_THRESHOLD, window: float = 1.0) -> float:
@@ -855,7 +881,9 @@ def _notes(results: list[dict[str, Any]]) -> list[str]:
         "ckptio: one long-lived CheckpointManager per method and state, snapshot buffers reused across saves "
         "(the warm-up save allocates them). Its files carry an xxh3-128 digest; drop_page_cache is on (default).",
         "Every save writes a fresh file in a temporary directory under the output directory (same disk); files "
-        "are deleted between repetitions, outside the timed region. The page cache is not dropped between runs.",
+        "are deleted between repetitions, outside the timed region, and the deletion is committed (directory "
+        "fsync) before the next save, so that trimming freed blocks (`discard` mount option) does not land in "
+        "the next method's fsync. The page cache is not dropped between runs.",
         "peak RSS Δ: highest resident set size (sampled every 2 ms in a thread) above the level just before the "
         "save, until durable (median over the rounds); in brackets its anonymous part (RSS minus file-backed and "
         "shared pages): a file the writer maps (ckptio's torch format hashes its file through mmap) counts in RSS "
