@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,32 +20,6 @@ from ckptio.snapshot import BufferSlot, rebuild, walk_tensors
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
-    """Same types, keys (in order), dtypes, shapes and bit-identical tensor values; NaN equals NaN."""
-    assert type(actual) is type(expected), f"{where}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-        assert torch.equal(_bits(actual), _bits(expected)), f"{where}: tensor bytes differ"
-    elif isinstance(expected, dict):
-        assert list(actual.keys()) == list(expected.keys()), f"{where}: keys differ"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same(a, e, f"{where}/{i}")
-    elif isinstance(expected, float):
-        if math.isnan(expected):
-            assert math.isnan(actual), f"{where}: {actual!r} is not NaN"
-        else:
-            assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), where
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
 def json_roundtrip(state: Any) -> tuple[Any, Any]:
