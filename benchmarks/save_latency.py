@@ -37,6 +37,8 @@ from typing import Any
 import psutil
 import torch
 
+from ckptio.atomic import fsync_directory
+
 __all__ = [
     "BenchState",
     "Sample",
@@ -270,14 +272,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -315,7 +309,7 @@ class Method:
             # Commit the deletions now, outside any timed region: on a filesystem mounted with `discard` the
             # freed blocks are trimmed at the next journal commit, which the next fsync would otherwise pay for.
             for directory in {p.parent for p in self._leftovers if p.parent.is_dir()}:
-                _fsync_dir(directory)
+                fsync_directory(directory)
         self._leftovers = []
 
     def close(self) -> None:
