@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -522,7 +523,7 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
 def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: Path,
                   log: Callable[[str], None], *, max_rounds: int | None = None, quiet_wait_s: float = 0.0,
                   busy_threshold: float = BUSY_THRESHOLD) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Warm every method up, then rounds in which every method saves once, in an order rotated each round.
+    """Warm every method up, then rounds in which every method saves once, in a new random order each round.
 
     A round during which other processes used more than ``busy_threshold`` cores on average is *disturbed*;
     rounds go on (up to ``max_rounds``) until ``reps`` undisturbed ones are in. Before each round it waits for
@@ -543,8 +544,11 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
     try:
         rep, waited = -1, 0.0
         while rep < max_rounds and (rep < reps or sum(not r["disturbed"] for r in rounds) < reps):
-            shift = max(rep, 0) % len(methods)
-            order = methods[shift:] + methods[:shift]
+            # A fresh random order each round (seeded): a plain rotation keeps every method's predecessor fixed,
+            # so after-effects of one method (writeback, trims of deleted files) would always hit the same next one.
+            order = list(methods)
+            if rep >= 0:
+                random.Random(rep).shuffle(order)
             if rep >= 0 and quiet_wait_s > waited:
                 waited += wait_for_quiet(min(quiet_wait_s - waited, 20.0), threshold=busy_threshold)
             watch = CpuWatch()
@@ -829,7 +833,8 @@ def write_outputs(doc: dict[str, Any], out: Path, *, chart: bool = True) -> list
         "",
         f"Mode: {doc['config']['mode']}; rounds per state (used / run): "
         + ", ".join(f"{k} {v['rounds_used']}/{v['rounds']}" for k, v in doc["states"].items())
-        + ". Each round saves once with every method, in a rotated order, after uncounted warm-up saves. A round "
+        + ". Each round saves once with every method, in a new (seeded) random order, after uncounted warm-up saves. "
+        "A round "
         f"during which other processes used more than {BUSY_THRESHOLD} cores is disturbed and left out when at "
         "least two undisturbed rounds exist; extra rounds (up to twice the repetitions) replace disturbed ones, "
         "and before each round the benchmark waits (at most 60 s per state in all) for the machine to be quiet.",

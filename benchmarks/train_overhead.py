@@ -3,7 +3,7 @@
 Runs the trainer's step (``craft_train.train``: synthetic data through a DataLoader with ``workers=0``, CRAFT,
 ``craft_loss``, Adam, StepLR, GradScaler, the trainer's checkpoint dict and ``ckptio.CheckpointManager``) on the
 CPU under several configurations, interleaved: in every round each configuration trains one segment of
-``--segment`` steps, in a rotated order, so that slow phases of the machine hit all of them alike.
+``--segment`` steps, in a new random order, so that slow phases of the machine hit all of them alike.
 
 Configurations measured directly: no checkpointing, sync and async saving every step and every 10 steps.
 Saving every 100 steps would need 100-step segments (minutes each on a CPU); its overhead is derived from the
@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -294,9 +295,12 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
                     log(f"waited {waited:.0f}s for other processes to quiet down")
             forced = not complete and time.perf_counter() - started > 0.4 * budget_s
             round_started = time.perf_counter()
-            shift = r % len(configs)
+            # A fresh random order each round (seeded): a plain rotation would keep every configuration's
+            # predecessor fixed, so after-effects of one (trims of deleted checkpoints) would always hit the same one.
+            order = list(configs)
+            random.Random(r).shuffle(order)
             mine: list[Segment] = []
-            for config in list(configs[shift:]) + list(configs[:shift]):
+            for config in order:
                 seg = run_segment(trainer, config, managers.get(config.name), segment, r)
                 mine.append(seg)
                 log(f"round {r + 1} {config.name:24s} {seg.steps} steps in {seg.seconds:6.1f}s "
@@ -315,7 +319,9 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
                 if not disturbed:
                     round_seconds = min(round_seconds, time.perf_counter() - round_started)
             state = ("abandoned: disturbed by other processes" if not finished else
-                     "completed although disturbed (no complete round yet)" if disturbed else "undisturbed")
+                     "undisturbed" if not disturbed else
+                     "completed although disturbed (kept: no complete round yet)" if forced else
+                     "completed, but its last segment was disturbed")
             log(f"round {r + 1}: {state} ({clean} of {rounds} undisturbed rounds, "
                 f"{time.perf_counter() - started:.0f}s elapsed)")
             r += 1
@@ -434,7 +440,8 @@ def _notes(args: argparse.Namespace, analysis: dict[str, Any]) -> list[str]:
         f"{analysis['busy_threshold_cores']} cores during one of its segments; on this 2-core machine that slows "
         "a step up to ~10x. Before each round the benchmark waits (up to 60 s) for a quiet machine; it stops after "
         f"{args.rounds} undisturbed rounds or when the next would exceed {args.budget:.0f} s. In each round every "
-        f"configuration trains {args.segment} steps (order rotated per round). A segment saves after its step i "
+        f"configuration trains {args.segment} steps (new seeded random order each round). A segment saves after its "
+        "step i "
         "when i % save_freq == 0, and ends with manager.wait(), so every "
         "save it started is durable inside its own time (this charges the last async write of a segment to it).",
         "overhead = (time per step with saving) / (time per step without) - 1, over the rounds used; the bracket is "
