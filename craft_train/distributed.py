@@ -31,20 +31,14 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def mean(self, values: list[float], device: torch.device) -> list[float]:
-        """The mean of ``values`` over all processes (identity for one process)."""
+    def step_totals(self, losses: list[float], errors: int, device: torch.device) -> tuple[list[float], int]:
+        """Losses averaged and error counts summed over all processes, in one all-reduce (identity for one)."""
         if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+            return losses, errors
+        tensor = torch.tensor([*losses, float(errors)], dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
-        return (tensor / self.size).tolist()
-
-    def total(self, value: int, device: torch.device) -> int:
-        if not self.distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(tensor)
-        return int(tensor.item())
+        *summed, total_errors = tensor.tolist()
+        return [value / self.size for value in summed], int(total_errors)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process."""

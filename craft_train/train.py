@@ -247,14 +247,16 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
-                    losses = tuple(world.mean([loss.item(), cls_loss.item(), geo_loss.item()], device))
+                    local = [loss.item(), cls_loss.item(), geo_loss.item()]
+                else:  # one process only: every process of a distributed run has a batch (see above)
+                    local = [math.nan, math.nan, math.nan]
+                losses, errors = world.step_totals(local, int(batch["errors"]), device)
+                result.errors += errors
+                if batch["size"] > 0:
                     sums["train"] += losses[0]
                     sums["cls"] += losses[1]
                     sums["geo"] += losses[2]
                     sums["batches"] += 1
-                else:
-                    losses = (math.nan, math.nan, math.nan)
-                result.errors += world.total(int(batch["errors"]), device)
                 batch_in_epoch += 1
                 global_step += 1
                 position = min(position + step_samples, len(permutation))
