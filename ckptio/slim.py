@@ -1,0 +1,138 @@
+"""Slim old checkpoints to their model weights, keeping the newest ones complete.
+
+A resumable checkpoint holds the model *and* the optimizer state (for Adam, two more copies of every weight),
+so it is about three times the size of the weights alone. Only the newest checkpoints are ever resumed from;
+older ones are kept to compare or to deploy, and for that the weights suffice. :func:`slim_checkpoint`
+rewrites one checkpoint as a new sealed file through the same write path as every save (temporary file,
+fsync, rename, digest), verifies it, and records ``"slim"`` in its metadata, so that ``list`` and ``info``
+show it and a trainer refuses to resume from it. :func:`plan_slimming` says which files to slim.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import TEMP_SUFFIX, fsync_directory
+from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
+from .layout import CheckpointEntry, index_record, update_index
+from .snapshot import BufferSlot, walk_tensors
+
+__all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint"]
+
+SLIM_KEY = "slim"
+"""Key of the record in a checkpoint's user metadata that marks it slim (what was dropped, the size before)."""
+
+
+@dataclass(frozen=True)
+class SlimResult:
+    """One slimmed checkpoint: its size before and after, and the top-level entries that were dropped."""
+
+    path: Path
+    bytes_before: int
+    bytes_after: int
+    dropped: tuple[str, ...]
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+def is_slim(meta: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's seal metadata (``read_meta(path)[0].meta`` or an index record's ``meta``) marks
+    it slim."""
+    user = (meta or {}).get("user")
+    return isinstance(user, dict) and isinstance(user.get(SLIM_KEY), dict)
+
+
+def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names: set[str]) -> list[CheckpointEntry]:
+    """The periodic checkpoints to slim: all but the newest ``keep_full`` of them, except those already slim.
+
+    ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Protected checkpoints (``best_model``)
+    and sharded ones (their optimizer state lives in separate shard files) are never slimmed.
+    """
+    if keep_full < 1:
+        raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
+                         f"got {keep_full}")
+    periodic = [e for e in entries if not e.protected]
+    return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]
+
+
+def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("model_state_dict",),
+                    fsync: bool = True) -> SlimResult:
+    """Replace the checkpoint at ``path`` by one holding only the tensors under the top-level keys ``keep``.
+
+    Top-level entries without tensors (epoch, batch, losses, configuration...) stay, so listings still show
+    them; every other entry holding tensors (optimizer, RNG states, data order) is dropped. The original is read
+    with its digest checked. The new file is written through ckptio's write path into a hidden temporary
+    directory beside it, sealed, verified and compared tensor by tensor with the original, and only then renamed
+    over it: a reader sees the old file or the verified new one, never a mix, and a crash leaves a temporary
+    directory that the next writer sweeps. The modification time is kept, so that the file keeps its place in
+    the checkpoints' order (retention and ``list`` sort by it).
+
+    Raises :class:`ValueError` for a file that is not a dict checkpoint, is sharded, or is already slim, and
+    :class:`~ckptio.CorruptCheckpointError` when the original does not verify (it is then left alone).
+    """
+    path = Path(path)
+    seal, before = read_meta(path)
+    if seal is None:
+        raise ValueError(f"{path} carries no ckptio seal; only checkpoints written by ckptio are slimmed")
+    meta = seal.meta
+    if is_slim(meta):
+        raise ValueError(f"{path} is already slim")
+    if meta.get("shards"):
+        raise ValueError(f"{path} is a sharded checkpoint; its shards are not slimmed")
+    original_mtime = path.stat().st_mtime_ns
+    state = load(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
+    missing = [k for k in keep if k not in state]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}; it cannot be slimmed to it")
+    kept = {k: v for k, v in state.items() if k in keep or next(walk_tensors(v), None) is None}
+    dropped = tuple(str(k) for k in state if k not in kept)
+    user = dict(meta.get("user") or {})
+    user[SLIM_KEY] = {"dropped": list(dropped), "bytes_before": before}
+    # The same file name inside the workspace: the format is read from the name, and torch names its records
+    # after it.
+    workspace = path.parent / f".{path.name}.slim.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    workspace.mkdir(mode=0o700)
+    try:
+        candidate = workspace / path.name
+        saved = write_checkpoint(candidate, BufferSlot().take(kept), name=meta.get("name", path.stem),
+                                 fmt=inner_format(path), compression=meta.get("compression"), fsync=fsync,
+                                 user_meta=user)
+        check = verify_file(candidate)
+        if check.status != "verified" or check.digest != saved.digest:
+            raise ValueError(f"the slimmed copy of {path} does not verify ({check.status}: {check.reason}); "
+                             "the original is kept")
+        reread = load(candidate, map_location="cpu")
+        for key in keep:
+            _assert_same_tensors(state[key], reread[key], f"{path}: {key}")
+        os.utime(candidate, ns=(original_mtime, original_mtime))
+        os.replace(candidate, path)
+        if fsync:
+            fsync_directory(path.parent)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    info = path.stat()
+    try:
+        update_index(path.parent, {path.name: index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest,
+                                                           saved.meta)})
+    except OSError:  # the index is a cache; the file carries its own digest and metadata
+        pass
+    return SlimResult(path=path, bytes_before=before, bytes_after=info.st_size, dropped=dropped)
+
+
+def _assert_same_tensors(expected: Any, actual: Any, where: str) -> None:
+    want, got = list(walk_tensors(expected)), list(walk_tensors(actual))
+    if len(want) != len(got) or not all(
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(want, got, strict=True)):
+        raise ValueError(f"{where} changed while slimming")

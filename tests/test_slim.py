@@ -1,0 +1,109 @@
+"""Tests for ckptio.slim: old checkpoints rewritten to their weights, sealed, verified, marked, order kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.layout import CheckpointEntry, read_index, scan
+from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
+from tests.helpers import assert_same
+
+
+def _state(step: int) -> dict:
+    weights = {"conv.weight": torch.full((8, 4), float(step)), "conv.bias": torch.arange(8.0)}
+    return {
+        "epoch": 1, "batch": step, "global_step": step, "train_loss": 0.5 / step,
+        "model_state_dict": weights,
+        "optimizer_state_dict": {"state": {0: {"exp_avg": torch.ones(8, 4), "exp_avg_sq": torch.ones(8, 4),
+                                               "step": torch.tensor(float(step))}},
+                                 "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "rng_state": {"torch": torch.get_rng_state()},
+        "config": {"lr": 1e-4, "seed": 0},
+    }
+
+
+def _save(directory: Path, steps: list[int], **options: object) -> list[Path]:
+    with ckptio.CheckpointManager(directory, async_save=False, **options) as mgr:
+        for step in steps:
+            mgr.save(_state(step), name=f"checkpoint_epoch_1_batch_{step}")
+        return [mgr.path_for(f"checkpoint_epoch_1_batch_{step}") for step in steps]
+
+
+@pytest.mark.parametrize(("fmt", "compression"), [("torch", None), ("torch", "zstd"), ("safetensors", None)])
+def test_slimming_keeps_the_weights_and_scalars_drops_the_rest_and_marks_the_file(
+        tmp_path: Path, fmt: str, compression: str | None) -> None:
+    (path,) = _save(tmp_path, [3], format=fmt, compression=compression)
+    before_mtime = path.stat().st_mtime_ns
+    result = slim_checkpoint(path)
+    assert result.bytes_after < result.bytes_before == result.bytes_after + result.bytes_saved
+    assert set(result.dropped) == {"optimizer_state_dict", "rng_state"}
+    state = ckptio.load(path)
+    assert_same(state["model_state_dict"], _state(3)["model_state_dict"])
+    assert {k: state[k] for k in ("epoch", "batch", "global_step", "train_loss", "config")} == {
+        "epoch": 1, "batch": 3, "global_step": 3, "train_loss": 0.5 / 3, "config": {"lr": 1e-4, "seed": 0}}
+    assert "optimizer_state_dict" not in state and "rng_state" not in state
+    assert ckptio.verify(path).ok and ckptio.fileio.verify_file(path).status == "verified"
+    seal, size = ckptio.read_meta(path)
+    assert seal is not None and is_slim(seal.meta) and size == result.bytes_after
+    assert seal.meta["user"]["slim"]["bytes_before"] == result.bytes_before
+    assert is_slim(read_index(tmp_path)[path.name]["meta"])  # what `ckptio list` reads
+    assert path.stat().st_mtime_ns == before_mtime  # keeps its place among the checkpoints
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "slim" in p.name] == []
+
+
+def test_a_slim_torch_checkpoint_still_loads_with_plain_torch_load(tmp_path: Path) -> None:
+    (path,) = _save(tmp_path, [2])
+    slim_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["model_state_dict"]["conv.weight"], torch.full((8, 4), 2.0))
+
+
+def test_slimming_a_corrupt_checkpoint_refuses_and_leaves_it_untouched(tmp_path: Path) -> None:
+    (path,) = _save(tmp_path, [1])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckptio.CorruptCheckpointError):
+        slim_checkpoint(path)
+    assert path.read_bytes() == bytes(data)
+
+
+def test_slimming_twice_or_without_the_weights_is_refused(tmp_path: Path) -> None:
+    (path,) = _save(tmp_path, [1])
+    with pytest.raises(ValueError, match="has no weights"):
+        slim_checkpoint(path, keep=("weights",))
+    slim_checkpoint(path)
+    with pytest.raises(ValueError, match="already slim"):
+        slim_checkpoint(path)
+
+
+def _entry(name: str, age: int, *, protected: bool = False, shard_bytes: int = 0) -> CheckpointEntry:
+    return CheckpointEntry(path=Path(f"{name}.pth"), name=name, suffix=".pth", size=10, mtime_ns=1000 - age,
+                           protected=protected, shard_bytes=shard_bytes)
+
+
+def test_plan_keeps_the_newest_n_complete_and_never_slims_best_sharded_or_slim_ones() -> None:
+    entries = [_entry("best_model", 0, protected=True), _entry("c5", 1), _entry("c4", 2), _entry("c3", 3),
+               _entry("c2", 4, shard_bytes=5), _entry("c1", 5), _entry("c0", 6)]
+    planned = plan_slimming(entries, keep_full=2, slim_names={"c0.pth"})
+    assert [e.name for e in planned] == ["c3", "c1"]
+    assert [e.name for e in plan_slimming(entries, keep_full=1, slim_names=set())] == ["c4", "c3", "c1", "c0"]
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_slimming(entries, keep_full=0, slim_names=set())
+
+
+def test_slimming_old_checkpoints_saves_space_and_keeps_the_directory_order(tmp_path: Path) -> None:
+    paths = _save(tmp_path, [1, 2, 3])
+    order = [e.name for e in scan(tmp_path)]
+    total_before = sum(p.stat().st_size for p in paths)
+    for entry in plan_slimming(scan(tmp_path), keep_full=1, slim_names=set()):
+        slim_checkpoint(entry.path)
+    assert [e.name for e in scan(tmp_path)] == order
+    assert sum(p.stat().st_size for p in paths) < total_before
+    assert not is_slim(ckptio.read_meta(paths[-1])[0].meta)  # the newest stays complete
+    assert "optimizer_state_dict" in ckptio.load(paths[-1])
+    assert ckptio.verify(tmp_path).ok
