@@ -2,55 +2,172 @@
 
 A reader never sees a partly written file under its final name: until the rename, the bytes live under a
 hidden temporary name that :func:`remove_leftovers` deletes when a writer next opens the directory.
+
+The checkpoint directory may hold anything (a planted symlink, a FIFO, a hard link to someone else's file),
+so every file this package creates is created here or in ``layout``: new names only (``O_EXCL``), never
+through a symlink (``O_NOFOLLOW``), and a write either puts every byte down or raises the OS's own error
+(``ENOSPC`` stays ``ENOSPC``, whatever a serializer turns it into).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
-__all__ = ["TEMP_SUFFIX", "atomic_write", "fsync_directory", "is_temporary", "remove_leftovers"]
+__all__ = [
+    "TEMP_NAME_OVERHEAD",
+    "TEMP_SUFFIX",
+    "AtomicFile",
+    "atomic_write",
+    "create_new",
+    "fsync_directory",
+    "is_temporary",
+    "open_lock",
+    "remove_leftovers",
+    "temp_name",
+    "write_all_at",
+]
 
 TEMP_SUFFIX = ".ckptio-tmp"
+# The longest temporary name is ``.{final}.{pid}.{16 hex}.ckptio-tmp``: this many bytes beyond ``final``'s own
+# (a pid has at most 7 digits on Linux: pid_max <= 2**22).
+TEMP_NAME_OVERHEAD = 1 + 1 + 7 + 1 + 16 + len(TEMP_SUFFIX)
 _WRITE_BUFFER = 4 * 2**20  # torch.save issues many small writes; batch them into large ones
+_NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def temp_name(final_name: str) -> str:
+    """A hidden, unpredictable name beside ``final_name``: nobody can plant a file or symlink under it first."""
+    return f".{final_name}.{os.getpid()}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def create_new(path: Path, mode: int = 0o644, flags: int = os.O_WRONLY) -> int:
+    """Open a file that did not exist (never one someone planted, never through a symlink)."""
+    return os.open(path, flags | _NEW_FILE_FLAGS, mode)
+
+
+def open_lock(path: Path) -> int:
+    """Open (creating it if needed) a lock file that this package may truncate and write a PID into.
+
+    A lock file is the one file we reuse across runs, so it is the one an attacker can plant: a symlink is
+    never followed, and a FIFO, a directory or a hard link to another file is refused rather than written.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise _not_a_lock_file(path, "a symlink" if exc.errno == errno.ELOOP else "not a regular file") from None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "not a regular file"
+    elif info.st_nlink != 1:
+        problem = f"a hard link shared with {info.st_nlink - 1} other name(s)"
+    if problem:
+        os.close(fd)
+        raise _not_a_lock_file(path, problem)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _not_a_lock_file(path: Path, what: str) -> OSError:
+    return OSError(errno.EPERM, f"{path} is {what}, not a ckptio lock file; remove it (ckptio never writes "
+                                "through it, it could point at another file) and start again", str(path))
+
+
+def write_all_at(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` every byte or raise: on a nearly full disk one call may write only part of them."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[written:], offset + written
+
+
 def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+class AtomicFile:
+    """The temporary file of :func:`atomic_write`: a buffered binary stream that remembers the first ``OSError``.
+
+    Serializers (``torch.save``'s C++ zip writer above all) catch a failed write and raise an error of their
+    own that has lost its errno ("unexpected pos ..."); the remembered error lets the caller see ENOSPC as
+    ENOSPC. Writes go straight to our own descriptor, which Python writes in full or raises for.
+    """
+
+    def __init__(self, fd: int, temp_path: Path) -> None:
+        self._file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self.temp_path = temp_path
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        # A flush that fails still closes the descriptor, so a failed file's blocks are freed as soon as it is
+        # unlinked, not when the exception holding it is collected.
+        self._file.close()
+
+
 @contextlib.contextmanager
-def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = False) -> Iterator[BinaryIO]:
+def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = False) -> Iterator[AtomicFile]:
     """Yield a file to write ``final``'s bytes into; they appear under ``final`` only if the block succeeds.
 
     The bytes go to ``final``'s name inside a private hidden directory beside it (so that a writer which names
     its records after the file, as ``torch.save`` does, writes exactly what it would write to ``final``), and
-    are renamed into place. On any error (ENOSPC included) the temporary file is removed and the previous
-    ``final``, if any, is kept.
+    are renamed into place. On any error (ENOSPC included) the temporary file is closed and removed and the
+    previous ``final``, if any, is kept; if a write to the file failed, that ``OSError`` is what is raised.
+    The rename replaces whatever entry has ``final``'s name (a planted symlink included), never its target.
     """
-    workspace = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    workspace.mkdir(mode=0o700)
+    workspace = final.parent / temp_name(final.name)
+    workspace.mkdir(mode=0o700)  # mkdir never follows a symlink: a planted one makes it fail
     tmp = workspace / final.name
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        file = AtomicFile(create_new(tmp, flags=os.O_RDWR), tmp)
     except BaseException:
         shutil.rmtree(workspace, ignore_errors=True)
         raise
-    file.temp_path = tmp  # type: ignore[attr-defined]  # for writers that must open the file by name
     try:
         yield file
         file.flush()
@@ -61,10 +178,12 @@ def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = Fal
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         file.close()
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             file.close()
         shutil.rmtree(workspace, ignore_errors=True)
+        if file.error is not None and file.error is not exc and isinstance(exc, Exception):
+            raise file.error from exc
         raise
     with contextlib.suppress(OSError):
         workspace.rmdir()
@@ -73,7 +192,10 @@ def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = Fal
 
 
 def remove_leftovers(directory: Path) -> list[Path]:
-    """Delete temporary files a crashed writer left behind; call only while holding the directory's lock."""
+    """Delete temporary files a crashed writer left behind; call only while holding the directory's lock.
+
+    Only entries of ``directory`` itself go: a symlink is removed as a link, never followed.
+    """
     removed = []
     for entry in os.scandir(directory):
         if not is_temporary(entry.name):

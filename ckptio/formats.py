@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
 
 from .errors import CorruptCheckpointError
-from .snapshot import Snapshot, rebuild
+from .snapshot import Snapshot, rebuild, walk_tensors
 
 __all__ = [
     "SAFETENSORS_DIGEST_KEY",
     "SAFETENSORS_META_KEY",
     "SAFETENSORS_SKELETON_KEY",
+    "check_supported",
     "read_safetensors",
     "read_safetensors_header",
     "read_torch",
     "write_safetensors",
     "write_torch",
-    "write_torch_file",
 ]
 
 SAFETENSORS_DIGEST_KEY = "ckptio.digest"
@@ -40,33 +38,21 @@ MAX_SAFETENSORS_HEADER = 256 * 2**20
 _DTYPE_CODES = {dtype: code for code, dtype in safetensors.torch._TYPES.items()}
 
 
+def check_supported(fmt: str, *states: Any) -> None:
+    """Refuse, in the caller's thread, tensors the format cannot store (rather than failing in the background)."""
+    if fmt != "safetensors":
+        return
+    for state in states:
+        for tensor in walk_tensors(state):
+            if tensor.dtype not in _DTYPE_CODES:
+                raise ValueError(f"a tensor of dtype {tensor.dtype} cannot be stored in safetensors; "
+                                 "save with format='torch' (which stores every dtype)")
+
+
 def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
+    """``torch.save`` into our own stream (zero-copy: torch hands it memoryviews), which writes every byte or
+    raises the OS's error; torch's C++ writer given a path reports a failed write without its errno."""
     torch.save(snapshot.materialize(), stream)
-
-
-def write_torch_file(snapshot: Snapshot, path: Path) -> None:
-    """``torch.save`` to a path: its C++ writer skips the copy into Python bytes that a stream costs."""
-    try:
-        torch.save(snapshot.materialize(), path)
-    except RuntimeError as exc:
-        # The C++ writer reports a failed write without its errno; ask the OS by writing one byte where it
-        # stopped, so that a full disk or a file size limit is known as such (ENOSPC, EFBIG).
-        raise _probe_write_failure(path) or exc from None
-
-
-def _probe_write_failure(path: Path) -> OSError | None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc
-    try:
-        os.pwrite(fd, b"\0", os.fstat(fd).st_size)
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    finally:
-        os.close(fd)
-    return None
 
 
 def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any], *,

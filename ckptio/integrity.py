@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from .atomic import write_all_at
 from .errors import CorruptCheckpointError
 from .formats import SAFETENSORS_DIGEST_KEY, SAFETENSORS_META_KEY, read_safetensors_header
 
@@ -121,13 +122,13 @@ def seal_zip_file(fd: int, meta: dict[str, Any]) -> tuple[str, int]:
     placeholder = _trailer_json(DIGEST_PLACEHOLDER, meta)
     if len(placeholder) > 0xFFFF:
         raise ValueError("checkpoint metadata is too large for a zip comment; save fewer top-level scalars")
-    os.pwrite(fd, struct.pack("<H", len(placeholder)), size - 2)
+    write_all_at(fd, struct.pack("<H", len(placeholder)), size - 2)
     hasher = xxhash.xxh3_128()
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
         hasher.update(mapped)
     hasher.update(placeholder)
     digest = hasher.hexdigest()
-    os.pwrite(fd, _trailer_json(digest, meta), size)
+    write_all_at(fd, _trailer_json(digest, meta), size)  # on a full disk a pwrite may be short
     return digest, size + len(placeholder)
 
 

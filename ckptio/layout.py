@@ -8,31 +8,40 @@ checkpoint. It is only a cache: deleting it loses nothing but that state.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import TEMP_SUFFIX, is_temporary
+from .atomic import TEMP_NAME_OVERHEAD, create_new, is_temporary, open_lock, remove_leftovers, temp_name
 
 __all__ = [
     "INDEX_NAME",
     "LOCK_NAME",
     "SHARDS_SUFFIX",
     "CheckpointEntry",
+    "OrphanShards",
     "delete_checkpoint",
     "file_name",
+    "live_ranks",
+    "make_shard_directory",
+    "orphan_shards",
     "parse_checkpoint_name",
+    "prune_orphan_shards",
     "read_index",
+    "remove_orphan_shards",
     "scan",
     "shard_directory",
     "shard_file_name",
     "split_suffix",
+    "sweep_leftovers",
     "update_index",
     "validate_name",
 ]
@@ -43,6 +52,8 @@ LOCK_NAME = ".ckptio.lock"
 _INDEX_LOCK_NAME = ".ckptio-index.lock"
 _SUFFIXES = (".pth.zst", ".safetensors.zst", ".pth", ".safetensors")
 _BATCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)_batch_(\d+)$")
+_LONGEST_SUFFIX = max(len(s) for s in _SUFFIXES)
+_NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs (os.pathconf's PC_NAME_MAX)
 
 
 def file_name(name: str, fmt: str, compression: str | None) -> str:
@@ -60,32 +71,78 @@ def shard_file_name(rank: int, world_size: int, fmt: str, compression: str | Non
     return file_name(f"rank{rank:05d}-of-{world_size:05d}", fmt, compression)
 
 
+def make_shard_directory(checkpoint: Path) -> Path:
+    """``NAME.shards/`` for ``checkpoint``, created if needed; a symlink or non-directory there is refused, so
+    that no shard is ever written outside the checkpoint directory."""
+    directory = shard_directory(checkpoint)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir()
+    if not _is_real_directory(directory):
+        raise OSError(errno.EEXIST, f"{directory} is not a directory of shards (a symlink or a file); remove it "
+                      "so that the shards can be written", str(directory))
+    return directory
+
+
+def _is_real_directory(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def delete_checkpoint(path: Path) -> None:
-    """Remove a checkpoint and, for a sharded one, its shards (the manifest first: it is what makes it valid)."""
+    """Remove a checkpoint and, for a sharded one, its shards (the manifest first: it is what makes it valid).
+
+    Nothing is followed: a symlink named like the checkpoint or its shard directory is removed as a link.
+    """
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    shards = shard_directory(path)
-    if shards.is_dir():
-        shutil.rmtree(shards, ignore_errors=True)
+    _remove_shard_directory(shard_directory(path))
+
+
+def _remove_shard_directory(shards: Path) -> None:
+    if _is_real_directory(shards):
+        shutil.rmtree(shards, ignore_errors=True)  # rmtree never follows a symlink inside the tree
+    elif shards.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            shards.unlink()
 
 
 def _shards_size(checkpoint: Path) -> int:
-    directory = shard_directory(checkpoint)
-    if not directory.is_dir():
-        return 0
-    total = 0
-    with os.scandir(directory) as it:
+    return _tree_size(shard_directory(checkpoint))[0]
+
+
+def _tree_size(directory: Path) -> tuple[int, int]:
+    """Bytes of the entries of a real directory (symlinks count as themselves) and the newest mtime among it
+    and them, in ns; ``(0, 0)`` for anything but a real directory."""
+    if not _is_real_directory(directory):
+        return 0, 0
+    total, newest = 0, 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as it:
+        newest = os.lstat(directory).st_mtime_ns
         for item in it:
             with contextlib.suppress(FileNotFoundError):
-                total += item.stat(follow_symlinks=False).st_size
-    return total
+                info = item.stat(follow_symlinks=False)
+                total += info.st_size
+                newest = max(newest, info.st_mtime_ns)
+    return total, newest
 
 
-def validate_name(name: str) -> None:
+def validate_name(name: str, fmt: str = "safetensors", compression: str | None = "zstd") -> None:
+    """Refuse a name that is not a plain file stem, or too long for the file (and its temporary name) to be
+    created: found here, in ``save()``, rather than as ENAMETOOLONG from the background."""
     if not name or name != name.strip() or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
         raise ValueError(
             f"checkpoint name {name!r} must be a plain file stem such as 'checkpoint_epoch_1_batch_100' "
             "(no path separators, not empty, not starting with '.')"
+        )
+    limit = _NAME_MAX - TEMP_NAME_OVERHEAD - len(file_name("", fmt, compression))
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise ValueError(
+            f"checkpoint name {name[:40]!r}... is {size} bytes; with its suffix and the temporary name used while "
+            f"writing it, a {fmt}{'+' + compression if compression else ''} checkpoint name may be at most {limit} "
+            f"bytes (file names are limited to {_NAME_MAX}); choose a shorter name"
         )
 
 
@@ -156,7 +213,7 @@ def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) ->
 
 @contextlib.contextmanager
 def _index_lock(directory: Path) -> Iterator[None]:
-    fd = os.open(directory / _INDEX_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_lock(directory / _INDEX_LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -186,7 +243,10 @@ def update_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> 
     if not changes:
         return
     with _index_lock(directory):
-        files = read_index(directory)
+        try:
+            files = read_index(directory)
+        except Exception:  # any doubt about a cache means rebuilding it, never a failed save
+            files = {}
         for filename, record in changes.items():
             if record is None:
                 files.pop(filename, None)
@@ -194,14 +254,19 @@ def update_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> 
                 files[filename] = record
         existing = {e.name for e in os.scandir(directory)}
         files = {k: v for k, v in files.items() if k in existing}
-        tmp = directory / f"{INDEX_NAME}.{os.getpid()}{TEMP_SUFFIX}"
-        with open(tmp, "w") as out:
-            json.dump({"version": 1, "files": files}, out, separators=(",", ":"))
-            out.flush()
+        # An unpredictable new name, never through a symlink: a planted file cannot redirect the write.
+        tmp = directory / temp_name(INDEX_NAME)
         try:
-            os.replace(tmp, directory / INDEX_NAME)
-        except FileNotFoundError:  # a writer opening the directory swept it as a leftover; the index is a cache
-            return
+            with os.fdopen(create_new(tmp), "w") as out:
+                json.dump({"version": 1, "files": files}, out, separators=(",", ":"))
+            try:
+                os.replace(tmp, directory / INDEX_NAME)
+            except FileNotFoundError:  # a writer opening the directory swept it as a leftover; only a cache
+                return
+        except BaseException:  # a full disk (or anything else): the temporary file goes at once, not at next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def index_record(size: int, mtime_ns: int, status: str, digest: str | None, meta: dict[str, Any] | None,
@@ -216,3 +281,116 @@ def integrity_state(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) ->
     if not record or record.get("size") != entry.size or record.get("mtime_ns") != entry.mtime_ns:
         return "unverified"
     return "corrupt" if record.get("status") == "corrupt" else "verified"
+
+
+# -- leftovers of interrupted saves ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrphanShards:
+    """A ``NAME.shards/`` directory whose manifest ``NAME`` was never committed (or is gone)."""
+
+    path: Path
+    name: str
+    size: int
+    mtime_ns: int
+    """The newest modification among the directory and its entries: a rank writing there keeps it recent."""
+
+    @property
+    def epoch_batch(self) -> tuple[int, int] | None:
+        return parse_checkpoint_name(self.name)
+
+
+def orphan_shards(directory: Path) -> list[OrphanShards]:
+    """Shard directories without a committed manifest beside them (symlinks named so are listed too)."""
+    manifests: set[str] = set()
+    candidates: list[os.DirEntry[str]] = []
+    with os.scandir(directory) as it:
+        for item in it:
+            if item.name.startswith("."):
+                continue
+            if item.name.endswith(SHARDS_SUFFIX) and len(item.name) > len(SHARDS_SUFFIX):
+                candidates.append(item)
+                continue
+            parts = split_suffix(item.name)
+            if parts is not None:
+                manifests.add(parts[0])
+    orphans = []
+    for item in candidates:
+        name = item.name[: -len(SHARDS_SUFFIX)]
+        if name in manifests:
+            continue
+        size, mtime_ns = _tree_size(Path(item.path))
+        if not size and not mtime_ns:  # a symlink or a file: nothing of ours, but a name in our way
+            with contextlib.suppress(FileNotFoundError):
+                mtime_ns = os.lstat(item.path).st_mtime_ns
+        orphans.append(OrphanShards(Path(item.path), name, size, mtime_ns))
+    return orphans
+
+
+def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
+                         holding_lock: bool = False) -> list[OrphanShards]:
+    """Delete orphan shard directories that no rank can still be writing; return what was deleted.
+
+    A rank that runs ahead writes its shards of a save before rank 0 commits the manifest, so an orphan is
+    deleted only if one of these holds:
+
+    * ``older_than=(epoch, batch)``: it is a periodic checkpoint older than one committed (ranks write their
+      saves in order, so none of them still writes an older one) - what retention removes during a run;
+    * ``when_idle``: no manager of any rank holds a lock on the directory (:func:`live_ranks`; with
+      ``holding_lock`` the caller is rank 0 and its own lock is not counted) - what a new manager and
+      ``ckptio clean`` remove.
+    """
+    idle = when_idle and not [n for n in live_ranks(directory) if not (holding_lock and n == LOCK_NAME)]
+    removed = []
+    for orphan in orphan_shards(directory):
+        older = older_than is not None and orphan.epoch_batch is not None and orphan.epoch_batch < older_than
+        if older or idle:
+            _remove_shard_directory(orphan.path)
+            removed.append(orphan)
+    return removed
+
+
+def prune_orphan_shards(directory: Path, committed: str) -> int:
+    """Retention's step after committing checkpoint ``committed``: remove the orphan shard directories older
+    than it; return the bytes of those left (saves still in progress), which count towards the budget."""
+    position = parse_checkpoint_name(committed)
+    if position is not None:
+        remove_orphan_shards(directory, older_than=position)
+    return sum(orphan.size for orphan in orphan_shards(directory))
+
+
+def live_ranks(directory: Path) -> list[str]:
+    """Names of the lock files in ``directory`` held right now by a running manager (any rank, rank 0 included
+    unless the caller holds it: a lock held through another descriptor of this process counts as held)."""
+    held = []
+    for item in os.scandir(directory):
+        if not (item.name == LOCK_NAME or item.name.startswith(LOCK_NAME + ".rank")):
+            continue
+        try:
+            fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(item.name)
+        finally:
+            os.close(fd)
+    return held
+
+
+def sweep_leftovers(directory: Path, *, orphans: bool = False) -> list[Path]:
+    """What rank 0 removes when it opens ``directory`` (holding its lock): temporary files of interrupted
+    saves, in the directory and in each real shard directory (a symlinked one is never entered), and with
+    ``orphans`` the shard directories of saves never committed, unless a rank is already running."""
+    removed = [orphan.path for orphan in remove_orphan_shards(directory, when_idle=True, holding_lock=True)
+               ] if orphans else []
+    removed += remove_leftovers(directory)
+    for item in os.scandir(directory):
+        if item.name.endswith(SHARDS_SUFFIX) and item.is_dir(follow_symlinks=False):
+            removed += remove_leftovers(Path(item.path))
+    return removed

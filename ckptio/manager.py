@@ -23,24 +23,26 @@ from typing import Any
 
 import psutil
 
-from .atomic import remove_leftovers
+from .atomic import open_lock
 from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
+from .formats import check_supported
 from .layout import (
     LOCK_NAME,
-    SHARDS_SUFFIX,
     CheckpointEntry,
     delete_checkpoint,
     file_name,
     index_record,
+    make_shard_directory,
+    prune_orphan_shards,
     scan,
-    shard_directory,
     shard_file_name,
+    sweep_leftovers,
     update_index,
     validate_name,
 )
-from .retention import plan_retention
+from .retention import newest_owned, owned_by_retention, plan_retention
 from .snapshot import BufferSlot, Snapshot
 
 __all__ = ["CheckpointManager", "SaveStats"]
@@ -115,9 +117,7 @@ class CheckpointManager:
 
     def _start(self) -> None:
         if self.options.rank == 0:
-            leftovers = remove_leftovers(self.directory)
-            for shards in self.directory.glob(f"*{SHARDS_SUFFIX}"):
-                leftovers += remove_leftovers(shards)
+            leftovers = sweep_leftovers(self.directory, orphans=True)
             for leftover in leftovers:
                 log.warning("removed %s, left behind by an interrupted save", leftover)
         self.stats = SaveStats()
@@ -152,7 +152,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._raise_background_error()
-        validate_name(name)
+        validate_name(name, self.options.format, self.options.compression)
+        check_supported(self.options.format, state, shard)
         options = self.options
         if options.world_size > 1:
             if shard is None or token is None:
@@ -317,8 +318,7 @@ class CheckpointManager:
 
     def _shard_path(self, name: str, rank: int) -> Path:
         options = self.options
-        directory = shard_directory(self.path_for(name))
-        directory.mkdir(exist_ok=True)
+        directory = make_shard_directory(self.path_for(name))
         return directory / shard_file_name(rank, options.world_size, options.format, options.compression)
 
     def _await_shards(self, name: str, token: str | None) -> list[dict[str, Any]]:
@@ -380,9 +380,10 @@ class CheckpointManager:
             return
         entries = self.checkpoints()
         # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
-        newest = saved.path if saved.name not in options.protected_names else next(
-            (e.path for e in entries if not e.protected), None)
-        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest)
+        newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
+        in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
+        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest,
+                              reserve=in_progress)
         self._delete(plan.delete, "retention")
         if plan.bytes_over_budget:
             log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "
@@ -412,12 +413,12 @@ class CheckpointManager:
         if free >= needed:
             return
         entries = [e for e in self.checkpoints() if e.path != path]
-        newest_periodic = next((e.path for e in entries if not e.protected), None)
+        newest_periodic = newest_owned(entries)
         victims = []
         for entry in reversed(entries):
             if free >= needed:
                 break
-            if not entry.protected and entry.path != newest_periodic:
+            if owned_by_retention(entry) and entry.path != newest_periodic:
                 victims.append(entry)
                 free += entry.total_size
         if free < needed:
@@ -433,7 +434,7 @@ class CheckpointManager:
 def _lock_directory(directory: Path, rank: int) -> int:
     # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
     lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

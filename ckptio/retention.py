@@ -2,6 +2,12 @@
 
 Nothing here touches the disk. The manager and ``ckptio clean`` apply the plan, and only after the newest
 checkpoint is durable, so a crash at any point leaves a loadable newest checkpoint.
+
+The one rule for what may be deleted (:func:`owned_by_retention`): retention owns exactly the periodic
+checkpoints, named ``checkpoint_epoch_{E}_batch_{B}`` (:func:`ckptio.layout.parse_checkpoint_name`), less any
+name in ``protected_names``. Everything else in the directory - ``best_model``, a hand-saved ``final``,
+pretrained weights copied there - is never deleted by ``keep_count``, ``disk_budget``, ``min_free`` or
+``ckptio clean``, though it counts towards the budget.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from pathlib import Path
 
 from .layout import CheckpointEntry
 
-__all__ = ["RetentionPlan", "beyond_newest", "over_budget", "plan_retention"]
+__all__ = ["RetentionPlan", "beyond_newest", "newest_owned", "over_budget", "owned_by_retention", "plan_retention"]
 
 
 @dataclass(frozen=True)
@@ -23,13 +29,23 @@ class RetentionPlan:
     """How far the kept files still exceed the budget (0 when it holds): only never-deleted files remain."""
 
 
+def owned_by_retention(entry: CheckpointEntry) -> bool:
+    """Whether retention may ever delete ``entry``: a periodic checkpoint, not protected (see the module doc)."""
+    return not entry.protected and entry.epoch_batch is not None
+
+
+def newest_owned(entries: Sequence[CheckpointEntry]) -> Path | None:
+    """The newest periodic checkpoint of a listing (newest first): what a resume needs, never deleted."""
+    return next((e.path for e in entries if owned_by_retention(e)), None)
+
+
 def _deletable(entry: CheckpointEntry, must_keep: Path | None) -> bool:
-    return not entry.protected and entry.path != must_keep
+    return owned_by_retention(entry) and entry.path != must_keep
 
 
 def beyond_newest(entries: Sequence[CheckpointEntry], keep_count: int, must_keep: Path | None) -> list[CheckpointEntry]:
     """Periodic checkpoints past the newest ``keep_count`` (protected ones and ``must_keep`` excluded)."""
-    periodic = [e for e in entries if not e.protected]
+    periodic = [e for e in entries if owned_by_retention(e)]
     return [e for e in periodic[keep_count:] if _deletable(e, must_keep)]
 
 
@@ -52,7 +68,7 @@ def plan_retention(entries: Sequence[CheckpointEntry], *, keep_count: int | None
     """Compose the policies: first the count, then the byte budget on what remains.
 
     ``must_keep`` is the newest valid checkpoint (what a resume needs); ``reserve`` counts bytes about to be
-    written, for making room before a save.
+    written, for making room before a save, or on disk outside any checkpoint (shards of saves in progress).
     """
     delete: list[CheckpointEntry] = []
     if keep_count is not None:

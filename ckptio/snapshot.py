@@ -13,6 +13,7 @@ the CPU never blocks on the device.
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -146,10 +147,12 @@ class _AllEvents:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:
+    storage = t.untyped_storage()
     return (
         t.device.type,
         t.device.index,
-        t.untyped_storage().data_ptr(),
+        # Every empty storage has the same address (none): only the same tensor object is the same empty tensor.
+        storage.data_ptr() if storage.nbytes() else ("empty", id(t)),
         t.storage_offset(),
         tuple(t.shape),
         t.stride(),
@@ -262,7 +265,8 @@ def _summary(state: Any) -> dict[str, Any]:
                 value = repr(value)
             if type(value) is str and len(value) > 200:
                 continue
-            cost = len(key) + len(str(value)) + 8
+            # Counted as stored: escaped JSON, where one emoji takes 12 bytes (a zip comment holds 64 KiB).
+            cost = len(json.dumps(key)) + len(json.dumps(value)) + 2
             if used + cost > _SUMMARY_LIMIT or len(key) > 200:
                 continue
             used += cost
