@@ -53,7 +53,13 @@ class CheckpointOptions:
     """zstd worker threads: 0 compresses in the writer thread, -1 uses every core."""
 
     async_save: bool = True
-    """Write in a background thread (``save()`` returns after the snapshot); ``False`` writes in the caller."""
+    """Write in the background (``save()`` returns after the snapshot); ``False`` writes in the caller."""
+
+    writer: Literal["thread", "process"] = "thread"
+    """Where background writes run (with ``async_save``). ``thread``: a thread of the training process, whose
+    Python work (``torch.save``'s pickling) competes with training for the GIL. ``process``: a helper process
+    started with the manager, fed through shared-memory slots; the GIL stays free, at ~1-2 s of start-up
+    spent in the background and one more process. Measurements behind the default: README, "Writer process"."""
 
     max_pending: int = 1
     """Snapshots that may wait for the writer besides the one being written; host memory is about
@@ -118,6 +124,8 @@ class CheckpointOptions:
             raise ValueError("compression_threads must be -1 (all cores), 0 (writer thread) or a positive count")
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1 (one snapshot may wait), got {self.max_pending}")
+        if self.writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', not {self.writer!r}")
         if self.on_full not in ("block", "skip"):
             raise ValueError(f"on_full must be 'block' or 'skip', not {self.on_full!r}")
         if self.on_no_space not in ("skip", "raise"):

@@ -8,8 +8,9 @@ background never vanish: they are logged and raised by the next ``save()``, ``wa
 from __future__ import annotations
 
 import atexit
-import errno
 import fcntl
+import functools
+import itertools
 import logging
 import os
 import queue
@@ -21,41 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from .atomic import open_lock
+from .atomic import remove_leftovers
 from .config import CheckpointOptions
-from .errors import CheckpointDirectoryLockedError, CheckpointWriteError, InsufficientSpaceError
-from .fileio import SavedCheckpoint, read_meta, write_checkpoint
-from .formats import check_supported
-from .layout import (
-    LOCK_NAME,
-    CheckpointEntry,
-    delete_checkpoint,
-    file_name,
-    index_record,
-    make_shard_directory,
-    prune_orphan_shards,
-    scan,
-    shard_file_name,
-    sweep_leftovers,
-    update_index,
-    validate_name,
-)
-from .retention import newest_owned, owned_by_retention, plan_retention
-from .snapshot import BufferSlot, Snapshot
+from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
+from .fileio import SavedCheckpoint
+from .layout import LOCK_NAME, SHARDS_SUFFIX, CheckpointEntry, file_name, scan, validate_name
+from .snapshot import BufferSlot, Layout, heap_staging, state_layout
+from .writer import JobRunner, Report, WriteJob, WriterBackend
 
 __all__ = ["CheckpointManager", "SaveStats"]
 
 log = logging.getLogger("ckptio")
-_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# Room for the zip/safetensors framing and our trailer on top of the tensor bytes.
-_FRAMING_BYTES = 2**20
 
 
 @dataclass
 class SaveStats:
-    """Counters a trainer can print; updated by the writer thread."""
+    """Counters a trainer can print; updated as the writer reports each save."""
 
     requested: int = 0
     committed: int = 0
@@ -79,14 +61,12 @@ class _Slot:
 
 
 @dataclass
-class _Job:
+class _Ticket:
+    """A save the writer has been given: what to resolve, and which slot to free, when its report comes."""
+
     name: str
-    snapshot: Snapshot | None
     slot: _Slot
     future: Future[SavedCheckpoint | None]
-    metadata: dict[str, Any] | None
-    shard: Snapshot | None = None
-    token: str | None = None
 
 
 class CheckpointManager:
@@ -117,22 +97,37 @@ class CheckpointManager:
 
     def _start(self) -> None:
         if self.options.rank == 0:
-            leftovers = sweep_leftovers(self.directory, orphans=True)
+            leftovers = remove_leftovers(self.directory)
+            for shards in self.directory.glob(f"*{SHARDS_SUFFIX}"):
+                leftovers += remove_leftovers(shards)
             for leftover in leftovers:
                 log.warning("removed %s, left behind by an interrupted save", leftover)
         self.stats = SaveStats()
         self._errors: list[BaseException] = []
         self._errors_lock = threading.Lock()
-        slot_count = self.options.max_pending + 1 if self.options.async_save else 1
+        options = self.options
+        self._runner = JobRunner(self.directory, options)
+        in_process = options.async_save and options.writer == "process"
+        slot_count = options.max_pending + 1 if options.async_save else 1
+        self._slots = [_new_slot(i, in_process) for i in range(slot_count)]
         self._free_slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(slot_count):
-            self._free_slots.put(_Slot())
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        for slot in self._slots:
+            self._free_slots.put(slot)
+        self._tickets: dict[int, _Ticket] = {}
+        self._ticket_numbers = itertools.count()
+        self._idle = threading.Condition()
+        self._save_lock = threading.Lock()  # one save() at a time, and close() never cuts into one
         self._closed = False
-        self._thread: threading.Thread | None = None
-        if self.options.async_save:
-            self._thread = threading.Thread(target=self._run, name=f"ckptio-writer:{self.directory}", daemon=True)
-            self._thread.start()
+        self._stager: _Stager | None = None
+        self._writer: WriterBackend | None = None
+        if in_process:
+            from .writer_process import ProcessWriter
+
+            self._writer = ProcessWriter(self.directory, options, self._on_report, self._on_lost)
+        elif options.async_save:
+            from .writer_thread import ThreadWriter
+
+            self._writer = ThreadWriter(self._runner, self._on_report, name=f"ckptio-writer:{self.directory}")
         _open_managers.add(self)
 
     # -- public API -----------------------------------------------------------------------------------------
@@ -150,63 +145,88 @@ class CheckpointManager:
         ranks pass ``None``). Each shard goes to ``NAME.shards/``; rank 0 commits ``NAME`` last, once every
         shard is durable, so the checkpoint is valid only when complete. No collective is issued.
         """
-        self._check_open()
-        self._raise_background_error()
-        validate_name(name, self.options.format, self.options.compression)
-        check_supported(self.options.format, state, shard)
-        options = self.options
-        if options.world_size > 1:
-            if shard is None or token is None:
-                raise ValueError("with world_size > 1 every rank passes shard=<its part> and the same token=...")
-            if (state is None) != (options.rank != 0):
-                raise ValueError("rank 0 passes the replicated state; the other ranks pass state=None")
-        elif shard is not None:
-            raise ValueError("shard= needs world_size > 1 (and rank=) in the manager's options")
-        started = time.perf_counter()
-        self.stats.requested += 1
-        slot = self._acquire_slot()
-        if slot is None:
-            self.stats.skipped_busy += 1
-            self.stats.blocked_seconds += time.perf_counter() - started
-            log.warning("skipped saving %s: %d earlier saves are still being written (on_full='skip')",
-                        name, self.options.max_pending + 1)
-            return None
-        try:
-            snapshot = slot.main.take(state) if state is not None else None
-            shard_snapshot = slot.shard.take(shard) if shard is not None else None
-        except BaseException:
-            self._free_slots.put(slot)
-            raise
-        job = _Job(name, snapshot, slot, Future(), dict(metadata) if metadata else None, shard_snapshot, token)
-        if self._thread is not None:
-            self._jobs.put(job)
-        else:
-            self._process(job)
-        self.stats.blocked_seconds += time.perf_counter() - started
-        if self._thread is None:
+        with self._save_lock:  # a close() from another thread waits until this save is handed over
+            self._check_open()
             self._raise_background_error()
-        return job.future
+            validate_name(name)
+            options = self.options
+            if options.world_size > 1:
+                if shard is None or token is None:
+                    raise ValueError("with world_size > 1 every rank passes shard=<its part> and the same token=...")
+                if (state is None) != (options.rank != 0):
+                    raise ValueError("rank 0 passes the replicated state; the other ranks pass state=None")
+            elif shard is not None:
+                raise ValueError("shard= needs world_size > 1 (and rank=) in the manager's options")
+            started = time.perf_counter()
+            self.stats.requested += 1
+            slot = self._acquire_slot()
+            if slot is None:
+                self.stats.skipped_busy += 1
+                self.stats.blocked_seconds += time.perf_counter() - started
+                log.warning("skipped saving %s: %d earlier saves are still being written (on_full='skip')",
+                            name, self.options.max_pending + 1)
+                return None
+            try:
+                snapshot = slot.main.take(state) if state is not None else None
+                shard_snapshot = slot.shard.take(shard) if shard is not None else None
+            except BaseException:
+                self._free_slots.put(slot)
+                raise
+            if slot.main.needs_prepare and slot.main.staging is not None:
+                self._stage(slot.main.staging.layout)  # pinned buffers for the next saves, off this thread
+            ticket = _Ticket(name, slot, Future())
+            job = WriteJob(next(self._ticket_numbers), name, snapshot, dict(metadata) if metadata else None,
+                           shard_snapshot, token)
+            with self._idle:
+                self._tickets[job.ticket] = ticket
+            if self._writer is not None:
+                self._writer.submit(job)
+            else:
+                self._on_report(self._runner.run(job))
+            del job, snapshot, shard_snapshot
+            self.stats.blocked_seconds += time.perf_counter() - started
+        if self._writer is None:
+            self._raise_background_error()
+        return ticket.future
+
+    def prepare(self, state: Any) -> None:
+        """Allocate every slot's buffers for ``state`` in the background (pinned for CUDA tensors); returns at once.
+
+        Call it before the first step, and again when the state's layout changes (it is also done for you after
+        a save whose layout was new). A save that comes before the buffers are ready allocates pageable
+        buffers for itself instead of waiting. Host memory: up to one more copy of the state per slot while
+        buffers of an old layout are still in use.
+        """
+        self._check_open()
+        self._stage(state_layout(state))
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise the first background error, if any."""
-        if self._thread is not None and not self._closed:
-            while self._jobs.unfinished_tasks and self._thread.is_alive():
-                with self._jobs.all_tasks_done:
-                    self._jobs.all_tasks_done.wait(timeout=1.0)
-            if self._jobs.unfinished_tasks:
-                raise CheckpointWriteError("the checkpoint writer thread died; see the log")
+        if self._writer is not None and not self._closed:
+            with self._idle:
+                while self._tickets:
+                    if not self._writer.alive():
+                        raise CheckpointWriteError("the checkpoint writer thread died; see the log")
+                    self._idle.wait(timeout=1.0)
         self._raise_background_error()
 
     def close(self) -> None:
-        """Finish pending saves, stop the writer and release the directory; raises background errors."""
-        if self._closed:
-            return
-        self._closed = True
+        """Finish pending saves, stop the writer and release the directory; raises background errors.
+
+        A save running in another thread when close() is called is written first (close waits for it)."""
+        with self._save_lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
-            if self._thread is not None:
-                self._jobs.put(None)
-                self._thread.join()
+            if self._writer is not None:
+                self._writer.close()
+            if self._stager is not None:
+                self._stager.close()
         finally:
+            for slot in self._slots:
+                slot.main.release()
+                slot.shard.release()
             _open_managers.discard(self)
             os.close(self._lock_fd)
         self._raise_background_error()
@@ -226,7 +246,7 @@ class CheckpointManager:
     @property
     def pending(self) -> int:
         """Saves queued or being written."""
-        return self._jobs.unfinished_tasks if self._thread is not None else 0
+        return len(self._tickets)
 
     def checkpoints(self) -> list[CheckpointEntry]:
         """The directory's checkpoint files, newest first."""
@@ -251,105 +271,64 @@ class CheckpointManager:
             try:
                 return self._free_slots.get(timeout=1.0)
             except queue.Empty:
-                if self._thread is not None and not self._thread.is_alive():
+                if self._writer is not None and not self._writer.alive():
                     raise CheckpointWriteError("the checkpoint writer thread died; see the log") from None
 
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                self._process(job)
-            except BaseException as exc:  # never let the writer die silently: the caller must hear of it
-                self._fail(job, self.path_for(job.name), exc) if job is not None else None
-            finally:
-                self._jobs.task_done()
+    def _stage(self, layout: Layout) -> None:
+        if self._stager is None:
+            self._stager = _Stager(self._slots)
+        self._stager.request(layout)
 
-    def _process(self, job: _Job) -> None:
-        options = self.options
-        path = self.path_for(job.name)
+    def _on_report(self, report: Report) -> None:
+        """Apply one report from the writer (its thread, or the receiver of the writer process)."""
+        ticket = self._tickets.get(report.ticket)
+        if ticket is None:
+            return
+        stats = self.stats
+        stats.deleted += report.deleted
+        saved = report.saved
+        if saved is not None:
+            stats.committed += 1
+            stats.write_seconds += saved.seconds
+            stats.bytes_written += saved.size
+            stats.last = saved
         try:
-            if options.min_free_bytes is not None:
-                self._make_room(job, path)
-            shards = None
-            if job.shard is not None:
-                self._write(self._shard_path(job.name, options.rank), job.shard, f"{job.name} shard {options.rank}",
-                            {"token": job.token, "rank": options.rank, "world_size": options.world_size})
-                if options.rank != 0:
-                    job.future.set_result(None)
-                    return
-                shards = self._await_shards(job.name, job.token)
-            assert job.snapshot is not None
-            saved = self._write(path, job.snapshot, job.name, job.metadata, shards)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE_ERRNOS and options.on_no_space == "skip":
-                self.stats.skipped_no_space += 1
-                log.warning("skipped saving %s: %s; earlier checkpoints are intact, training continues",
-                            path, exc.strerror or exc)
-                job.future.set_result(None)
+            if report.error is not None:
+                self._fail(ticket, report.path or self.path_for(ticket.name), report.error)
+            elif report.outcome == "skipped_no_space":
+                stats.skipped_no_space += 1
+                ticket.future.set_result(None)
             else:
-                self._fail(job, path, exc)
-        except BaseException as exc:
-            self._fail(job, path, exc)
-        else:
-            self.stats.committed += 1
-            self.stats.write_seconds += saved.seconds
-            self.stats.bytes_written += saved.size
-            self.stats.last = saved
-            try:
-                self._record(saved)
-                self._apply_retention(saved)
-            except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
-                self._fail(job, path, exc)
-            else:
-                job.future.set_result(saved)
+                ticket.future.set_result(saved)
         finally:
-            self._free_slots.put(job.slot)
+            self._retire(report.ticket)
 
-    def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
-               shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
-        options = self.options
-        return write_checkpoint(
-            path, snapshot, name=name, fmt=options.format, compression=options.compression,
-            level=options.compression_level, threads=options.compression_threads, fsync=options.fsync,
-            drop_page_cache=options.drop_page_cache, user_meta=metadata, shards=shards,
-        )
+    def _on_lost(self, tickets: list[int], reason: str) -> None:
+        """The writer process died: every save it had not reported fails, and the next call says so."""
+        names = [self._tickets[t].name for t in tickets if t in self._tickets]
+        lost = (f"these saves were lost: {', '.join(names)} (earlier checkpoints are intact)" if names
+                else "no save was lost")
+        error = CheckpointWriteError(f"{reason}; {lost}; the next save starts a new writer process")
+        log.error("%s", error)
+        with self._errors_lock:
+            self._errors.append(error)
+        for number in tickets:
+            ticket = self._tickets.get(number)
+            if ticket is None:
+                continue
+            self.stats.failed += 1
+            ticket.future.set_exception(error)
+            self._retire(number)
 
-    def _shard_path(self, name: str, rank: int) -> Path:
-        options = self.options
-        directory = make_shard_directory(self.path_for(name))
-        return directory / shard_file_name(rank, options.world_size, options.format, options.compression)
+    def _retire(self, number: int) -> None:
+        ticket = self._tickets[number]
+        self._free_slots.put(ticket.slot)
+        with self._idle:
+            del self._tickets[number]
+            self._idle.notify_all()
 
-    def _await_shards(self, name: str, token: str | None) -> list[dict[str, Any]]:
-        """Rank 0: wait (polling the filesystem, never a collective) until every rank's shard of this save is
-        durable, and return their digests for the manifest."""
-        options = self.options
-        deadline = time.monotonic() + options.shard_timeout
-        table: dict[int, dict[str, Any]] = {}
-        while True:
-            for rank in range(options.world_size):
-                if rank in table:
-                    continue
-                path = self._shard_path(name, rank)
-                try:
-                    seal, size = read_meta(path)
-                except (FileNotFoundError, ValueError):
-                    continue
-                if seal is not None and seal.meta.get("user", {}).get("token") == token:
-                    table[rank] = {"rank": rank, "file": f"{path.parent.name}/{path.name}", "digest": seal.digest,
-                                   "size": size}
-            if len(table) == options.world_size:
-                return [table[rank] for rank in range(options.world_size)]
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(options.world_size)) - set(table))
-                raise CheckpointWriteError(
-                    f"ranks {missing} did not write their shards of {name} within {options.shard_timeout}s;"
-                    " the checkpoint was not committed (the previous one stays valid)")
-            time.sleep(0.02)
-
-    def _fail(self, job: _Job, path: Path, exc: BaseException) -> None:
-        if job.future.done():
+    def _fail(self, ticket: _Ticket, path: Path, exc: BaseException) -> None:
+        if ticket.future.done():
             return
         self.stats.failed += 1
         log.error("saving %s failed: %s", path, exc)
@@ -357,7 +336,7 @@ class CheckpointManager:
         wrapped.__cause__ = exc
         with self._errors_lock:
             self._errors.append(wrapped)
-        job.future.set_exception(wrapped)
+        ticket.future.set_exception(wrapped)
 
     def _raise_background_error(self) -> None:
         with self._errors_lock:
@@ -366,75 +345,70 @@ class CheckpointManager:
             first, self._errors = self._errors[0], []
         raise first
 
-    def _record(self, saved: SavedCheckpoint) -> None:
-        try:
-            info = saved.path.stat()
-            record = index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest, saved.meta)
-            update_index(self.directory, {saved.path.name: record})
-        except OSError as exc:  # the index is a cache; the file itself carries its digest
-            log.warning("could not update the index of %s: %s", self.directory, exc)
 
-    def _apply_retention(self, saved: SavedCheckpoint) -> None:
-        options = self.options
-        if options.keep_count is None and options.budget_bytes is None:
-            return
-        entries = self.checkpoints()
-        # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
-        newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
-        in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
-        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest,
-                              reserve=in_progress)
-        self._delete(plan.delete, "retention")
-        if plan.bytes_over_budget:
-            log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "
-                        "but the newest; raise disk_budget", self.directory, plan.bytes_over_budget,
-                        options.budget_bytes)
+def _new_slot(index: int, shared: bool) -> _Slot:
+    if not shared:
+        return _Slot()
+    from .shm import shared_staging
 
-    def _delete(self, entries: list[CheckpointEntry], why: str) -> None:
-        forgotten: dict[str, dict[str, Any] | None] = {}
-        for entry in entries:
+    return _Slot(BufferSlot(allocator=functools.partial(shared_staging, key=f"{index}.main")),
+                 BufferSlot(allocator=functools.partial(shared_staging, key=f"{index}.shard")))
+
+
+class _Stager:
+    """Allocates (and pins) buffers for a layout in a background thread and offers them to every slot."""
+
+    def __init__(self, slots: list[_Slot]) -> None:
+        self._slots = slots
+        self._changed = threading.Condition()
+        self._wanted: Layout | None = None
+        self._busy: Layout | None = None
+        self._done: Layout | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="ckptio-stager", daemon=True)
+        self._thread.start()
+
+    def request(self, layout: Layout) -> None:
+        with self._changed:
+            if self._wanted is None and layout in (self._busy, self._done):
+                return
+            self._wanted = layout
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For tests: wait until every requested layout is staged."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._wanted is None and self._busy is None, timeout)
+
+    def close(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._wanted is not None or self._stopping)
+                if self._stopping:
+                    return
+                layout, self._wanted = self._wanted, None
+                self._busy = layout
             try:
-                delete_checkpoint(entry.path)
-            except OSError as exc:  # a failed delete must not stop training; the next pass retries
-                log.warning("could not delete %s (%s): %s", entry.path, why, exc)
-                continue
-            self.stats.deleted += 1
-            forgotten[entry.path.name] = None
-            log.info("deleted %s (%s)", entry.path.name, why)
-        try:
-            update_index(self.directory, forgotten)
-        except OSError as exc:
-            log.warning("could not update the index of %s: %s", self.directory, exc)
-
-    def _make_room(self, job: _Job, path: Path) -> None:
-        pending_bytes = sum(s.tensor_bytes for s in (job.snapshot, job.shard) if s is not None)
-        needed = pending_bytes + _FRAMING_BYTES + (self.options.min_free_bytes or 0)
-        free = psutil.disk_usage(str(self.directory)).free
-        if free >= needed:
-            return
-        entries = [e for e in self.checkpoints() if e.path != path]
-        newest_periodic = newest_owned(entries)
-        victims = []
-        for entry in reversed(entries):
-            if free >= needed:
-                break
-            if owned_by_retention(entry) and entry.path != newest_periodic:
-                victims.append(entry)
-                free += entry.total_size
-        if free < needed:
-            raise InsufficientSpaceError(
-                errno.ENOSPC,
-                f"{self.directory} has {psutil.disk_usage(str(self.directory)).free} bytes free; saving {job.name} "
-                f"needs about {pending_bytes + _FRAMING_BYTES} and min_free keeps "
-                f"{self.options.min_free_bytes} (free space, or lower min_free)",
-            )
-        self._delete(victims, "min_free")
+                for slot in self._slots:
+                    allocate = slot.main.allocator or heap_staging
+                    slot.main.offer(allocate(layout, True))
+            except Exception as exc:  # saves still work (they allocate for themselves); say why they may stall
+                log.warning("could not prepare checkpoint buffers in the background: %s", exc)
+            with self._changed:
+                self._busy, self._done = None, layout
+                self._changed.notify_all()
 
 
 def _lock_directory(directory: Path, rank: int) -> int:
     # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
     lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
-    fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

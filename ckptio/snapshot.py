@@ -15,14 +15,26 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["BufferSlot", "Snapshot", "rebuild", "walk_tensors"]
+__all__ = [
+    "Allocator",
+    "BufferSlot",
+    "Layout",
+    "Snapshot",
+    "Staging",
+    "heap_staging",
+    "layout_of",
+    "rebuild",
+    "state_layout",
+    "walk_tensors",
+]
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -39,6 +51,8 @@ class Snapshot:
     element_count: int = 0
     tensor_bytes: int = 0
     model_elements: int | None = None
+    segment: Any = None
+    """The shared segment (:class:`ckptio.shm.Segment`) that ``tensors`` live in, for the writer process."""
 
     def wait_until_copied(self) -> None:
         if self.copy_done is not None:
@@ -51,12 +65,65 @@ class Snapshot:
         return rebuild(self.skeleton, self.tensors)
 
 
+# Per tensor: shape, dtype, and whether it is copied from a CUDA device (its buffer should then be pinned).
+Layout = tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
+
+
+def layout_of(tensors: list[torch.Tensor]) -> Layout:
+    return tuple((tuple(t.shape), t.dtype, t.is_cuda) for t in tensors)
+
+
+def state_layout(state: Any) -> Layout:
+    """The layout the buffers for a snapshot of ``state`` need (the state is read, never changed)."""
+    sources: list[torch.Tensor] = []
+    _flatten(state, "", sources, [], {})
+    return layout_of(sources)
+
+
+@dataclass
+class Staging:
+    """Host buffers laid out for one :data:`Layout`, ready to take a snapshot without allocating."""
+
+    layout: Layout
+    buffers: list[torch.Tensor]
+    segment: Any = None
+    """A :class:`ckptio.shm.Segment` when the buffers are views into shared memory."""
+    pinned: bool = False
+
+    def release(self) -> None:
+        if self.segment is not None:
+            self.segment.release()
+
+
+Allocator = Callable[[Layout, bool], Staging]
+"""``allocator(layout, prepared)``: buffers for ``layout``; ``prepared=True`` (off the training thread) also
+pins them for CUDA sources and faults their pages in."""
+
+
+def heap_staging(layout: Layout, prepared: bool) -> Staging:
+    """One tensor per entry; pinned for CUDA sources when ``prepared`` (in the background), else pageable."""
+    pin = prepared and torch.cuda.is_available()
+    buffers = []
+    for shape, dtype, cuda in layout:
+        buffer = torch.empty(shape, dtype=dtype, pin_memory=pin and cuda)
+        if prepared and not cuda:
+            buffer.zero_()  # fault the pages in now rather than during the first snapshot copy
+        buffers.append(buffer)
+    return Staging(layout, buffers, pinned=pin and any(cuda for _, _, cuda in layout))
+
+
 @dataclass
 class BufferSlot:
     """Host buffers for one snapshot, reused by every later snapshot taken in this slot."""
 
     buffers: list[torch.Tensor] = field(default_factory=list)
+    allocator: Allocator | None = None
+    """Makes buffers for a whole layout (e.g. in one shared segment); ``None``: one heap tensor each, reused
+    one by one."""
+    staging: Staging | None = None
+    prepared: Staging | None = None
     _copy_streams: dict[int, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -85,21 +152,67 @@ class BufferSlot:
             element_count=elements,
             tensor_bytes=sum(t.numel() * t.element_size() for t in tensors),
             model_elements=_model_elements(state),
+            segment=self.staging.segment if self.staging is not None else None,
         )
 
+    def offer(self, staging: Staging) -> None:
+        """Buffers prepared in the background for a layout; the next snapshot of that layout adopts them."""
+        with self._lock:
+            old, self.prepared = self.prepared, staging
+        if old is not None and old is not staging:
+            old.release()
+
+    @property
+    def needs_prepare(self) -> bool:
+        """The current buffers take device copies but are not pinned (allocated in a hurry inside ``take``)."""
+        staging = self.staging
+        return (staging is not None and not staging.pinned and torch.cuda.is_available()
+                and any(cuda for _, _, cuda in staging.layout))
+
+    def release(self) -> None:
+        """Give back shared segments and pinned registrations (the manager is closing)."""
+        with self._lock:
+            prepared, self.prepared = self.prepared, None
+        for staging in (prepared, self.staging):
+            if staging is not None:
+                staging.release()
+        self.staging = None
+        self.buffers = []
+
     def _fit_buffers(self, sources: list[torch.Tensor]) -> None:
-        pin = torch.cuda.is_available()
+        layout = layout_of(sources)
+        with self._lock:
+            prepared = self.prepared
+            if prepared is not None and prepared.layout == layout:
+                self.prepared = None
+        if prepared is not None and prepared.layout == layout:
+            self._install(prepared)
+            return
+        if self.staging is not None and self.staging.layout == layout:
+            return
+        if self.allocator is not None:  # a shared segment holds the whole layout: any change is a new one
+            self._install(self.allocator(layout, False))
+            return
+        # Pageable memory only: pinning here would block the caller for ~0.7 s/GB; prepare() pins off-thread.
         for i, source in enumerate(sources):
             if i < len(self.buffers):
                 buf = self.buffers[i]
                 if buf.dtype == source.dtype and buf.shape == source.shape:
                     continue
-            fresh = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin and source.is_cuda)
+            fresh = torch.empty(source.shape, dtype=source.dtype)
             if i < len(self.buffers):
                 self.buffers[i] = fresh
             else:
                 self.buffers.append(fresh)
         del self.buffers[len(sources):]
+        kept_pinned = all(b.is_pinned() for b, (_, _, cuda) in zip(self.buffers, layout, strict=True) if cuda)
+        self.staging = Staging(layout, list(self.buffers), pinned=kept_pinned and bool(self.buffers))
+
+    def _install(self, staging: Staging) -> None:
+        old, self.staging = self.staging, staging
+        self.buffers = list(staging.buffers)
+        if old is not None and old is not staging:
+            old.release()
 
     def _copy_from_devices(self, sources: list[torch.Tensor], indices: list[int]) -> Any:
         by_device: dict[int, list[int]] = {}

@@ -49,7 +49,7 @@ def periodic(i: int) -> str:
 
 
 class GatedWriter:
-    """Stands in for ``ckptio.manager.write_checkpoint``: records the call, waits at a gate, then writes for real."""
+    """Stands in for ``ckptio.writer.write_checkpoint``: records the call, waits at a gate, then writes for real."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -66,7 +66,7 @@ class GatedWriter:
 
 
 class FailingWriter:
-    """Stands in for ``ckptio.manager.write_checkpoint``: every write fails with ``error``."""
+    """Stands in for ``ckptio.writer.write_checkpoint``: every write fails with ``error``."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -80,7 +80,7 @@ class FailingWriter:
 @pytest.fixture
 def gated(monkeypatch) -> Any:
     writer = GatedWriter()
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", writer)
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", writer)
     yield writer
     writer.gate.set()  # never leave a writer thread parked
 
@@ -230,7 +230,7 @@ def test_a_name_that_is_not_a_plain_file_stem_is_rejected(tmp_path, name) -> Non
 
 def test_background_error_surfaces_on_wait_with_its_cause(tmp_path, monkeypatch) -> None:
     failure = RuntimeError("disk on fire")
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", FailingWriter(failure))
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", FailingWriter(failure))
     mgr = CheckpointManager(tmp_path)
     future = mgr.save(small_state(), name="c")
     with pytest.raises(CheckpointWriteError, match="disk on fire") as info:
@@ -243,20 +243,20 @@ def test_background_error_surfaces_on_wait_with_its_cause(tmp_path, monkeypatch)
 
 
 def test_background_error_surfaces_on_the_next_save(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
     with CheckpointManager(tmp_path) as mgr:
         future = mgr.save(small_state(), name="first")
         future.exception(timeout=GATE_TIMEOUT)  # the failure has happened in the background
         with pytest.raises(CheckpointWriteError, match=r"first\.pth failed: disk on fire"):
             mgr.save(small_state(), name="second")
-        monkeypatch.setattr(ckptio.manager, "write_checkpoint", write_checkpoint)
+        monkeypatch.setattr(ckptio.writer, "write_checkpoint", write_checkpoint)
         mgr.save(small_state(), name="third")  # reported once, then the manager goes on
         mgr.wait()
     assert visible(tmp_path) == {"third.pth"}
 
 
 def test_background_error_surfaces_on_close_and_when_leaving_with(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
     mgr = CheckpointManager(tmp_path / "a")
     mgr.save(small_state(), name="c")
     with pytest.raises(CheckpointWriteError, match="disk on fire"):
@@ -267,14 +267,14 @@ def test_background_error_surfaces_on_close_and_when_leaving_with(tmp_path, monk
 
 def test_leaving_with_because_of_an_exception_does_not_hide_it_behind_a_background_error(tmp_path,
                                                                                           monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
     with pytest.raises(KeyError, match="training bug"), CheckpointManager(tmp_path) as mgr:
         mgr.save(small_state(), name="c")
         raise KeyError("training bug")
 
 
 def test_sync_mode_raises_a_write_error_from_save_itself(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", FailingWriter(RuntimeError("disk on fire")))
     with CheckpointManager(tmp_path, async_save=False) as mgr:
         with pytest.raises(CheckpointWriteError, match="disk on fire"):
             mgr.save(small_state(), name="c")
@@ -286,7 +286,7 @@ def test_an_error_after_the_file_is_committed_is_not_swallowed(tmp_path, monkeyp
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
     with CheckpointManager(tmp_path, keep_count=1) as mgr:
-        monkeypatch.setattr(ckptio.manager, "scan", unreadable_directory)  # retention cannot list the directory
+        monkeypatch.setattr(ckptio.writer, "scan", unreadable_directory)  # retention cannot list the directory
         future = mgr.save(small_state(), name=periodic(1))
         with pytest.raises(CheckpointWriteError, match="Permission denied"):
             mgr.wait()
@@ -295,7 +295,7 @@ def test_an_error_after_the_file_is_committed_is_not_swallowed(tmp_path, monkeyp
 
 
 def test_no_space_with_on_no_space_skip_counts_the_skip_and_training_goes_on(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint",
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint",
                         FailingWriter(OSError(errno.ENOSPC, "No space left on device")))
     with CheckpointManager(tmp_path, on_no_space="skip") as mgr:
         future = mgr.save(small_state(), name="c")
@@ -305,7 +305,7 @@ def test_no_space_with_on_no_space_skip_counts_the_skip_and_training_goes_on(tmp
 
 
 def test_no_space_with_on_no_space_raise_surfaces_the_error(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint",
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint",
                         FailingWriter(OSError(errno.ENOSPC, "No space left on device")))
     with CheckpointManager(tmp_path, on_no_space="raise") as mgr:
         mgr.save(small_state(), name="c")
@@ -361,7 +361,7 @@ def test_on_full_block_makes_the_caller_wait_for_the_writer(tmp_path, gated) -> 
 def test_one_background_thread_writes_every_async_save(tmp_path, monkeypatch) -> None:
     spy = GatedWriter()
     spy.gate.set()
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", spy)
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", spy)
     with CheckpointManager(tmp_path) as mgr:
         for i in range(4):
             mgr.save(small_state(i), name=f"s{i}")
@@ -374,7 +374,7 @@ def test_sync_mode_writes_in_the_callers_thread_the_same_file_as_async(tmp_path,
                                                                          compression) -> None:
     spy = GatedWriter()
     spy.gate.set()
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", spy)
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", spy)
     state = small_state(3.5)
     with CheckpointManager(tmp_path / "sync", async_save=False, format=fmt, compression=compression) as sync:
         sync.save(state, name="c")
@@ -597,7 +597,7 @@ def test_deletions_happen_only_after_the_new_checkpoint_is_committed(tmp_path, m
         listings.append(visible(tmp_path))
         return saved
 
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", listing_writer)
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", listing_writer)
     with CheckpointManager(tmp_path, keep_count=1, fsync=False) as mgr:
         for i in range(1, 5):
             mgr.save(small_state(i), name=periodic(i))
@@ -657,7 +657,7 @@ def test_keep_count_and_disk_budget_together(tmp_path) -> None:
 def test_snapshot_buffers_are_reused_and_bounded_by_max_pending(tmp_path, monkeypatch) -> None:
     spy = GatedWriter()
     spy.gate.set()
-    monkeypatch.setattr(ckptio.manager, "write_checkpoint", spy)
+    monkeypatch.setattr(ckptio.writer, "write_checkpoint", spy)
     state = {"a": torch.zeros(64), "b": [torch.zeros(3, 3), torch.zeros(2, dtype=torch.int64)]}
     with CheckpointManager(tmp_path, max_pending=2, fsync=False, keep_count=1) as mgr:
         for i in range(30):

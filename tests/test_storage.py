@@ -231,7 +231,7 @@ def test_min_free_deletes_the_oldest_periodic_checkpoints_to_make_room(tmp_path,
     min_free = 5 * MiB
     directory = tmp_path / "run"
     volume = FakeVolume(directory, capacity=state_bytes + FRAMING + min_free + 3 * size + size // 2)
-    monkeypatch.setattr(ckptio.manager.psutil, "disk_usage", volume)
+    monkeypatch.setattr(ckptio.writer.psutil, "disk_usage", volume)
 
     with manager(directory, min_free="5MiB", async_save=False) as mgr:
         mgr.save(train_state(0), name="best_model")
@@ -254,7 +254,7 @@ def test_min_free_skips_the_save_with_a_warning_when_room_cannot_be_made_and_del
         for name in ("best_model", periodic(1), periodic(2)):
             mgr.save(train_state(1), name=name)
     before = {name: (directory / name).read_bytes() for name in files(directory)}
-    monkeypatch.setattr(ckptio.manager.psutil, "disk_usage", FixedFreeSpace(free=2 * MiB))
+    monkeypatch.setattr(ckptio.writer.psutil, "disk_usage", FixedFreeSpace(free=2 * MiB))
 
     with caplog.at_level(logging.WARNING, logger="ckptio"), manager(directory, min_free="10MB") as mgr:
         future = mgr.save(train_state(3), name=periodic(3))
@@ -272,7 +272,7 @@ def test_min_free_skips_the_save_with_a_warning_when_room_cannot_be_made_and_del
 
 
 def test_min_free_with_on_no_space_raise_surfaces_insufficient_space_on_the_next_wait(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ckptio.manager.psutil, "disk_usage", FixedFreeSpace(free=MiB))
+    monkeypatch.setattr(ckptio.writer.psutil, "disk_usage", FixedFreeSpace(free=MiB))
     directory = tmp_path / "run"
     mgr = manager(directory, min_free="1GB", on_no_space="raise")
     try:
@@ -283,7 +283,7 @@ def test_min_free_with_on_no_space_raise_surfaces_insufficient_space_on_the_next
         assert raised.value.__cause__.errno == errno.ENOSPC
         assert mgr.stats.skipped_no_space == 0
         # Room appears again: the manager goes on saving.
-        monkeypatch.setattr(ckptio.manager.psutil, "disk_usage", FixedFreeSpace(free=10**12))
+        monkeypatch.setattr(ckptio.writer.psutil, "disk_usage", FixedFreeSpace(free=10**12))
         mgr.save(train_state(2), name=periodic(2))
         mgr.wait()
     finally:
@@ -298,16 +298,16 @@ def test_min_free_with_on_no_space_raise_surfaces_insufficient_space_on_the_next
 def test_a_write_failing_with_enospc_removes_its_temp_file_and_keeps_older_checkpoints(tmp_path, monkeypatch,
                                                                                       on_no_space) -> None:
     seen_temp_files: list[list[str]] = []
-    real_write_torch = ckptio.formats.write_torch
+    real_write_torch_file = ckptio.formats.write_torch_file
 
-    def disk_fills_up(snapshot: Any, stream: Any) -> None:
+    def disk_fills_up(snapshot: Any, path: Any) -> None:
         if snapshot.summary.get("batch") != 2:
-            return real_write_torch(snapshot, stream)
-        stream.write(b"\0" * (64 * 1024))
+            return real_write_torch_file(snapshot, path)
+        Path(path).write_bytes(b"\0" * (64 * 1024))
         seen_temp_files.append(temp_names(tmp_path))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckptio.formats, "write_torch", disk_fills_up)
+    monkeypatch.setattr(ckptio.formats, "write_torch_file", disk_fills_up)
     with manager(tmp_path, on_no_space=on_no_space, keep_count=1) as mgr:
         mgr.save(train_state(1), name=periodic(1))
         mgr.wait()

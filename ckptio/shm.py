@@ -1,0 +1,153 @@
+"""Shared-memory segments for staging slots: one anonymous memory file per slot, mapped by both processes.
+
+A segment is a ``memfd_create`` file: it has no name in any filesystem, so nothing can be left behind by a
+crash — the memory is freed when the last process holding its descriptor or a mapping of it exits. The trainer
+creates it, maps it and lays the slot's tensors out in it; the writer process receives the descriptor once over
+its Unix socket and maps the same pages. Tensors are views into the mapping, so the trainer's snapshot copy is
+the only copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import mmap
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .snapshot import Layout, Staging
+
+__all__ = ["ALIGNMENT", "Segment", "SegmentLayout", "plan_segment", "shared_staging", "tensor_views"]
+
+ALIGNMENT = 64  # every tensor starts on a cache line, so any dtype's view of it is aligned
+_PAGE = mmap.PAGESIZE
+
+# One entry per tensor: (byte offset, dtype name, shape).
+SegmentLayout = tuple[tuple[int, str, tuple[int, ...]], ...]
+
+
+def plan_segment(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> tuple[SegmentLayout, int]:
+    """Offsets for tensors of these shapes and dtypes, and the segment size that holds them."""
+    entries = []
+    offset = 0
+    for shape, dtype in specs:
+        entries.append((offset, str(dtype).removeprefix("torch."), tuple(shape)))
+        nbytes = _numel(shape) * dtype.itemsize
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    return tuple(entries), max(offset, _PAGE)
+
+
+def tensor_views(buffer: mmap.mmap, layout: SegmentLayout) -> list[torch.Tensor]:
+    """Tensors that live in ``buffer`` at the offsets ``layout`` gives."""
+    views = []
+    for offset, dtype_name, shape in layout:
+        dtype = getattr(torch, dtype_name)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"segment layout names {dtype_name!r}, which is not a torch dtype")
+        count = _numel(shape)
+        if count == 0:
+            views.append(torch.empty(shape, dtype=dtype))
+            continue
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=count * dtype.itemsize, offset=offset)
+        views.append(raw.view(dtype).view(shape))
+    return views
+
+
+_serials = itertools.count(1)
+
+
+def shared_staging(layout: Layout, prepared: bool, *, key: str) -> Staging:
+    """Buffers for ``layout`` in one new segment; ``prepared`` (off the training thread): pages faulted in and,
+    for CUDA sources, pinned."""
+    segment_layout, size = plan_segment([(shape, dtype) for shape, dtype, _ in layout])
+    segment = Segment.create(size, key=key, layout=segment_layout)
+    try:
+        if prepared:
+            segment.touch()
+            if any(cuda for _, _, cuda in layout):
+                segment.pin()
+        buffers = tensor_views(segment.buffer, segment_layout)
+    except BaseException:
+        segment.release()
+        raise
+    return Staging(layout, buffers, segment=segment, pinned=segment.pinned)
+
+
+@dataclass
+class Segment:
+    """A mapped memory file; ``fd`` stays open in the trainer so that a restarted writer can map it too.
+
+    ``key`` names the slot it belongs to and ``serial`` tells its successive segments apart, so that the writer
+    knows which mapping a job's tensors are in and when to drop an old one.
+    """
+
+    fd: int
+    size: int
+    buffer: mmap.mmap
+    key: str
+    serial: int
+    layout: SegmentLayout
+    pinned: bool = False
+
+    @classmethod
+    def create(cls, size: int, *, key: str, layout: SegmentLayout) -> Segment:
+        fd = os.memfd_create(f"ckptio-{key}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, size, buffer, key, next(_serials), layout)
+
+    @classmethod
+    def attach(cls, fd: int, size: int, *, key: str, serial: int, layout: SegmentLayout) -> Segment:
+        """Map a segment received from another process; the descriptor is closed, the mapping keeps it."""
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise ValueError(f"shared segment is {actual} bytes, expected {size}")
+            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(-1, size, buffer, key, serial, layout)
+
+    def address(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+
+    def touch(self) -> None:
+        """Fault every page in now (in a background thread), not during the first snapshot copy."""
+        if hasattr(self.buffer, "madvise") and hasattr(mmap, "MADV_POPULATE_WRITE"):
+            with contextlib.suppress(OSError):
+                self.buffer.madvise(mmap.MADV_POPULATE_WRITE)
+                return
+        ctypes.memset(self.address(), 0, self.size)  # ctypes releases the GIL for the call
+
+    def pin(self) -> None:
+        """Register the pages with CUDA, so that device-to-host copies into them are asynchronous DMA."""
+        if self.pinned or not torch.cuda.is_available():
+            return
+        result = torch.cuda.cudart().cudaHostRegister(self.address(), self.size, 0)
+        if int(result) != 0:
+            raise RuntimeError(f"cudaHostRegister of a {self.size}-byte staging segment failed (error {result})")
+        self.pinned = True
+
+    def release(self) -> None:
+        """Unpin and close the descriptor; the mapping goes when its last tensor view is gone."""
+        if self.pinned:
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(self.address())
+            self.pinned = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count

@@ -1,0 +1,240 @@
+"""What a checkpoint writer does with one queued save, wherever it runs, and the interface of the backends.
+
+:class:`JobRunner` is the one piece of code that turns a snapshot into a committed checkpoint: make room
+(``min_free``), write this rank's shard and wait for the others', write and seal the file, record it in the
+index and apply retention. It returns a :class:`Report` instead of touching futures or counters, so that the
+same code runs in the trainer's writer thread (:mod:`ckptio.writer_thread`) and in a writer process
+(:mod:`ckptio.writer_process`), whose reports travel back through a pipe. The manager applies every report.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from .config import CheckpointOptions
+from .errors import CheckpointWriteError, InsufficientSpaceError
+from .fileio import SavedCheckpoint, read_meta, write_checkpoint
+from .layout import (
+    CheckpointEntry,
+    delete_checkpoint,
+    file_name,
+    index_record,
+    make_shard_directory,
+    prune_orphan_shards,
+    scan,
+    shard_file_name,
+    update_index,
+)
+from .retention import newest_owned, owned_by_retention, plan_retention
+from .snapshot import Snapshot
+
+__all__ = ["JobRunner", "Report", "WriteJob", "WriterBackend"]
+
+log = logging.getLogger("ckptio")
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# Room for the zip/safetensors framing and our trailer on top of the tensor bytes.
+_FRAMING_BYTES = 2**20
+
+
+@dataclass
+class WriteJob:
+    """One save as the writer sees it: snapshots whose copies are complete (or will be, see ``copy_done``)."""
+
+    ticket: int
+    name: str
+    snapshot: Snapshot | None
+    metadata: dict[str, Any] | None
+    shard: Snapshot | None = None
+    token: str | None = None
+
+
+@dataclass
+class Report:
+    """What became of one job. ``saved`` and ``error`` may both be set: committed, but housekeeping failed."""
+
+    ticket: int
+    outcome: Literal["committed", "shard_written", "skipped_no_space", "failed"]
+    saved: SavedCheckpoint | None = None
+    error: BaseException | None = None
+    deleted: int = 0
+    path: Path | None = field(default=None)
+
+
+class WriterBackend(ABC):
+    """Runs jobs in the background and hands each :class:`Report` to ``on_report``, in submission order.
+
+    ``on_report`` is called from a background thread; ``on_lost(tickets, reason)`` is called once when the
+    backend died with jobs that will never report.
+    """
+
+    @abstractmethod
+    def submit(self, job: WriteJob) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish every submitted job, then stop."""
+
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+
+ReportSink = Callable[[Report], None]
+
+
+class JobRunner:
+    """Write jobs into ``directory`` under ``options``; never raises, always reports."""
+
+    def __init__(self, directory: Path, options: CheckpointOptions) -> None:
+        self.directory = directory
+        self.options = options
+
+    def path_for(self, name: str) -> Path:
+        return self.directory / file_name(name, self.options.format, self.options.compression)
+
+    def run(self, job: WriteJob) -> Report:
+        options = self.options
+        path = self.path_for(job.name)
+        deleted = [0]
+        try:
+            job_bytes = sum(s.tensor_bytes for s in (job.snapshot, job.shard) if s is not None)
+            if options.min_free_bytes is not None:
+                self._make_room(job.name, path, job_bytes, deleted)
+            shards = None
+            if job.shard is not None:
+                self._write(self._shard_path(job.name, options.rank), job.shard, f"{job.name} shard {options.rank}",
+                            {"token": job.token, "rank": options.rank, "world_size": options.world_size})
+                if options.rank != 0:
+                    return Report(job.ticket, "shard_written", path=path, deleted=deleted[0])
+                shards = self._await_shards(job.name, job.token)
+            assert job.snapshot is not None
+            saved = self._write(path, job.snapshot, job.name, job.metadata, shards)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS and options.on_no_space == "skip":
+                log.warning("skipped saving %s: %s; earlier checkpoints are intact, training continues",
+                            path, exc.strerror or exc)
+                return Report(job.ticket, "skipped_no_space", path=path, deleted=deleted[0])
+            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
+        except BaseException as exc:  # the caller must hear of every failure; the writer itself goes on
+            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
+        try:
+            self._record(saved)
+            self._apply_retention(saved, deleted)
+        except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
+            return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted[0])
+        return Report(job.ticket, "committed", saved=saved, path=path, deleted=deleted[0])
+
+    def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
+               shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
+        options = self.options
+        return write_checkpoint(
+            path, snapshot, name=name, fmt=options.format, compression=options.compression,
+            level=options.compression_level, threads=options.compression_threads, fsync=options.fsync,
+            drop_page_cache=options.drop_page_cache, user_meta=metadata, shards=shards,
+        )
+
+    def _shard_path(self, name: str, rank: int) -> Path:
+        options = self.options
+        directory = make_shard_directory(self.path_for(name))
+        return directory / shard_file_name(rank, options.world_size, options.format, options.compression)
+
+    def _await_shards(self, name: str, token: str | None) -> list[dict[str, Any]]:
+        """Rank 0: wait (polling the filesystem, never a collective) until every rank's shard of this save is
+        durable, and return their digests for the manifest."""
+        options = self.options
+        deadline = time.monotonic() + options.shard_timeout
+        table: dict[int, dict[str, Any]] = {}
+        while True:
+            for rank in range(options.world_size):
+                if rank in table:
+                    continue
+                path = self._shard_path(name, rank)
+                try:
+                    seal, size = read_meta(path)
+                except (FileNotFoundError, ValueError):
+                    continue
+                if seal is not None and seal.meta.get("user", {}).get("token") == token:
+                    table[rank] = {"rank": rank, "file": f"{path.parent.name}/{path.name}", "digest": seal.digest,
+                                   "size": size}
+            if len(table) == options.world_size:
+                return [table[rank] for rank in range(options.world_size)]
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(options.world_size)) - set(table))
+                raise CheckpointWriteError(
+                    f"ranks {missing} did not write their shards of {name} within {options.shard_timeout}s;"
+                    " the checkpoint was not committed (the previous one stays valid)")
+            time.sleep(0.02)
+
+    def _record(self, saved: SavedCheckpoint) -> None:
+        try:
+            info = saved.path.stat()
+            record = index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest, saved.meta)
+            update_index(self.directory, {saved.path.name: record})
+        except OSError as exc:  # the index is a cache; the file itself carries its digest
+            log.warning("could not update the index of %s: %s", self.directory, exc)
+
+    def checkpoints(self) -> list[CheckpointEntry]:
+        return scan(self.directory, self.options.protected_names)
+
+    def _apply_retention(self, saved: SavedCheckpoint, deleted: list[int]) -> None:
+        options = self.options
+        if options.keep_count is None and options.budget_bytes is None:
+            return
+        entries = self.checkpoints()
+        # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
+        newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
+        in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
+        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest,
+                              reserve=in_progress)
+        self._delete(plan.delete, "retention", deleted)
+        if plan.bytes_over_budget:
+            log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "
+                        "but the newest; raise disk_budget", self.directory, plan.bytes_over_budget,
+                        options.budget_bytes)
+
+    def _delete(self, entries: list[CheckpointEntry], why: str, deleted: list[int]) -> None:
+        forgotten: dict[str, dict[str, Any] | None] = {}
+        for entry in entries:
+            try:
+                delete_checkpoint(entry.path)
+            except OSError as exc:  # a failed delete must not stop training; the next pass retries
+                log.warning("could not delete %s (%s): %s", entry.path, why, exc)
+                continue
+            deleted[0] += 1
+            forgotten[entry.path.name] = None
+            log.info("deleted %s (%s)", entry.path.name, why)
+        try:
+            update_index(self.directory, forgotten)
+        except OSError as exc:
+            log.warning("could not update the index of %s: %s", self.directory, exc)
+
+    def _make_room(self, name: str, path: Path, job_bytes: int, deleted: list[int]) -> None:
+        needed = job_bytes + _FRAMING_BYTES + (self.options.min_free_bytes or 0)
+        free = psutil.disk_usage(str(self.directory)).free
+        if free >= needed:
+            return
+        entries = [e for e in self.checkpoints() if e.path != path]
+        newest_periodic = newest_owned(entries)
+        victims = []
+        for entry in reversed(entries):
+            if free >= needed:
+                break
+            if owned_by_retention(entry) and entry.path != newest_periodic:
+                victims.append(entry)
+                free += entry.total_size
+        if free < needed:
+            raise InsufficientSpaceError(
+                errno.ENOSPC,
+                f"{self.directory} has {psutil.disk_usage(str(self.directory)).free} bytes free; saving {name} "
+                f"needs about {job_bytes + _FRAMING_BYTES} and min_free keeps "
+                f"{self.options.min_free_bytes} (free space, or lower min_free)",
+            )
+        self._delete(victims, "min_free", deleted)
