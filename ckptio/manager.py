@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import remove_leftovers
+from .atomic import open_lock
 from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
 from .fileio import SavedCheckpoint
-from .layout import LOCK_NAME, SHARDS_SUFFIX, CheckpointEntry, file_name, scan, validate_name
+from .formats import check_supported
+from .layout import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
 from .snapshot import BufferSlot, Layout, heap_staging, state_layout
 from .writer import JobRunner, Report, WriteJob, WriterBackend
 
@@ -97,9 +98,7 @@ class CheckpointManager:
 
     def _start(self) -> None:
         if self.options.rank == 0:
-            leftovers = remove_leftovers(self.directory)
-            for shards in self.directory.glob(f"*{SHARDS_SUFFIX}"):
-                leftovers += remove_leftovers(shards)
+            leftovers = sweep_leftovers(self.directory, orphans=True)
             for leftover in leftovers:
                 log.warning("removed %s, left behind by an interrupted save", leftover)
         self.stats = SaveStats()
@@ -148,7 +147,8 @@ class CheckpointManager:
         with self._save_lock:  # a close() from another thread waits until this save is handed over
             self._check_open()
             self._raise_background_error()
-            validate_name(name)
+            validate_name(name, self.options.format, self.options.compression)
+            check_supported(self.options.format, state, shard)
             options = self.options
             if options.world_size > 1:
                 if shard is None or token is None:
@@ -408,7 +408,7 @@ class _Stager:
 def _lock_directory(directory: Path, rank: int) -> int:
     # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
     lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -298,16 +298,16 @@ def test_min_free_with_on_no_space_raise_surfaces_insufficient_space_on_the_next
 def test_a_write_failing_with_enospc_removes_its_temp_file_and_keeps_older_checkpoints(tmp_path, monkeypatch,
                                                                                       on_no_space) -> None:
     seen_temp_files: list[list[str]] = []
-    real_write_torch_file = ckptio.formats.write_torch_file
+    real_write_torch = ckptio.formats.write_torch
 
-    def disk_fills_up(snapshot: Any, path: Any) -> None:
+    def disk_fills_up(snapshot: Any, stream: Any) -> None:
         if snapshot.summary.get("batch") != 2:
-            return real_write_torch_file(snapshot, path)
-        Path(path).write_bytes(b"\0" * (64 * 1024))
+            return real_write_torch(snapshot, stream)
+        stream.write(b"\0" * (64 * 1024))
         seen_temp_files.append(temp_names(tmp_path))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckptio.formats, "write_torch_file", disk_fills_up)
+    monkeypatch.setattr(ckptio.formats, "write_torch", disk_fills_up)
     with manager(tmp_path, on_no_space=on_no_space, keep_count=1) as mgr:
         mgr.save(train_state(1), name=periodic(1))
         mgr.wait()
