@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="ICDAR2015-style directory; omit for the built-in synthetic dataset")
     data.add_argument("--synthetic-size", type=int, default=defaults.synthetic_size)
+    data.add_argument("--synthetic-labels", choices=("char", "word"), default=defaults.synthetic_labels,
+                      help="synthetic annotations: exact character boxes, or word boxes only (as real data)")
+    data.add_argument("--weak-supervision", choices=("auto", "on", "off"), default=defaults.weak_supervision,
+                      help="character boxes of word-level annotations proposed by the model being trained "
+                           "(CRAFT paper 3.2) instead of an even split; auto: on for word-level data")
     data.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     data.add_argument("--image-size", type=int, default=defaults.image_size)
     data.add_argument("--no-augment", dest="augment", action="store_false")

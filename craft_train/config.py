@@ -21,6 +21,13 @@ class TrainConfig:
     """ICDAR2015-style directory (images + ``gt_<image>.txt``); ``None`` uses the built-in synthetic data."""
     synthetic_size: int = 1000
     """Number of synthetic images when no ``data_dir`` is given."""
+    synthetic_labels: Literal["char", "word"] = "char"
+    """The synthetic data's annotations: exact character boxes, or only word boxes and transcriptions (as real
+    data), to measure weak supervision against the truth."""
+    weak_supervision: Literal["auto", "on", "off"] = "auto"
+    """Character boxes of word-level annotations proposed by the model being trained (CRAFT paper, sec. 3.2;
+    ``craft_train.weak``) instead of an even split of the word box. ``auto``: on for word-level data
+    (``data_dir``, ``synthetic_labels="word"``), off for character-level data."""
     val_fraction: float = 0.1
     """Share of the images held out for validation (0 disables validation and best_model)."""
     image_size: int = 512
@@ -97,6 +104,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.synthetic_labels not in ("char", "word"):
+            raise ValueError(f"--synthetic-labels must be char or word, not {self.synthetic_labels!r}")
+        if self.weak_supervision not in ("auto", "on", "off"):
+            raise ValueError(f"--weak-supervision must be auto, on or off, not {self.weak_supervision!r}")
         if self.best_metric not in ("val_loss", "hmean"):
             raise ValueError(f"--best-metric must be val_loss or hmean, not {self.best_metric!r}")
         if self.best_metric == "hmean" and not self.val_hmean:
@@ -107,6 +118,13 @@ class TrainConfig:
         parse_size(self.disk_budget, what="--disk-budget")
         parse_size(self.min_free, what="--min-free")
 
+    @property
+    def uses_weak_supervision(self) -> bool:
+        """Whether word-level words get pseudo character boxes (``weak_supervision`` with ``auto`` resolved)."""
+        if self.weak_supervision == "auto":
+            return self.data_dir is not None or self.synthetic_labels == "word"
+        return self.weak_supervision == "on"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -116,7 +134,7 @@ class TrainConfig:
 # device, checkpoint options) can change freely.
 RESUME_MUST_MATCH = (
     "data_dir", "synthetic_size", "val_fraction", "image_size", "augment", "batch_size", "lr", "weight_decay",
-    "lr_decay_steps", "lr_gamma", "seed",
+    "lr_decay_steps", "lr_gamma", "seed", "synthetic_labels", "weak_supervision",
 )
 
 

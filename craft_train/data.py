@@ -10,6 +10,15 @@ in any process, DataLoader workers included.  A sample is a dict of float32 tens
     affinity  (S/2, S/2)     link score between neighbouring characters
     mask      (S/2, S/2)     loss confidence: 1 background, word confidence, 0 don't-care
 
+With weak supervision (``weak_supervision=True``) the word-level words are left out of those maps and come as
+rectified crops instead, for the training step to label with the model (:mod:`craft_train.weak`)::
+
+    word_crops     (W, 3, Hc, Wc)  the words cut out of the source image, ImageNet-normalised
+    word_rect      (W, 4)          each word's (x0, y0, x1, y1) in its crop
+    word_to_label  (W, 3, 3)       homography from crop pixels to the label map
+    word_quad      (W, 4, 2)       the word quad in the label map
+    word_length    (W,)            transcription length
+
 Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`.
 """
 
@@ -19,19 +28,22 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 
 from craft_train.labels import gaussian_template, render_labels, split_word_quad
-from craft_train.synthetic import render_scene
+from craft_train.synthetic import render_scene, word_box
+from craft_train.weak import crop_geometry, crop_word
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Annotation",
     "IcdarDataset",
+    "SyntheticLabels",
     "SyntheticTextDataset",
     "Word",
     "collate",
@@ -47,6 +59,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 DONT_CARE = "###"
 SPLIT_WORD_CONFIDENCE = 0.5
 _SAMPLE_KEYS = ("image", "region", "affinity", "mask")
+_WORD_KEYS = ("word_crops", "word_rect", "word_to_label", "word_quad", "word_length")
+SyntheticLabels = Literal["char", "word"]
 # Domain tags keep content and augmentation streams apart even when the seeds coincide.
 _CONTENT_STREAM = 1
 _AUGMENT_STREAM = 2
@@ -59,6 +73,13 @@ class Word:
 
     char_quads: np.ndarray
     confidence: float
+    word_level: bool = False
+    """Only the word box is known: ``char_quads`` is its even split into ``n`` = transcription length quads."""
+
+    def word_quad(self) -> np.ndarray:
+        """The word box of a word-level word (the outline of its even split), top-left first."""
+        q = np.asarray(self.char_quads, dtype=np.float64).reshape(-1, 4, 2)
+        return np.stack([q[0, 0], q[-1, 1], q[-1, 2], q[0, 3]])
 
 
 @dataclass(frozen=True)
@@ -151,13 +172,59 @@ def _colour_jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
+def _normalise(pixels: np.ndarray) -> torch.Tensor:
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
+    normalised = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32))
+
+
+def _as_homography(affine: np.ndarray) -> np.ndarray:
+    return np.concatenate([affine, [[0.0, 0.0, 1.0]]], axis=0)
+
+
+def _word_crops(image: np.ndarray, words: Sequence[Word], to_label: np.ndarray,
+                image_size: int) -> dict[str, torch.Tensor]:
+    """Rectified crops of the word-level words that reach the label map, and how to map back from them."""
+    geometry = crop_geometry(image_size)
+    half = image_size // 2
+    crops, rects, homographies, quads, lengths = [], [], [], [], []
+    for word in words:
+        quad = word.word_quad()
+        placed = _transform_points(quad, to_label[:2])
+        if (placed[:, 0].max() < 0 or placed[:, 1].max() < 0 or placed[:, 0].min() > half - 1
+                or placed[:, 1].min() > half - 1):
+            continue  # augmentation cropped it away: nothing to label
+        crop = crop_word(image, quad, geometry)
+        if crop is None:
+            continue
+        crops.append(_normalise(crop.pixels))
+        rects.append(crop.rect)
+        homographies.append(to_label @ np.linalg.inv(crop.to_crop))
+        quads.append(placed)
+        lengths.append(len(word.char_quads))
+    if not crops:
+        return {"word_crops": torch.zeros((0, 3, geometry.height, geometry.width)),
+                "word_rect": torch.zeros((0, 4), dtype=torch.float64),
+                "word_to_label": torch.zeros((0, 3, 3), dtype=torch.float64),
+                "word_quad": torch.zeros((0, 4, 2), dtype=torch.float64),
+                "word_length": torch.zeros((0,), dtype=torch.int64)}
+    return {"word_crops": torch.stack(crops),
+            "word_rect": torch.tensor(rects, dtype=torch.float64),
+            "word_to_label": torch.from_numpy(np.stack(homographies)),
+            "word_quad": torch.from_numpy(np.stack(quads)),
+            "word_length": torch.tensor(lengths, dtype=torch.int64)}
+
+
 def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
                 rng: np.random.Generator | None = None,
-                template: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+                template: np.ndarray | None = None, *, weak_supervision: bool = False) -> dict[str, torch.Tensor]:
     """Turn an RGB uint8 image and its annotation into a training sample.
 
     With ``rng`` the image gets random scale, small rotation, a crop preferring text and
     colour jitter; without it the whole image is resized into the S x S canvas (validation).
+    With ``weak_supervision`` the word-level words are not drawn into the maps (their even split would be)
+    but come as ``word_*`` crops for :func:`craft_train.weak.pseudo_targets`.
     """
     size = _check_image_size(image_size)
     resized, to_resized, to_crop = _geometry(rng, image, annotation, size)
@@ -175,30 +242,33 @@ def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
         return flat.reshape(p.shape)
 
     half = (size // 2, size // 2)
+    drawn = [w for w in annotation.words if not (weak_supervision and w.word_level)]
     region, affinity, mask = render_labels(
-        [place(w.char_quads) for w in annotation.words],
-        [w.confidence for w in annotation.words],
+        [place(w.char_quads) for w in drawn],
+        [w.confidence for w in drawn],
         [place(q) for q in annotation.dont_care],
         half,
         template,
     )
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
-    normalised = ((pixels - mean) / std).transpose(2, 0, 1)
-    return {
-        "image": torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32)),
+    sample = {
+        "image": _normalise(pixels),
         "region": torch.from_numpy(region),
         "affinity": torch.from_numpy(affinity),
         "mask": torch.from_numpy(mask),
     }
+    if weak_supervision:
+        source_to_label = _as_homography(to_label) @ _as_homography(to_crop) @ _as_homography(to_resized)
+        sample.update(_word_crops(image, [w for w in annotation.words if w.word_level], source_to_label, size))
+    return sample
 
 
 def parse_icdar_gt(text: str) -> Annotation:
     """Parse ICDAR2015 ``x1,y1,...,x4,y4,transcription`` lines.
 
     The transcription may contain commas; ``###`` (or an empty transcription) marks a
-    don't-care region.  Words are split evenly into characters (confidence 0.5); a
-    one-character transcription is taken as an exact character box (confidence 1.0).
+    don't-care region.  Words are split evenly into characters (confidence 0.5, ``word_level``,
+    so that weak supervision can replace the split); a one-character transcription is taken as an
+    exact character box (confidence 1.0).
     Raises ``ValueError`` on a malformed line.
     """
     words: list[Word] = []
@@ -220,7 +290,7 @@ def parse_icdar_gt(text: str) -> Annotation:
             continue
         n = len(transcription)
         confidence = 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE
-        words.append(Word(split_word_quad(quad, n), confidence))
+        words.append(Word(split_word_quad(quad, n), confidence, word_level=n > 1))
     return Annotation(tuple(words), tuple(dont_care))
 
 
@@ -243,9 +313,10 @@ class IcdarDataset:
     """
 
     def __init__(self, data_dir: str | Path, image_size: int, indices: Sequence[int] | None = None,
-                 augment: bool = True) -> None:
+                 augment: bool = True, *, weak_supervision: bool = False) -> None:
         self.image_size = _check_image_size(image_size)
         self.augment = augment
+        self.weak_supervision = weak_supervision
         root = Path(data_dir)
         if not root.is_dir():
             raise ValueError(f"ICDAR data directory {str(root)!r} does not exist; {_LAYOUT_HELP}")
@@ -293,25 +364,46 @@ class IcdarDataset:
         except (OSError, ValueError, UnicodeDecodeError, cv2.error):
             return None
         rng = _augment_rng(aug_seed, index) if self.augment else None
-        return make_sample(image, annotation, self.image_size, rng, self._template)
+        return make_sample(image, annotation, self.image_size, rng, self._template,
+                           weak_supervision=self.weak_supervision)
+
+
+def _word_level(annotation: Annotation) -> Annotation:
+    """What an annotator gives: each word's box, evenly split by its length (one-character words are exact)."""
+    words = []
+    for word in annotation.words:
+        n = len(word.char_quads)
+        words.append(Word(split_word_quad(word_box(word.char_quads), n), 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE,
+                          word_level=n > 1))
+    return Annotation(tuple(words), annotation.dont_care)
 
 
 class SyntheticTextDataset:
-    """``size`` OpenCV-rendered scenes; content depends only on ``(seed, index)``."""
+    """``size`` OpenCV-rendered scenes; content depends only on ``(seed, index)``.
 
-    def __init__(self, size: int, image_size: int, seed: int, augment: bool = True) -> None:
+    ``labels="word"`` gives the same images with word-level annotations only (word box + transcription
+    length, as real data has), so that weak supervision can be measured against the exact character boxes,
+    which :meth:`render_chars` still gives.
+    """
+
+    def __init__(self, size: int, image_size: int, seed: int, augment: bool = True, *,
+                 labels: SyntheticLabels = "char", weak_supervision: bool = False) -> None:
         if operator.index(size) < 0 or operator.index(seed) < 0:
             raise ValueError(f"size and seed must be non-negative, got {size=}, {seed=}")
+        if labels not in ("char", "word"):
+            raise ValueError(f"synthetic labels must be 'char' or 'word', not {labels!r}")
         self.size = operator.index(size)
         self.seed = operator.index(seed)
         self.image_size = _check_image_size(image_size)
         self.augment = augment
+        self.labels = labels
+        self.weak_supervision = weak_supervision
         self._template = gaussian_template()
 
     def __len__(self) -> int:
         return self.size
 
-    def render(self, index: int) -> tuple[np.ndarray, Annotation]:
+    def render_chars(self, index: int) -> tuple[np.ndarray, Annotation]:
         """The un-augmented RGB image and exact character annotation of item ``index``."""
         rng = np.random.default_rng([self.seed, index, _CONTENT_STREAM])
         s = self.image_size
@@ -319,17 +411,24 @@ class SyntheticTextDataset:
         image, words = render_scene(rng, height, width)
         return image, Annotation(tuple(Word(w.char_quads, 1.0) for w in words), ())
 
+    def render(self, index: int) -> tuple[np.ndarray, Annotation]:
+        """The un-augmented RGB image of item ``index`` and its annotation (character- or word-level)."""
+        image, annotation = self.render_chars(index)
+        return image, annotation if self.labels == "char" else _word_level(annotation)
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
         index, aug_seed = _check_key(key, len(self))
         image, annotation = self.render(index)
         rng = _augment_rng(aug_seed, index) if self.augment else None
-        return make_sample(image, annotation, self.image_size, rng, self._template)
+        return make_sample(image, annotation, self.image_size, rng, self._template,
+                           weak_supervision=self.weak_supervision)
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor | int]:
     """Stack the readable samples; ``errors`` counts dropped ``None`` samples.
 
-    When nothing is left the tensors have zero rows (``image`` is ``(0, 3, 0, 0)``).
+    When nothing is left the tensors have zero rows (``image`` is ``(0, 3, 0, 0)``). Word crops of weakly
+    supervised samples are concatenated, with ``word_owner`` giving each word's row in the batch.
     """
     kept = [s for s in samples if s is not None]
     batch: dict[str, torch.Tensor | int] = {}
@@ -338,6 +437,11 @@ def collate(samples: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torc
             batch[name] = torch.stack([s[name] for s in kept])
         else:
             batch[name] = torch.zeros((0, 3, 0, 0) if name == "image" else (0, 0, 0), dtype=torch.float32)
+    if kept and all("word_crops" in s for s in kept):
+        for name in _WORD_KEYS:
+            batch[name] = torch.cat([s[name] for s in kept])
+        batch["word_owner"] = torch.cat([torch.full((len(s["word_length"]),), row, dtype=torch.int64)
+                                         for row, s in enumerate(kept)])
     batch["errors"] = len(samples) - len(kept)
     batch["size"] = len(kept)
     return batch

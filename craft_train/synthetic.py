@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["CHARSET", "FONTS", "RenderedWord", "render_scene"]
+__all__ = ["CHARSET", "FONTS", "RenderedWord", "render_scene", "word_box"]
 
 CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789&?!#%+"
 FONTS: tuple[int, ...] = (
@@ -117,6 +117,24 @@ def _text_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray
     if abs(float(colour @ _LUMA) - bg_luma) < 80.0:
         colour = rng.integers(0, 70, size=3) if bg_luma > 128 else rng.integers(185, 256, size=3)
     return np.asarray(colour, dtype=np.float64)
+
+
+def word_box(char_quads: np.ndarray) -> np.ndarray:
+    """The word-level annotation of a rendered word: the tightest box around its glyph boxes, in reading order.
+
+    Glyph quads are rotated rectangles sharing one rotation, so the first one's top edge gives the reading
+    direction; the box is aligned with it, so its corners come top-left first, clockwise, as an annotator
+    would give them, even for rotated words.
+    """
+    q = np.asarray(char_quads, dtype=np.float64).reshape(-1, 4, 2)
+    along = q[0, 1] - q[0, 0]
+    norm = float(np.linalg.norm(along))
+    along = along / norm if norm > 0 else np.array([1.0, 0.0])
+    down = np.array([-along[1], along[0]])  # along rotated by +90 degrees: down the screen for upright text
+    points = q.reshape(-1, 2)
+    u, v = points @ along, points @ down
+    corners = [(u.min(), v.min()), (u.max(), v.min()), (u.max(), v.max()), (u.min(), v.max())]
+    return np.array([a * along + b * down for a, b in corners])
 
 
 def render_scene(rng: np.random.Generator, height: int, width: int,

@@ -31,6 +31,7 @@ from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .postprocess import Thresholds
 from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
+from .weak import pseudo_targets
 
 __all__ = ["TrainResult", "train"]
 
@@ -86,12 +87,19 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     torch.manual_seed(config.seed)
 
     # ---- data ---------------------------------------------------------------------------------------------
+    # With weak supervision the training samples carry word crops that the training step labels with the model
+    # (craft_train.weak); the validation loss keeps the even split, which needs no model.
+    weak = config.uses_weak_supervision
     if config.data_dir is not None:
-        train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment)
+        train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment,
+                                      weak_supervision=weak)
         val_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=False)
     else:
-        train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, config.augment)
-        val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False)
+        labels = config.synthetic_labels
+        train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, config.augment,
+                                         labels=labels, weak_supervision=weak)
+        val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False,
+                                       labels=labels)
     train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
     step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
     total_batches = math.ceil(len(train_indices) / step_samples)
@@ -237,6 +245,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 if batch["size"] == 0 and world.distributed:
                     batch = _stand_in_batch(batch, config.image_size)  # every process must join the all-reduce
                 if batch["size"] > 0:
+                    batch = pseudo_targets(model, batch, device)  # no-op without word-level words
                     images = batch["image"].to(device, non_blocking=True)
                     targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):

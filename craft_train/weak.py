@@ -1,0 +1,322 @@
+"""Weakly-supervised character labels for word-level annotations (CRAFT paper, Baek et al. 2019, sec. 3.2).
+
+Real annotations give word boxes and transcriptions, not character boxes. The interim model itself proposes
+the characters of each word:
+
+1. the word quad is cropped out of the source image and rectified (a homography onto a horizontal rectangle of
+   fixed height, :func:`crop_word`; done in the DataLoader workers, so loading stays parallel);
+2. the model being trained runs on the batch's crops in eval mode without gradients (:func:`pseudo_targets`,
+   in the training step, so the labels follow the weights and an exact resume replays them);
+3. the region score inside the rectified word is split into characters by a watershed on its column profile
+   (:func:`split_region_score`): every run of columns above ``MARKER_THRESHOLD`` is one character's marker,
+   and neighbouring characters are cut at the lowest column between their markers. In a rectified crop the
+   characters follow each other along x, so this is the 2-D watershed of the paper reduced to the axis that
+   separates them; it does not depend on the transcription, which only scores the result;
+4. the cuts are mapped back through the inverse homography into the training sample's label map, and the word
+   is trusted as much as its character count matches the transcription (:func:`word_confidence`):
+   ``s_conf = (l - min(l, |l - l_c|)) / l``; below 0.5 the even split with confidence 0.5 is used instead.
+
+``###`` words stay don't-care and words with an empty transcription are masked the same way (without a length
+there is nothing to split into or to score the split against); one-character words are exact boxes already.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from craft_train.labels import gaussian_template, render_labels, split_word_quad
+
+__all__ = [
+    "EVEN_SPLIT_CONFIDENCE",
+    "MARKER_THRESHOLD",
+    "CropGeometry",
+    "PseudoLabelQuality",
+    "WordCrop",
+    "crop_geometry",
+    "crop_word",
+    "pseudo_char_quads",
+    "pseudo_label_quality",
+    "pseudo_targets",
+    "split_region_score",
+    "word_confidence",
+]
+
+EVEN_SPLIT_CONFIDENCE = 0.5
+MARKER_THRESHOLD = 0.3
+"""Region score a column of the rectified word must exceed to belong to a character's marker."""
+# The word's height in the crop, as a share of the training image side: the interim model saw words of roughly
+# 6-18 % of the image side, so this keeps the crops at the scale it knows.
+_WORD_HEIGHT_SHARE = 1 / 8
+_MIN_WORD_HEIGHT = 16
+_STRIDE = 32
+# Crop batches go through the model in chunks of this many words to bound peak memory.
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """The fixed canvas every word crop is drawn into, and the word's height inside it."""
+
+    height: int
+    width: int
+    word_height: int
+
+
+def crop_geometry(image_size: int) -> CropGeometry:
+    """Canvas for training images of side ``image_size``: the word is ``image_size / 8`` px high, centred.
+
+    The canvas is twice the word height (the Gaussians of the first and last characters need room) and as wide
+    as the training image, both multiples of 32 as the model needs.
+    """
+    word_height = max(_MIN_WORD_HEIGHT, round(image_size * _WORD_HEIGHT_SHARE))
+    height = -(-2 * word_height // _STRIDE) * _STRIDE
+    width = max(-(-image_size // _STRIDE) * _STRIDE, 2 * _STRIDE)
+    return CropGeometry(height, width, word_height)
+
+
+@dataclass(frozen=True)
+class WordCrop:
+    """A rectified word: the crop, where the word lies in it, and the homography from source pixels to it."""
+
+    pixels: np.ndarray
+    """``(height, width, 3)`` RGB uint8 canvas."""
+    rect: tuple[float, float, float, float]
+    """The word quad's corners in the canvas, ``(x0, y0, x1, y1)`` (OpenCV pixel-centre coordinates)."""
+    to_crop: np.ndarray
+    """``(3, 3)`` homography from source-image pixels to canvas pixels."""
+
+
+def _side_lengths(quad: np.ndarray) -> tuple[float, float]:
+    width = 0.5 * (np.linalg.norm(quad[1] - quad[0]) + np.linalg.norm(quad[2] - quad[3]))
+    height = 0.5 * (np.linalg.norm(quad[3] - quad[0]) + np.linalg.norm(quad[2] - quad[1]))
+    return float(width), float(height)
+
+
+def crop_word(image: np.ndarray, quad: np.ndarray, geometry: CropGeometry) -> WordCrop | None:
+    """Rectify the word ``quad`` (source pixels, top-left first, clockwise) into the crop canvas.
+
+    The word keeps its aspect ratio at ``geometry.word_height`` px (smaller when it would not fit the width)
+    and is centred; the rest of the canvas shows the word's surroundings. ``None`` for a degenerate quad.
+    """
+    q = np.asarray(quad, dtype=np.float64).reshape(4, 2)
+    if not np.all(np.isfinite(q)):
+        return None
+    width, height = _side_lengths(q)
+    if width < 1e-3 or height < 1e-3:
+        return None
+    word_h = float(geometry.word_height)
+    word_w = word_h * width / height
+    room = geometry.width - word_h  # half a word height of margin on each side
+    if word_w > room:
+        word_h, word_w = word_h * room / word_w, room
+    x0, y0 = (geometry.width - word_w) / 2.0, (geometry.height - word_h) / 2.0
+    x1, y1 = x0 + word_w, y0 + word_h
+    dst = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float32)
+    src = q.astype(np.float32)
+    to_crop = cv2.getPerspectiveTransform(src, dst).astype(np.float64)
+    if not np.all(np.isfinite(to_crop)):
+        return None
+    pixels = cv2.warpPerspective(image, to_crop, (geometry.width, geometry.height), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REPLICATE)
+    return WordCrop(pixels, (x0, y0, x1, y1), to_crop)
+
+
+def word_confidence(length: int, found: int) -> float:
+    """The paper's ``s_conf(w) = (l - min(l, |l - l_c|)) / l`` for transcription length ``l``, ``l_c`` found."""
+    if length < 1:
+        raise ValueError(f"a word's transcription length must be at least 1, got {length}")
+    return (length - min(length, abs(length - found))) / length
+
+
+def _rect_window(shape: tuple[int, ...], rect: Sequence[float]) -> tuple[slice, slice, int] | None:
+    """Rows and columns of a half-resolution map whose pixel centres lie inside ``rect`` (canvas pixels)."""
+    x0, y0, x1, y1 = (float(v) for v in rect)
+    h, w = shape
+    # Half-resolution pixel c has its centre at canvas x = 2c + 0.5.
+    c0, c1 = max(int(np.ceil((x0 - 0.5) / 2.0)), 0), min(int(np.floor((x1 - 0.5) / 2.0)), w - 1)
+    r0, r1 = max(int(np.ceil((y0 - 0.5) / 2.0)), 0), min(int(np.floor((y1 - 0.5) / 2.0)), h - 1)
+    if c0 > c1 or r0 > r1:
+        return None
+    return slice(r0, r1 + 1), slice(c0, c1 + 1), c0
+
+
+def split_region_score(region: np.ndarray, rect: Sequence[float],
+                       marker_threshold: float = MARKER_THRESHOLD) -> tuple[np.ndarray, int]:
+    """``(cuts, l_c)``: the characters found in a crop's half-resolution region score, inside the word ``rect``.
+
+    ``rect`` is the word's ``(x0, y0, x1, y1)`` in canvas pixels. ``cuts`` are the canvas x of the character
+    boundaries, ends included: ``l_c + 1`` increasing values from ``x0`` to ``x1`` (``[x0, x1]`` when ``l_c`` is
+    0 or 1).
+    """
+    x0, x1 = float(rect[0]), float(rect[2])
+    window = _rect_window(region.shape, rect)
+    if window is None:
+        return np.array([x0, x1]), 0
+    rows, cols, c0 = window
+    profile = np.asarray(region, dtype=np.float32)[rows, cols].max(axis=0)
+    above = np.concatenate([[False], profile > marker_threshold, [False]])
+    # Markers: maximal runs of columns above the threshold, as [start, end) column pairs.
+    runs = np.flatnonzero(above[1:] != above[:-1]).reshape(-1, 2)
+    cuts = [x0]
+    for (_, end), (start, _) in itertools.pairwise(runs):
+        valley = end + int(np.argmin(profile[end:start]))
+        cuts.append(2.0 * (c0 + valley) + 0.5)
+    cuts.append(x1)
+    return np.clip(np.asarray(cuts, dtype=np.float64), x0, x1), len(runs)
+
+
+def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    mapped = np.concatenate([p, np.ones((len(p), 1))], axis=1) @ matrix.T
+    return mapped[:, :2] / mapped[:, 2:3]
+
+
+def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target: np.ndarray, word_quad: np.ndarray,
+                      length: int, marker_threshold: float = MARKER_THRESHOLD) -> tuple[np.ndarray, float]:
+    """``(character quads (n, 4, 2), confidence)`` of one word, in the target frame of ``crop_to_target``.
+
+    ``region`` is the model's half-resolution region score of the word's crop, ``rect`` the word in the crop,
+    ``crop_to_target`` the homography from canvas pixels to the target frame (where ``word_quad`` is given).
+    With ``s_conf >= 0.5`` the cuts become the characters (``l_c`` of them, not necessarily ``length``) with
+    confidence ``s_conf``; otherwise the word is split evenly into ``length`` characters at confidence 0.5.
+    """
+    cuts, found = split_region_score(region, rect, marker_threshold)
+    confidence = word_confidence(length, found)
+    if confidence < EVEN_SPLIT_CONFIDENCE:
+        return split_word_quad(word_quad, length), EVEN_SPLIT_CONFIDENCE
+    _, y0, _, y1 = (float(v) for v in rect)
+    top = np.stack([cuts, np.full_like(cuts, y0)], axis=1)
+    bottom = np.stack([cuts, np.full_like(cuts, y1)], axis=1)
+    top, bottom = _apply_homography(crop_to_target, top), _apply_homography(crop_to_target, bottom)
+    quads = np.stack([top[:-1], top[1:], bottom[1:], bottom[:-1]], axis=1)
+    return quads, confidence
+
+
+_TEMPLATE = gaussian_template()
+
+
+def pseudo_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor | int],
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor | int]:
+    """The batch with its word-level words' pseudo character labels merged into ``region/affinity/mask``.
+
+    Runs ``model`` in eval mode without gradients on ``batch["word_crops"]`` (BatchNorm running statistics are
+    left alone) and restores its training mode. Returns a new dict; a batch without word-level words comes
+    back unchanged. Deterministic on CPU: the same weights and batch give bit-identical labels.
+    """
+    crops = batch.get("word_crops")
+    if not isinstance(crops, torch.Tensor) or crops.shape[0] == 0:
+        return batch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [model(crops[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
+                     for i in range(0, crops.shape[0], _CHUNK)]
+    finally:
+        model.train(was_training)
+    scores = torch.cat(parts).numpy()
+    region_t, affinity_t, mask_t = (batch[k] for k in ("region", "affinity", "mask"))
+    assert isinstance(region_t, torch.Tensor) and isinstance(affinity_t, torch.Tensor)
+    assert isinstance(mask_t, torch.Tensor)
+    owners = _tensor(batch, "word_owner").numpy()
+    rects = _tensor(batch, "word_rect").numpy()
+    to_label = _tensor(batch, "word_to_label").numpy()
+    quads = _tensor(batch, "word_quad").numpy()
+    lengths = _tensor(batch, "word_length").numpy()
+    per_sample: dict[int, tuple[list[np.ndarray], list[float]]] = {}
+    for i in range(len(owners)):
+        chars, conf = pseudo_char_quads(scores[i], rects[i], to_label[i], quads[i], int(lengths[i]))
+        words, confs = per_sample.setdefault(int(owners[i]), ([], []))
+        words.append(chars)
+        confs.append(conf)
+    region, affinity, mask = region_t.clone(), affinity_t.clone(), mask_t.clone()
+    out_hw = (int(region.shape[1]), int(region.shape[2]))
+    for owner, (words, confs) in sorted(per_sample.items()):
+        r, a, m = render_labels(words, confs, (), out_hw, _TEMPLATE)
+        region[owner] = torch.maximum(region[owner], torch.from_numpy(r))
+        affinity[owner] = torch.maximum(affinity[owner], torch.from_numpy(a))
+        mask[owner] = torch.minimum(mask[owner], torch.from_numpy(m))  # don't-care (0) still wins
+    return {**batch, "region": region, "affinity": affinity, "mask": mask}
+
+
+def _tensor(batch: dict[str, torch.Tensor | int], key: str) -> torch.Tensor:
+    value = batch[key]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class PseudoLabelQuality:
+    """How close pseudo character boxes come to the true ones, over the words of two or more characters."""
+
+    words: int
+    mean_iou: float
+    """Mean over true characters of the best IoU with a box of the method's labels (pseudo or fallback)."""
+    mean_iou_even_split: float
+    """The same for the even split of the word box (the labels without weak supervision)."""
+    count_matches: float
+    """Share of words where the number of characters found equals the transcription length."""
+    mean_confidence: float
+    """Mean confidence the loss gives the words (0.5 for every word of the even split)."""
+    mean_confidence_matched: float
+    """Mean confidence of the words whose count matches (1.0 by the formula; NaN when there are none)."""
+
+
+def pseudo_label_quality(model: torch.nn.Module, words: Sequence[tuple[np.ndarray, np.ndarray]],
+                         image_size: int, device: torch.device | str = "cpu", *,
+                         marker_threshold: float = MARKER_THRESHOLD) -> PseudoLabelQuality:
+    """Score pseudo-labels against the truth: ``words`` are ``(RGB image, true char quads (n, 4, 2))`` pairs.
+
+    Each word's box is :func:`craft_train.synthetic.word_box` of its true characters (what an annotator gives).
+    """
+    # Imported here: evaluate and data import this module.
+    from craft_train.data import IMAGENET_MEAN, IMAGENET_STD
+    from craft_train.evaluate import polygon_iou
+    from craft_train.synthetic import word_box
+
+    geometry = crop_geometry(image_size)
+    crops, items = [], []
+    for image, chars in words:
+        quad = word_box(chars)
+        crop = crop_word(image, quad, geometry)
+        if crop is None or len(chars) < 2:
+            continue
+        crops.append(crop)
+        items.append((quad, np.asarray(chars, dtype=np.float64)))
+    if not crops:
+        raise ValueError("no word of two or more characters to score")
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
+    batch = torch.from_numpy(np.stack([((c.pixels - mean) / std).transpose(2, 0, 1) for c in crops]).astype(np.float32))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            scores = torch.cat([model(batch[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
+                                for i in range(0, len(batch), _CHUNK)]).numpy()
+    finally:
+        model.train(was_training)
+    ious, even_ious, confidences, matched = [], [], [], []
+    for score, crop, (quad, chars) in zip(scores, crops, items, strict=True):
+        n = len(chars)
+        boxes, confidence = pseudo_char_quads(score, crop.rect, np.linalg.inv(crop.to_crop), quad, n,
+                                              marker_threshold)
+        even = split_word_quad(quad, n)
+        _, found = split_region_score(score, crop.rect, marker_threshold)
+        matched.append(found == n)
+        confidences.append(confidence)
+        for true in chars:
+            ious.append(max(polygon_iou(true, b) for b in boxes))
+            even_ious.append(max(polygon_iou(true, b) for b in even))
+    matched_conf = [c for c, m in zip(confidences, matched, strict=True) if m]
+    return PseudoLabelQuality(
+        words=len(items), mean_iou=float(np.mean(ious)), mean_iou_even_split=float(np.mean(even_ious)),
+        count_matches=float(np.mean(matched)), mean_confidence=float(np.mean(confidences)),
+        mean_confidence_matched=float(np.mean(matched_conf)) if matched_conf else float("nan"))

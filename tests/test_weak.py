@@ -1,0 +1,245 @@
+"""Weak supervision (craft_train.weak): pseudo character boxes from the model, their confidence, the word-level
+synthetic data and the trainer's switch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from craft_train.config import TrainConfig
+from craft_train.data import (
+    Annotation,
+    SyntheticTextDataset,
+    Word,
+    collate,
+    make_sample,
+    parse_icdar_gt,
+)
+from craft_train.labels import split_word_quad
+from craft_train.model import CRAFT
+from craft_train.synthetic import word_box
+from craft_train.weak import (
+    EVEN_SPLIT_CONFIDENCE,
+    crop_geometry,
+    crop_word,
+    pseudo_char_quads,
+    pseudo_targets,
+    split_region_score,
+    word_confidence,
+)
+
+
+class BrightPixelsModel(nn.Module):
+    """A stand-in for CRAFT whose region score is 1 where the (normalised) input is bright: white glyphs on
+    black give one region blob per glyph, exactly where the glyph is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1)  # only so that the tests can see eval mode and untouched statistics
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = nn.functional.avg_pool2d(x[:, :1], 2)
+        self.norm(half)
+        region = (half[:, 0] > 0).float()
+        return torch.stack([region, torch.zeros_like(region)], dim=-1), half
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def _proportional_word() -> tuple[np.ndarray, np.ndarray]:
+    """A 128 x 128 black image with three white glyphs of very different widths: what an even split gets wrong."""
+    image = np.zeros((128, 128, 3), dtype=np.uint8)
+    glyphs = np.stack([_rect(20, 50, 60, 70), _rect(64, 50, 70, 70), _rect(74, 50, 100, 70)])
+    for g in glyphs:
+        x0, y0 = g[0].astype(int)
+        x1, y1 = g[2].astype(int)
+        image[y0:y1, x0:x1] = 255
+    return image, glyphs
+
+
+def _iou_1d(a: tuple[float, float], b: tuple[float, float]) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+# ---- the confidence formula -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("length", "found", "expected"),
+                         [(5, 5, 1.0), (5, 4, 0.8), (5, 6, 0.8), (5, 2, 0.4), (5, 0, 0.0), (2, 5, 0.0), (1, 1, 1.0)])
+def test_word_confidence_is_the_papers_formula(length: int, found: int, expected: float) -> None:
+    assert word_confidence(length, found) == pytest.approx(expected)
+
+
+def test_word_confidence_refuses_an_empty_transcription() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        word_confidence(0, 0)
+
+
+# ---- splitting the region score ---------------------------------------------------------------------------------
+
+def test_three_peaks_in_the_region_score_give_three_characters_cut_at_the_valleys() -> None:
+    region = np.zeros((16, 64), dtype=np.float32)
+    columns = np.arange(64)
+    for centre in (10, 20, 40):  # half-resolution columns
+        region[4:12] = np.maximum(region[4:12], np.exp(-((columns - centre) / 3.0) ** 2))
+    rect = (8.0, 8.0, 110.0, 24.0)  # canvas pixels: half-resolution columns 4..54
+    cuts, found = split_region_score(region, rect, 0.5)
+    assert found == 3
+    assert cuts[0] == rect[0] and cuts[-1] == rect[2]
+    # valleys at half-resolution columns 15 and 30 -> canvas x = 2c + 0.5
+    assert cuts[1:-1] == pytest.approx([30.5, 60.5], abs=2.1)
+
+
+def test_a_region_score_without_peaks_finds_no_character_and_falls_back_to_the_even_split() -> None:
+    region = np.zeros((16, 64), dtype=np.float32)
+    quad = _rect(0, 0, 30, 10)
+    chars, confidence = pseudo_char_quads(region, (8.0, 8.0, 110.0, 24.0), np.eye(3), quad, 3)
+    assert confidence == EVEN_SPLIT_CONFIDENCE
+    np.testing.assert_allclose(chars, split_word_quad(quad, 3))
+
+
+def test_peaks_outside_the_word_rectangle_are_not_counted() -> None:
+    region = np.zeros((16, 64), dtype=np.float32)
+    region[4:12, 2] = 1.0  # left of the word
+    region[0:2, 20] = 1.0  # above it
+    region[4:12, 30] = 1.0
+    _, found = split_region_score(region, (20.0, 8.0, 110.0, 24.0), 0.5)
+    assert found == 1
+
+
+# ---- crops and pseudo boxes, end to end on a proportional word ---------------------------------------------------
+
+def test_a_rectified_crop_puts_the_word_quad_on_its_rectangle() -> None:
+    image, glyphs = _proportional_word()
+    quad = word_box(glyphs)
+    crop = crop_word(image, quad, crop_geometry(128))
+    assert crop is not None and crop.pixels.shape == (32, 128, 3)
+    corners = np.concatenate([quad, np.ones((4, 1))], axis=1) @ crop.to_crop.T
+    x0, y0, x1, y1 = crop.rect
+    np.testing.assert_allclose(corners[:, :2] / corners[:, 2:], _rect(x0, y0, x1, y1), atol=1e-3)
+    assert y1 - y0 == pytest.approx(16.0)  # image_size / 8
+
+
+def test_pseudo_boxes_of_a_proportional_word_follow_its_glyphs_where_the_even_split_does_not() -> None:
+    image, glyphs = _proportional_word()
+    quad = word_box(glyphs)
+    crop = crop_word(image, quad, crop_geometry(128))
+    assert crop is not None
+    crops = torch.from_numpy(((crop.pixels / 255.0 - 0.485) / 0.229).transpose(2, 0, 1)[None].astype(np.float32))
+    region = BrightPixelsModel()(crops)[0][0, ..., 0].numpy()
+    chars, confidence = pseudo_char_quads(region, crop.rect, np.linalg.inv(crop.to_crop), quad, 3)
+    assert confidence == 1.0 and chars.shape == (3, 4, 2)
+    even = split_word_quad(quad, 3)
+    spans = [(g[0, 0], g[1, 0]) for g in glyphs]
+    pseudo_iou = np.mean([_iou_1d(s, (c[0, 0], c[1, 0])) for s, c in zip(spans, chars, strict=True)])
+    even_iou = np.mean([_iou_1d(s, (c[0, 0], c[1, 0])) for s, c in zip(spans, even, strict=True)])
+    assert pseudo_iou > even_iou + 0.15  # measured 0.82 vs 0.62; cuts in the gaps make the tiling's best
+    # the cuts fall in the gaps between the glyphs (x 60-64 and 70-74), within a half-resolution pixel
+    assert 59 <= chars[0, 1, 0] <= 65 and 69 <= chars[1, 1, 0] <= 75
+
+
+def test_pseudo_targets_label_the_word_in_the_training_sample_and_leave_the_model_as_it_was() -> None:
+    image, glyphs = _proportional_word()
+    annotation = Annotation((Word(split_word_quad(word_box(glyphs), 3), 0.5, word_level=True),))
+    sample = make_sample(image, annotation, 128, weak_supervision=True)
+    assert float(sample["region"].max()) == 0.0  # the word is left to the model
+    batch = collate([sample, make_sample(image, Annotation(), 128, weak_supervision=True)])
+    assert batch["word_owner"].tolist() == [0]
+    model = BrightPixelsModel().train()
+    stats = model.norm.running_mean.clone(), model.norm.num_batches_tracked.clone()
+    labelled = pseudo_targets(model, batch)
+    assert model.training
+    assert torch.equal(model.norm.running_mean, stats[0])
+    assert torch.equal(model.norm.num_batches_tracked, stats[1])
+    assert labelled is not batch and float(batch["region"].max()) == 0.0  # the input batch is not modified
+    region = labelled["region"][0].numpy()
+    # one region peak per glyph, at its centre (label map = half resolution); the second image has none
+    for g in glyphs:
+        cx, cy = (g[:, 0].mean() + 0.5) / 2 - 0.5, (g[:, 1].mean() + 0.5) / 2 - 0.5
+        assert region[round(cy), round(cx)] > 0.9
+    assert float(labelled["region"][1].max()) == 0.0
+    assert float(labelled["mask"][0].min()) == 1.0  # count matches: confidence 1
+
+
+def test_pseudo_targets_are_bit_identical_for_the_same_weights_and_batch() -> None:
+    data = SyntheticTextDataset(4, 64, seed=3, labels="word", weak_supervision=True)
+    batch = collate([data[(i, 11)] for i in range(4)])
+    assert int(batch["word_crops"].shape[0]) > 0
+    torch.manual_seed(0)
+    model = CRAFT()
+    first, second = pseudo_targets(model, batch), pseudo_targets(model, batch)
+    for key in ("region", "affinity", "mask"):
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_a_batch_without_word_level_words_comes_back_unchanged() -> None:
+    data = SyntheticTextDataset(2, 64, seed=3)
+    batch = collate([data[(0, 0)], data[(1, 0)]])
+    assert pseudo_targets(BrightPixelsModel(), batch) is batch
+
+
+# ---- word-level data ----------------------------------------------------------------------------------------------
+
+def test_word_level_synthetic_data_shows_the_same_images_with_word_boxes_only() -> None:
+    chars = SyntheticTextDataset(3, 128, seed=5)
+    words = SyntheticTextDataset(3, 128, seed=5, labels="word")
+    for index in range(3):
+        image_c, exact = chars.render(index)
+        image_w, coarse = words.render(index)
+        assert np.array_equal(image_c, image_w)
+        assert len(exact.words) == len(coarse.words)
+        for true, word in zip(exact.words, coarse.words, strict=True):
+            n = len(true.char_quads)
+            assert len(word.char_quads) == n and word.word_level == (n > 1)
+            np.testing.assert_allclose(word.word_quad(), word_box(true.char_quads), atol=1e-9)
+            assert word.confidence == (1.0 if n == 1 else 0.5)
+        _, again = words.render_chars(index)
+        assert all(np.array_equal(a.char_quads, b.char_quads) for a, b in zip(again.words, exact.words, strict=True))
+
+
+def test_word_box_of_a_rotated_word_starts_at_its_top_left_and_encloses_every_glyph() -> None:
+    angle = np.deg2rad(-30.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    glyphs = np.stack([_rect(0, 0, 10, 20), _rect(12, 5, 20, 20), _rect(22, 0, 30, 20)]) @ rotation.T
+    box = word_box(glyphs)
+    np.testing.assert_allclose(box, _rect(0, 0, 30, 20) @ rotation.T, atol=1e-9)
+
+
+def test_icdar_words_of_several_characters_are_word_level_and_single_characters_exact() -> None:
+    annotation = parse_icdar_gt("0,0,30,0,30,10,0,10,abc\n40,0,50,0,50,10,40,10,x\n60,0,70,0,70,10,60,10,###\n")
+    assert [w.word_level for w in annotation.words] == [True, False]
+    np.testing.assert_allclose(annotation.words[0].word_quad(), _rect(0, 0, 30, 10))
+    assert len(annotation.dont_care) == 1
+
+
+def test_weakly_supervised_samples_keep_dont_care_and_character_level_words_in_their_maps() -> None:
+    image, glyphs = _proportional_word()
+    annotation = Annotation((Word(glyphs[:1], 1.0), Word(split_word_quad(_rect(20, 90, 60, 110), 4), 0.5,
+                                                              word_level=True)), (_rect(100, 100, 120, 120),))
+    sample = make_sample(image, annotation, 128, weak_supervision=True)
+    plain = make_sample(image, annotation, 128)
+    assert float(sample["region"][30, 19]) > 0.9  # the exact glyph is drawn
+    assert float(sample["region"][50, 19]) == 0.0 < float(plain["region"][50, 19])  # the word is left to the model
+    assert float(sample["mask"][55, 55]) == 0.0  # don't-care stays don't-care
+    assert sample["word_crops"].shape == (1, 3, 32, 128) and sample["word_length"].tolist() == [4]
+    assert "word_crops" not in plain
+
+
+# ---- the trainer's switch -------------------------------------------------------------------------------------------
+
+def test_weak_supervision_auto_is_on_for_word_level_data_and_off_for_character_level_data() -> None:
+    assert not TrainConfig().uses_weak_supervision
+    assert TrainConfig(synthetic_labels="word").uses_weak_supervision
+    assert TrainConfig(data_dir="some/dir").uses_weak_supervision
+    assert not TrainConfig(data_dir="some/dir", weak_supervision="off").uses_weak_supervision
+    assert TrainConfig(weak_supervision="on").uses_weak_supervision
+
+
+@pytest.mark.parametrize(("field", "value"), [("weak_supervision", "yes"), ("synthetic_labels", "chars")])
+def test_invalid_weak_supervision_settings_are_refused_with_the_choices(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be"):
+        TrainConfig(**{field: value})  # type: ignore[arg-type]
