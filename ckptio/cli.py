@@ -24,6 +24,7 @@ from .layout import (
     integrity_state,
     parse_checkpoint_name,
     read_index,
+    remove_stale_orphan_shards,
     scan,
     update_index,
 )
@@ -329,6 +330,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         print(f"  {verb}: {entry.path.name} - {_mb(entry.total_size)}")
     if forgotten:
         update_index(directory, forgotten)
+    for orphan in [] if args.dry_run else remove_stale_orphan_shards(directory):
+        print(f"  {verb}: {orphan.path.name} (shards of a save never committed) - {_mb(orphan.size)}")
     kept = len(entries) - len(victims)
     if not entries:
         print(f"no batch checkpoints in {directory}")

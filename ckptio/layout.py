@@ -37,6 +37,7 @@ __all__ = [
     "prune_orphan_shards",
     "read_index",
     "remove_orphan_shards",
+    "remove_stale_orphan_shards",
     "scan",
     "shard_directory",
     "shard_file_name",
@@ -349,6 +350,13 @@ def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None 
             _remove_shard_directory(orphan.path)
             removed.append(orphan)
     return removed
+
+
+def remove_stale_orphan_shards(directory: Path) -> list[OrphanShards]:
+    """What ``ckptio clean`` removes: orphans older than the newest committed periodic checkpoint, and every
+    orphan when no manager of any rank has the directory open."""
+    positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
+    return remove_orphan_shards(directory, older_than=max(positions, default=None), when_idle=True)
 
 
 def prune_orphan_shards(directory: Path, committed: str) -> int:

@@ -456,3 +456,17 @@ def test_open_lock_reuses_a_regular_lock_file_left_by_an_earlier_run(tmp_path) -
     fd = ckptio.atomic.open_lock(tmp_path / LOCK_NAME)
     os.close(fd)
     CheckpointManager(tmp_path).close()
+
+
+def test_ckptio_clean_removes_orphan_shard_directories_and_keeps_the_final_checkpoint(tmp_path, capsys) -> None:
+    from ckptio.cli import main
+
+    with CheckpointManager(tmp_path) as mgr:
+        for name in (periodic(1), periodic(3), "final"):
+            mgr.save(state(1), name=name)
+    plant_orphan(tmp_path, periodic(2))
+    assert main(["clean", str(tmp_path), "--keep-count", "1", "--dry-run"]) == 0
+    assert f"{periodic(2)}.shards" in visible(tmp_path)
+    assert main(["clean", str(tmp_path), "--keep-count", "1"]) == 0
+    assert f"{periodic(2)}.shards (shards of a save never committed)" in capsys.readouterr().out
+    assert visible(tmp_path) == {f"{periodic(3)}.pth", "final.pth"}
