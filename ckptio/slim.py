@@ -22,10 +22,10 @@ import torch
 
 from .atomic import TEMP_SUFFIX, fsync_directory
 from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
-from .layout import CheckpointEntry, index_record, update_index
+from .layout import CheckpointEntry, index_record, read_index, scan, update_index
 from .snapshot import BufferSlot, walk_tensors
 
-__all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint"]
+__all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
 
 SLIM_KEY = "slim"
 """Key of the record in a checkpoint's user metadata that marks it slim (what was dropped, the size before)."""
@@ -52,16 +52,21 @@ def is_slim(meta: dict[str, Any] | None) -> bool:
     return isinstance(user, dict) and isinstance(user.get(SLIM_KEY), dict)
 
 
-def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names: set[str]) -> list[CheckpointEntry]:
+def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names: set[str], *,
+                  keep_count: int | None = None) -> list[CheckpointEntry]:
     """The periodic checkpoints to slim: all but the newest ``keep_full`` of them, except those already slim.
 
-    ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Protected checkpoints (``best_model``)
-    and sharded ones (their optimizer state lives in separate shard files) are never slimmed.
+    ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Only periodic checkpoints
+    (``checkpoint_epoch_E_batch_B``) are slimmed; protected ones (``best_model``) and sharded ones (their
+    optimizer state lives in separate shard files) never are. With retention's ``keep_count`` the oldest kept
+    checkpoint is left alone: the next save deletes it, possibly while it would be rewritten.
     """
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
                          f"got {keep_full}")
-    periodic = [e for e in entries if not e.protected]
+    periodic = [e for e in entries if not e.protected and e.epoch_batch is not None]
+    if keep_count is not None:
+        periodic = periodic[: keep_count - 1]
     return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]
 
 
@@ -129,6 +134,29 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     except OSError:  # the index is a cache; the file carries its own digest and metadata
         pass
     return SlimResult(path=path, bytes_before=before, bytes_after=info.st_size, dropped=dropped)
+
+
+def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *, keep_count: int | None = None,
+                           fsync: bool = True, protected_names: tuple[str, ...] = ("best_model",)
+                           ) -> list[SlimResult]:
+    """Slim every periodic checkpoint of ``directory`` but the newest ``keep_full`` (see :func:`plan_slimming`).
+
+    Run it where nothing else writes or deletes in the directory at the same time (a trainer runs it after each
+    save, in the thread that applies retention). A file deleted meanwhile is passed over.
+    """
+    directory = Path(directory)
+    index = read_index(directory)
+    slim_names = {name for name, record in index.items() if is_slim(record.get("meta"))}
+    done = []
+    for entry in plan_slimming(scan(directory, protected_names), keep_full, slim_names, keep_count=keep_count):
+        try:
+            seal, _ = read_meta(entry.path)  # the index is a cache: the file's own metadata decides
+            if seal is None or is_slim(seal.meta) or seal.meta.get("shards"):
+                continue
+            done.append(slim_checkpoint(entry.path, fsync=fsync))
+        except FileNotFoundError:  # deleted by retention or `ckptio clean` since the scan
+            continue
+    return done
 
 
 def _assert_same_tensors(expected: Any, actual: Any, where: str) -> None:

@@ -86,14 +86,21 @@ def _entry(name: str, age: int, *, protected: bool = False, shard_bytes: int = 0
                            protected=protected, shard_bytes=shard_bytes)
 
 
-def test_plan_keeps_the_newest_n_complete_and_never_slims_best_sharded_or_slim_ones() -> None:
-    entries = [_entry("best_model", 0, protected=True), _entry("c5", 1), _entry("c4", 2), _entry("c3", 3),
-               _entry("c2", 4, shard_bytes=5), _entry("c1", 5), _entry("c0", 6)]
-    planned = plan_slimming(entries, keep_full=2, slim_names={"c0.pth"})
-    assert [e.name for e in planned] == ["c3", "c1"]
-    assert [e.name for e in plan_slimming(entries, keep_full=1, slim_names=set())] == ["c4", "c3", "c1", "c0"]
+def test_plan_keeps_the_newest_n_complete_and_slims_only_periodic_unsharded_fat_ones() -> None:
+    c = [f"checkpoint_epoch_1_batch_{b}" for b in range(6)]
+    entries = [_entry("best_model", 0, protected=True), _entry(c[5], 1), _entry(c[4], 2), _entry(c[3], 3),
+               _entry(c[2], 4, shard_bytes=5), _entry("final", 5), _entry(c[1], 6), _entry(c[0], 7)]
+    planned = plan_slimming(entries, keep_full=2, slim_names={f"{c[0]}.pth"})
+    assert [e.name for e in planned] == [c[3], c[1]]
+    assert [e.name for e in plan_slimming(entries, keep_full=1, slim_names=set())] == [c[4], c[3], c[1], c[0]]
     with pytest.raises(ValueError, match="at least 1"):
         plan_slimming(entries, keep_full=0, slim_names=set())
+
+
+def test_plan_leaves_alone_the_oldest_checkpoint_that_retention_deletes_next() -> None:
+    entries = [_entry(f"checkpoint_epoch_1_batch_{b}", 10 - b) for b in range(10, 0, -1)]
+    planned = plan_slimming(entries, keep_full=1, slim_names=set(), keep_count=4)
+    assert [e.name for e in planned] == ["checkpoint_epoch_1_batch_9", "checkpoint_epoch_1_batch_8"]
 
 
 def test_slimming_old_checkpoints_saves_space_and_keeps_the_directory_order(tmp_path: Path) -> None:
