@@ -288,11 +288,15 @@ def test_list_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path) -> Non
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     with subprocess.Popen([sys.executable, "-m", "ckptio", "list", str(directory)], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        first_line = proc.stdout.readline()
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        code = proc.wait(timeout=120)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            first_line = proc.stdout.readline()
+            proc.stdout.close()
+            err = proc.stderr.read().decode()
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
     assert "扫描目录" in first_line.decode()
     assert "Traceback" not in err

@@ -78,19 +78,26 @@ def test_repeated_kill_9_loses_nothing_and_the_resumed_run_ends_bit_identical(
     rng = random.Random(1234 + kills)
     reference_dir, crash_dir = tmp_path / "straight", tmp_path / "crashed"
     reference = _start(reference_dir, *extra)
+    finish = None
+    try:
+        landed_mid_write = 0
+        for attempt in range(kills):
+            landed_mid_write += _kill_at_a_random_moment(crash_dir, rng, mid_write=attempt % 2 == 0, extra=extra)
+            _after_a_kill_everything_visible_verifies(crash_dir)
+        assert landed_mid_write >= 2, "the test must kill some runs while a checkpoint is being written"
 
-    landed_mid_write = 0
-    for attempt in range(kills):
-        landed_mid_write += _kill_at_a_random_moment(crash_dir, rng, mid_write=attempt % 2 == 0, extra=extra)
-        _after_a_kill_everything_visible_verifies(crash_dir)
-    assert landed_mid_write >= 2, "the test must kill some runs while a checkpoint is being written"
+        verify_cli = subprocess.run([sys.executable, "-m", "ckptio", "verify", str(crash_dir)], capture_output=True,
+                                    timeout=300)
+        assert verify_cli.returncode == 0, verify_cli.stdout
 
-    verify_cli = subprocess.run([sys.executable, "-m", "ckptio", "verify", str(crash_dir)], capture_output=True)
-    assert verify_cli.returncode == 0, verify_cli.stdout
-
-    finish = _start(crash_dir, "--resume", "auto", *extra)
-    assert finish.wait(timeout=300) == 0
-    assert reference.wait(timeout=300) == 0
+        finish = _start(crash_dir, "--resume", "auto", *extra)
+        assert finish.wait(timeout=300) == 0
+        assert reference.wait(timeout=300) == 0
+    finally:  # a failed assertion must not leave a training run writing in the background
+        for process in (reference, finish):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
     assert _temporaries(crash_dir) == []
 
     expected, actual = _final_state(reference_dir), _final_state(crash_dir)

@@ -62,7 +62,12 @@ def test_clean_beside_a_running_training_never_removes_the_newest_or_in_flight_c
                 assert remaining and ckptio.verify(remaining[0].path).ok
             time.sleep(0.2)
     finally:
-        _, err = run.communicate(timeout=300)
+        try:
+            _, err = run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     assert run.returncode == 0, err
     assert cleans >= 2
     assert "Traceback" not in err

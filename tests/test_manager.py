@@ -549,7 +549,12 @@ def test_a_manager_in_another_process_holds_the_directory(tmp_path) -> None:
         with pytest.raises(CheckpointDirectoryLockedError, match=rf"process {holder.pid}"):
             CheckpointManager(tmp_path)
     finally:
-        holder.communicate(timeout=GATE_TIMEOUT)
+        try:
+            holder.communicate(timeout=GATE_TIMEOUT)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.communicate()
     CheckpointManager(tmp_path).close()
 
 

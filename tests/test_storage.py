@@ -457,10 +457,12 @@ def test_a_manager_in_another_process_locks_the_directory_with_a_clear_message(t
                 CheckpointManager(directory)
             assert str(directory) in str(raised.value)
             assert "already being written by another checkpoint manager" in str(raised.value)
-        finally:
             holder.stdin.close()
-        assert holder.stdout.readline().strip() == "released"
-        assert holder.wait(timeout=60) == 0
+            assert holder.stdout.readline().strip() == "released"
+            assert holder.wait(timeout=60) == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
     with manager(directory, async_save=False) as mgr:  # free again once the holder is gone
         mgr.save(train_state(1), name=periodic(1))
     assert files(directory) == {f"{periodic(1)}.pth"}
