@@ -30,6 +30,7 @@ from ckptio.fileio import read_meta, write_checkpoint
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
 COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]
 GATE_TIMEOUT = 10.0  # a fake never waits longer than this, so that a broken test fails instead of hanging
+WRITERS = ["thread", "process"]
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -77,6 +78,12 @@ class FailingWriter:
         raise self.error
 
 
+@pytest.fixture(params=WRITERS)
+def writer(request) -> str:
+    """Both background writers must behave the same; fakes that patch the writer's code need ``thread``."""
+    return request.param
+
+
 @pytest.fixture
 def gated(monkeypatch) -> Any:
     writer = GatedWriter()
@@ -110,7 +117,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
 
 
 @pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
-def test_model_optimizer_scheduler_and_rng_state_round_trip_and_resume_identically(tmp_path, fmt, compression) -> None:
+def test_model_optimizer_scheduler_and_rng_state_round_trip_and_resume_identically(tmp_path, fmt, compression,
+                                                                                    writer) -> None:
     model, optimizer, scheduler = make_training(seed=0)
     train(model, optimizer, scheduler, steps=3)
     random.seed(5)
@@ -125,7 +133,7 @@ def test_model_optimizer_scheduler_and_rng_state_round_trip_and_resume_identical
         "python_rng_state": random.getstate(),
     }
     expected = copy.deepcopy(state)
-    with CheckpointManager(tmp_path, format=fmt, compression=compression) as mgr:
+    with CheckpointManager(tmp_path, format=fmt, compression=compression, writer=writer) as mgr:
         mgr.save(state, name="checkpoint_epoch_1_batch_3")
         train(model, optimizer, scheduler, steps=3)  # keeps changing the saved tensors while the writer runs
     reference = [p.detach().clone() for p in model.parameters()]
@@ -207,8 +215,8 @@ def test_save_never_mutates_or_pops_from_the_callers_containers(tmp_path, fmt, c
     assert {key: id(value) for key, value in state["optimizer_state_dict"].items()} == inner
 
 
-def test_unsupported_leaf_raises_value_error_in_save_and_the_manager_keeps_working(tmp_path) -> None:
-    with CheckpointManager(tmp_path, max_pending=1) as mgr:
+def test_unsupported_leaf_raises_value_error_in_save_and_the_manager_keeps_working(tmp_path, writer) -> None:
+    with CheckpointManager(tmp_path, max_pending=1, writer=writer) as mgr:
         for _ in range(3):  # more than the number of buffer slots: a failed snapshot must give its slot back
             with pytest.raises(ValueError, match=r"optimizer/seen is a builtins\.set"):
                 mgr.save({"optimizer": {"seen": {1, 2}}}, name="c")
@@ -263,6 +271,43 @@ def test_background_error_surfaces_on_close_and_when_leaving_with(tmp_path, monk
         mgr.close()
     with pytest.raises(CheckpointWriteError, match="disk on fire"), CheckpointManager(tmp_path / "b") as other:
         other.save(small_state(), name="c")
+
+
+def test_a_real_write_failure_surfaces_once_naming_the_file_and_the_next_save_works(tmp_path, writer) -> None:
+    (tmp_path / "c.pth").mkdir()  # the rename onto the final name fails: a real error, in either writer
+    (tmp_path / "c.pth" / "keep").write_text("a directory in the way")
+    with CheckpointManager(tmp_path, writer=writer) as mgr:
+        future = mgr.save(small_state(), name="c")
+        with pytest.raises(CheckpointWriteError, match=r"saving .*c\.pth failed") as info:
+            mgr.wait()
+        assert isinstance(info.value.__cause__, OSError)
+        assert isinstance(future.exception(timeout=GATE_TIMEOUT), CheckpointWriteError)
+        assert mgr.stats.failed == 1 and mgr.stats.committed == 0
+        mgr.save(small_state(2), name="d")  # reported once, then the manager goes on
+        mgr.wait()
+        assert mgr.stats.committed == 1
+    assert ckptio.load(tmp_path / "d.pth")["step"] == 2
+
+
+def test_close_from_another_thread_during_a_save_lets_that_save_finish(tmp_path, gated) -> None:
+    mgr = CheckpointManager(tmp_path, max_pending=1, on_full="block")
+    mgr.save(small_state(1), name="one")
+    mgr.save(small_state(2), name="two")
+    futures: list[Any] = []
+    saving = threading.Thread(target=lambda: futures.append(mgr.save(small_state(3), name="three")))
+    saving.start()  # blocks inside save(): both slots are busy until the gate opens
+    while mgr.stats.requested < 3:
+        threading.Event().wait(0.01)
+    closing = threading.Thread(target=mgr.close)
+    closing.start()
+    gated.gate.set()
+    saving.join(GATE_TIMEOUT)
+    closing.join(GATE_TIMEOUT)
+    assert not saving.is_alive() and not closing.is_alive()
+    assert futures and futures[0].result(timeout=GATE_TIMEOUT).path == tmp_path / "three.pth"
+    assert visible(tmp_path) == {"one.pth", "two.pth", "three.pth"}
+    with pytest.raises(RuntimeError, match="is closed"):
+        mgr.save(small_state(), name="late")
 
 
 def test_leaving_with_because_of_an_exception_does_not_hide_it_behind_a_background_error(tmp_path,
@@ -428,10 +473,10 @@ def test_each_format_gets_its_suffix_and_loads_transparently(tmp_path, fmt, comp
     assert_same(ckptio.load(tmp_path / ("best_model" + suffix)), state)
 
 
-def test_min_free_that_cannot_be_met_skips_the_save_and_keeps_earlier_checkpoints(tmp_path) -> None:
+def test_min_free_that_cannot_be_met_skips_the_save_and_keeps_earlier_checkpoints(tmp_path, writer) -> None:
     with CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
         mgr.save(small_state(1), name=periodic(1))
-    with CheckpointManager(tmp_path, min_free="1000000TB", on_no_space="skip") as mgr:
+    with CheckpointManager(tmp_path, min_free="1000000TB", on_no_space="skip", writer=writer) as mgr:
         future = mgr.save(small_state(2), name=periodic(2))
         mgr.wait()
         assert future.result(timeout=0) is None
@@ -439,8 +484,8 @@ def test_min_free_that_cannot_be_met_skips_the_save_and_keeps_earlier_checkpoint
     assert visible(tmp_path) == {f"{periodic(1)}.pth"}
 
 
-def test_min_free_that_cannot_be_met_raises_with_on_no_space_raise(tmp_path) -> None:
-    with CheckpointManager(tmp_path, min_free="1000000TB", on_no_space="raise") as mgr:
+def test_min_free_that_cannot_be_met_raises_with_on_no_space_raise(tmp_path, writer) -> None:
+    with CheckpointManager(tmp_path, min_free="1000000TB", on_no_space="raise", writer=writer) as mgr:
         mgr.save(small_state(), name="c")
         with pytest.raises(CheckpointWriteError, match="min_free"):
             mgr.wait()
@@ -561,8 +606,8 @@ def test_a_manager_in_another_process_holds_the_directory(tmp_path) -> None:
 # -- retention -------------------------------------------------------------------------------------------------
 
 
-def test_keep_count_keeps_the_newest_periodic_checkpoints_and_never_best_model(tmp_path) -> None:
-    with CheckpointManager(tmp_path, keep_count=2, fsync=False) as mgr:
+def test_keep_count_keeps_the_newest_periodic_checkpoints_and_never_best_model(tmp_path, writer) -> None:
+    with CheckpointManager(tmp_path, keep_count=2, fsync=False, writer=writer) as mgr:
         for i in range(1, 8):
             mgr.save(small_state(i), name=periodic(i))
             if i == 2:
@@ -619,7 +664,7 @@ def _directory_bytes(directory: Path) -> int:
 
 
 @pytest.mark.parametrize(("fmt", "compression"), [("torch", None), ("safetensors", "zstd")], ids=["pth", "st.zst"])
-def test_disk_budget_is_never_exceeded_after_a_save_and_keeps_the_newest(tmp_path, fmt, compression) -> None:
+def test_disk_budget_is_never_exceeded_after_a_save_and_keeps_the_newest(tmp_path, fmt, compression, writer) -> None:
     def state(i: int) -> dict[str, Any]:  # random values, so that zstd cannot shrink one file more than another
         return {"step": i, "w": torch.rand(2000, generator=torch.Generator().manual_seed(i))}
 
@@ -627,7 +672,8 @@ def test_disk_budget_is_never_exceeded_after_a_save_and_keeps_the_newest(tmp_pat
         size = probe.save(state(0), name=periodic(0)).result().size
     budget = int(3.5 * size)
     directory = tmp_path / "run"
-    with CheckpointManager(directory, format=fmt, compression=compression, disk_budget=budget, fsync=False) as mgr:
+    with CheckpointManager(directory, format=fmt, compression=compression, disk_budget=budget, fsync=False,
+                           writer=writer) as mgr:
         for i in range(1, 9):
             mgr.save(state(i), name=periodic(i))
             if i == 3:

@@ -1,0 +1,276 @@
+"""Tests for the process writer: same files as the thread writer, staging off the training thread, and what
+happens when either process dies (kill -9, for real)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from helpers import assert_same
+
+import ckptio
+import ckptio.manager
+import ckptio.shm
+from ckptio import CheckpointManager, CheckpointWriteError
+from ckptio.atomic import is_temporary
+from ckptio.fileio import read_meta
+from ckptio.snapshot import state_layout
+
+COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
+COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]
+TIMEOUT = 60.0  # the writer process imports torch (seconds on a loaded machine); nothing waits longer than this
+
+
+def state_of(value: float, size: int = 64) -> dict[str, Any]:
+    return {
+        "step": int(value),
+        "model": {"w": torch.full((size, 3), value), "b": torch.arange(5), "empty": torch.zeros(0, 4)},
+        "flags": [torch.tensor([True, False]), torch.tensor(1.5, dtype=torch.float64)],
+        "lr": 0.1,
+    }
+
+
+def visible(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir() if not p.name.startswith(".")}
+
+
+def writer_pid(mgr: CheckpointManager) -> int:
+    return mgr._writer.pid  # type: ignore[union-attr]
+
+
+def wait_for(condition: Any, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_process_and_thread_writers_write_files_that_load_to_the_same_state_and_verify(tmp_path, fmt,
+                                                                                       compression) -> None:
+    state = state_of(2.5)
+    files = {}
+    for writer in ("thread", "process"):
+        with CheckpointManager(tmp_path / writer, format=fmt, compression=compression, writer=writer) as mgr:
+            saved = mgr.save(state, name="checkpoint_epoch_1_batch_2", metadata={"run": "x"})
+            assert saved is not None
+            files[writer] = saved.result(timeout=TIMEOUT).path
+        assert ckptio.verify(files[writer]).ok
+    assert_same(ckptio.load(files["process"]), ckptio.load(files["thread"]))
+    assert_same(ckptio.load(files["process"]), state)
+    (thread_seal, _), (process_seal, _) = read_meta(files["thread"]), read_meta(files["process"])
+    assert thread_seal is not None and process_seal is not None
+    assert {k: v for k, v in thread_seal.meta.items() if k != "created"} == {
+        k: v for k, v in process_seal.meta.items() if k != "created"}
+
+
+def test_the_process_writer_reuses_its_shared_slots_and_stats_match_the_saves(tmp_path) -> None:
+    state = state_of(1.0)
+    with CheckpointManager(tmp_path, writer="process", keep_count=2, fsync=False, max_pending=1) as mgr:
+        for i in range(6):
+            state["model"]["w"].fill_(i)
+            state["step"] = i
+            mgr.save(state, name=f"checkpoint_epoch_1_batch_{i}")
+        mgr.wait()
+        segments = {id(slot.main.staging.segment) for slot in mgr._slots if slot.main.staging is not None}
+        assert 1 <= len(segments) <= 2  # one segment per slot, made once, reused by every later save
+        assert mgr.stats.committed == 6 and mgr.stats.deleted == 4 and mgr.pending == 0
+        assert mgr.stats.last is not None and mgr.stats.last.name == "checkpoint_epoch_1_batch_5"
+    assert visible(tmp_path) == {"checkpoint_epoch_1_batch_4.pth", "checkpoint_epoch_1_batch_5.pth"}
+    assert ckptio.load(tmp_path / "checkpoint_epoch_1_batch_5.pth")["model"]["w"].eq(5).all()
+
+
+def test_the_writer_process_runs_without_cuda_and_ends_with_the_manager(tmp_path) -> None:
+    mgr = CheckpointManager(tmp_path, writer="process")
+    pid = writer_pid(mgr)
+    try:
+        environment = psutil.Process(pid).environ()
+        assert environment.get("CUDA_VISIBLE_DEVICES") == ""
+        assert pid in {child.pid for child in psutil.Process().children()}
+    finally:
+        mgr.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_killing_the_writer_process_mid_write_fails_that_save_clearly_and_the_next_save_works(tmp_path) -> None:
+    big = {"w": torch.rand(24, 2**20)}  # 96 MiB: long enough a write to be caught in the middle
+    mgr = CheckpointManager(tmp_path, writer="process")
+    try:
+        first = mgr.save({"w": torch.ones(3)}, name="checkpoint_epoch_1_batch_1")
+        first.result(timeout=TIMEOUT)  # the writer is up
+        pid = writer_pid(mgr)
+        future = mgr.save(big, name="checkpoint_epoch_1_batch_2")
+        wait_for(lambda: any(is_temporary(p.name) for p in tmp_path.iterdir()), "the write to start")
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(CheckpointWriteError, match=r"writer process \d+ was killed by signal 9.*"
+                                                       r"lost: checkpoint_epoch_1_batch_2"):
+            mgr.wait()
+        assert isinstance(future.exception(timeout=TIMEOUT), CheckpointWriteError)
+        assert mgr.stats.failed == 1 and mgr.pending == 0
+        assert visible(tmp_path) == {"checkpoint_epoch_1_batch_1.pth"}
+        assert ckptio.verify(tmp_path).ok
+
+        again = mgr.save({"w": torch.full((3,), 3.0)}, name="checkpoint_epoch_1_batch_3")  # a new writer
+        assert again.result(timeout=TIMEOUT).path.exists()
+        assert writer_pid(mgr) != pid
+    finally:
+        mgr.close()
+    with CheckpointManager(tmp_path, writer="process") as fresh:  # removes the killed writer's temporary files
+        assert not any(is_temporary(p.name) for p in tmp_path.iterdir())
+        fresh.save({"w": torch.zeros(2)}, name="checkpoint_epoch_1_batch_4")
+    assert ckptio.verify(tmp_path).ok
+    assert len(ckptio.verify(tmp_path).files) == 3
+
+
+def test_a_writer_process_that_died_idle_is_reported_once_and_replaced(tmp_path) -> None:
+    with CheckpointManager(tmp_path, writer="process") as mgr:
+        mgr.save({"w": torch.ones(3)}, name="a").result(timeout=TIMEOUT)
+        pid = writer_pid(mgr)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not mgr._writer.alive() or mgr._errors, "the death to be noticed")  # type: ignore[union-attr]
+        wait_for(lambda: bool(mgr._errors), "the death to be reported")
+        with pytest.raises(CheckpointWriteError, match="killed by signal 9; no save was lost"):
+            mgr.save({"w": torch.ones(3)}, name="b")
+        mgr.save({"w": torch.ones(3)}, name="b").result(timeout=TIMEOUT)
+    assert visible(tmp_path) == {"a.pth", "b.pth"}
+
+
+TRAINER = textwrap.dedent("""
+    import sys, time, torch, ckptio
+    mgr = ckptio.CheckpointManager(sys.argv[1], writer="process", format="safetensors")
+    state = {"step": 7, "w": torch.rand(8, 2**20)}  # 32 MiB
+    mgr.save(state, name="checkpoint_epoch_1_batch_7")
+    print(mgr._writer.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_killing_the_trainer_right_after_save_leaves_a_complete_checkpoint_and_no_writer(tmp_path) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    env = dict(os.environ, PYTHONPATH=str(Path(ckptio.__file__).resolve().parent.parent))
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               env=env)
+    writer = None
+    try:
+        line = trainer.stdout.readline()  # type: ignore[union-attr]
+        writer = int(line)
+        trainer.kill()  # SIGKILL: save() had returned, nothing was drained
+        trainer.wait(TIMEOUT)
+        wait_for(lambda: not psutil.pid_exists(writer) or psutil.Process(writer).status() == psutil.STATUS_ZOMBIE,
+                 "the orphaned writer to finish and exit")
+    finally:
+        trainer.kill()
+        trainer.wait(TIMEOUT)
+        if writer is not None and psutil.pid_exists(writer):
+            os.kill(writer, signal.SIGKILL)
+    path = tmp_path / "checkpoint_epoch_1_batch_7.safetensors"
+    assert path.exists(), "the save handed to the writer before the kill was lost"
+    assert ckptio.verify(path).files[0].status == "verified"
+    assert ckptio.load(path)["step"] == 7
+    assert not any(is_temporary(p.name) for p in tmp_path.iterdir())
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_prepare_allocates_in_the_background_and_the_next_save_uses_those_buffers(tmp_path, monkeypatch) -> None:
+    threads: list[threading.Thread] = []
+    real = ckptio.manager.heap_staging
+
+    def spy(layout: Any, prepared: bool) -> Any:
+        threads.append(threading.current_thread())
+        return real(layout, prepared)
+
+    monkeypatch.setattr(ckptio.manager, "heap_staging", spy)
+    state = state_of(1.0)
+    with CheckpointManager(tmp_path, writer="thread", max_pending=1) as mgr:
+        mgr.prepare(state)
+        assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
+        assert threads and all(t is not threading.current_thread() for t in threads)
+        prepared = [slot.main.prepared for slot in mgr._slots]
+        assert all(p is not None for p in prepared) and len({id(p) for p in prepared}) == 2
+        mgr.save(state, name="a").result(timeout=TIMEOUT)
+        used = [slot.main.staging for slot in mgr._slots if slot.main.staging is not None]
+        assert len(used) == 1 and any(used[0] is p for p in prepared)  # adopted: save() allocated nothing
+
+        bigger = dict(state, extra=torch.ones(7))  # a new layout: prepared again, off this thread
+        calls = len(threads)
+        mgr.prepare(bigger)
+        assert mgr._stager.wait_idle(TIMEOUT)
+        assert len(threads) == calls + 2
+        assert all(slot.main.prepared is not None and slot.main.prepared.layout == state_layout(bigger)
+                   for slot in mgr._slots)
+        mgr.save(bigger, name="b").result(timeout=TIMEOUT)
+    assert_same(ckptio.load(tmp_path / "b.pth"), bigger)
+
+
+def test_prepare_with_the_process_writer_makes_one_shared_segment_per_slot_off_the_calling_thread(tmp_path,
+                                                                                                  monkeypatch) -> None:
+    threads: list[threading.Thread] = []
+    real = ckptio.shm.shared_staging
+
+    def spy(layout: Any, prepared: bool, *, key: str) -> Any:
+        threads.append(threading.current_thread())
+        return real(layout, prepared, key=key)
+
+    monkeypatch.setattr(ckptio.shm, "shared_staging", spy)
+    state = state_of(4.0)
+    with CheckpointManager(tmp_path, writer="process", max_pending=1) as mgr:
+        mgr.prepare(state)
+        assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
+        assert len(threads) == 2 and all(t is not threading.current_thread() for t in threads)
+        segments = {slot.main.prepared.segment.key for slot in mgr._slots}  # type: ignore[union-attr]
+        assert segments == {"0.main", "1.main"}
+        for i in range(3):
+            mgr.save(state, name=f"s{i}").result(timeout=TIMEOUT)
+        assert len(threads) == 2  # no save allocated a segment
+    assert_same(ckptio.load(tmp_path / "s2.pth"), state)
+
+
+def test_a_save_before_the_prepared_buffers_are_ready_allocates_for_itself(tmp_path) -> None:
+    state = state_of(5.0)
+    with CheckpointManager(tmp_path, writer="thread") as mgr:
+        mgr.save(state, name="early").result(timeout=TIMEOUT)  # nothing prepared: pageable buffers, no waiting
+        mgr.prepare(dict(state, other=torch.ones(2)))  # a layout this save does not have: not used by it
+        assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
+        mgr.save(state, name="late").result(timeout=TIMEOUT)
+    assert_same(ckptio.load(tmp_path / "late.pth"), state)
+
+
+@pytest.mark.slow
+def test_a_thousand_saves_keep_descriptors_threads_processes_and_memory_flat(tmp_path) -> None:
+    me = psutil.Process()
+    state = {"step": 0, "w": torch.rand(1024), "b": [torch.zeros(3), torch.ones(2, 2)]}
+    shm_before = set(os.listdir("/dev/shm"))
+
+    def sample() -> tuple[int, int, int, int]:
+        return me.num_fds(), threading.active_count(), len(me.children(recursive=True)), me.memory_info().rss
+
+    with CheckpointManager(tmp_path, writer="process", keep_count=2, fsync=False, drop_page_cache=False) as mgr:
+        for i in range(50):  # warm-up: the writer process, its slots, allocator pools
+            state["step"] = i
+            mgr.save(state, name=f"checkpoint_epoch_1_batch_{i}")
+        mgr.wait()
+        fds, threads, children, rss = sample()
+        child = psutil.Process(writer_pid(mgr))
+        child_fds, child_rss = child.num_fds(), child.memory_info().rss
+        for i in range(50, 1050):
+            state["step"] = i
+            mgr.save(state, name=f"checkpoint_epoch_1_batch_{i}")
+        mgr.wait()
+        after = sample()
+        assert after[:3] == (fds, threads, children)
+        assert after[3] - rss < 32 * 2**20, f"trainer RSS grew by {(after[3] - rss) / 2**20:.0f} MiB"
+        assert child.num_fds() == child_fds
+        assert child.memory_info().rss - child_rss < 32 * 2**20
+        assert mgr.stats.committed == 1050
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert ckptio.load(tmp_path / "checkpoint_epoch_1_batch_1049.pth")["step"] == 1049
