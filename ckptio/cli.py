@@ -1,21 +1,30 @@
 """``python -m ckptio list|info|load|clean|verify``: the checkpoint manager's command line.
 
 A thin layer over the library: argparse in front, one library call per command, errors mapped to exit codes
-(0 fine, 1 something is corrupt or not loadable, 2 usage error or missing path). The listing keeps the layout
-and labels of ``manage_batch_checkpoints.py`` from the CRAFT batch-checkpoint guide, which its users know.
+(0 fine, 1 something is corrupt or not loadable, or ``verify`` found no checkpoint; 2 usage error or missing
+path). The listing keeps the layout and labels of ``manage_batch_checkpoints.py`` from the CRAFT
+batch-checkpoint guide, which its users know. Sizes labelled MB are 10^6 bytes.
+
+Nothing a file or directory holds may produce a traceback: every value read from a file is checked before it
+is formatted, and printing a loaded state walks it with a visited set and a node budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import reprlib
+import stat
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import is_temporary
 from .errors import CorruptCheckpointError
 from .fileio import load, read_meta, verify_file
 from .layout import (
@@ -26,6 +35,7 @@ from .layout import (
     read_index,
     remove_stale_orphan_shards,
     scan,
+    split_suffix,
     update_index,
 )
 from .retention import beyond_newest
@@ -36,6 +46,14 @@ __all__ = ["main"]
 DEFAULT_DIR = "checkpoints_improved"
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 _STATE_LABELS = {"verified": "✅ verified", "unverified": "⚪ unverified", "corrupt": "❌ corrupt"}
+_VERIFY_MARKS = {"verified": "✅", "unsealed": "⚪", "corrupt": "❌", "removed": "➖"}
+# Errors about the path the user typed, not about a file's contents: usage errors (exit 2).
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.ENOENT}
+# Printing a loaded state visits at most this many objects (a small pickle of shared references can describe
+# an exponentially large tree).
+_DESCRIBE_BUDGET = 100_000
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
 
 
 class UsageError(Exception):
@@ -64,10 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
-        print(f"ckptio: {exc}", file=sys.stderr)
-        return EXIT_BAD
+        print(f"ckptio: {'error: ' if exc.errno in _PATH_ERRNOS else ''}{exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.errno in _PATH_ERRNOS else EXIT_BAD
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: still no traceback for the user, but say it plainly
+        print(f"ckptio: unexpected error, please report it: {type(exc).__name__}: {_SHORT.repr(str(exc))}",
+              file=sys.stderr)
+        return EXIT_BAD
 
 
 def _guide_spelling(argv: list[str]) -> list[str]:
@@ -118,14 +140,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", help="delete all but the newest N batch checkpoints")
     directory_arg(p)
-    p.add_argument("--keep-count", dest="keep_count", type=int, required=True, help="batch checkpoints to keep")
+    p.add_argument("--keep-count", dest="keep_count", type=int, help="batch checkpoints to keep (required)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="only show what would be deleted")
     p.set_defaults(run=_cmd_clean)
 
     p = sub.add_parser("verify", help="re-read checkpoints and check their digests (exit 1 if any is corrupt)")
     p.add_argument("path", nargs="?", help=f"a checkpoint file or directory (default: {DEFAULT_DIR})")
     p.add_argument("--save-dir", dest="save_dir", help="the same, as the guide spells it")
-    p.add_argument("--checkpoint", help="one file inside --save-dir")
+    p.add_argument("--checkpoint", help="one file inside --save-dir (its suffix may be left out)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_cmd_verify)
     return parser
@@ -134,11 +156,34 @@ def _parser() -> argparse.ArgumentParser:
 # -- path resolution ----------------------------------------------------------------------------------------
 
 
+def _lstat(path: Path) -> os.stat_result | None:
+    """``lstat``, or ``None`` for a path that does not exist; a path the system cannot even look up is a usage
+    error (too long, a file used as a directory, a symlink loop)."""
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in _PATH_ERRNOS:
+            raise UsageError(f"{_SHORT.repr(str(path))}: {exc.strerror}") from None
+        raise
+
+
+def _is_dir(path: Path) -> bool:
+    info = _lstat(path)
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        try:
+            info = path.stat()
+        except OSError:
+            return False
+    return info is not None and stat.S_ISDIR(info.st_mode)
+
+
 def _directory(args: argparse.Namespace) -> Path:
     directory = Path(args.directory or args.save_dir or DEFAULT_DIR)
-    if not directory.exists():
+    if _lstat(directory) is None:
         raise UsageError(f"{directory}: no such directory (pass the checkpoint directory, e.g. --save-dir DIR)")
-    if not directory.is_dir():
+    if not _is_dir(directory):
         raise UsageError(f"{directory} is a file; pass the directory that holds the checkpoints")
     return directory
 
@@ -147,18 +192,23 @@ def _file(args: argparse.Namespace) -> Path:
     given = args.file or args.checkpoint
     if not given:
         raise UsageError("name a checkpoint file, e.g. `info checkpoints_improved/best_model.pth`")
+    return _resolve_file(given, Path(args.save_dir or DEFAULT_DIR))
+
+
+def _resolve_file(given: str, base: Path) -> Path:
+    """``given`` as a path, or inside ``base``, or a bare name there without its suffix."""
     candidates = [Path(given)]
-    base = Path(args.save_dir or DEFAULT_DIR)
     if not Path(given).is_absolute():
         candidates.append(base / given)
     for candidate in candidates:
-        if candidate.is_file():
+        # Anything but a directory is returned, FIFOs and devices included: reading it says what it is.
+        if _lstat(candidate) is not None and not _is_dir(candidate):
             return candidate
-    if base.is_dir():  # a bare name without its suffix: checkpoint_epoch_1_batch_100
+    if _is_dir(base):  # a bare name without its suffix: checkpoint_epoch_1_batch_100
         for entry in scan(base, ()):
             if entry.name == given:
                 return entry.path
-    if Path(given).is_dir():
+    if _is_dir(Path(given)):
         raise UsageError(f"{given} is a directory; name a checkpoint file inside it")
     raise UsageError(f"{given}: no such checkpoint file (looked in . and {base})")
 
@@ -170,15 +220,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     directory = _directory(args)
     entries = scan(directory)
     index = read_index(directory)
-    rows = [_entry_json(e, index) for e in entries]
-    if args.json:
-        total = sum(e.total_size for e in entries)
-        print(json.dumps({"directory": str(directory), "checkpoints": rows, "count": len(rows),
-                          "total_bytes": total}, indent=2))
-        return EXIT_OK
+    odd = _unreadable_entries(directory)
     best = [e for e in entries if e.protected]
     batches = [e for e in entries if not e.protected and parse_checkpoint_name(e.name)]
     others = [e for e in entries if not e.protected and not parse_checkpoint_name(e.name)]
+    batch_bytes = sum(e.total_size for e in batches)
+    total = sum(e.total_size for e in entries)
+    if args.json:
+        print(json.dumps({"directory": str(directory), "checkpoints": [_entry_json(e, index) for e in entries],
+                          "count": len(entries), "total_bytes": total, "batch_count": len(batches),
+                          "batch_bytes": batch_bytes,
+                          "unreadable": [{"file": name, "reason": why} for name, why in odd]}, indent=2))
+        return EXIT_OK
     print(f"🔍 扫描目录: {directory}\n")
     print("📋 检查点文件列表:\n")
     if best:
@@ -193,45 +246,98 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"\n📦 其他检查点 ({len(others)}个):")
         for entry in others:
             print(_entry_line(entry, index))
+    if odd:
+        print(f"\n⚠️ 无法读取 ({len(odd)}个, 不计入统计):")
+        for name, why in odd:
+            print(f"  {name} - unreadable: {why}")
     states = [integrity_state(e, index) for e in entries]
     print("\n📊 统计信息:")
     print(f"  批次检查点总数: {len(batches)}")
-    print(f"  总大小: {_mb(sum(e.total_size for e in entries))}")
+    print(f"  总大小: {_mb(batch_bytes)} (批次检查点)")
+    print(f"  全部检查点: {len(entries)}个, {_mb(total)} (含 best_model 与其他检查点)")
     print(f"  完整性: {states.count('verified')} verified, {states.count('unverified')} unverified, "
           f"{states.count('corrupt')} corrupt")
+    print("  (1 MB = 10^6 bytes)")
     return EXIT_OK
+
+
+def _unreadable_entries(directory: Path) -> list[tuple[str, str]]:
+    """Entries named like checkpoints that are not regular files (scan skips them): shown, never read."""
+    odd = []
+    with os.scandir(directory) as it:
+        for item in it:
+            if item.name.startswith(".") or is_temporary(item.name) or split_suffix(item.name) is None:
+                continue
+            try:
+                mode = item.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue  # removed since the listing
+            if not stat.S_ISREG(mode):
+                odd.append((item.name, _kind(mode)))
+    return sorted(odd)
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symbolic link (checkpoints must be regular files)"),
+             (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _entry_line(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime_ns / 1e9))
     state = _STATE_LABELS[integrity_state(entry, index)]
     shards = " (with shards)" if entry.shard_bytes else ""
-    summary = ((index.get(entry.path.name) or {}).get("meta") or {}).get("summary") or {}
+    summary = _recorded_summary(entry, index)
     scores = "".join(f" - {key}={summary[key]:.4f}" for key in ("val_loss", "val_hmean")
-                     if isinstance(summary.get(key), float))
+                     if isinstance(summary.get(key), float) and math.isfinite(summary[key]))
     return f"  {entry.path.name} - {_mb(entry.total_size)}{shards} - {stamp} - {state}{scores}"
 
 
+def _recorded_summary(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The summary the index recorded for this exact file (``read_index`` has checked its shape), else ``{}``."""
+    if integrity_state(entry, index) == "unverified":
+        return {}
+    return index[entry.path.name].get("meta", {}).get("summary", {})
+
+
 def _entry_json(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    record = index.get(entry.path.name) or {}
     return {
         "file": entry.path.name, "name": entry.name, "size": entry.total_size, "mtime": entry.mtime_ns / 1e9,
         "best": entry.protected, "integrity": integrity_state(entry, index),
-        "summary": (record.get("meta") or {}).get("summary", {}) if integrity_state(entry, index) != "unverified"
-        else {},
+        "summary": _recorded_summary(entry, index),
     }
 
 
 def _mb(size: int) -> str:
-    return f"{size / 2**20:.1f}MB"
+    return f"{size / 1e6:.1f}MB"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _shown(key: str, value: Any) -> str:
+    """A summary value as a user reads it: the trainer's "nothing yet" placeholders say so."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "none yet"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 and (
+            key.endswith(("hmean", "precision", "recall"))):
+        return "none yet"  # an H-mean lies in [0, 1]: the trainer's -1.0 means "not measured yet"
+    return _SHORT.repr(value) if not isinstance(value, (int, float, str)) else str(value)[:200]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     path = _file(args)
     seal, size = read_meta(path)
     info = path.stat()
+    # The meta is whatever the file says: every field is checked before it is formatted.
     meta = seal.meta if seal else {}
-    summary = meta.get("summary", {})
+    summary = _dict(meta.get("summary"))
     index = read_index(path.parent)
     entry = CheckpointEntry(path, path.name, "", info.st_size, info.st_mtime_ns, False)
     doc = {
@@ -244,13 +350,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "integrity": integrity_state(entry, index) if seal else "unsealed (no digest recorded)",
         "resume_point": {k: summary.get(k) for k in ("epoch", "batch", "global_step") if k in summary},
         "summary": summary,
-        "tensors": meta.get("tensors"),
-        "elements": meta.get("elements"),
-        "parameters": meta.get("model_elements"),
-        "tensor_bytes": meta.get("tensor_bytes"),
-        "raw_size": meta.get("raw_size"),
+        "tensors": _count(meta.get("tensors")),
+        "elements": _count(meta.get("elements")),
+        "parameters": _count(meta.get("model_elements")),
+        "tensor_bytes": _count(meta.get("tensor_bytes")),
+        "raw_size": _count(meta.get("raw_size")),
         "created": meta.get("created"),
-        "metadata": meta.get("user", {}),
+        "metadata": _dict(meta.get("user")),
     }
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
@@ -258,61 +364,99 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"📄 {path}")
     modified = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.st_mtime))
     print(f"  size: {_mb(size)} ({size} bytes), modified {modified}")
-    print(f"  format: {doc['format']}, compression: {doc['compression'] or 'none'}")
+    print(f"  format: {_SHORT.repr(doc['format'])[1:-1] if isinstance(doc['format'], str) else '?'}, "
+          f"compression: {doc['compression'] if isinstance(doc['compression'], str) else 'none'}")
     print(f"  digest: {doc['digest'] or 'none (not written by ckptio)'} [{doc['integrity']}]")
     if doc["resume_point"]:
-        print("  resume point: " + ", ".join(f"{k}={v}" for k, v in doc["resume_point"].items()))
-    for key in ("epoch", "batch", "total_batches", "train_loss", "cls_loss", "geo_loss"):
+        print("  resume point: " + ", ".join(f"{k}={_shown(k, v)}" for k, v in doc["resume_point"].items()))
+    first = ("epoch", "batch", "total_batches", "train_loss", "cls_loss", "geo_loss")
+    for key in first:
         if key in summary:
-            print(f"  {key}: {summary[key]}")
+            print(f"  {key}: {_shown(key, summary[key])}")
     for key, value in summary.items():
-        if key not in ("epoch", "batch", "total_batches", "train_loss", "cls_loss", "geo_loss", "global_step"):
-            print(f"  {key}: {value}")
+        if key not in (*first, "global_step"):
+            print(f"  {key}: {_shown(key, value)}")
     for key, value in doc["metadata"].items():
-        print(f"  {key}: {value}")
+        print(f"  {key}: {_shown(key, value)}")
     if seal:
-        print(f"  tensors: {doc['tensors']}, elements: {doc['elements']:,}"
-              + (f", model parameters: {doc['parameters']:,}" if doc["parameters"] is not None else ""))
+        counts = [f"tensors: {_number(doc['tensors'])}", f"elements: {_number(doc['elements'])}"]
+        if doc["parameters"] is not None:
+            counts.append(f"model parameters: {doc['parameters']:,}")
+        print("  " + ", ".join(counts))
     return EXIT_OK
+
+
+def _number(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,}"
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
     path = _file(args)
     started = time.perf_counter()
-    state = load(path, map_location="cpu")
+    try:
+        state = load(path, map_location="cpu")
+    except RecursionError:
+        raise CorruptCheckpointError(path, "its objects are nested too deeply to load") from None
     seconds = time.perf_counter() - started
     print(f"✅ loaded {path} in {seconds:.2f}s (digest checked)")
     if isinstance(state, dict):
+        budget = [_DESCRIBE_BUDGET]
         for key, value in state.items():
-            print(f"  {key}: {_describe(value)}")
+            print(f"  {_SHORT.repr(key) if not isinstance(key, str) else key[:200]}: {_describe(value, budget)}")
+            if budget[0] <= 0:
+                print(f"  ... (stopped describing after {_DESCRIBE_BUDGET:,} objects)")
+                break
     else:
-        print(f"  {_describe(state)}")
+        print(f"  {_describe(state, [_DESCRIBE_BUDGET])}")
     return EXIT_OK
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, budget: list[int]) -> str:
     import torch
 
     if isinstance(value, torch.Tensor):
         return f"tensor {tuple(value.shape)} {value.dtype}"
     if isinstance(value, dict):
-        tensors = _count_tensors(value)
-        return f"{type(value).__name__} with {len(value)} entries" + (
-            f", {tensors[0]} tensors, {tensors[1]:,} elements" if tensors[0] else "")
-    if isinstance(value, (list, tuple)):
+        tensors, elements, complete = _count_tensors(value, budget)
+        counted = f", {tensors} tensors, {elements:,} elements" if tensors else ""
+        return (f"{type(value).__name__} with {len(value)} entries{counted}"
+                + ("" if complete else " (too many objects to count them all)"))
+    if isinstance(value, (list, tuple, set, frozenset)):
         return f"{type(value).__name__} of {len(value)}"
-    return repr(value)
+    return _SHORT.repr(value)
 
 
-def _count_tensors(value: Any) -> tuple[int, int]:
-    from .snapshot import walk_tensors
+def _count_tensors(value: Any, budget: list[int]) -> tuple[int, int, bool]:
+    """Distinct tensors and their elements under ``value``: iterative, each object visited once, at most
+    ``budget[0]`` objects in all (shared references and deep nesting cost nothing extra)."""
+    import torch
 
-    tensors = list(walk_tensors(value))
-    return len(tensors), sum(t.numel() for t in tensors)
+    seen: set[int] = set()
+    stack = [value]
+    tensors = elements = 0
+    while stack:
+        if budget[0] <= 0:
+            return tensors, elements, False
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        budget[0] -= 1
+        if isinstance(item, torch.Tensor):
+            tensors += 1
+            elements += item.numel()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return tensors, elements, True
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
     directory = _directory(args)
+    if args.keep_count is None:
+        raise UsageError("clean needs --keep-count N: how many of the newest batch checkpoints to keep "
+                         "(e.g. `clean --save_dir DIR --keep_count 5`; add --dry-run to preview)")
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
@@ -342,33 +486,42 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 def _newest_valid(entries: list[CheckpointEntry]) -> Path | None:
     for entry in entries:
-        if not entry.protected and verify_file(entry.path).ok:
+        if not entry.protected and verify_file(entry.path).status in ("verified", "unsealed"):
             return entry.path
     return None
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    if args.checkpoint:
-        target = Path(args.save_dir or DEFAULT_DIR) / args.checkpoint
-    else:
-        target = Path(args.path or args.save_dir or DEFAULT_DIR)
-    if not target.exists():
+    base = Path(args.save_dir or DEFAULT_DIR)
+    target = Path(args.checkpoint or args.path or args.save_dir or DEFAULT_DIR)
+    if _lstat(target) is None and (args.checkpoint or args.path):
+        try:  # a name inside --save-dir, with or without its suffix, as info and load take it
+            target = _resolve_file(str(target), base)
+        except UsageError:
+            raise UsageError(f"{target}: no such file or directory (looked in . and {base})") from None
+    if _lstat(target) is None:
         raise UsageError(f"{target}: no such file or directory")
-    if target.is_file():
+    if not _is_dir(target):
         try:
             read_meta(target)
         except ValueError as exc:
             if not isinstance(exc, CorruptCheckpointError):
                 raise UsageError(str(exc)) from None
+        except OSError:
+            pass  # verify reports it for the file
     report = verify(target)
+    found = bool(report.files)
     if args.json:
-        print(json.dumps({"path": str(target), "ok": report.ok, "files": [
+        print(json.dumps({"path": str(target), "ok": report.ok and found, "found": len(report.files), "files": [
             {"file": str(c.path), "status": c.status, "reason": c.reason, "digest": c.digest, "size": c.size}
             for c in report.files]}, indent=2))
+    elif not found:
+        print(f"no checkpoint found in {target} (files named NAME.pth or NAME.safetensors, optionally + .zst)")
     else:
         for check in report.files:
-            mark = {"verified": "✅", "unsealed": "⚪", "corrupt": "❌"}[check.status]
-            print(f"{mark} {check.path.name}: {check.status} - {check.reason}")
+            print(f"{_VERIFY_MARKS[check.status]} {check.path.name}: {check.status} - {check.reason}")
         bad = report.corrupt
-        print(f"{len(report.files)} file(s) checked, {len(bad)} corrupt")
-    return EXIT_OK if report.ok else EXIT_BAD
+        removed = sum(check.status == "removed" for check in report.files)
+        print(f"{len(report.files)} file(s) checked, {len(bad)} corrupt"
+              + (f", {removed} removed while checking" if removed else ""))
+    return EXIT_OK if report.ok and found else EXIT_BAD

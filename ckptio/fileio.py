@@ -18,8 +18,8 @@ from .integrity import (
     DIGEST_PLACEHOLDER,
     ZSTD_LEADING_FRAME,
     HashingWriter,
+    ReadAt,
     Seal,
-    bytes_reader,
     compute_digest,
     container_of,
     file_reader,
@@ -30,6 +30,7 @@ from .integrity import (
 from .snapshot import Snapshot
 
 __all__ = [
+    "MAX_ZSTD_EXPANSION",
     "FileCheck",
     "SavedCheckpoint",
     "inner_format",
@@ -41,8 +42,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-# A declared-size cap for zstd data we did not write (no recorded size): generous, but bounded.
-_UNSEALED_EXPANSION_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,8 @@ class FileCheck:
     """The outcome of verifying one file."""
 
     path: Path
-    status: Literal["verified", "corrupt", "unsealed"]
+    status: Literal["verified", "corrupt", "unsealed", "removed"]
+    """``removed``: the file vanished while it was being verified (retention or ``clean``); not a fault."""
     reason: str
     digest: str | None = None
     meta: dict[str, Any] | None = None
@@ -158,17 +158,27 @@ class _Tee:
 
 
 def _open_for_reading(path: Path) -> int:
+    """Open a regular file for reading; never blocks (a FIFO, even behind a symlink) and never reads a device."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such checkpoint file") from None
     except IsADirectoryError:
-        fd = None
-    if fd is None or stat.S_ISDIR(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
+        raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it")
-    return fd
+    raise CorruptCheckpointError(path, f"it is {_file_kind(mode)}, not a regular file; only regular files are read")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def read_meta(path: str | os.PathLike[str]) -> tuple[Seal | None, int]:
@@ -184,9 +194,14 @@ def read_meta(path: str | os.PathLike[str]) -> tuple[Seal | None, int]:
 
 def verify_file(path: str | os.PathLike[str]) -> FileCheck:
     """Re-read every byte and compare with the recorded digest (a full structural load for unsealed files)."""
-    path = Path(path)
+    return _verify(Path(path), as_shard=False)
+
+
+def _verify(path: Path, *, as_shard: bool) -> FileCheck:
     try:
         fd = _open_for_reading(path)
+    except CorruptCheckpointError as exc:
+        return FileCheck(path, "corrupt", exc.reason)
     except OSError as exc:
         return FileCheck(path, "corrupt", str(exc))
     try:
@@ -198,7 +213,7 @@ def verify_file(path: str | os.PathLike[str]) -> FileCheck:
             return FileCheck(path, "corrupt", getattr(exc, "reason", str(exc)), size=size)
         if seal is None:
             try:
-                load(path, verify=False)
+                _load_open(path, fd, None, verify=False, as_shard=as_shard)
             except CorruptCheckpointError as exc:
                 return FileCheck(path, "corrupt", exc.reason, size=size)
             return FileCheck(path, "unsealed", "loadable, but it carries no ckptio digest to check", size=size)
@@ -206,7 +221,7 @@ def verify_file(path: str | os.PathLike[str]) -> FileCheck:
         if actual != seal.digest:
             return FileCheck(path, "corrupt", f"digest mismatch: recorded {seal.digest}, computed {actual}",
                              digest=seal.digest, meta=seal.meta, size=size)
-        problem = _shard_problem(path, seal, full=True)
+        problem = _shard_problem(path, seal, full=True, as_shard=as_shard)
         if problem:
             return FileCheck(path, "corrupt", problem, digest=seal.digest, meta=seal.meta, size=size)
         return FileCheck(path, "verified", "digest matches", digest=seal.digest, meta=seal.meta, size=size)
@@ -214,21 +229,33 @@ def verify_file(path: str | os.PathLike[str]) -> FileCheck:
         os.close(fd)
 
 
-def _shard_problem(manifest: Path, seal: Seal, *, full: bool) -> str | None:
-    """Why a sharded checkpoint is incomplete (a shard missing, damaged or not the one recorded), or None."""
+def _shard_problem(manifest: Path, seal: Seal, *, full: bool, as_shard: bool = False) -> str | None:
+    """Why a sharded checkpoint is incomplete (a shard missing, damaged or not the one recorded), or None.
+
+    A shard is data, never a manifest itself: following manifests from shards would let a chain of tiny files
+    cost exponential time.
+    """
     shards = seal.meta.get("shards")
     if not shards:
         return None
+    if as_shard:
+        return "it is a shard that lists shards of its own; a shard must hold data, not a manifest"
     if not isinstance(shards, list):
         return "the shard table in the manifest is damaged"
+    seen: set[str] = set()
     for record in shards:
-        if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" not in record["file"]:
+        parts = record.get("file", "").split("/") if isinstance(record, dict) and isinstance(
+            record.get("file"), str) else []
+        if len(parts) != 2 or any(part in ("", ".", "..") for part in parts):
             return "the shard table in the manifest is damaged"
+        if record["file"] in seen:
+            return f"the shard table lists {record['file']} twice: damaged"
+        seen.add(record["file"])
         shard = manifest.parent / record["file"]
-        if shard.parent.parent != manifest.parent or not shard.is_file():
+        if not shard.is_file():
             return f"shard {record['file']} is missing"
         if full:
-            check = verify_file(shard)
+            check = _verify(shard, as_shard=True)
             if check.status != "verified":
                 return f"shard {record['file']} is {check.status}: {check.reason}"
             digest = check.digest
@@ -237,6 +264,8 @@ def _shard_problem(manifest: Path, seal: Seal, *, full: bool) -> str | None:
                 shard_seal, _ = read_meta(shard)
             except (ValueError, OSError) as exc:
                 return f"shard {record['file']} is damaged: {exc}"
+            if shard_seal is not None and shard_seal.meta.get("shards"):
+                return f"shard {record['file']} lists shards of its own; a shard must hold data, not a manifest"
             digest = shard_seal.digest if shard_seal else None
         if digest != record.get("digest"):
             return f"shard {record['file']} is not the one this manifest recorded (digest {digest})"
@@ -248,106 +277,139 @@ def load_shard(path: str | os.PathLike[str], rank: int, map_location: Any = None
     path = Path(path)
     seal, _ = read_meta(path)
     shards = seal.meta.get("shards") if seal else None
-    if not shards:
+    if not shards or not isinstance(shards, list):
         raise ValueError(f"{path} is not a sharded checkpoint; load it with ckptio.load")
+    problem = _shard_problem(path, seal, full=False) if seal else None
+    if problem:
+        raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
     record = next((r for r in shards if isinstance(r, dict) and r.get("rank") == rank), None)
     if record is None:
         raise ValueError(f"{path} has no shard for rank {rank}; it was written by {len(shards)} processes")
     shard = path.parent / record["file"]
-    if not shard.is_file():
-        raise CorruptCheckpointError(path, f"shard {record['file']} is missing")
-    shard_seal, _ = read_meta(shard)
-    if shard_seal is None or shard_seal.digest != record.get("digest"):
-        raise CorruptCheckpointError(path, f"shard {record['file']} is not the one this manifest recorded")
-    return load(shard, map_location)
+    fd = _open_for_reading(shard)
+    try:
+        shard_seal = read_seal(shard, os.fstat(fd).st_size, file_reader(fd))
+        if shard_seal is None or shard_seal.digest != record.get("digest"):
+            raise CorruptCheckpointError(path, f"shard {record['file']} is not the one this manifest recorded")
+        return _load_open(shard, fd, map_location, verify=True, as_shard=True)
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike[str], map_location: Any = None, *, verify: bool = True) -> Any:
     """Load a checkpoint written by ckptio (or a plain torch/safetensors file) after checking its digest.
 
     Raises :class:`CorruptCheckpointError` naming the file when its bytes do not match the recorded digest or
-    its structure is broken. Never runs code from the file.
+    its structure is broken. Never runs code from the file. Its structure is checked before anything the file
+    declares (a header length, a raw size, a zip record's size) decides how much is read or allocated; see
+    :data:`MAX_ZSTD_EXPANSION` for the one bound a legitimate file can meet.
     """
     path = Path(path)
     fd = _open_for_reading(path)
     try:
-        data = _read_all(fd)
+        return _load_open(path, fd, map_location, verify=verify, as_shard=False)
     finally:
         os.close(fd)
-    seal = read_seal(path, len(data), bytes_reader(data))
-    verified = seal is not None and verify
-    if verified:
-        assert seal is not None
-        actual = compute_digest(seal, bytes_reader(data))
+
+
+def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard: bool) -> Any:
+    size = os.fstat(fd).st_size
+    read_at = file_reader(fd)
+    seal = read_seal(path, size, read_at)  # the first bytes and the seal only
+    if seal is not None and verify:
+        actual = compute_digest(seal, read_at)  # streamed: nothing held but one chunk
         if actual != seal.digest:
             raise CorruptCheckpointError(
                 path, f"digest mismatch: recorded {seal.digest}, computed {actual}; the file was damaged after "
                 "it was written; load an older checkpoint"
             )
     if seal is not None:
-        problem = _shard_problem(path, seal, full=False)
+        problem = _shard_problem(path, seal, full=False, as_shard=as_shard)
         if problem:
             raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
-    if container_of(path) == "zstd":
-        data = _decompress(path, data, seal, verified)
-    if inner_format(path) == "safetensors":
-        return formats.read_safetensors(data, path, map_location)
-    return formats.read_torch(data, path, map_location)
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks = []
-    remaining = size
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 64 * 2**20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def _decompress(path: Path, data: bytes, seal: Seal | None, verified: bool) -> bytes:
-    body = memoryview(data)[seal.body_start : seal.body_length] if seal else memoryview(data)
-    declared = seal.meta.get("raw_size") if seal else None
-    if verified and isinstance(declared, int) and declared >= 0:
-        # The digest vouches for every byte, so the frame is complete and the recorded size is true.
-        try:
-            result = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True).read(declared + 1)
-        except zstandard.ZstdError as exc:
-            raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
-        if len(result) != declared:
-            raise CorruptCheckpointError(path, f"zstd data expands to {len(result)} bytes, {declared} were recorded")
-        return result
-    return _decompress_untrusted(path, body, declared)
-
-
-def _decompress_untrusted(path: Path, body: memoryview, declared: Any) -> bytes:
-    """Decompress bytes no digest vouches for: bounded output, and the frame must really end."""
-    limit = len(body) * _UNSEALED_EXPANSION_LIMIT + 2**20
-    if isinstance(declared, int) and declared >= 0:
-        limit = min(limit, declared)
-    out = bytearray()
-    # Small input chunks bound what one call can produce (zstd expands at most ~32768x).
-    chunk = 4096
-    decoder = zstandard.ZstdDecompressor().decompressobj()
-    position = 0
+    container = container_of(path)
+    if container == "zstd":
+        raw = _decompress(path, read_at, size, seal)
+        if inner_format(path) == "safetensors":
+            data = bytes(raw)  # safetensors reads only bytes; free the other copy before it parses
+            del raw
+            return formats.read_safetensors(data, path, map_location)
+        return formats.read_torch(raw, path, map_location)
+    if container == "safetensors":
+        return formats.read_safetensors(_read_all(fd, size), path, map_location)
+    # torch.load reads record by record from the file: no copy of the whole file is ever held.
+    stream = open(fd, "rb", closefd=False)
     try:
-        while position < len(body):
-            out += decoder.decompress(body[position : position + chunk])
-            position += chunk
-            if len(out) > limit:
-                raise CorruptCheckpointError(
-                    path, f"zstd data expands beyond the {limit} bytes allowed for it; refusing to decompress further")
-            if decoder.eof and (decoder.unused_data or position < len(body)):
-                body = memoryview(bytes(decoder.unused_data) + bytes(body[position:]))
-                position = 0
+        stream.seek(0)
+        return formats.read_torch(stream, path, map_location)
+    finally:
+        stream.close()
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The file's ``size`` bytes as one buffer (no second copy while reading)."""
+    with open(fd, "rb", buffering=0, closefd=False) as raw:
+        raw.seek(0)
+        return raw.read(size)
+
+
+# A .zst file may expand to at most this many times its compressed size (plus 1 MiB), and never beyond the
+# machine's physical memory: a raw size recorded in the file is a claim, never a license to allocate. zstd
+# level 1 reaches ~1.1x on trained fp32 weights and optimizer state; only states made mostly of zeros exceed
+# 1024x (they are better saved uncompressed).
+MAX_ZSTD_EXPANSION = 1024
+
+
+def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> bytearray:
+    """Stream-decompress the file's zstd body into one buffer whose size is bounded before any byte is read."""
+    start, end = (seal.body_start, seal.body_length) if seal else (0, size)
+    limit = min(MAX_ZSTD_EXPANSION * (end - start) + 2**20, _physical_memory())
+    declared = seal.meta.get("raw_size") if seal else None
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
+        if declared > limit:
+            raise CorruptCheckpointError(
+                path, f"it records a raw size of {declared} bytes, more than the {limit} bytes allowed for "
+                f"{end - start} compressed bytes ({MAX_ZSTD_EXPANSION}x, and at most physical memory); "
+                "refusing to decompress it")
+        limit = declared
+    else:
+        declared = None
+    out = bytearray()
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    in_frame = False  # the current decoder has taken bytes of a frame that has not ended yet
+    position = start
+    try:
+        while position < end:
+            # zstd expands one input byte to at most ~32 KiB: near the limit, feed small pieces so that one call
+            # cannot overshoot it by much.
+            step = max(512, min(2**20, (limit - len(out)) // 32768))
+            piece = read_at(position, min(step, end - position))
+            if not piece:
+                raise CorruptCheckpointError(path, "the file became shorter while it was read")
+            position += len(piece)
+            while piece:
+                out += decoder.decompress(piece)
+                in_frame = True
+                if len(out) > limit:
+                    raise CorruptCheckpointError(
+                        path, f"zstd data expands beyond the {limit} bytes allowed for it; refusing to decompress "
+                        "further")
+                if not decoder.eof:
+                    break
+                piece = decoder.unused_data  # the next frame starts inside this piece
                 decoder = zstandard.ZstdDecompressor().decompressobj()
+                in_frame = False
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
-    if not decoder.eof:
+    if in_frame or position == start:
         raise CorruptCheckpointError(path, "the zstd stream ends early: the file is truncated")
-    if isinstance(declared, int) and len(out) != declared:
+    if declared is not None and len(out) != declared:
         raise CorruptCheckpointError(path, f"zstd data expands to {len(out)} bytes, {declared} were recorded")
-    return bytes(out)
+    return out
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 2**40

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import safetensors.torch
@@ -21,7 +23,10 @@ __all__ = [
     "SAFETENSORS_DIGEST_KEY",
     "SAFETENSORS_META_KEY",
     "SAFETENSORS_SKELETON_KEY",
+    "check_safetensors_header_length",
     "check_supported",
+    "check_torch_zip",
+    "find_zip_end",
     "read_safetensors",
     "read_safetensors_header",
     "read_torch",
@@ -32,8 +37,19 @@ __all__ = [
 SAFETENSORS_DIGEST_KEY = "ckptio.digest"
 SAFETENSORS_META_KEY = "ckptio.meta"
 SAFETENSORS_SKELETON_KEY = "ckptio.skeleton"
-# The largest header we accept when reading: far above any real state, far below what would exhaust memory.
-MAX_SAFETENSORS_HEADER = 256 * 2**20
+# The largest header we accept when reading. A real header lists each tensor in ~100 bytes (a 10,000-tensor
+# state: ~1 MB); parsing JSON costs ~10x its size in Python objects, so this keeps a forged header's cost under
+# ~200 MB and a few seconds. (safetensors' own limit is 100 MB.)
+MAX_SAFETENSORS_HEADER = 16 * 2**20
+# A zip central directory larger than this is refused before it is parsed (torch.save writes ~150 bytes per
+# tensor: this is over a million tensors).
+MAX_ZIP_DIRECTORY = 256 * 2**20
+ZIP_END_SIGNATURE = b"PK\x05\x06"
+ZIP_END_SIZE = 22
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_END = b"PK\x06\x06"
+_ZIP_ENTRY = b"PK\x01\x02"
+_ZIP_ENTRY_SIZE = 46
 
 _DTYPE_CODES = {dtype: code for code, dtype in safetensors.torch._TYPES.items()}
 
@@ -109,14 +125,11 @@ def _unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def read_safetensors_header(data: bytes | memoryview, path: Any) -> dict[str, Any]:
+def read_safetensors_header(data: bytes | bytearray | memoryview, path: Any) -> dict[str, Any]:
     if len(data) < 8:
         raise CorruptCheckpointError(path, f"safetensors file is {len(data)} bytes, too short for a header")
     (length,) = struct.unpack("<Q", bytes(data[:8]))
-    if length > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
-        raise CorruptCheckpointError(
-            path, f"safetensors header claims {length} bytes but the file has {len(data) - 8} after it"
-        )
+    check_safetensors_header_length(length, len(data), path)
     try:
         header = json.loads(bytes(data[8 : 8 + length]))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -124,6 +137,18 @@ def read_safetensors_header(data: bytes | memoryview, path: Any) -> dict[str, An
     if not isinstance(header, dict):
         raise CorruptCheckpointError(path, "safetensors header is not a JSON object")
     return header
+
+
+def check_safetensors_header_length(length: int, size: int, path: Any) -> None:
+    """Refuse a declared header length before any of it is read: it must fit the file and our cap."""
+    if length > size - 8:
+        raise CorruptCheckpointError(
+            path, f"the safetensors header is longer than the file ({length} bytes claimed, {size - 8} present): "
+            "truncated or damaged")
+    if length > MAX_SAFETENSORS_HEADER:
+        raise CorruptCheckpointError(
+            path, f"the safetensors header claims {length} bytes, more than the {MAX_SAFETENSORS_HEADER} bytes "
+            "ckptio reads; it is damaged or not a checkpoint")
 
 
 def read_safetensors(data: bytes, path: Any, map_location: Any = None) -> Any:
@@ -145,9 +170,127 @@ def read_safetensors(data: bytes, path: Any, map_location: Any = None) -> Any:
         raise CorruptCheckpointError(path, f"ckptio structure in the safetensors metadata is broken ({exc})") from None
 
 
-def read_torch(data: bytes, path: Any, map_location: Any = None) -> Any:
+def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: Any = None) -> Any:
+    """``torch.load`` (weights only) from bytes or an open file, after :func:`check_torch_zip`."""
+    if isinstance(source, (bytes, bytearray)):
+        view = memoryview(source)
+        check_torch_zip(path, len(view), lambda offset, length: bytes(view[offset : offset + length]))
+        stream: BinaryIO = io.BufferedReader(_ViewReader(view), buffer_size=2**20)  # no copy of the bytes
+    else:
+        fd = source.fileno()
+        check_torch_zip(path, os.fstat(fd).st_size, lambda offset, length: os.pread(fd, length, offset))
+        stream = source
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptCheckpointError(path, f"not a loadable torch file ({message})") from None
+        raise CorruptCheckpointError(path, f"not a loadable torch file ({message[:500]})") from None
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable read-only stream over a buffer, so ``torch.load`` can read decompressed bytes in place."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        n = max(0, min(len(target), len(self._view) - self._position))
+        target[:n] = self._view[self._position : self._position + n]
+        self._position += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+ReadAt = Callable[[int, int], bytes]
+
+
+def find_zip_end(path: Any, size: int, read_at: ReadAt) -> int:
+    """The offset of the zip end-of-central-directory record: the last one whose comment reaches the file's end."""
+    window = min(size, ZIP_END_SIZE + 0xFFFF)
+    tail = read_at(size - window, window)
+    at = tail.rfind(ZIP_END_SIGNATURE)
+    while at >= 0:
+        if at + ZIP_END_SIZE <= len(tail):
+            (comment_length,) = struct.unpack("<H", tail[at + 20 : at + 22])
+            if at + ZIP_END_SIZE + comment_length == len(tail):
+                return size - window + at
+        at = tail.rfind(ZIP_END_SIGNATURE, 0, at)
+    raise CorruptCheckpointError(path, "no zip end record: the file is truncated or damaged at its end")
+
+
+def check_torch_zip(path: Any, size: int, read_at: ReadAt) -> None:
+    """Refuse a zip that ``torch.save`` would never write, before ``torch.load`` trusts any size in it.
+
+    ``torch.save`` stores every record uncompressed, so a record that is compressed (a DEFLATE bomb expands
+    ~1000x), encrypted, larger than the file, or a central directory that does not fit the file, is damage or
+    forgery. Reads only the end record and the central directory.
+    """
+    if size < 4 or read_at(0, 4) != b"PK\x03\x04":
+        raise CorruptCheckpointError(path, "not a torch zip file (wrong suffix, or the start is damaged)")
+    end = find_zip_end(path, size, read_at)
+    record = read_at(end, ZIP_END_SIZE)
+    entries, directory_size, directory_at = struct.unpack("<HII", record[10:20])
+    if end >= 20 + 56 and read_at(end - 20, 4) == _ZIP64_LOCATOR:
+        (end64,) = struct.unpack("<Q", read_at(end - 20 + 8, 8))
+        record64 = read_at(end64, 56) if end64 <= end - 20 - 56 else b""
+        if len(record64) != 56 or record64[:4] != _ZIP64_END:
+            raise CorruptCheckpointError(path, "the zip64 end record is damaged")
+        entries, directory_size, directory_at = struct.unpack("<QQQ", record64[32:56])
+        end = end64
+    if directory_at + directory_size > end or directory_size > MAX_ZIP_DIRECTORY:
+        raise CorruptCheckpointError(path, "the zip central directory does not fit in the file: damaged")
+    if entries > directory_size // _ZIP_ENTRY_SIZE:
+        raise CorruptCheckpointError(path, "the zip end record claims more entries than its directory holds")
+    directory = read_at(directory_at, directory_size)
+    position = 0
+    for _ in range(entries):
+        fixed = directory[position : position + _ZIP_ENTRY_SIZE]
+        if len(fixed) != _ZIP_ENTRY_SIZE or fixed[:4] != _ZIP_ENTRY:
+            raise CorruptCheckpointError(path, "the zip central directory is damaged")
+        flags, method = struct.unpack("<HH", fixed[8:12])
+        compressed, raw, name_length, extra_length, comment_length = struct.unpack("<IIHHH", fixed[20:34])
+        (local_at,) = struct.unpack("<I", fixed[42:46])
+        extra_at = position + _ZIP_ENTRY_SIZE + name_length
+        name = bytes(directory[position + _ZIP_ENTRY_SIZE : extra_at]).decode("utf-8", "replace")
+        raw, compressed, local_at = _zip64_sizes(directory[extra_at : extra_at + extra_length], raw, compressed,
+                                                 local_at)
+        position = extra_at + extra_length + comment_length
+        if position > len(directory):
+            raise CorruptCheckpointError(path, "the zip central directory is damaged")
+        if method != 0 or flags & 1:
+            raise CorruptCheckpointError(
+                path, f"zip record {name!r} is compressed or encrypted (method {method}); torch.save stores every "
+                "record plainly, so this file is not one it wrote")
+        if compressed != raw or local_at + 30 + name_length + compressed > directory_at:
+            raise CorruptCheckpointError(path, f"zip record {name!r} claims more bytes than the file holds")
+
+
+def _zip64_sizes(extra: bytes, raw: int, compressed: int, local_at: int) -> tuple[int, int, int]:
+    """Replace 0xFFFFFFFF sizes and offset by their 64-bit values from a zip64 extra field (id 1)."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[at : at + 4])
+        if tag == 1:
+            values = iter(struct.unpack(f"<{length // 8}Q", extra[at + 4 : at + 4 + length // 8 * 8]))
+            raw = next(values, raw) if raw == 0xFFFFFFFF else raw
+            compressed = next(values, compressed) if compressed == 0xFFFFFFFF else compressed
+            local_at = next(values, local_at) if local_at == 0xFFFFFFFF else local_at
+            break
+        at += 4 + length
+    return raw, compressed, local_at

@@ -29,7 +29,15 @@ import xxhash
 
 from .atomic import write_all_at
 from .errors import CorruptCheckpointError
-from .formats import SAFETENSORS_DIGEST_KEY, SAFETENSORS_META_KEY, read_safetensors_header
+from .formats import (
+    SAFETENSORS_DIGEST_KEY,
+    SAFETENSORS_META_KEY,
+    ZIP_END_SIGNATURE,
+    ZIP_END_SIZE,
+    check_safetensors_header_length,
+    find_zip_end,
+    read_safetensors_header,
+)
 
 __all__ = [
     "DIGEST_PLACEHOLDER",
@@ -44,8 +52,6 @@ __all__ = [
 
 DIGEST_ALGORITHM = "xxh3_128"
 DIGEST_PLACEHOLDER = "0" * 32
-ZIP_END_SIGNATURE = b"PK\x05\x06"
-ZIP_END_SIZE = 22
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_SKIPPABLE_MAGIC = struct.pack("<I", 0x184D2A5E)
 TRAILER_MAGIC = b"CKPTIO01"
@@ -53,6 +59,9 @@ TRAILER_MAGIC = b"CKPTIO01"
 # rather than mistaken for zstd data someone else wrote.
 ZSTD_LEADING_FRAME = struct.pack("<II", 0x184D2A5C, 8) + TRAILER_MAGIC
 _CHUNK = 8 * 2**20
+# The largest trailer JSON read from a .zst file's end (ours hold the meta: a few KB; a manifest of thousands of
+# shards: a few hundred KB). A forged length beyond it is refused before it is read or parsed.
+MAX_TRAILER = 16 * 2**20
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -209,6 +218,8 @@ def _zstd_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     if size < 20 or read_at(size - 8, 8) != TRAILER_MAGIC:
         return None
     (json_length,) = struct.unpack("<I", read_at(size - 12, 4))
+    if json_length > MAX_TRAILER:
+        raise CorruptCheckpointError(path, f"the ckptio trailer claims {json_length} bytes; it is damaged")
     start = size - 20 - json_length
     if start < 4 or read_at(start, 8) != ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", json_length + 12):
         raise CorruptCheckpointError(path, "the ckptio trailer frame is damaged")
@@ -219,25 +230,19 @@ def _zstd_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
 
 
 def _zip_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
-    window = min(size, ZIP_END_SIZE + 0xFFFF)
-    tail = read_at(size - window, window)
-    at = tail.rfind(ZIP_END_SIGNATURE)
-    while at >= 0:
-        (comment_length,) = struct.unpack("<H", tail[at + 20 : at + 22]) if at + 22 <= len(tail) else (-1,)
-        if at + ZIP_END_SIZE + comment_length == len(tail):
-            break
-        at = tail.rfind(ZIP_END_SIGNATURE, 0, at)
-    if at < 0:
-        raise CorruptCheckpointError(path, "no zip end record: the file is truncated or damaged at its end")
+    end = find_zip_end(path, size, read_at)
+    comment_length = size - end - ZIP_END_SIZE
     if comment_length == 0:
         return None
-    return _parse_trailer(tail[at + ZIP_END_SIZE :], path, size - comment_length, size, body_length=size)
+    return _parse_trailer(read_at(end + ZIP_END_SIZE, comment_length), path, size - comment_length, size,
+                          body_length=size)
 
 
 def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
-    (length,) = struct.unpack("<Q", read_at(0, 8)) if size >= 8 else (size,)
-    if size < 8 or length > size - 8:
-        raise CorruptCheckpointError(path, "the safetensors header is longer than the file: truncated or damaged")
+    if size < 8:
+        raise CorruptCheckpointError(path, f"safetensors file is {size} bytes, too short for a header")
+    (length,) = struct.unpack("<Q", read_at(0, 8))
+    check_safetensors_header_length(length, size, path)  # before reading: the length is the file's claim
     raw = read_at(0, 8 + length)
     header = read_safetensors_header(raw, path)
     metadata = header.get("__metadata__")

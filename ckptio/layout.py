@@ -222,17 +222,47 @@ def _index_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# The index holds a few KB per checkpoint; a larger one is damage (or not ours): it reads as empty and the next
+# update rewrites it, instead of being parsed at any cost.
+MAX_INDEX_BYTES = 16 * 2**20
+
+
 def read_index(directory: Path) -> dict[str, dict[str, Any]]:
+    """The index's well-formed records. Anything doubtful (not a regular file, too large, not JSON, a record of
+    the wrong shape) is a cache miss, never an error: the index is only a cache, rebuilt by the next update."""
     try:
-        doc = json.loads((directory / INDEX_NAME).read_text())
-    except (FileNotFoundError, ValueError, OSError):
+        # O_NONBLOCK and O_NOFOLLOW: a FIFO or a symlink planted under the index's name must not block or redirect.
+        fd = os.open(directory / INDEX_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_INDEX_BYTES:
+            return {}
+        raw = os.read(fd, MAX_INDEX_BYTES + 1)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
         return {}
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict):
         return {}
-    # A damaged record means "state unknown", never a crash: the index is only a cache.
-    return {name: record for name, record in files.items()
-            if isinstance(record, dict) and isinstance(record.get("meta", {}), dict)}
+    return {name: record for name, record in files.items() if isinstance(name, str) and _valid_record(record)}
+
+
+def _valid_record(record: Any) -> bool:
+    """The shape ``index_record`` writes: every reader may then use the fields without checking them again."""
+    if not isinstance(record, dict):
+        return False
+    meta = record.get("meta", {})
+    return (type(record.get("size")) is int and type(record.get("mtime_ns")) is int
+            and isinstance(record.get("status"), str) and isinstance(record.get("digest"), (str, type(None)))
+            and isinstance(meta, dict) and isinstance(meta.get("summary", {}), dict)
+            and isinstance(meta.get("user", {}), dict))
 
 
 def update_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
@@ -281,7 +311,8 @@ def integrity_state(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) ->
     record = index.get(entry.path.name)
     if not record or record.get("size") != entry.size or record.get("mtime_ns") != entry.mtime_ns:
         return "unverified"
-    return "corrupt" if record.get("status") == "corrupt" else "verified"
+    status = record.get("status")
+    return status if status in ("verified", "corrupt") else "unverified"
 
 
 # -- leftovers of interrupted saves ---------------------------------------------------------------------------

@@ -48,12 +48,10 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
     checks = []
     changes = {}
     for file in files:
-        before = _stat(file)
-        check = verify_file(file)
+        check, seen = _check_unchanging(file)
         checks.append(check)
-        after = _stat(file)
-        if before is not None and before == after and check.status != "unsealed":
-            changes[file.name] = index_record(before[0], before[1], check.status, check.digest, check.meta,
+        if seen is not None and check.status in ("verified", "corrupt"):
+            changes[file.name] = index_record(seen[0], seen[1], check.status, check.digest, check.meta,
                                               check.reason if check.status == "corrupt" else "")
     if record and changes:
         try:
@@ -63,9 +61,31 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
     return VerifyReport(path=path, files=checks)
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
+def _check_unchanging(file: Path) -> tuple[FileCheck, tuple[int, int, int] | None]:
+    """Verify ``file``, telling a file that vanished or was replaced while it was read from a damaged one.
+
+    Beside a live writer, retention may delete a file between the listing and the read, or a save may replace
+    it under the same name: neither is corruption. Returns the check and the ``stat`` it is valid for (``None``
+    when the file changed while it was read, so that the result is not recorded).
+    """
+    check = FileCheck(file, "removed", REMOVED_REASON)
+    for _ in range(3):
+        before = _stat(file)
+        check = verify_file(file)
+        after = _stat(file)
+        if after is None:
+            return FileCheck(file, "removed", REMOVED_REASON), None
+        if before == after:
+            return check, after
+    return check, None
+
+
+REMOVED_REASON = "deleted while verify ran (by retention or clean); not a fault of the file"
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
     try:
         info = path.stat()
     except OSError:
         return None
-    return info.st_size, info.st_mtime_ns
+    return info.st_size, info.st_mtime_ns, info.st_ino

@@ -162,12 +162,16 @@ def test_list_shows_best_model_first_then_batch_checkpoints_newest_first_with_si
                                  f"{batch_name(1, 10)}.pth"]
     assert out.index("最佳模型") < out.index("best_model.pth") < out.index("批次检查点") < out.index(batch_name(1, 20))
     for path in paths.values():
-        size = f"{path.stat().st_size / 2**20:.1f}MB"
+        size = f"{path.stat().st_size / 1e6:.1f}MB"  # MB as the label says: 10^6 bytes
         assert re.search(rf"^  {re.escape(path.name)} - {re.escape(size)} - {re.escape(stamp(path))} - ", out,
                          flags=re.MULTILINE), f"{path.name} lacks its size and time:\n{out}"
     assert re.search(r"批次检查点总数: 3$", out, flags=re.MULTILINE), out
-    total = sum(p.stat().st_size for p in paths.values())
-    assert re.search(rf"总大小: {re.escape(f'{total / 2**20:.1f}')}MB", out), out
+    # The guide's total counts batch checkpoints only; the total with best_model is shown apart, labelled.
+    batches = sum(p.stat().st_size for name, p in paths.items() if name != "best_model")
+    everything = sum(p.stat().st_size for p in paths.values())
+    assert re.search(rf"^  总大小: {re.escape(f'{batches / 1e6:.1f}')}MB \(批次检查点\)$", out, flags=re.MULTILINE), out
+    assert f"全部检查点: 4个, {everything / 1e6:.1f}MB (含 best_model" in out
+    assert "1 MB = 10^6 bytes" in out
 
 
 def test_list_shows_each_files_integrity_state_verified_unverified_or_corrupt(tmp_path, cli) -> None:
@@ -721,3 +725,57 @@ def test_list_shows_the_validation_scores_recorded_with_a_checkpoint(tmp_path) -
     out = subprocess.run([sys.executable, "-m", "ckptio", "list", "ck"], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout
     assert "best_model.pth" in out and "val_loss=0.2500 - val_hmean=0.8125" in out
+
+
+# -- what a new user trips over (issue 15 item 8) --------------------------------------------------------------
+
+
+def test_verify_of_a_directory_without_checkpoints_says_so_and_exits_1(tmp_path, cli) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    code, out, err = cli("verify", str(empty))
+    assert code == 1, err
+    assert f"no checkpoint found in {empty}" in out
+    code, out, _ = cli("verify", str(empty), "--json")
+    assert code == 1
+    assert json.loads(out)["ok"] is False and json.loads(out)["found"] == 0
+
+
+def test_verify_takes_a_checkpoint_name_without_its_suffix_like_info_and_load(tmp_path, cli) -> None:
+    directory = tmp_path / "ckpts"
+    write_checkpoints(directory, [batch_name(1, 5)], "safetensors", "zstd")
+
+    code, out, err = cli("--action", "verify", "--checkpoint", batch_name(1, 5), "--save_dir", str(directory))
+
+    assert code == 0, err
+    assert f"✅ {batch_name(1, 5)}.safetensors.zst: verified" in out
+
+
+def test_clean_without_keep_count_says_what_is_missing_and_deletes_nothing(tmp_path, cli) -> None:
+    directory = tmp_path / "ckpts"
+    write_checkpoints(directory, [batch_name(1, b) for b in (1, 2, 3)])
+    before = checkpoint_names(directory)
+
+    code, _, err = cli("--action", "clean", "--save_dir", str(directory))
+
+    assert code == 2
+    assert "--keep-count N" in err and "--keep_count 5" in err
+    assert checkpoint_names(directory) == before
+
+
+def test_the_readme_cli_examples_run_as_typed(tmp_path, cli, monkeypatch) -> None:
+    """Every ``python -m ckptio`` line of the README's CLI section, on a directory with the files it names."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Managing checkpoints: `python -m ckptio`", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("#", 1)[0].split() for line in section.splitlines()
+             if line.startswith("python -m ckptio ")]
+    assert len(lines) >= 5
+    monkeypatch.chdir(tmp_path)
+    # batch_100, which the examples name, is the newest file: `clean --keep-count 5` keeps it for the next lines.
+    names = ["best_model", *(batch_name(1, b) for b in (200, 300, 400, 500, 600, 100))]
+    write_checkpoints(tmp_path / "checkpoints_improved", names)
+    for words in lines:
+        assert not any(word.startswith("[") for word in words), f"not runnable as typed: {' '.join(words)}"
+        code, _, err = cli(*words[3:])
+        assert code == 0, f"{' '.join(words)}: {err}"
