@@ -8,17 +8,26 @@
 
 from __future__ import annotations
 
-from .config import CheckpointOptions, parse_size
-from .errors import (
-    CheckpointDirectoryLockedError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    InsufficientSpaceError,
-)
-from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
-from .layout import CheckpointEntry
-from .manager import CheckpointManager, SaveStats
-from .verify import VerifyReport, verify
+import sys
+
+try:
+    from .config import CheckpointOptions, parse_size
+    from .errors import (
+        CheckpointDirectoryLockedError,
+        CheckpointWriteError,
+        CorruptCheckpointError,
+        InsufficientSpaceError,
+    )
+    from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
+    from .layout import CheckpointEntry
+    from .manager import CheckpointManager, SaveStats
+    from .verify import VerifyReport, verify
+except ModuleNotFoundError as _missing:  # typically: the project's virtual environment is not active
+    _message = (f"ckptio needs the package {_missing.name!r}, which {sys.executable} lacks: run "
+                "`. .venv/bin/activate` first (after `make install`), or use .venv/bin/python")
+    if sys.argv[:1] == ["-m"]:  # `python -m ckptio`: the package is imported before its __main__ can catch this
+        sys.exit(f"ckptio: {_message}")
+    raise ModuleNotFoundError(_message, name=_missing.name) from None
 
 __all__ = [
     "CheckpointDirectoryLockedError",

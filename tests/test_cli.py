@@ -779,3 +779,14 @@ def test_the_readme_cli_examples_run_as_typed(tmp_path, cli, monkeypatch) -> Non
         assert not any(word.startswith("[") for word in words), f"not runnable as typed: {' '.join(words)}"
         code, _, err = cli(*words[3:])
         assert code == 0, f"{' '.join(words)}: {err}"
+
+
+def test_python_m_ckptio_without_the_environments_packages_says_to_activate_it(tmp_path) -> None:
+    """Issue 15 item 7: ``-S`` drops site-packages, as a shell without the venv activated would."""
+    result = subprocess.run([sys.executable, "-S", "-m", "ckptio", "list", str(tmp_path)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+                            check=False)
+
+    assert result.returncode == 1
+    assert_no_traceback(result)
+    assert ". .venv/bin/activate" in result.stderr
