@@ -16,7 +16,7 @@ __all__ = ["DEMO", "main"]
 # `make demo`: a CPU-friendly run of a few minutes on 2 cores, with several async saves and a best model.
 DEMO = {
     "synthetic_size": 64, "image_size": 192, "batch_size": 4, "epochs": 3, "save_freq": 5, "async_save": True,
-    "workers": 1, "val_fraction": 0.125, "keep_count": 5,
+    "workers": 1, "val_fraction": 0.125, "keep_count": 5, "keep_full": 2, "save_dir": "checkpoints_demo",
 }
 
 
@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--format", choices=("torch", "safetensors"), default=defaults.format)
     ck.add_argument("--compression", choices=("zstd",))
     ck.add_argument("--keep-count", type=int, help="keep only the newest N batch checkpoints")
+    ck.add_argument("--keep-full", type=int,
+                    help="keep the newest N batch checkpoints complete (resumable); slim older ones to the model "
+                         "weights (about a third of the size)")
+    ck.add_argument("--reuse-save-dir", action="store_true",
+                    help="start a fresh run even though --save-dir holds another run's checkpoints")
     ck.add_argument("--disk-budget", help="cap on the checkpoints' total size, e.g. 2GB")
     ck.add_argument("--min-free", help="free space to keep on the volume, e.g. 5GB")
     ck.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest valid one")
@@ -98,5 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ckptio.CheckpointWriteError as exc:
         print(f"craft_train: a checkpoint could not be written: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl-C while queued saves were finishing
+        print("craft_train: interrupted; checkpoints already written are intact (a save cut short leaves only a "
+              "hidden temporary file, removed at the next start)", file=sys.stderr)
+        return 130
+    except OSError as exc:  # e.g. unreadable data, a disk error outside a checkpoint write
+        print(f"craft_train: error: {exc}", file=sys.stderr)
         return 1
     return 130 if result.interrupted else 0

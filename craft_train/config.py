@@ -78,10 +78,17 @@ class TrainConfig:
     format: Literal["torch", "safetensors"] = "torch"
     compression: Literal["zstd"] | None = None
     keep_count: int | None = None
+    """Keep only the newest N batch checkpoints (``best_model`` is never deleted); ``None`` keeps all."""
+    keep_full: int | None = None
+    """Keep the newest N batch checkpoints complete (resumable) and slim older ones to the model weights
+    (``ckptio.slim``; about a third of the size with Adam); ``None`` keeps every checkpoint complete."""
     disk_budget: str | None = None
     min_free: str | None = None
     resume: str | None = None
     """A checkpoint path, or ``auto`` for the newest checkpoint in ``save_dir`` that verifies."""
+    reuse_save_dir: bool = False
+    """Start a fresh run even though ``save_dir`` holds checkpoints (of another run); without it such a run
+    stops before training and says how to continue instead."""
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % 32:
@@ -115,6 +122,11 @@ class TrainConfig:
         for name in ("text_threshold", "link_threshold", "low_text"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        for name in ("keep_count", "keep_full"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (the newest checkpoint is what a "
+                                 f"resume needs), got {value}; leave it out to keep every checkpoint")
         parse_size(self.disk_budget, what="--disk-budget")
         parse_size(self.min_free, what="--min-free")
 

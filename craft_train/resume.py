@@ -18,6 +18,7 @@ import torch
 
 import ckptio
 from ckptio.layout import read_index, scan
+from ckptio.slim import is_slim
 
 __all__ = [
     "augmentation_seed",
@@ -93,6 +94,10 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
     ranked = sorted(entries, key=lambda e: _progress_key(e.path, index), reverse=True)
     for entry in ranked:
         check = ckptio.fileio.verify_file(entry.path)
+        if check.status == "verified" and is_slim(check.meta):
+            say(f"--resume auto: skipping {entry.path.name}: it holds the model weights only (--keep-full); "
+                "trying the previous one")
+            continue
         if check.status == "verified":
             return entry.path
         say(f"--resume auto: skipping {entry.path.name}: {check.status} ({check.reason}); trying the previous one")

@@ -8,8 +8,9 @@ images). Any of them resumes the run exactly where it stopped.
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import ckptio
+from ckptio.layout import scan
+from ckptio.slim import is_slim, slim_older_checkpoints
 
 from .config import TrainConfig, incompatible_changes
 from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
@@ -30,6 +32,7 @@ from .evaluate import evaluate_model
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .postprocess import Thresholds
+from .progress import EpochProgress, SaveReport, progress_fields
 from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
 from .weak import pseudo_targets
 
@@ -37,6 +40,8 @@ __all__ = ["TrainResult", "train"]
 
 CHECKPOINT_KIND = "craft_train"
 VALIDATION_FIELDS = ("val_loss", "val_precision", "val_recall", "val_hmean")
+NAMED_BAD_SAMPLES = 5
+"""Unreadable samples named (path and reason) in a run; later ones are only counted (``errors=``)."""
 
 
 @dataclass
@@ -44,10 +49,19 @@ class TrainResult:
     """What a run did; the CLI prints it, tests inspect it."""
 
     global_step: int = 0
+    start_step: int = 0
+    """The global step this run started from (0, or the resumed checkpoint's)."""
     epoch: int = 1
     batch: int = 0
     seconds: float = 0.0
     saves: int = 0
+    """Checkpoints written and durable in this run (skipped and failed saves not counted)."""
+    skipped_saves: int = 0
+    failed_saves: int = 0
+    slimmed: int = 0
+    """Older checkpoints slimmed to their weights (``keep_full``)."""
+    bad_samples: list[str] = field(default_factory=list)
+    """The first unreadable samples, ``"path: reason"``."""
     save_blocked_seconds: float = 0.0
     best_val_loss: float = math.inf
     best_hmean: float = -1.0
@@ -65,6 +79,7 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
     """Train CRAFT as ``config`` says; under ``torchrun`` every process calls this and rank 0 saves."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    check_save_dir(config)  # before any model or data is set up
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     world = setup_world(device_kind)
     try:
@@ -75,6 +90,32 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
 
 def _silent(_: str) -> None:
     pass
+
+
+def check_save_dir(config: TrainConfig) -> None:
+    """Fail early, with the flag to change, when checkpoints could not be written or would mix with another run's.
+
+    A fresh run (no ``resume``) into a directory that already holds checkpoints would put its files beside
+    another run's, replace its ``best_model`` and make ``--resume auto`` pick whichever is newest: it stops
+    unless ``reuse_save_dir`` says that is meant.
+    """
+    directory = Path(config.save_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--save-dir {directory} is a file, not a directory; choose another --save-dir")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--save-dir {directory}: checkpoints cannot be written there "
+                         f"({exc.strerror or exc}); choose a writable --save-dir") from None
+    if config.resume is None and not config.reuse_save_dir:
+        existing = scan(directory)
+        if existing:
+            raise ValueError(
+                f"--save-dir {directory} already holds {len(existing)} checkpoint(s) of an earlier run (newest: "
+                f"{existing[0].path.name}). To continue that run add --resume auto; to start a new run use another "
+                "--save-dir; to start a new run beside those files anyway add --reuse-save-dir")
 
 
 def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> TrainResult:
@@ -135,6 +176,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     epoch, batch_in_epoch, global_step, position = 1, 0, 0, 0
     sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
     resumed_permutation: torch.Tensor | None = None
+    validated = False  # whether this epoch's validation has run (a best_model checkpoint is written after it)
     resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
     if resume_path is not None:
         state = _load_resume_state(resume_path, config, world)
@@ -156,6 +198,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         result.last_validation = {k: state[k] for k in VALIDATION_FIELDS if state.get(k) is not None}
         resumed_permutation = state["data_order"]["permutation"]
         position = state["data_order"]["position"]
+        validated = bool(state.get("epoch_validated", False))
         saved_world = state.get("world_size", 1)
         say(f"resumed from {resume_path}: epoch {epoch}, batch {batch_in_epoch}/{state['total_batches']}, "
             f"global step {global_step}")
@@ -164,6 +207,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 f"takes {step_samples} samples instead of {config.batch_size * saved_world}; the epoch continues "
                 f"at sample {position} of {len(train_indices)}, so no sample is skipped or repeated")
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
+    result.start_step = global_step
 
     def checkpoint_state(permutation: torch.Tensor) -> dict[str, Any]:
         batches = max(sums["batches"], 1)
@@ -187,6 +231,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             **{k: result.last_validation.get(k) for k in VALIDATION_FIELDS},
             "rng_state": capture_rng(),
             "data_order": {"epoch": epoch, "permutation": permutation, "position": position},
+            "epoch_validated": validated,
             "world_size": world.size,
             "sharded": sharded,
             "config": config.to_dict(),
@@ -212,9 +257,23 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             future = manager.save(state, name=name, shard=shard, token=f"{run_id}:{global_step}:{name}")
         else:
             future = manager.save(checkpoint_state(permutation), name=name)
-        if future is not None:
-            result.saves += 1
-            result.saved_paths.append(manager.path_for(name))
+        slim = functools.partial(slim_older, name) if config.keep_full and world.is_main else None
+        report.queued(name, future, on_saved=slim, counts=world.is_main)
+
+    report = SaveReport()
+
+    def slim_older(name: str) -> None:
+        """Runs where a save completes (the writer thread, after retention): older checkpoints to weights only."""
+        assert config.keep_full is not None
+        for done in slim_older_checkpoints(config.save_dir, config.keep_full, keep_count=config.keep_count):
+            report.put(done.path.name, "slimmed", f"{done.bytes_before / 1e6:.1f} MB -> {done.bytes_after / 1e6:.1f}"
+                       f" MB (--keep-full {config.keep_full})", freed=done.bytes_saved)
+
+    progress: EpochProgress | None = None
+
+    def report_saves() -> None:
+        for line in report.lines():
+            progress.write(line) if progress is not None else say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     stop = False
@@ -236,10 +295,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 num_workers=config.workers, pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(config.seed + epoch),  # leaves the global RNG alone
             )
-            saved_label = ""
-            bar = tqdm(total=epoch_batches, initial=batch_in_epoch, desc=f"Epoch {epoch}", file=sys.stderr,
-                       dynamic_ncols=True, disable=True if not world.is_main else None)
-            for batch in loader:
+            progress = EpochProgress(epoch, epoch_batches, batch_in_epoch, say, show=world.is_main)
+            for loaded, batch in enumerate(loader):
                 # forward and backward
                 model.train()
                 if batch["size"] == 0 and world.distributed:
@@ -261,6 +318,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                     local = [math.nan, math.nan, math.nan]
                 losses, errors = world.step_totals(local, int(batch["errors"]), device)
                 result.errors += errors
+                if batch["errors"] and len(result.bad_samples) < NAMED_BAD_SAMPLES:
+                    batch_keys = keys[loaded * config.batch_size : (loaded + 1) * config.batch_size]
+                    _name_bad_samples(train_set, [i for i, _ in batch_keys], result.bad_samples, progress.write)
                 if batch["size"] > 0:
                     sums["train"] += losses[0]
                     sums["cls"] += losses[1]
@@ -270,28 +330,26 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 global_step += 1
                 position = min(position + step_samples, len(permutation))
 
-                # periodic checkpoint
-                if config.save_freq and batch_in_epoch % config.save_freq == 0:
+                # periodic checkpoint: every save_freq steps of training, counted across epochs (so that epochs
+                # shorter than save_freq save too), named after the epoch and the batch within it as in the guide
+                if config.save_freq and global_step % config.save_freq == 0:
                     save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", permutation)
                     last_saved_step = global_step
-                    saved_label = f" [saved: batch {batch_in_epoch}]"
-                    if bar.disable:
-                        say(f"Epoch {epoch} batch {batch_in_epoch}/{total_batches}: saved, loss={losses[0]:.4f}")
+                report_saves()
 
-                # progress
-                bar.set_description(f"Epoch {epoch}{saved_label}", refresh=False)
-                bar.set_postfix(loss=f"{losses[0]:.4f}", cls=f"{losses[1]:.4f}", geo=f"{losses[2]:.4f}",
-                                errors=result.errors, avg_loss=f"{sums['train'] / max(sums['batches'], 1):.4f}",
-                                refresh=False)
-                bar.update(1)
+                # progress, in the guide's words and order
+                progress.update(report.label(epoch), progress_fields(
+                    losses[0], losses[1], losses[2], result.errors, sums["train"] / max(sums["batches"], 1)))
                 if config.max_steps is not None and global_step >= config.max_steps:
                     stop = True
                     break
-            bar.close()
+            progress.close()
+            progress = None
+            report_saves()
 
             # validation and best model, at each epoch's end (rank 0 validates and tells the others, which all
             # take part in a sharded best_model save)
-            if not stop and val_indices:
+            if not stop and val_indices and not validated:  # a resumed best_model holds this validation
                 result.last_validation = world.broadcast(
                     _validate_all(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
                 val_loss, val_hmean = result.last_validation["val_loss"], result.last_validation.get("val_hmean")
@@ -302,35 +360,69 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 result.best_val_loss = min(result.best_val_loss, val_loss)
                 if val_hmean is not None:
                     result.best_hmean = max(result.best_hmean, val_hmean)
+                validated = True
+                say(f"Epoch {epoch} - 验证: train_loss={sums['train'] / max(sums['batches'], 1):.4f} "
+                    f"{_describe(result.last_validation)}" + (" - best so far, saving best_model" if improved else ""))
                 if improved:
                     save("best_model", permutation)
-                say(f"Epoch {epoch}: train_loss={sums['train'] / max(sums['batches'], 1):.4f} "
-                    f"{_describe(result.last_validation)}" + (" (best so far, saved best_model)" if improved else ""))
+                report_saves()
             if not stop:
-                epoch, batch_in_epoch = epoch + 1, 0
+                epoch, batch_in_epoch, validated = epoch + 1, 0, False
 
         # a final checkpoint, so that the last steps are never lost
         if config.save_freq and global_step > last_saved_step:
-            if batch_in_epoch == 0:  # finished the last epoch: describe it as its end
-                epoch, batch_in_epoch = epoch - 1, total_batches
+            if batch_in_epoch == 0:  # finished the last epoch, validation included: describe it as its end
+                epoch, batch_in_epoch, validated = epoch - 1, total_batches, True
             save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", permutation)
     except KeyboardInterrupt:
         result.interrupted = True
         say("interrupted: finishing the checkpoints already queued, nothing half-written is left")
     finally:
-        if manager is not None:
-            manager.close()
+        if progress is not None:  # interrupted mid-epoch
+            progress.close()
+            progress = None
+        try:
+            if manager is not None:
+                manager.close()
+        finally:
+            report_saves()  # background outcomes (and a failure about to be raised) are printed first
+    result.saves, result.skipped_saves, result.failed_saves = report.saved, report.skipped, report.failed
+    result.slimmed = report.slimmed
+    result.saved_paths = report.saved_paths
 
     # ---- summary ------------------------------------------------------------------------------------------
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
     stats = manager.stats if manager is not None else ckptio.SaveStats()
     result.save_blocked_seconds = stats.blocked_seconds
-    say(f"done: {global_step} steps in {result.seconds:.1f}s; {stats.committed} checkpoints saved "
-        f"({stats.skipped_busy + stats.skipped_no_space} skipped), training blocked {stats.blocked_seconds:.2f}s "
+    resumed_note = f", resumed at {result.start_step}" if result.start_step else ""
+    say(f"done: {global_step - result.start_step} steps in {result.seconds:.1f}s (global step {global_step}"
+        f"{resumed_note}); {report.summary()}; training blocked {stats.blocked_seconds:.2f}s "
         f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
         f"errors={result.errors}; checkpoints in {config.save_dir}")
     return result
+
+
+def _name_bad_samples(dataset: Any, indices: list[int], named: list[str], write: Callable[[str], None]) -> None:
+    """Say which samples of a batch could not be read, and why, until :data:`NAMED_BAD_SAMPLES` are named.
+
+    The loader only counts them (a worker process skips what it cannot read); the reason is found again by
+    reading each of the batch's samples here, which costs a read only for the first few batches with errors.
+    """
+    load, items = getattr(dataset, "load", None), getattr(dataset, "items", None)
+    if load is None:
+        return
+    for index in indices:
+        if len(named) >= NAMED_BAD_SAMPLES:
+            return
+        try:
+            load(index)
+        except Exception as exc:  # the same failures the dataset skips; anything else would have stopped training
+            where = items[index][0] if items is not None else f"sample {index}"
+            named.append(f"{where}: {exc}")
+            write(f"skipped an unreadable sample: {named[-1]}" + (
+                " (further ones are only counted, errors= in the progress line)"
+                if len(named) == NAMED_BAD_SAMPLES else ""))
 
 
 def _share(permutation: list[int], position: int, batch_size: int, world: World) -> list[int]:
@@ -410,6 +502,12 @@ def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None
 
 
 def _load_resume_state(path: Path, config: TrainConfig, world: World) -> dict[str, Any]:
+    seal, _ = ckptio.read_meta(path)
+    if seal is not None and is_slim(seal.meta):
+        raise ValueError(
+            f"{path} holds the model weights only (slimmed by --keep-full), not the optimizer and data order a "
+            "resume needs; resume from one of the newest checkpoints (kept complete), or start a new run from "
+            "these weights with --pretrained")
     state = ckptio.load(path, map_location="cpu")
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise ValueError(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptio
+from ckptio import cli as ckptio_cli
+from ckptio.slim import slim_checkpoint
 from craft_train.config import TrainConfig
 from craft_train.train import TrainResult, train
 
@@ -67,7 +67,39 @@ def test_resuming_from_a_batch_checkpoint_is_bit_identical_to_an_uninterrupted_r
     resumed = train(_config(**common, save_freq=100, max_steps=10, resume="auto"), say=messages.append)
     assert any(m.startswith("resumed from") and f"global step {stop_at}" in m for m in messages), messages
     assert resumed.global_step == 10
+    assert any(m.startswith(f"done: {10 - stop_at} steps in ") and "(global step 10, resumed at" in m
+               for m in messages), messages
     _assert_same_training_state(uninterrupted, resumed)
+
+
+@pytest.mark.slow
+def test_save_freq_counts_steps_across_epochs_and_best_model_resumes_without_validating_again(
+        tmp_path: Path, uninterrupted: TrainResult) -> None:
+    # 4 batches an epoch, a save every 6 steps: the epochs are shorter than save_freq, and saves still happen
+    first = train(_config(save_dir=str(tmp_path / "run"), save_freq=6, max_steps=9), say=_quiet)
+    names = sorted(p.name for p in (tmp_path / "run").glob("*.pth"))
+    # step 6 = epoch 2 batch 2; the run ends at step 9 = epoch 3 batch 1 (a final checkpoint)
+    assert names == ["best_model.pth", "checkpoint_epoch_2_batch_2.pth", "checkpoint_epoch_3_batch_1.pth"]
+    assert first.saves == 2 + sum(1 for p in first.saved_paths if p.name == "best_model.pth")
+    assert ckptio.load(tmp_path / "run" / "checkpoint_epoch_2_batch_2.pth")["global_step"] == 6
+
+    messages: list[str] = []
+    resumed = train(_config(save_dir=str(tmp_path / "run"), save_freq=6, max_steps=10,
+                            resume=str(tmp_path / "run" / "checkpoint_epoch_2_batch_2.pth")), say=messages.append)
+    assert resumed.global_step == 10
+    _assert_same_training_state(uninterrupted, resumed)
+
+    best = ckptio.load(tmp_path / "run" / "best_model.pth")
+    assert best["epoch_validated"] and best["batch"] == best["total_batches"]
+    messages = []
+    from_best = train(_config(save_dir=str(tmp_path / "best"), save_freq=0, max_steps=10,
+                              resume=str(tmp_path / "run" / "best_model.pth")), say=messages.append)
+    # the checkpoint holds its epoch's validation: the resumed run goes straight on to the next epoch
+    assert not any(m.startswith(f"Epoch {best['epoch']} - 验证") for m in messages), messages
+    assert any(m.startswith(f"Epoch {best['epoch'] + 1} - 训练") for m in messages), messages
+    assert from_best.global_step == 10
+    assert any(m.startswith(f"done: {10 - best['global_step']} steps") for m in messages), messages
+    _assert_same_training_state(uninterrupted, from_best)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path: Path) -> None:
@@ -121,10 +153,24 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path: Path) -> None:
     assert state["train_loss"] == pytest.approx(state["cls_loss"] + state["geo_loss"])
 
 
-def test_ckptio_info_shows_the_resume_point(tmp_path: Path) -> None:
+def test_ckptio_info_shows_the_resume_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train(_config(workers=0, save_dir=str(tmp_path), save_freq=2, max_steps=2), say=_quiet)
-    out = subprocess.run(
-        [sys.executable, "-m", "ckptio", "info", str(tmp_path / "checkpoint_epoch_1_batch_2.pth"), "--json"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert json.loads(out)["resume_point"] == {"epoch": 1, "batch": 2, "global_step": 2}
+    capsys.readouterr()
+    assert ckptio_cli.main(["info", str(tmp_path / "checkpoint_epoch_1_batch_2.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resume_point"] == {"epoch": 1, "batch": 2, "global_step": 2}
+
+
+def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_path: Path) -> None:
+    common = dict(save_dir=str(tmp_path), workers=0, val_fraction=0.0)
+    train(_config(**common, save_freq=1, max_steps=2), say=_quiet)
+    older, newest = tmp_path / "checkpoint_epoch_1_batch_1.pth", tmp_path / "checkpoint_epoch_1_batch_2.pth"
+    slim_checkpoint(older)
+    with pytest.raises(ValueError, match="model weights only.*--pretrained"):
+        train(_config(**common, resume=str(older)), say=_quiet)
+    slim_checkpoint(newest)
+    messages: list[str] = []
+    with pytest.raises(ValueError, match="already holds 2 checkpoint"):  # nothing to resume: not a silent restart
+        train(_config(**common, max_steps=3, resume=None), say=messages.append)
+    result = train(_config(**common, max_steps=1, resume="auto", reuse_save_dir=True), say=messages.append)
+    assert sum("holds the model weights only (--keep-full)" in m for m in messages) == 2, messages
+    assert result.start_step == 0 and result.global_step == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 import ckptio
-from craft_train.cli import _underscores_to_dashes
+from ckptio.slim import is_slim
+from craft_train.cli import _underscores_to_dashes, main
 from craft_train.config import TrainConfig
 from craft_train.train import train
 
@@ -28,21 +30,37 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_cli_run_writes_batch_checkpoints_and_best_model_with_the_guides_fields(tmp_path: Path) -> None:
-    done = _run(*TINY, "--epochs", "1", "--save-freq", "2", "--async-save", "--save-dir", "ck", cwd=tmp_path)
+def test_cli_run_writes_batch_checkpoints_and_best_model_with_the_guides_fields_and_progress_line(
+        tmp_path: Path) -> None:
+    done = _run(*TINY, "--epochs", "1", "--save-freq", "2", "--async-save", "--keep-full", "1", "--save-dir", "ck",
+                cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith("."))
     # 6 training images in batches of 2: a save at batch 2, the final one at batch 3, and the best model.
     assert names == ["best_model.pth", "checkpoint_epoch_1_batch_2.pth", "checkpoint_epoch_1_batch_3.pth"]
-    state = torch.load(tmp_path / "ck" / "checkpoint_epoch_1_batch_2.pth", weights_only=True)
-    assert (state["epoch"], state["batch"], state["total_batches"]) == (1, 2, 3)
+    state = torch.load(tmp_path / "ck" / "checkpoint_epoch_1_batch_3.pth", weights_only=True)
+    assert (state["epoch"], state["batch"], state["total_batches"]) == (1, 3, 3)
     for field in ("model_state_dict", "optimizer_state_dict", "train_loss", "cls_loss", "geo_loss"):
         assert field in state
     assert len(state["model_state_dict"]) == 154
     assert state["train_loss"] > 0
-    assert "done: 3 steps" in done.stdout
-    assert "val_loss=" in done.stdout and "saved best_model" in done.stdout
+    # --keep-full 1: the older checkpoint keeps the weights and the guide's scalars, not the optimizer
+    slim = torch.load(tmp_path / "ck" / "checkpoint_epoch_1_batch_2.pth", weights_only=True)
+    assert "optimizer_state_dict" not in slim and len(slim["model_state_dict"]) == 154
+    assert (slim["epoch"], slim["batch"], slim["total_batches"]) == (1, 2, 3)
+    assert is_slim(ckptio.read_meta(tmp_path / "ck" / "checkpoint_epoch_1_batch_2.pth")[0].meta)
+    assert "slimmed checkpoint_epoch_1_batch_2.pth to its model weights" in done.stdout
+    # the guide's progress line, as plain lines without a terminal; each save reported once it is durable
+    assert re.search(r"^Epoch 1 - 训练 \[(保存中|已保存): batch 2\]: +\d+% 3/3 \[.*, loss=\d\.\d{4}, cls=\d\.\d{4}, "
+                     r"geo=\d\.\d{4}, errors=0, avg_loss=\d\.\d{4}\]$", done.stdout, re.MULTILINE), done.stdout
+    assert "saved checkpoint_epoch_1_batch_2.pth (" in done.stdout
+    assert "saved checkpoint_epoch_1_batch_3.pth (" in done.stdout
+    assert "done: 3 steps" in done.stdout and "3 checkpoints saved, 0 skipped, 0 failed" in done.stdout
+    assert "Epoch 1 - 验证: train_loss=" in done.stdout and "saved best_model.pth" in done.stdout
     assert ckptio.verify(tmp_path / "ck").ok
+    # a fresh run into the same directory stops and says how to continue instead
+    again = _run(*TINY, "--epochs", "1", "--save-dir", "ck", cwd=tmp_path)
+    assert again.returncode == 2 and "--resume auto" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_guide_underscore_flags_are_accepted() -> None:
@@ -50,10 +68,49 @@ def test_guide_underscore_flags_are_accepted() -> None:
         "--batch-size", "16", "--save-freq=50", "x_y"]
 
 
-def test_bad_settings_exit_2_with_a_message_and_no_traceback(tmp_path: Path) -> None:
-    done = _run("--image-size", "100", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "multiple of 32" in done.stderr and "Traceback" not in done.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image-size", "100"], "--image-size must be a positive multiple of 32"),
+    (["--keep-count", "0"], "--keep-count must be at least 1"),
+    (["--keep-full", "0"], "--keep-full must be at least 1"),
+    (["--save-dir", "a_file"], "--save-dir a_file is a file, not a directory"),
+    (["--save-dir", "a_file/ck"], "--save-dir a_file/ck: checkpoints cannot be written there"),
+])
+def test_bad_settings_exit_2_naming_the_flag_before_any_model_or_data_is_set_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str],
+        message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    # a data directory that does not exist: had the data been set up first, that would be the error
+    assert main(["--data-dir", "missing", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("craft_train: error: ") and message in err, err
+
+
+def test_a_fresh_run_into_a_directory_holding_checkpoints_stops_and_points_at_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with ckptio.CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(2)}, name="checkpoint_epoch_1_batch_5")
+    assert main(["--data-dir", str(tmp_path / "missing"), "--save-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds 1 checkpoint(s)" in err and "checkpoint_epoch_1_batch_5.pth" in err
+    assert "--resume auto" in err and "another --save-dir" in err and "--reuse-save-dir" in err
+    # the override goes on to the next step (here: the missing data directory)
+    assert main(["--data-dir", str(tmp_path / "missing"), "--save-dir", str(tmp_path), "--reuse-save-dir"]) != 0
+    assert "already holds" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "craft_train", *TINY, "--save-dir", "ck", "--max-steps", "1"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # importing torch, building the model: whichever it is, the outcome must be the same
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
 
 
 def _write_icdar(directory: Path) -> None:
@@ -69,14 +126,18 @@ def _write_icdar(directory: Path) -> None:
     (directory / "gt_img_9.txt").write_text("1,1,5,1,5,5,1,5,AB\n")
 
 
-def test_training_on_icdar_data_skips_and_counts_a_corrupt_image(tmp_path: Path) -> None:
+def test_training_on_icdar_data_skips_counts_and_names_a_corrupt_image(tmp_path: Path) -> None:
     data = tmp_path / "icdar"
     _write_icdar(data)
     config = TrainConfig(data_dir=str(data), image_size=64, batch_size=4, epochs=2, workers=0, val_fraction=0.0,
                          save_dir=str(tmp_path / "ck"), save_freq=0)
-    result = train(config, say=lambda _: None)
+    messages: list[str] = []
+    result = train(config, say=messages.append)
     assert result.global_step == 2
     assert result.errors == 2  # the corrupt image, once per epoch
+    assert result.bad_samples and all(s.startswith(f"{data / 'img_9.jpg'}: ") for s in result.bad_samples)
+    assert any(m.startswith(f"skipped an unreadable sample: {data / 'img_9.jpg'}: ") for m in messages), messages
+    assert any("errors=2" in m for m in messages), messages
 
 
 def test_max_steps_stops_early_and_keeps_the_last_steps_in_a_final_checkpoint(tmp_path: Path) -> None:
