@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=defaults.seed)
     opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device)
     opt.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")
+    opt.add_argument("--deterministic", action="store_true",
+                     help="deterministic CUDA kernels: a resumed run is bit-identical to an uninterrupted one")
     opt.add_argument("--zero", action="store_true",
                      help="under torchrun, shard the optimizer state across processes (each saves its shard)")
     opt.add_argument("--pretrained", help="CRAFT weights to fine-tune (e.g. craft_mlt_25k.pth)")

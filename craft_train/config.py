@@ -61,6 +61,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     """Mixed precision on CUDA (ignored on CPU)."""
+    deterministic: bool = False
+    """Deterministic cuDNN/cuBLAS/PyTorch kernels (``craft_train.determinism``), so that a CUDA run resumed from
+    a checkpoint is bit-identical to an uninterrupted one (CPU runs are without it). A resume that drops or adds
+    it warns and continues."""
     zero: bool = False
     """Under torchrun, shard the Adam state across processes (ZeroRedundancyOptimizer); each process writes
     its shard of every checkpoint."""

@@ -27,6 +27,7 @@ from ckptio.slim import is_slim, slim_older_checkpoints
 
 from .config import TrainConfig, incompatible_changes
 from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
+from .determinism import deterministic_mode, resume_note
 from .distributed import World, setup_world
 from .evaluate import evaluate_model
 from .loss import craft_loss
@@ -81,11 +82,12 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
     check_save_dir(config)  # before any model or data is set up
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-    world = setup_world(device_kind)
-    try:
-        return _train(config, world, say if world.is_main else _silent)
-    finally:
-        world.close()
+    with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards
+        world = setup_world(device_kind)
+        try:
+            return _train(config, world, say if world.is_main else _silent)
+        finally:
+            world.close()
 
 
 def _silent(_: str) -> None:
@@ -202,6 +204,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         saved_world = state.get("world_size", 1)
         say(f"resumed from {resume_path}: epoch {epoch}, batch {batch_in_epoch}/{state['total_batches']}, "
             f"global step {global_step}")
+        note = resume_note(state["config"], config.deterministic)
+        if note:
+            say(note)
         if saved_world != world.size:
             say(f"the checkpoint was written by {saved_world} process(es), this run has {world.size}: a step now "
                 f"takes {step_samples} samples instead of {config.batch_size * saved_world}; the epoch continues "
@@ -310,9 +315,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                     loss, cls_loss, geo_loss = craft_loss(prediction.float(), *targets)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss * batch.get("weight", 1.0)).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
+                    _step_optimizer(optimizer, scaler, scheduler)
                     local = [loss.item(), cls_loss.item(), geo_loss.item()]
                 else:  # one process only: every process of a distributed run has a batch (see above)
                     local = [math.nan, math.nan, math.nan]
@@ -401,6 +404,26 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
         f"errors={result.errors}; checkpoints in {config.save_dir}")
     return result
+
+
+def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
+    """One optimizer step through the AMP scaler; the schedule advances only if the optimizer really stepped.
+
+    With AMP the scaler skips ``optimizer.step()`` when the gradients hold inf/NaN (and halves its scale), as it
+    does on the first steps of most runs. Stepping the scheduler anyway would shift the schedule by the number of
+    skipped steps and makes PyTorch warn. So the learning rate follows optimizer steps taken, and since the
+    scheduler's and scaler's state are both in every checkpoint, a resume reproduces the same schedule.
+    """
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step (it syncs with the
+    # GPU to read it; the loop syncs every step for the loss anyway).
+    stepped = scale is None or scaler.get_scale() >= scale
+    if stepped:
+        scheduler.step()
+    return stepped
 
 
 def _name_bad_samples(dataset: Any, indices: list[int], named: list[str], write: Callable[[str], None]) -> None:
