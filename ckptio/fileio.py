@@ -363,7 +363,7 @@ MAX_ZSTD_EXPANSION = 1024
 def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> bytearray:
     """Stream-decompress the file's zstd body into one buffer whose size is bounded before any byte is read."""
     start, end = (seal.body_start, seal.body_length) if seal else (0, size)
-    limit = min(MAX_ZSTD_EXPANSION * (end - start) + 2**20, _physical_memory())
+    limit = allowed = min(MAX_ZSTD_EXPANSION * (end - start) + 2**20, _physical_memory())
     declared = seal.meta.get("raw_size") if seal else None
     if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
         if declared > limit:
@@ -375,14 +375,14 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
     else:
         declared = None
     out = bytearray()
-    decoder = zstandard.ZstdDecompressor().decompressobj()
+    decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
     in_frame = False  # the current decoder has taken bytes of a frame that has not ended yet
     position = start
     try:
         while position < end:
-            # zstd expands one input byte to at most ~32 KiB: near the limit, feed small pieces so that one call
-            # cannot overshoot it by much.
-            step = max(512, min(2**20, (limit - len(out)) // 32768))
+            # zstd expands one input byte to at most ~32 KiB: near the allowed size, feed small pieces so that one
+            # call cannot overshoot it by much (a recorded size only narrows the check below, not the pieces).
+            step = max(512, min(2**20, (allowed - len(out)) // 32768))
             piece = read_at(position, min(step, end - position))
             if not piece:
                 raise CorruptCheckpointError(path, "the file became shorter while it was read")
@@ -397,7 +397,7 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
                 if not decoder.eof:
                     break
                 piece = decoder.unused_data  # the next frame starts inside this piece
-                decoder = zstandard.ZstdDecompressor().decompressobj()
+                decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
                 in_frame = False
     except zstandard.ZstdError as exc:
         raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
