@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "create_new",
     "fsync_directory",
     "is_temporary",
+    "lock_exclusive",
     "open_lock",
     "remove_leftovers",
     "temp_name",
@@ -80,6 +83,19 @@ def open_lock(path: Path) -> int:
         raise _not_a_lock_file(path, problem)
     os.set_blocking(fd, True)
     return fd
+
+
+def lock_exclusive(fd: int) -> None:
+    """Take ``fd``'s lock without waiting for a holder (``BlockingIOError``), yet not fail on a mere probe:
+    :func:`ckptio.layout.live_ranks` holds a shared lock for microseconds to see whether a rank is running."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == 4:
+                raise
+            time.sleep(0.02)
 
 
 def _not_a_lock_file(path: Path, what: str) -> OSError:

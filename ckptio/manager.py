@@ -8,7 +8,6 @@ background never vanish: they are logged and raised by the next ``save()``, ``wa
 from __future__ import annotations
 
 import atexit
-import fcntl
 import functools
 import itertools
 import logging
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import open_lock
+from .atomic import lock_exclusive, open_lock
 from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
 from .fileio import SavedCheckpoint
@@ -410,7 +409,7 @@ def _lock_directory(directory: Path, rank: int) -> int:
     lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
     fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_exclusive(fd)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
