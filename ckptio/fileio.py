@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import zstandard
-
 from . import formats
 from .atomic import atomic_write, write_all_at
 from .errors import CorruptCheckpointError
@@ -102,7 +100,7 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
     with atomic_write(path, fsync=fsync, drop_page_cache=drop_page_cache) as file:
         sink = HashingWriter(file)
         if compression == "zstd":
-            compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+            compressor = _zstandard().ZstdCompressor(level=level, threads=threads, write_checksum=True)
             counter = _CountingWriter()
             sink.write(ZSTD_LEADING_FRAME)
             with compressor.stream_writer(sink, closefd=False, write_size=2**20) as zstd_stream:
@@ -252,7 +250,11 @@ def _shard_problem(manifest: Path, seal: Seal, *, full: bool, as_shard: bool = F
             return f"the shard table lists {record['file']} twice: damaged"
         seen.add(record["file"])
         shard = manifest.parent / record["file"]
-        if not shard.is_file():
+        try:
+            missing = not shard.is_file()
+        except OSError:  # a name no file can have (too long): the table is not one we wrote
+            missing = True
+        if missing:
             return f"shard {record['file']} is missing"
         if full:
             check = _verify(shard, as_shard=True)
@@ -375,6 +377,7 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
     else:
         declared = None
     out = bytearray()
+    zstandard = _zstandard()
     decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
     in_frame = False  # the current decoder has taken bytes of a frame that has not ended yet
     position = start
@@ -406,6 +409,18 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
     if declared is not None and len(out) != declared:
         raise CorruptCheckpointError(path, f"zstd data expands to {len(out)} bytes, {declared} were recorded")
     return out
+
+
+def _zstandard() -> Any:
+    """The zstandard module, imported on first use: only .zst files need it."""
+    try:
+        import zstandard
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "reading or writing .zst checkpoints needs the 'zstandard' package: run `. .venv/bin/activate` "
+            "first (after `make install`), or use format/compression settings without zstd", name="zstandard",
+        ) from None
+    return zstandard
 
 
 def _physical_memory() -> int:

@@ -139,6 +139,8 @@ def _crafted(kind: str) -> tuple[str, bytes]:
                                                              "elements": "many"})
     if kind == "pth-odd-shards":
         return ".pth", _sealed_torch({"w": torch.zeros(2)}, {"shards": [{"file": "../../etc/passwd"}, 7]})
+    if kind == "pth-long-shard-name":
+        return ".pth", _sealed_torch({"w": torch.zeros(2)}, {"shards": [{"file": "s" * 300 + "/x.pth", "rank": 0}]})
     if kind == "pth-deep-pickle":
         return ".pth", _torch_zip_with(data_pkl=_deep_dict_pickle(100_000))
     if kind == "pth-shared-references":
@@ -155,7 +157,7 @@ def _crafted(kind: str) -> tuple[str, bytes]:
 CRAFTED = ["zstd-raw-size=3221225472", f"zstd-raw-size={2**62}", f"zstd-raw-size={2**70}", "zstd-raw-size=-1",
            'zstd-raw-size="big"', "zstd-raw-size=true", "zstd-trailer-length", "safetensors-header-length",
            "safetensors-odd-meta", "safetensors-meta-list", "pth-deflate", "pth-odd-meta", "pth-odd-shards",
-           "pth-deep-pickle", "pth-shared-references", "zip-end-only", "zip64-locator-nowhere"]
+           "pth-long-shard-name", "pth-deep-pickle", "pth-shared-references", "zip-end-only", "zip64-locator-nowhere"]
 SPECIAL = ["fifo", "symlink-to-fifo", "symlink-to-dev-zero", "directory", "dangling-symlink", "symlink-loop"]
 
 
@@ -189,6 +191,8 @@ def _damage_index(directory: Path, kind: str, victim: str) -> None:
         index.write_text(json.dumps({"version": 1, "files": {victim: {
             "size": info.st_size, "mtime_ns": info.st_mtime_ns, "status": "verified", "digest": None,
             "meta": {"summary": {"val_loss": "low", "val_hmean": None, "epoch": {"deep": [1]}}}}}}))
+    elif kind == "huge":
+        index.write_text(json.dumps({"version": 1, "files": {}, "padding": "x" * (17 * 2**20)}))
     elif kind == "fifo":
         index.unlink(missing_ok=True)
         os.mkfifo(index)
@@ -373,6 +377,16 @@ def test_a_shard_table_listing_one_file_twice_is_damaged(tmp_path: Path) -> None
     assert "twice" in ckptio.verify(tmp_path / "M.pth").files[0].reason
 
 
+def test_a_shard_name_too_long_for_the_file_system_is_a_missing_shard_not_an_os_error(tmp_path: Path) -> None:
+    suffix, data = _crafted("pth-long-shard-name")
+    path = tmp_path / f"M{suffix}"
+    path.write_bytes(data)
+
+    assert "is missing" in ckptio.verify(path).files[0].reason
+    with pytest.raises(CorruptCheckpointError, match="is missing"):
+        ckptio.load(path)
+
+
 # -- item 7: no traceback from any CLI command; the index is validated as it is read ------------------------------
 
 
@@ -440,7 +454,7 @@ def test_one_file_with_odd_metadata_never_breaks_list_for_the_directory(tmp_path
                                               "reason": "a FIFO (named pipe)"}]
 
 
-@pytest.mark.parametrize("damage", ["garbage", "deep", "odd-records", "plausible-but-wrong", "fifo"])
+@pytest.mark.parametrize("damage", ["garbage", "deep", "odd-records", "plausible-but-wrong", "huge", "fifo"])
 def test_a_damaged_index_is_a_cache_miss_for_list_and_rebuilt_by_the_next_save(tmp_path: Path, capsys,
                                                                               damage: str) -> None:
     directory = tmp_path / "ckpts"
