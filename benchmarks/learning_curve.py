@@ -8,6 +8,15 @@ validation loss is measured on the trainer's un-augmented validation samples.
 
 Run ``python benchmarks/learning_curve.py [--quick] [--out DIR]``; writes ``DIR/learning_curve.json``,
 ``DIR/learning_curve.md`` and, with matplotlib installed, ``DIR/learning_curve.png``.
+
+``--weak-compare`` measures weak supervision (:mod:`craft_train.weak`) instead: an interim model trained
+``--steps`` steps on character-level synthetic data (or loaded with ``--interim-weights``) is fine-tuned
+``--finetune-steps`` steps on word-level-only synthetic data (other images: seed + 1) twice, from the same
+weights and in the same batch order: with the even split of each word (confidence 0.5) and with weak
+supervision. Both are scored on held-out word-level images: H-mean, and at the character level the pseudo-label
+quality of the model's region score against the true character boxes (mean IoU, share of words whose character
+count matches) and the region score's mean squared error against the true character-level map. Writes
+``DIR/weak_supervision.json`` and ``DIR/weak_supervision.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from craft_train.loss import craft_loss
 from craft_train.model import CRAFT
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
 from craft_train.resume import augmentation_seed, epoch_permutation
+from craft_train.weak import pseudo_label_quality, pseudo_targets
 
 __all__ = ["LENIENT_THRESHOLDS", "Settings", "main", "markdown_report", "run"]
 
@@ -211,6 +221,139 @@ def _chart(rows: Sequence[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
+# ---- weak supervision ---------------------------------------------------------------------------------------------
+
+def _character_scores(model: torch.nn.Module, data: SyntheticTextDataset, indices: Sequence[int]) -> dict[str, float]:
+    """Character-level quality of the model's region score on word-level images whose true characters are known."""
+    words = []
+    squared, pixels = 0.0, 0
+    model.eval()
+    for index in indices:
+        image, truth = data.render_chars(index)
+        words += [(image, w.char_quads) for w in truth.words]
+        sample = make_sample(image, truth, data.image_size)  # the true character-level maps
+        with torch.no_grad():
+            region = model(sample["image"][None])[0][0, ..., 0]
+        squared += float(((region - sample["region"]) ** 2).sum())
+        pixels += region.numel()
+    quality = pseudo_label_quality(model, words, data.image_size)
+    return {"char_iou": quality.mean_iou, "char_iou_even_split": quality.mean_iou_even_split,
+            "count_matches": quality.count_matches, "mean_confidence": quality.mean_confidence,
+            "region_mse": squared / max(pixels, 1)}
+
+
+def _evaluate_word_level(model: torch.nn.Module, data: SyntheticTextDataset, indices: Sequence[int], step: int,
+                         train_loss: float | None, seconds: float) -> dict[str, Any]:
+    row = _evaluate(model, data, indices, step, train_loss, seconds)
+    row.update(_character_scores(model, data, indices))
+    return row
+
+
+def _interim_model(settings: Settings, say: Callable[[str], None], weights: str | None) -> CRAFT:
+    torch.manual_seed(settings.seed)
+    model = CRAFT()
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        say(f"interim model: loaded {weights}")
+        return model
+    data = SyntheticTextDataset(settings.synthetic_size, settings.image_size, settings.seed, settings.augment)
+    train_indices, _ = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
+                                     settings.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=WEIGHT_DECAY)
+    started = time.perf_counter()
+    for step, keys in enumerate(_batches(settings, train_indices), start=1):
+        model.train()
+        batch = collate([data[k] for k in keys])
+        prediction, _ = model(batch["image"])
+        loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == settings.steps:
+            say(f"interim model: step {step}/{settings.steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - started:.0f}s)")
+        if step >= settings.steps:
+            break
+    return model
+
+
+def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str], None] = print,
+                    interim_weights: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Fine-tune the interim model on word-level data with the even split and with weak supervision.
+
+    Returns ``{"even_split": rows, "weak": rows}``, one row per evaluation (step 0 is the interim model).
+    """
+    interim = _interim_model(settings, say, interim_weights)
+    state = {k: v.clone() for k, v in interim.state_dict().items()}
+    seed = settings.seed + 1  # other images than the interim model saw
+    words = Settings(**{**asdict(settings), "seed": seed})
+    train_indices, val_indices = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
+                                               seed)
+    val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, weak in (("even_split", False), ("weak", True)):
+        torch.manual_seed(settings.seed)
+        model = CRAFT()
+        model.load_state_dict(state)
+        train_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, settings.augment,
+                                         labels="word", weak_supervision=weak)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=WEIGHT_DECAY)
+        rows = [_evaluate_word_level(model, val_set, val_indices, 0, None, 0.0)]
+        say(f"{name:10s} {_weak_line(rows[-1])}")
+        losses: list[float] = []
+        seconds = 0.0
+        for step, keys in enumerate(_batches(words, train_indices), start=1):
+            started = time.perf_counter()
+            model.train()
+            batch = pseudo_targets(model, collate([train_set[k] for k in keys]))
+            prediction, _ = model(batch["image"])
+            loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seconds += time.perf_counter() - started
+            losses.append(loss.item())
+            if step % settings.eval_every == 0 or step == finetune_steps:
+                rows.append(_evaluate_word_level(model, val_set, val_indices, step, float(np.mean(losses)), seconds))
+                say(f"{name:10s} {_weak_line(rows[-1])}")
+                losses = []
+            if step >= finetune_steps:
+                break
+        results[name] = rows
+    return results
+
+
+def _weak_line(row: dict[str, Any]) -> str:
+    return (f"step {row['step']:4d}  train {row['train_seconds']:7.1f}s  hmean {row['hmean']:.3f}  "
+            f"hmean@lenient {row['hmean_lenient']:.3f}  char IoU {row['char_iou']:.3f} "
+            f"(even split {row['char_iou_even_split']:.3f})  count matches {row['count_matches']:.3f}  "
+            f"region MSE {row['region_mse']:.4f}")
+
+
+def weak_markdown(settings: Settings, finetune_steps: int, results: dict[str, list[dict[str, Any]]],
+                  machine: dict[str, Any], interim: str) -> str:
+    lines = [
+        "# Weak supervision vs. the even split (word-level synthetic data, CPU)",
+        "",
+        f"Interim model: {interim}. Fine-tuned {finetune_steps} steps on word-level-only synthetic data (seed "
+        f"{settings.seed + 1}), {settings.image_size} px, batch {settings.batch_size}, Adam lr {settings.lr}, "
+        f"augment={settings.augment}; {settings.val_images} validation images; torch {machine['torch']} on "
+        f"{machine['cores']} threads. H-mean at {_thresholds(DEFAULT_THRESHOLDS)} and (lenient) "
+        f"{_thresholds(LENIENT_THRESHOLDS)}; char IoU: mean IoU of the characters the model's region score splits "
+        "each word into (1-D watershed, even split below s_conf 0.5) against the true character boxes; count "
+        "matches: share of words where that split finds as many characters as the transcription has; region MSE: "
+        "against the true character-level region map.",
+        "",
+        "| labels | step | H-mean | H-mean (lenient) | char IoU | count matches | region MSE | val loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(f"| {name} | {r['step']} | {r['hmean']:.3f} | {r['hmean_lenient']:.3f} | {r['char_iou']:.3f} "
+                         f"| {r['count_matches']:.3f} | {r['region_mse']:.4f} | {r['val_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK.steps} steps")
@@ -223,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-images", type=int)
     parser.add_argument("--augment", action="store_true", default=None, help="the trainer's augmentation")
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--weak-compare", action="store_true",
+                        help="fine-tune an interim model on word-level data: even split vs. weak supervision")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="with --weak-compare")
+    parser.add_argument("--interim-weights", help="with --weak-compare: a CRAFT state_dict instead of training one")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Settings()
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__ and v is not None}
@@ -234,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.weak_compare:
+        return _main_weak(args, settings, out, started)
     rows, ceiling = run(settings, say=lambda line: print(line, flush=True))
     machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
                "platform": platform.platform()}
@@ -248,6 +397,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if note:
             print(note, file=sys.stderr)
     print(f"wrote {out / 'learning_curve.json'} and {out / 'learning_curve.md'}")
+    return 0
+
+
+def _main_weak(args: argparse.Namespace, settings: Settings, out: Path, started: float) -> int:
+    if args.finetune_steps < 1:
+        print("learning_curve: error: --finetune-steps must be at least 1", file=sys.stderr)
+        return 2
+    if args.interim_weights is not None and not Path(args.interim_weights).is_file():
+        print(f"learning_curve: error: --interim-weights {args.interim_weights}: no such file", file=sys.stderr)
+        return 2
+    results = weak_comparison(settings, args.finetune_steps, lambda line: print(line, flush=True),
+                              args.interim_weights)
+    machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
+               "platform": platform.platform()}
+    interim = (f"weights from {args.interim_weights}" if args.interim_weights else
+               f"{settings.steps} steps on character-level synthetic data (seed {settings.seed})")
+    doc = {"settings": asdict(settings), "finetune_steps": args.finetune_steps, "interim": interim,
+           "machine": machine, "wall_seconds": round(time.perf_counter() - started, 1), "results": results}
+    (out / "weak_supervision.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (out / "weak_supervision.md").write_text(weak_markdown(settings, args.finetune_steps, results, machine, interim),
+                                             encoding="utf-8")
+    print(f"wrote {out / 'weak_supervision.json'} and {out / 'weak_supervision.md'}")
     return 0
 
 

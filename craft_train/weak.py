@@ -35,6 +35,7 @@ from craft_train.labels import gaussian_template, render_labels, split_word_quad
 __all__ = [
     "EVEN_SPLIT_CONFIDENCE",
     "MARKER_THRESHOLD",
+    "MIN_PROMINENCE",
     "CropGeometry",
     "PseudoLabelQuality",
     "WordCrop",
@@ -48,8 +49,10 @@ __all__ = [
 ]
 
 EVEN_SPLIT_CONFIDENCE = 0.5
-MARKER_THRESHOLD = 0.3
-"""Region score a column of the rectified word must exceed to belong to a character's marker."""
+MARKER_THRESHOLD = 0.2
+"""Region score a character's peak in the rectified word must exceed."""
+MIN_PROMINENCE = 0.1
+"""How far a character's peak must rise above the valleys that separate it from its neighbours."""
 # The word's height in the crop, as a share of the training image side: the interim model saw words of roughly
 # 6-18 % of the image side, so this keeps the crops at the scale it knows.
 _WORD_HEIGHT_SHARE = 1 / 8
@@ -146,13 +149,48 @@ def _rect_window(shape: tuple[int, ...], rect: Sequence[float]) -> tuple[slice, 
     return slice(r0, r1 + 1), slice(c0, c1 + 1), c0
 
 
-def split_region_score(region: np.ndarray, rect: Sequence[float],
-                       marker_threshold: float = MARKER_THRESHOLD) -> tuple[np.ndarray, int]:
+def _prominent_peaks(profile: np.ndarray, min_height: float, min_prominence: float) -> list[int]:
+    """Indices of the local maxima (a plateau counts once, at its middle) that stand ``min_prominence`` above the
+    higher of the lowest points separating them from a higher peak (or the ends) on either side."""
+    peaks = []
+    n = len(profile)
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and profile[j + 1] == profile[i]:
+            j += 1
+        left_lower = i == 0 or profile[i - 1] < profile[i]
+        right_lower = j == n - 1 or profile[j + 1] < profile[i]
+        if left_lower and right_lower and profile[i] > min_height:
+            peaks.append((i + j) // 2)
+        i = j + 1
+    kept = []
+    for p in peaks:
+        height = profile[p]
+        left = p
+        while left > 0 and profile[left - 1] <= height:
+            left -= 1
+        right = p
+        while right < n - 1 and profile[right + 1] <= height:
+            right += 1
+        # left/right stop at a higher point or the end; the base on each side is the lowest point passed.
+        base = max(profile[left:p + 1].min(), profile[p:right + 1].min())
+        if left == 0 and right == n - 1:
+            base = min(base, 0.0)  # the highest peak has no higher neighbour: measured from zero
+        if height - base >= min_prominence:
+            kept.append(p)
+    return kept
+
+
+def split_region_score(region: np.ndarray, rect: Sequence[float], marker_threshold: float = MARKER_THRESHOLD,
+                       min_prominence: float = MIN_PROMINENCE) -> tuple[np.ndarray, int]:
     """``(cuts, l_c)``: the characters found in a crop's half-resolution region score, inside the word ``rect``.
 
-    ``rect`` is the word's ``(x0, y0, x1, y1)`` in canvas pixels. ``cuts`` are the canvas x of the character
-    boundaries, ends included: ``l_c + 1`` increasing values from ``x0`` to ``x1`` (``[x0, x1]`` when ``l_c`` is
-    0 or 1).
+    A 1-D watershed on the column profile (the highest score in each column of the rectified word): every
+    maximum above ``marker_threshold`` that stands ``min_prominence`` above the valleys around it is one
+    character, and neighbouring characters are cut at the lowest column between their peaks. ``rect`` is the
+    word's ``(x0, y0, x1, y1)`` in canvas pixels; ``cuts`` are the canvas x of the character boundaries, ends
+    included: ``l_c + 1`` increasing values from ``x0`` to ``x1`` (``[x0, x1]`` when ``l_c`` is 0 or 1).
     """
     x0, x1 = float(rect[0]), float(rect[2])
     window = _rect_window(region.shape, rect)
@@ -160,15 +198,13 @@ def split_region_score(region: np.ndarray, rect: Sequence[float],
         return np.array([x0, x1]), 0
     rows, cols, c0 = window
     profile = np.asarray(region, dtype=np.float32)[rows, cols].max(axis=0)
-    above = np.concatenate([[False], profile > marker_threshold, [False]])
-    # Markers: maximal runs of columns above the threshold, as [start, end) column pairs.
-    runs = np.flatnonzero(above[1:] != above[:-1]).reshape(-1, 2)
+    peaks = _prominent_peaks(profile, marker_threshold, min_prominence)
     cuts = [x0]
-    for (_, end), (start, _) in itertools.pairwise(runs):
-        valley = end + int(np.argmin(profile[end:start]))
+    for left, right in itertools.pairwise(peaks):
+        valley = left + int(np.argmin(profile[left:right + 1]))
         cuts.append(2.0 * (c0 + valley) + 0.5)
     cuts.append(x1)
-    return np.clip(np.asarray(cuts, dtype=np.float64), x0, x1), len(runs)
+    return np.clip(np.asarray(cuts, dtype=np.float64), x0, x1), len(peaks)
 
 
 def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -178,7 +214,8 @@ def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target: np.ndarray, word_quad: np.ndarray,
-                      length: int, marker_threshold: float = MARKER_THRESHOLD) -> tuple[np.ndarray, float]:
+                      length: int, marker_threshold: float = MARKER_THRESHOLD,
+                      min_prominence: float = MIN_PROMINENCE) -> tuple[np.ndarray, float]:
     """``(character quads (n, 4, 2), confidence)`` of one word, in the target frame of ``crop_to_target``.
 
     ``region`` is the model's half-resolution region score of the word's crop, ``rect`` the word in the crop,
@@ -186,7 +223,7 @@ def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target:
     With ``s_conf >= 0.5`` the cuts become the characters (``l_c`` of them, not necessarily ``length``) with
     confidence ``s_conf``; otherwise the word is split evenly into ``length`` characters at confidence 0.5.
     """
-    cuts, found = split_region_score(region, rect, marker_threshold)
+    cuts, found = split_region_score(region, rect, marker_threshold, min_prominence)
     confidence = word_confidence(length, found)
     if confidence < EVEN_SPLIT_CONFIDENCE:
         return split_word_quad(word_quad, length), EVEN_SPLIT_CONFIDENCE
@@ -271,7 +308,8 @@ class PseudoLabelQuality:
 
 def pseudo_label_quality(model: torch.nn.Module, words: Sequence[tuple[np.ndarray, np.ndarray]],
                          image_size: int, device: torch.device | str = "cpu", *,
-                         marker_threshold: float = MARKER_THRESHOLD) -> PseudoLabelQuality:
+                         marker_threshold: float = MARKER_THRESHOLD,
+                         min_prominence: float = MIN_PROMINENCE) -> PseudoLabelQuality:
     """Score pseudo-labels against the truth: ``words`` are ``(RGB image, true char quads (n, 4, 2))`` pairs.
 
     Each word's box is :func:`craft_train.synthetic.word_box` of its true characters (what an annotator gives).
@@ -307,9 +345,9 @@ def pseudo_label_quality(model: torch.nn.Module, words: Sequence[tuple[np.ndarra
     for score, crop, (quad, chars) in zip(scores, crops, items, strict=True):
         n = len(chars)
         boxes, confidence = pseudo_char_quads(score, crop.rect, np.linalg.inv(crop.to_crop), quad, n,
-                                              marker_threshold)
+                                              marker_threshold, min_prominence)
         even = split_word_quad(quad, n)
-        _, found = split_region_score(score, crop.rect, marker_threshold)
+        _, found = split_region_score(score, crop.rect, marker_threshold, min_prominence)
         matched.append(found == n)
         confidences.append(confidence)
         for true in chars:
