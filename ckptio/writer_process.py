@@ -105,6 +105,12 @@ class ProcessWriter(WriterBackend):
         else:
             self._send_job(generation, job)
 
+    def _refuse(self, generation: _Generation, job: WriteJob, exc: BaseException) -> None:
+        """A job that could not be sent (e.g. metadata that cannot be pickled) fails like a failed write."""
+        with self._lock:
+            generation.in_flight.pop(job.ticket, None)
+        self._on_report(Report(job.ticket, "failed", error=exc))
+
     def close(self) -> None:
         self._closing = True
         if self._handoff_thread is not None:
@@ -159,14 +165,21 @@ class ProcessWriter(WriterBackend):
                 with self._lock:
                     generation = self._generation
                 self._send_job(generation, job)
+            except Exception as exc:  # the copy failed on the device: this save fails, the writer goes on
+                if job is not None:
+                    self._refuse(generation, job, exc)
             finally:
                 self._handoff.task_done()
 
     def _send_job(self, generation: _Generation, job: WriteJob) -> None:
-        wire = {
-            "ticket": job.ticket, "name": job.name, "metadata": job.metadata, "token": job.token,
-            "snapshot": _wire_snapshot(job.snapshot), "shard": _wire_snapshot(job.shard),
-        }
+        try:
+            wire = pickle.dumps(("job", {
+                "ticket": job.ticket, "name": job.name, "metadata": job.metadata, "token": job.token,
+                "snapshot": _wire_snapshot(job.snapshot), "shard": _wire_snapshot(job.shard),
+            }), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            self._refuse(generation, job, exc)
+            return
         try:
             with self._send_lock:
                 for snapshot in (job.snapshot, job.shard):
@@ -177,7 +190,7 @@ class ProcessWriter(WriterBackend):
                         generation.conn.send(("map", segment.key, segment.serial, segment.size, segment.layout))
                         send_handle(generation.conn, segment.fd, generation.process.pid)
                         generation.announced[segment.key] = segment.serial
-                generation.conn.send(("job", wire))
+                generation.conn.send_bytes(wire)
         except OSError:
             pass  # the writer died: the receiver sees EOF and reports this job as lost
 
@@ -194,7 +207,10 @@ class ProcessWriter(WriterBackend):
                     report: Report = message[1]
                     with self._lock:
                         generation.in_flight.pop(report.ticket, None)
-                    self._on_report(report)
+                    try:
+                        self._on_report(report)
+                    except Exception:  # this thread must outlive any one report, or later saves never resolve
+                        log.exception("could not apply the writer's report on save %d", report.ticket)
                 elif message[0] == "log":
                     log.log(message[1], "%s", message[2])
         except (EOFError, OSError, pickle.UnpicklingError):

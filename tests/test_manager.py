@@ -289,6 +289,16 @@ def test_a_real_write_failure_surfaces_once_naming_the_file_and_the_next_save_wo
     assert ckptio.load(tmp_path / "d.pth")["step"] == 2
 
 
+def test_metadata_that_cannot_be_stored_fails_that_save_and_the_writer_goes_on(tmp_path, writer) -> None:
+    with CheckpointManager(tmp_path, writer=writer) as mgr:
+        future = mgr.save(small_state(), name="c", metadata={"callback": lambda: None})
+        assert isinstance(future.exception(timeout=60), CheckpointWriteError)
+        with pytest.raises(CheckpointWriteError, match="c.pth failed"):
+            mgr.wait()
+        mgr.save(small_state(2), name="d").result(timeout=60)
+    assert visible(tmp_path) == {"d.pth"}
+
+
 def test_close_from_another_thread_during_a_save_lets_that_save_finish(tmp_path, gated) -> None:
     mgr = CheckpointManager(tmp_path, max_pending=1, on_full="block")
     mgr.save(small_state(1), name="one")
