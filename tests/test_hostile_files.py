@@ -158,7 +158,11 @@ CRAFTED = ["zstd-raw-size=3221225472", f"zstd-raw-size={2**62}", f"zstd-raw-size
            'zstd-raw-size="big"', "zstd-raw-size=true", "zstd-trailer-length", "safetensors-header-length",
            "safetensors-odd-meta", "safetensors-meta-list", "pth-deflate", "pth-odd-meta", "pth-odd-shards",
            "pth-long-shard-name", "pth-deep-pickle", "pth-shared-references", "zip-end-only", "zip64-locator-nowhere"]
-SPECIAL = ["fifo", "symlink-to-fifo", "symlink-to-dev-zero", "directory", "dangling-symlink", "symlink-loop"]
+SPECIAL = ["fifo", "symlink-to-fifo", "symlink-to-dev-zero", "directory", "dangling-symlink", "symlink-loop",
+           "symlink-to-checkpoint"]
+# Random bytes behind each format's magic, so that the parsers behind the first check are exercised too.
+PREFIXES = [b"PK\x03\x04", b"\x28\xb5\x2f\xfd", struct.pack("<II", 0x184D2A5C, 8) + b"CKPTIO01",
+            struct.pack("<Q", 40) + b'{"__metadata__":{"ckptio.meta":"{}"}, "w":']
 
 
 def _place_special(path: Path, kind: str) -> None:
@@ -173,6 +177,8 @@ def _place_special(path: Path, kind: str) -> None:
         path.mkdir()
     elif kind == "dangling-symlink":
         path.symlink_to(path.parent / "nowhere")
+    elif kind == "symlink-to-checkpoint":
+        path.symlink_to(_write_real(path.parent / f"elsewhere{''.join(path.suffixes)}"))
     else:
         path.symlink_to(path)
 
@@ -512,6 +518,8 @@ def test_verify_of_an_over_long_path_is_a_usage_error(tmp_path: Path, capsys) ->
 
 CONTENT = st.one_of(
     st.tuples(st.just("bytes"), st.sampled_from(SUFFIXES), st.binary(max_size=4096)),
+    st.tuples(st.just("bytes"), st.sampled_from(SUFFIXES),
+              st.builds(lambda prefix, rest: prefix + rest, st.sampled_from(PREFIXES), st.binary(max_size=512))),
     st.tuples(st.just("truncated"), st.sampled_from(SUFFIXES), st.floats(0, 1, exclude_max=True)),
     st.tuples(st.just("flipped"), st.sampled_from(SUFFIXES), st.floats(0, 1, exclude_max=True)),
     st.tuples(st.just("crafted"), st.sampled_from(CRAFTED), st.floats(0, 1)),
