@@ -14,10 +14,22 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
+# The demo writes into its own directory, emptied first, so that it never mixes with (or is resumed by) a real
+# run, which uses checkpoints_improved.
+DEMO_DIR := checkpoints_demo
+
 demo: install
-	$(PY) -m craft_train --demo --save-dir checkpoints_improved
-	$(PY) -m ckptio list checkpoints_improved
-	$(PY) -m ckptio verify checkpoints_improved
+	rm -rf $(DEMO_DIR)
+	$(PY) -m craft_train --demo --save-dir $(DEMO_DIR)
+	$(PY) -m ckptio list $(DEMO_DIR)
+	$(PY) -m ckptio verify $(DEMO_DIR)
+	@echo
+	@echo "Next, in this shell (python -m needs the project's environment):"
+	@echo "  . .venv/bin/activate"
+	@echo "  python -m craft_train --epochs 50 --batch_size 16    # a real run, into checkpoints_improved"
+	@echo "  python -m craft_train --resume auto                  # continue it after a stop"
+	@echo "  python -m ckptio list checkpoints_improved"
+	@echo "  python -m craft_train.detect --checkpoint $(DEMO_DIR)/best_model.pth --images DIR --out results"
 
 test: install
 	$(PY) -m ruff check ckptio craft_train benchmarks tests
@@ -29,4 +41,4 @@ bench: install
 	$(PY) benchmarks/learning_curve.py
 
 clean:
-	rm -rf $(VENV) checkpoints_improved bench_out
+	rm -rf $(VENV) checkpoints_improved $(DEMO_DIR) bench_out

@@ -39,6 +39,7 @@ from .layout import (
     update_index,
 )
 from .retention import beyond_newest
+from .slim import is_slim
 from .verify import verify
 
 __all__ = ["main"]
@@ -288,6 +289,7 @@ def _entry_line(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.mtime_ns / 1e9))
     state = _STATE_LABELS[integrity_state(entry, index)]
     shards = " (with shards)" if entry.shard_bytes else ""
+    shards += " (slim: weights only)" if _recorded_slim(entry, index) else ""
     summary = _recorded_summary(entry, index)
     scores = "".join(f" - {key}={summary[key]:.4f}" for key in ("val_loss", "val_hmean")
                      if isinstance(summary.get(key), float) and math.isfinite(summary[key]))
@@ -301,11 +303,16 @@ def _recorded_summary(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) 
     return index[entry.path.name].get("meta", {}).get("summary", {})
 
 
+def _recorded_slim(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> bool:
+    """Whether the index's record of this exact file marks it slimmed to its model weights (``ckptio.slim``)."""
+    return integrity_state(entry, index) != "unverified" and is_slim(index[entry.path.name].get("meta"))
+
+
 def _entry_json(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "file": entry.path.name, "name": entry.name, "size": entry.total_size, "mtime": entry.mtime_ns / 1e9,
         "best": entry.protected, "integrity": integrity_state(entry, index),
-        "summary": _recorded_summary(entry, index),
+        "summary": _recorded_summary(entry, index), "slim": _recorded_slim(entry, index),
     }
 
 

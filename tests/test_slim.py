@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptio
+from ckptio import cli as ckptio_cli
 from ckptio.layout import CheckpointEntry, read_index, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from tests.helpers import assert_same
@@ -114,3 +116,16 @@ def test_slimming_old_checkpoints_saves_space_and_keeps_the_directory_order(tmp_
     assert not is_slim(ckptio.read_meta(paths[-1])[0].meta)  # the newest stays complete
     assert "optimizer_state_dict" in ckptio.load(paths[-1])
     assert ckptio.verify(tmp_path).ok
+
+
+def test_list_marks_slim_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    older, newest = _save(tmp_path, [1, 2])
+    slim_checkpoint(older)
+    capsys.readouterr()
+    assert ckptio_cli.main(["list", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(older.name in line and "(slim: weights only)" in line for line in lines), lines
+    assert not any(newest.name in line and "slim" in line for line in lines), lines
+    assert ckptio_cli.main(["list", str(tmp_path), "--json"]) == 0
+    rows = {row["file"]: row["slim"] for row in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert rows == {older.name: True, newest.name: False}

@@ -100,8 +100,11 @@ def test_a_fresh_run_into_a_directory_holding_checkpoints_stops_and_points_at_re
 
 
 def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    # SIGINT back to its default in the child even where the test runner ignores it (a child would inherit that);
+    # --max-steps 1 bounds what the run can write if the signal were lost.
     process = subprocess.Popen([sys.executable, "-m", "craft_train", *TINY, "--save-dir", "ck", "--max-steps", "1"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(0.5)  # importing torch, building the model: whichever it is, the outcome must be the same
         process.send_signal(signal.SIGINT)
