@@ -503,6 +503,42 @@ def test_a_file_removed_between_listing_and_reading_is_reported_removed_not_corr
                                                                          doomed.name: "removed"}
 
 
+def test_verify_beside_a_live_writer_with_retention_never_reports_false_corruption(tmp_path: Path) -> None:
+    """The real mechanism: a manager saving with keep_count=2 in a thread while verify runs again and again."""
+    directory = tmp_path / "ckpts"
+    stop, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            with CheckpointManager(directory, keep_count=2, async_save=True, fsync=False) as manager:
+                step = 0
+                while not stop.is_set():
+                    # 4 MiB per file: verifying one takes long enough for retention to delete the next
+                    # (before the fix, 22 of 40 passes reported a deleted file as corrupt).
+                    manager.save({"w": torch.full((2**20,), float(step))}, name=f"checkpoint_epoch_1_batch_{step}")
+                    step += 1
+                    if step == 3:
+                        started.set()
+                    stop.wait(0.01)  # ~100 saves a second at most: bounded I/O, still a live race
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+            started.set()
+
+    writer = threading.Thread(target=train)
+    writer.start()
+    try:
+        assert started.wait(120)
+        reports = [ckptio.verify(directory) for _ in range(40)]
+    finally:
+        stop.set()
+        writer.join(120)
+
+    assert not errors, errors
+    assert all(report.files for report in reports)
+    assert [check for report in reports for check in report.corrupt] == []
+
+
 # -- issue 13 item 18 and issue 15 item 8: exit codes --------------------------------------------------------------
 
 
