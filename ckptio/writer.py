@@ -84,7 +84,8 @@ class WriterBackend(ABC):
         """Finish every submitted job, then stop."""
 
     @abstractmethod
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """False when jobs already submitted may never be reported (the manager then stops waiting)."""
 
 
 ReportSink = Callable[[Report], None]

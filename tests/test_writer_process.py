@@ -137,7 +137,6 @@ def test_a_writer_process_that_died_idle_is_reported_once_and_replaced(tmp_path)
         mgr.save({"w": torch.ones(3)}, name="a").result(timeout=TIMEOUT)
         pid = writer_pid(mgr)
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not mgr._writer.alive() or mgr._errors, "the death to be noticed")  # type: ignore[union-attr]
         wait_for(lambda: bool(mgr._errors), "the death to be reported")
         with pytest.raises(CheckpointWriteError, match="killed by signal 9; no save was lost"):
             mgr.save({"w": torch.ones(3)}, name="b")
