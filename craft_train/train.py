@@ -248,6 +248,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # process writes its optimizer shard, and rank 0 commits the manifest once all shards are durable.
     manager = ckptio.CheckpointManager(
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
+        writer="process",  # measured best for training (README, "Writer process"); used with async_save only
         keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
@@ -332,6 +333,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 batch_in_epoch += 1
                 global_step += 1
                 position = min(position + step_samples, len(permutation))
+                if global_step == result.start_step + 1 and manager is not None and config.async_save and not sharded:
+                    manager.prepare(checkpoint_state(permutation))  # Adam's state exists from the first step on
 
                 # periodic checkpoint: every save_freq steps of training, counted across epochs (so that epochs
                 # shorter than save_freq save too), named after the epoch and the batch within it as in the guide
