@@ -242,9 +242,7 @@ def _shard_problem(manifest: Path, seal: Seal, *, full: bool, as_shard: bool = F
         return "the shard table in the manifest is damaged"
     seen: set[str] = set()
     for record in shards:
-        parts = record.get("file", "").split("/") if isinstance(record, dict) and isinstance(
-            record.get("file"), str) else []
-        if len(parts) != 2 or any(part in ("", ".", "..") for part in parts):
+        if _shard_file(record) is None:
             return "the shard table in the manifest is damaged"
         if record["file"] in seen:
             return f"the shard table lists {record['file']} twice: damaged"
@@ -274,6 +272,14 @@ def _shard_problem(manifest: Path, seal: Seal, *, full: bool, as_shard: bool = F
     return None
 
 
+def _shard_file(record: Any) -> str | None:
+    """A shard record's ``NAME.shards/FILE``, or ``None`` when it is not one (a path that could leave the
+    checkpoint directory, or not a string)."""
+    name = record.get("file") if isinstance(record, dict) else None
+    parts = name.split("/") if isinstance(name, str) else []
+    return name if len(parts) == 2 and not any(part in ("", ".", "..") for part in parts) else None
+
+
 def load_shard(path: str | os.PathLike[str], rank: int, map_location: Any = None) -> Any:
     """Load rank ``rank``'s shard of the sharded checkpoint whose manifest is ``path`` (digests checked)."""
     path = Path(path)
@@ -281,14 +287,16 @@ def load_shard(path: str | os.PathLike[str], rank: int, map_location: Any = None
     shards = seal.meta.get("shards") if seal else None
     if not shards or not isinstance(shards, list):
         raise ValueError(f"{path} is not a sharded checkpoint; load it with ckptio.load")
-    problem = _shard_problem(path, seal, full=False) if seal else None
-    if problem:
-        raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
     record = next((r for r in shards if isinstance(r, dict) and r.get("rank") == rank), None)
     if record is None:
         raise ValueError(f"{path} has no shard for rank {rank}; it was written by {len(shards)} processes")
+    if _shard_file(record) is None:
+        raise CorruptCheckpointError(path, "the shard table in the manifest is damaged")
     shard = path.parent / record["file"]
-    fd = _open_for_reading(shard)
+    try:
+        fd = _open_for_reading(shard)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, f"shard {record['file']} is missing") from None
     try:
         shard_seal = read_seal(shard, os.fstat(fd).st_size, file_reader(fd))
         if shard_seal is None or shard_seal.digest != record.get("digest"):

@@ -369,6 +369,8 @@ def test_a_shard_that_is_itself_a_manifest_is_refused_instead_of_followed(tmp_pa
     assert "a shard must hold data" in check.reason
     with pytest.raises(CorruptCheckpointError, match="a shard must hold data"):
         ckptio.load(manifest)
+    with pytest.raises(CorruptCheckpointError, match="a shard must hold data"):
+        ckptio.load_shard(manifest, 0)
 
 
 def test_a_shard_table_listing_one_file_twice_is_damaged(tmp_path: Path) -> None:
