@@ -1,8 +1,10 @@
 """``CheckpointManager``: the one class a trainer needs.
 
-``save()`` copies the state into reusable host buffers and returns; a background thread serializes, writes
-atomically, seals with a digest, records it in the directory's index and applies retention. Errors from the
-background never vanish: they are logged and raised by the next ``save()``, ``wait()`` or ``close()``.
+``save()`` copies the state into reusable host buffers and returns; a background writer (a thread, or a helper
+process: :mod:`ckptio.writer_thread`, :mod:`ckptio.writer_process`) serializes, writes atomically, seals with a
+digest, records it in the directory's index and applies retention, and reports back; the manager applies the
+reports (futures, counters, freed slots). Errors from the background never vanish: they are logged and raised by
+the next ``save()``, ``wait()`` or ``close()``.
 """
 
 from __future__ import annotations

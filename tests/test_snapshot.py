@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -15,7 +16,8 @@ from helpers import assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptio.snapshot import BufferSlot, rebuild, walk_tensors
+from ckptio.shm import ALIGNMENT, Segment, shared_staging, tensor_views
+from ckptio.snapshot import BufferSlot, heap_staging, rebuild, state_layout, walk_tensors
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -265,6 +267,43 @@ def test_a_smaller_state_shrinks_the_slot() -> None:
     assert len(slot.buffers) == 1
     assert len(snapshot.tensors) == 1
     assert slot.nbytes == 400
+
+
+def test_a_slot_adopts_buffers_prepared_for_its_layout_and_ignores_others() -> None:
+    state = {"a": torch.randn(6, 2), "b": [torch.arange(4)]}
+    slot = BufferSlot()
+    slot.offer(heap_staging(state_layout({"x": torch.zeros(3)}), True))  # another layout: not used
+    first = slot.take(state)
+    assert slot.prepared is not None and all(t.data_ptr() != 0 for t in first.tensors)
+    prepared = heap_staging(state_layout(state), True)
+    slot.offer(prepared)
+    second = slot.take(state)
+    assert slot.prepared is None and slot.staging is prepared
+    assert [t.data_ptr() for t in second.tensors] == [t.data_ptr() for t in prepared.buffers]
+    assert_same(rebuild(second.skeleton, second.tensors), state)
+    assert not slot.needs_prepare  # CPU sources: nothing to pin
+
+
+def test_a_shared_segment_holds_every_tensor_of_a_slot_aligned_and_the_snapshot_copies_into_it() -> None:
+    state = {"w": torch.randn(5, 3), "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0, 2),
+             "half": torch.ones(7, dtype=torch.float16), "z": torch.tensor([1 + 2j])}
+    slot = BufferSlot(allocator=lambda layout, prepared: shared_staging(layout, prepared, key="t"))
+    snapshot = slot.take(state)
+    segment = snapshot.segment
+    assert segment is not None and segment.fd >= 0 and segment.key == "t"
+    base = segment.address()
+    for tensor, (offset, _, shape) in zip(snapshot.tensors, segment.layout, strict=True):
+        assert tuple(tensor.shape) == shape and offset % ALIGNMENT == 0
+        if tensor.numel():
+            assert tensor.data_ptr() == base + offset
+    assert_same(rebuild(snapshot.skeleton, snapshot.tensors), state)
+    # what the writer process does with the descriptor it receives: the same bytes, through its own mapping
+    other = Segment.attach(os.dup(segment.fd), segment.size, key="t", serial=segment.serial, layout=segment.layout)
+    assert_same(rebuild(snapshot.skeleton, tensor_views(other.buffer, other.layout)), state)
+    again = slot.take(state)
+    assert again.segment is segment  # the same layout reuses the segment
+    slot.take({"w": torch.randn(2)})
+    assert slot.staging is not None and slot.staging.segment is not segment and segment.fd == -1
 
 
 def test_snapshot_counts_elements_and_bytes_and_summarises_top_level_scalars() -> None:
