@@ -152,16 +152,29 @@ def test_max_steps_stops_early_and_keeps_the_last_steps_in_a_final_checkpoint(tm
         "checkpoint_epoch_1_batch_2.pth", "checkpoint_epoch_1_batch_3.pth"]
 
 
+# A CI runner may start tests with SIGINT ignored, which a child inherits and Python then leaves ignored: restore
+# Python's own handler so that the Ctrl-C below really interrupts the run.
+_WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('craft_train', run_name='__main__', alter_sys=True)")
+
+
 @pytest.mark.slow
 def test_ctrl_c_finishes_queued_saves_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    # --keep-count bounds what the run can write if the interrupt were lost: 2 checkpoints and best_model.
     process = subprocess.Popen(
-        [sys.executable, "-m", "craft_train", *TINY, "--epochs", "50", "--save-freq", "1", "--async-save",
-         "--save-dir", "ck"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "ck").glob("checkpoint_*.pth")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+        [sys.executable, "-c", _WITH_CTRL_C, *TINY, "--epochs", "50", "--save-freq", "1", "--async-save",
+         "--keep-count", "2", "--save-dir", "ck"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "ck").glob("checkpoint_*.pth")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130, err
     assert "interrupted" in out
     leftovers = [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".ckptio-tmp")]
