@@ -5,18 +5,27 @@ Runs the trainer's step (``craft_train.train``: synthetic data through a DataLoa
 CPU under several configurations, interleaved: in every round each configuration trains one segment of
 ``--segment`` steps, in a new random order, so that slow phases of the machine hit all of them alike.
 
-Configurations measured directly: no checkpointing, sync and async saving every step and every 10 steps.
-Saving every 100 steps would need 100-step segments (minutes each on a CPU); its overhead is derived from the
-per-save cost measured at every 10 steps and the step time, and labelled as derived.
+Methods (``--methods``): ckptio sync, ckptio async with its thread writer and with its process writer,
+``dcp.async_save`` with its defaults and in its best mode (torchtitan's ``async_with_pinned_mem``; the training
+loop waits for its ``staging_completion`` before the next optimizer step, as torchtitan does), and
+``torch.save`` + fsync. Each is measured at every save frequency of ``--save-freqs``. On the CPU the defaults
+are every step and every 10 steps (100-step segments would take minutes each); every 100 steps is then derived
+from the per-save cost and the step time, and labelled as derived. With ``--device cuda`` (CRAFT at 512 px,
+batch 8, AMP) the defaults are every 25 and every 100 steps, measured directly.
 
-Run ``python benchmarks/train_overhead.py [--quick] [--out DIR]``; writes ``DIR/train_overhead.json`` and
-``DIR/train_overhead.md``.
+After the rounds, a *pace probe* per asynchronous method: one save, then the main thread runs a plain Python loop
+until the write is durable, counting iterations and the gaps longer than 2 ms. Its rate against the same loop's
+idle rate is the share of the interpreter the training thread keeps while the writer works (the GIL share).
+
+Run ``python benchmarks/train_overhead.py [--quick] [--device cuda] [--out DIR]``; writes
+``DIR/train_overhead.json`` and ``DIR/train_overhead.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,29 +45,40 @@ from typing import Any
 import psutil
 import torch
 
-__all__ = ["Config", "Trainer", "main", "markdown_table", "run_rounds"]
+__all__ = ["Config", "Trainer", "build_configs", "main", "markdown_table", "pace_probe", "run_rounds"]
 
 DERIVED_FREQ = 100
+METHODS = ("sync", "async", "process", "dcp", "dcp-best", "torch.save")
+"""``sync``/``async``: ckptio without/with its thread writer; ``process``: ckptio's process writer; ``dcp``:
+``dcp.async_save`` with its defaults; ``dcp-best``: DCP's best mode; ``torch.save``: torch.save + fsync."""
+SYNC_METHODS = ("sync", "torch.save")
 
 
 @dataclass(frozen=True)
 class Config:
     name: str
     save_freq: int
-    async_save: bool = False
+    method: str = "none"
 
     @property
     def saves(self) -> bool:
         return self.save_freq > 0
 
+    @property
+    def async_save(self) -> bool:
+        return self.saves and self.method not in SYNC_METHODS
 
-DEFAULT_CONFIGS = (
-    Config("no checkpoints", 0),
-    Config("sync, every step", 1, False),
-    Config("async, every step", 1, True),
-    Config("sync, every 10 steps", 10, False),
-    Config("async, every 10 steps", 10, True),
-)
+
+def build_configs(methods: Sequence[str], freqs: Sequence[int]) -> tuple[Config, ...]:
+    """No checkpoints first (the baseline), then every method at every frequency."""
+    configs = [Config("no checkpoints", 0)]
+    for freq in freqs:
+        for method in methods:
+            configs.append(Config(f"{method}, every {'step' if freq == 1 else f'{freq} steps'}", freq, method))
+    return tuple(configs)
+
+
+DEFAULT_CONFIGS = build_configs(("sync", "async"), (1, 10))
 
 
 BUSY_THRESHOLD = 0.3
@@ -89,11 +109,187 @@ class _OtherCpu:
 
 
 def _writer_cpu_seconds() -> float:
-    """CPU time used so far by every ckptio writer thread of this process."""
+    """CPU time used so far by every ckptio writer thread of this process and by its child processes (ckptio's
+    and DCP's writer processes; DataLoader workers too, when there are any)."""
     ids = {t.native_id for t in threading.enumerate() if t.name.startswith("ckptio-writer")}
-    if not ids:
-        return 0.0
-    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
+    own = psutil.Process()
+    total = sum(t.user_time + t.system_time for t in own.threads() if t.id in ids) if ids else 0.0
+    for child in own.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _sibling(name: str) -> Any:
+    """Another script of benchmarks/ (they share helpers without being a package)."""
+    import importlib
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
+class Saver:
+    """One way of checkpointing the trainer's state, with the time the training thread spent blocked in it."""
+
+    def __init__(self, method: str, directory: Path) -> None:
+        self.method, self.directory = method, directory
+        self.blocked_seconds = 0.0
+        self.notes: list[str] = []
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def first_saves(self) -> int:
+        return 2
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Called once before the first save (ckptio's prepare())."""
+
+    def save(self, state: dict[str, Any], name: str) -> None:
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called right before every optimizer step (DCP's best mode waits for its staging here)."""
+
+    def busy(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CkptioSaver(Saver):
+    def __init__(self, method: str, directory: Path, *, fmt: str, compression: str | None, keep_count: int) -> None:
+        import ckptio
+
+        super().__init__(method, directory)
+        extra: dict[str, Any] = {}
+        if method == "process":
+            extra["writer"] = "process"
+        elif method == "async" and "writer" in {f.name for f in dataclasses.fields(ckptio.CheckpointOptions)}:
+            extra["writer"] = "thread"
+        self.manager = ckptio.CheckpointManager(directory, format=fmt, compression=compression,
+                                                async_save=method != "sync", keep_count=keep_count, **extra)
+
+    @property
+    def first_saves(self) -> int:
+        return self.manager.options.max_pending + 1 if self.manager.options.async_save else 2
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        if self.manager.options.async_save and hasattr(self.manager, "prepare"):
+            self.manager.prepare(state)
+
+    def save(self, state: dict[str, Any], name: str) -> None:
+        before = self.manager.stats.blocked_seconds
+        self.manager.save(state, name=name)
+        self.blocked_seconds += self.manager.stats.blocked_seconds - before
+
+    def busy(self) -> bool:
+        return self.manager.pending > 0
+
+    def wait(self) -> None:
+        self.manager.wait()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class TorchSaveSaver(Saver):
+    def __init__(self, method: str, directory: Path, *, keep_count: int) -> None:
+        super().__init__(method, directory)
+        self.keep_count, self.paths = keep_count, []
+
+    def save(self, state: dict[str, Any], name: str) -> None:
+        path = self.directory / f"{name}_{len(self.paths)}.pth"
+        started = time.perf_counter()
+        torch.save(state, path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.blocked_seconds += time.perf_counter() - started
+        self.paths.append(path)
+        while len(self.paths) > self.keep_count:
+            self.paths.pop(0).unlink(missing_ok=True)
+
+
+class DcpSaver(Saver):
+    """``dcp.async_save`` with its defaults, or (``best``) in its best mode; the training thread waits for the
+    best mode's staging before the next optimizer step, as torchtitan does. Old checkpoint directories beyond
+    ``keep_count`` are deleted once written."""
+
+    def __init__(self, method: str, directory: Path, *, keep_count: int, cuda: bool) -> None:
+        super().__init__(method, directory)
+        self.keep_count = keep_count
+        self.uploads: list[tuple[Path, Any]] = []
+        self.staging: Any = None
+        self.setup: Any = None
+        if method == "dcp-best":
+            self.setup = _sibling("save_latency").DcpBestSetup(cuda=cuda, store=directory / "pg_store")
+            self.notes = self.setup.notes
+
+    def save(self, state: dict[str, Any], name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        self.before_optimizer_step()  # a save while the previous staging runs waits for it too
+        path = self.directory / f"{name}_{len(self.uploads)}"
+        started = time.perf_counter()
+        if self.setup is not None:
+            self.staging, upload = self.setup.save(state, path)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming a single process" without a process group
+                upload = dcp.async_save(state, checkpoint_id=str(path),
+                                        storage_writer=dcp.FileSystemWriter(str(path)))
+        self.blocked_seconds += time.perf_counter() - started
+        self.uploads.append((path, upload))
+        self._prune()
+
+    def before_optimizer_step(self) -> None:
+        if self.staging is not None:
+            started = time.perf_counter()
+            self.staging.result()
+            self.staging = None
+            self.blocked_seconds += time.perf_counter() - started
+
+    def _prune(self) -> None:
+        done = [(p, f) for p, f in self.uploads if f.done()]
+        for path, future in done[: max(len(self.uploads) - self.keep_count, 0)]:
+            future.result()  # a failed write must not go unnoticed
+            shutil.rmtree(path, ignore_errors=True)
+            self.uploads.remove((path, future))
+
+    def busy(self) -> bool:
+        return self.staging is not None or any(not f.done() for _, f in self.uploads)
+
+    def wait(self) -> None:
+        self.before_optimizer_step()
+        for _, future in self.uploads:
+            future.result()
+        self._prune()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wait()
+        if self.setup is not None:
+            self.setup.close()
+
+
+def make_saver(method: str, directory: Path, *, fmt: str, compression: str | None, keep_count: int,
+               cuda: bool) -> Saver:
+    if method in ("sync", "async", "process"):
+        return CkptioSaver(method, directory, fmt=fmt, compression=compression, keep_count=keep_count)
+    if method == "torch.save":
+        return TorchSaveSaver(method, directory, keep_count=keep_count)
+    if method in ("dcp", "dcp-best"):
+        return DcpSaver(method, directory, keep_count=keep_count, cuda=cuda)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 class Trainer:
@@ -103,16 +299,20 @@ class Trainer:
     and validation, so that configurations can take turns on one model.
     """
 
-    def __init__(self, *, image_size: int, batch_size: int, synthetic_size: int, seed: int = 0) -> None:
+    def __init__(self, *, image_size: int, batch_size: int, synthetic_size: int, seed: int = 0,
+                 device: str = "cpu", workers: int = 0) -> None:
         from craft_train.config import TrainConfig
         from craft_train.data import SyntheticTextDataset, split_indices
         from craft_train.model import CRAFT
 
         self.config = TrainConfig(synthetic_size=synthetic_size, image_size=image_size, batch_size=batch_size,
-                                  workers=0, device="cpu", seed=seed, save_freq=0, val_fraction=0.1)
+                                  workers=workers, device=device, seed=seed, save_freq=0, val_fraction=0.1)
         config = self.config
         torch.manual_seed(config.seed)
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.saver: Saver | None = None
+        """The saver of the segment being trained (DCP's best mode waits for its staging before each step)."""
         self.train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, config.augment)
         self.train_indices, _ = split_indices(len(self.train_set), config.val_fraction, config.seed)
         self.total_batches = math.ceil(len(self.train_indices) / config.batch_size)
@@ -122,7 +322,7 @@ class Trainer:
                                                          gamma=config.lr_gamma)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "GradScaler is enabled, but CUDA is not available" on CPU builds
-            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+            self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.epoch, self.batch_in_epoch, self.global_step, self.position = 1, 0, 0, 0
         self.sums: dict[str, float] = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
         self.errors = 0
@@ -141,7 +341,7 @@ class Trainer:
             keys = [(int(i), augmentation_seed(config.seed, self.epoch, int(i))) for i in self.permutation.tolist()]
             loader = DataLoader(
                 self.train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
-                num_workers=config.workers, pin_memory=False,
+                num_workers=config.workers, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(config.seed + self.epoch),
             )
             yield from loader
@@ -151,20 +351,21 @@ class Trainer:
     def step(self) -> None:
         """One batch: the body of the trainer's inner loop, up to the periodic checkpoint."""
         from craft_train.loss import craft_loss
+        from craft_train.train import _step_optimizer
 
         batch = next(self._batches)
         self.model.train()
         if batch["size"] > 0:
             images = batch["image"].to(self.device, non_blocking=True)
             targets = [batch[k].to(self.device, non_blocking=True) for k in ("region", "affinity", "mask")]
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=False):
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                 prediction, _ = self.model(images)
             loss, cls_loss, geo_loss = craft_loss(prediction.float(), *targets)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss * batch.get("weight", 1.0)).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            if self.saver is not None:
+                self.saver.before_optimizer_step()
+            _step_optimizer(self.optimizer, self.scaler, self.scheduler)
             losses = (loss.item(), cls_loss.item(), geo_loss.item())  # world.mean() of one process
             self.sums["train"] += losses[0]
             self.sums["cls"] += losses[1]
@@ -203,8 +404,8 @@ class Trainer:
             "kind": "craft_train",
         }
 
-    def save(self, manager: Any) -> None:
-        manager.save(self.checkpoint_state(), name=f"checkpoint_epoch_{self.epoch}_batch_{self.batch_in_epoch}")
+    def save(self, saver: Saver) -> None:
+        saver.save(self.checkpoint_state(), name=f"checkpoint_epoch_{self.epoch}_batch_{self.batch_in_epoch}")
 
 
 @dataclass
@@ -224,10 +425,11 @@ class Segment:
     step_seconds: list[float] = field(default_factory=list)
 
 
-def run_segment(trainer: Trainer, config: Config, manager: Any, steps: int, round_index: int) -> Segment:
+def run_segment(trainer: Trainer, config: Config, manager: Saver | None, steps: int, round_index: int) -> Segment:
     """``steps`` training steps, saving after step ``i`` when ``i % save_freq == 0`` (so that an async save has
     the rest of the segment to finish); the segment ends when every save it started is durable."""
-    blocked_before = manager.stats.blocked_seconds if manager else 0.0
+    trainer.saver = manager
+    blocked_before = manager.blocked_seconds if manager else 0.0
     cpu_before = _writer_cpu_seconds()
     others = _OtherCpu()
     saves = 0
@@ -246,7 +448,7 @@ def run_segment(trainer: Trainer, config: Config, manager: Any, steps: int, roun
     finished = time.perf_counter()
     return Segment(
         config=config.name, round=round_index, steps=steps, seconds=finished - started, saves=saves,
-        blocked_seconds=(manager.stats.blocked_seconds - blocked_before) if manager else 0.0,
+        blocked_seconds=(manager.blocked_seconds - blocked_before) if manager else 0.0,
         final_wait_seconds=finished - wait_started, writer_cpu_seconds=_writer_cpu_seconds() - cpu_before,
         other_cores=others.cores(), step_seconds=step_seconds,
     )
@@ -255,6 +457,7 @@ def run_segment(trainer: Trainer, config: Config, manager: Any, steps: int, roun
 def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segment: int, workdir: Path,
                budget_s: float = math.inf, keep_count: int = 2, warmup_steps: int = 3,
                busy_threshold: float = BUSY_THRESHOLD, wait: Callable[[float], float] | None = None,
+               probes: list[dict[str, Any]] | None = None, notes: list[str] | None = None,
                log: Callable[[str], None] = print) -> list[Segment]:
     """Rounds until ``rounds`` undisturbed ones are in or the budget is spent.
 
@@ -263,22 +466,24 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
     round has completed yet and 40% of the budget is spent: then it is finished anyway, so that every run ends
     with at least one complete round.
     """
-    import ckptio
-
-    managers: dict[str, Any] = {}
-    for config in configs:
-        if config.saves:
-            managers[config.name] = ckptio.CheckpointManager(
-                workdir / config.name.replace(" ", "_").replace(",", ""), format=trainer.config.format,
-                compression=trainer.config.compression, async_save=config.async_save, keep_count=keep_count,
-            )
+    managers: dict[str, Saver] = {}
     segments: list[Segment] = []
     started = time.perf_counter()
     try:
+        for config in configs:
+            if config.saves:
+                managers[config.name] = make_saver(
+                    config.method, workdir / "".join(c if c.isalnum() else "_" for c in config.name),
+                    fmt=trainer.config.format, compression=trainer.config.compression, keep_count=keep_count,
+                    cuda=trainer.device.type == "cuda")
         for _ in range(warmup_steps):
             trainer.step()
-        for manager in managers.values():  # fill every buffer slot once, as a long run would have
-            for _ in range(manager.options.max_pending + 1 if manager.options.async_save else 1):
+        for config in configs:  # the first saves (buffer slots filled, writer processes started), uncounted
+            manager = managers.get(config.name)
+            if manager is None:
+                continue
+            manager.prepare(trainer.checkpoint_state())
+            for _ in range(manager.first_saves):
                 trainer.save(manager)
                 manager.wait()
         log(f"warm-up: {warmup_steps} steps and {len(managers)} managers' first saves in "
@@ -325,10 +530,58 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
             log(f"round {r + 1}: {state} ({clean} of {rounds} undisturbed rounds, "
                 f"{time.perf_counter() - started:.0f}s elapsed)")
             r += 1
+        if probes is not None:  # one pace probe per asynchronous method, on its least frequent configuration
+            probed: set[str] = set()
+            for config in sorted(configs, key=lambda c: -c.save_freq):
+                if config.async_save and config.method not in probed:
+                    probed.add(config.method)
+                    probes.append(pace_probe(trainer, managers[config.name]))
+                    log(f"pace probe {config.method}: {probes[-1]}")
     finally:
-        for manager in managers.values():
+        trainer.saver = None
+        for name, manager in managers.items():
+            if notes is not None:
+                notes += [f"{name}: {n}" for n in manager.notes if f"{name}: {n}" not in notes]
             manager.close()
     return segments
+
+
+def pace_probe(trainer: Trainer, saver: Saver, *, idle_seconds: float = 1.0, limit_s: float = 60.0,
+               gap_s: float = 0.002) -> dict[str, Any]:
+    """The main thread's Python pace while one save is written: a plain loop (no torch) runs from the moment
+    ``save()`` returns until the write is durable; its iteration rate is compared with the same loop's rate
+    just before, with nothing being written. Gaps are intervals between two iterations longer than ``gap_s``:
+    time the main thread did not get the interpreter (or a core)."""
+
+    def spin(until: Callable[[], bool]) -> tuple[int, float, float, float]:
+        iterations, gaps, longest = 0, 0.0, 0.0
+        started = last = time.perf_counter()
+        while True:
+            for _ in range(200):
+                now = time.perf_counter()
+                if now - last > gap_s:
+                    gaps += now - last
+                    longest = max(longest, now - last)
+                last = now
+                iterations += 1
+            if until() or now - started > limit_s:
+                return iterations, now - started, gaps, longest
+
+    trainer.saver = saver
+    state = trainer.checkpoint_state()
+    idle_until = time.perf_counter() + idle_seconds
+    idle = spin(lambda: time.perf_counter() >= idle_until)
+    blocked_before = saver.blocked_seconds
+    saver.save(state, name=f"pace_probe_{trainer.global_step}")
+    saver.before_optimizer_step()
+    blocked = saver.blocked_seconds - blocked_before
+    busy = spin(lambda: not saver.busy())
+    saver.wait()
+    trainer.saver = None
+    idle_rate, busy_rate = idle[0] / idle[1], busy[0] / busy[1] if busy[1] > 0 else 0.0
+    return {"method": saver.method, "blocked_s": blocked, "write_s": busy[1],
+            "pace_percent": 100 * busy_rate / idle_rate if idle_rate else 0.0,
+            "gaps_over_2ms_s": busy[2], "longest_gap_s": busy[3], "idle_gaps_over_2ms_s": idle[2]}
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------
@@ -364,7 +617,8 @@ def analyse(segments: list[Segment], configs: Sequence[Config], *,
         cost_per_save = [(r[config.name].seconds - r[baseline].seconds) / r[config.name].saves
                          for r in by_round.values() if config.name in r and baseline in r and r[config.name].saves]
         rows.append({
-            "config": config.name, "save_freq": config.save_freq, "async_save": config.async_save,
+            "config": config.name, "method": config.method, "save_freq": config.save_freq,
+            "async_save": config.async_save,
             "derived": False, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
             "overhead_percent": (seconds / steps / step_time - 1) * 100,
             "overhead_percent_rounds": {"min": min(per_round), "max": max(per_round),
@@ -377,11 +631,14 @@ def analyse(segments: list[Segment], configs: Sequence[Config], *,
             "step_seconds_median": statistics.median([x for s in mine for x in s.step_seconds]),
         })
     derived = []
-    for mode, is_async in (("sync", False), ("async", True)):
-        source = max((r for r in rows if r["save_freq"] and r["async_save"] == is_async),
-                     key=lambda r: r["save_freq"], default=None)
+    for mode in dict.fromkeys(c.method for c in configs if c.saves):
+        mine = [r for r in rows if r["save_freq"] and r["method"] == mode]
+        if any(r["save_freq"] == DERIVED_FREQ for r in mine):
+            continue  # measured directly
+        source = max(mine, key=lambda r: r["save_freq"], default=None)
         if source is None:
             continue
+        is_async = source["async_save"]
         period = DERIVED_FREQ * step_time
         measured = source["cost_per_save_s"]
         blocked = source["blocked_per_save_s"]
@@ -400,6 +657,16 @@ def analyse(segments: list[Segment], configs: Sequence[Config], *,
             "rounds_used": len(by_round), "rounds_disturbed": len(all_rounds) - len(clean),
             "rounds_abandoned": abandoned,
             "busy_threshold_cores": busy_threshold}
+
+
+def pace_table(probes: list[dict[str, Any]]) -> str:
+    lines = ["| method | blocked ms | write ms (until durable) | main-thread Python pace vs idle | "
+             "gaps > 2 ms during the write, ms | longest gap ms |", "|---|---|---|---|---|---|"]
+    for p in probes:
+        lines.append(f"| {p['method']} | {p['blocked_s'] * 1000:.1f} | {p['write_s'] * 1000:.0f} | "
+                     f"{p['pace_percent']:.0f}% | {p['gaps_over_2ms_s'] * 1000:.0f} | "
+                     f"{p['longest_gap_s'] * 1000:.1f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(analysis: dict[str, Any]) -> str:
@@ -429,11 +696,21 @@ def markdown_table(analysis: dict[str, Any]) -> str:
 
 
 def _notes(args: argparse.Namespace, analysis: dict[str, Any]) -> list[str]:
+    where = (f"on {args.device}" + (", AMP (fp16 autocast + GradScaler)" if args.device == "cuda" else ", fp32"))
     return [
-        f"CRAFT on the CPU, synthetic {args.image_size}×{args.image_size} images, batch {args.batch_size}, "
-        f"DataLoader workers 0, fp32, {torch.get_num_threads()} torch threads; format torch, no compression, "
+        f"CRAFT {where}, synthetic {args.image_size}×{args.image_size} images, batch {args.batch_size}, "
+        f"DataLoader workers {args.workers}, {torch.get_num_threads()} torch threads; format torch, no compression, "
         "fsync on, keep_count 2 (bounds the disk); "
         f"mean step time without checkpoints {analysis['step_seconds'] * 1000:.0f} ms.",
+        "Methods: sync / async / process = ckptio without a writer / with its thread writer / with its process "
+        "writer (prepare(state) called before the first save where ckptio has it); dcp = dcp.async_save with its "
+        "defaults; dcp-best = torchtitan's async_with_pinned_mem (process writer, pinned shared-memory stager, plan "
+        "caching, gloo group of one), the training thread waiting for staging_completion before the next "
+        "optimizer step (counted as blocked); torch.save = torch.save + fsync in the training thread.",
+        "Pace probe: after the rounds, one save per asynchronous method, then a plain Python loop on the main "
+        "thread until the write is durable; pace = its iteration rate against the same loop's rate just before "
+        "(100% = the writer takes nothing from the training thread's interpreter); gaps = time between "
+        "iterations longer than 2 ms.",
         f"{analysis['rounds_used']} rounds used of {analysis['rounds']} complete ones "
         f"({analysis['rounds_disturbed']} complete but disturbed, left out when an undisturbed one exists; "
         f"{analysis['rounds_abandoned']} more abandoned). A round is disturbed when other processes used more than "
@@ -461,47 +738,74 @@ def _notes(args: argparse.Namespace, analysis: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="64x64 images, 2 rounds, at most ~2 minutes")
+    parser.add_argument("--quick", action="store_true", help="64x64 images, 2 rounds, at most ~2 minutes (CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: CRAFT at 512 px, batch 8, AMP; saves every 25 and 100 steps (default cpu)")
     parser.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
-    parser.add_argument("--rounds", type=int, help="undisturbed rounds wanted (default 8; --quick 2)")
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: sync,async, "
+                        "process where ckptio has it, dcp, dcp-best; --quick: async, process, dcp-best)")
+    parser.add_argument("--save-freqs", help="comma-separated steps between saves (default 1,10; cuda 25,100)")
+    parser.add_argument("--rounds", type=int, help="undisturbed rounds wanted (default 8; --quick 2; cuda 3)")
     parser.add_argument("--budget", type=float,
                         help="seconds after which no new round starts (default 540; --quick 90)")
-    parser.add_argument("--segment", type=int, default=10, help="steps per configuration per round (default 10)")
-    parser.add_argument("--image-size", type=int, help="side of the square crops (default 128; --quick 64)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--segment", type=int, help="steps per configuration per round (default: the largest "
+                        "save frequency, at least 10)")
+    parser.add_argument("--image-size", type=int, help="side of the square crops (default 128; --quick 64; cuda 512)")
+    parser.add_argument("--batch-size", type=int, help="default 2; cuda 8")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default 0; cuda 4)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the main-thread pace probe")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other processes to quiet down")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's own choice, as the trainer uses)")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 8)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device is available (this torch: {torch.__version__})")
+    save_latency = _sibling("save_latency")
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    else:
+        methods = ["async", "dcp-best"] if args.quick else ["sync", "async", "dcp", "dcp-best"]
+        if save_latency.process_writer_available():
+            methods.insert(methods.index("async") + 1, "process")
+    freqs = [int(f) for f in (args.save_freqs or ("25,100" if cuda else "1,10")).split(",") if f]
+    args.segment = args.segment or max(10, *freqs)
+    if any(args.segment % f for f in freqs):
+        parser.error(f"--segment {args.segment} must be a multiple of every save frequency ({freqs})")
+    args.rounds = args.rounds or (2 if args.quick else 3 if cuda else 8)
     args.budget = args.budget or (90.0 if args.quick else 540.0)
-    args.image_size = args.image_size or (64 if args.quick else 128)
-    if args.segment % 10:
-        parser.error("--segment must be a multiple of 10 (the every-10-steps configurations need whole periods)")
+    args.image_size = args.image_size or (512 if cuda else 64 if args.quick else 128)
+    args.batch_size = args.batch_size or (8 if cuda else 2)
+    args.workers = args.workers if args.workers is not None else (4 if cuda else 0)
+    configs = build_configs(methods, freqs)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from save_latency import CpuWatch, machine_info, machine_line, wait_for_quiet
-
-    info = machine_info(out)
-    print(f"machine: {machine_line(info)}", flush=True)
+    info = save_latency.machine_info(out)
+    print(f"machine: {save_latency.machine_line(info)}", flush=True)
     started = time.perf_counter()
-    watch = CpuWatch()
-    trainer = Trainer(image_size=args.image_size, batch_size=args.batch_size, synthetic_size=1000)
+    watch = save_latency.CpuWatch()
+    trainer = Trainer(image_size=args.image_size, batch_size=args.batch_size, synthetic_size=1000,
+                      device=args.device, workers=args.workers)
     workdir = Path(tempfile.mkdtemp(prefix="train_overhead_", dir=out))
+    probes: list[dict[str, Any]] = []
+    saver_notes: list[str] = []
     try:
-        segments = run_rounds(trainer, DEFAULT_CONFIGS, rounds=args.rounds, segment=args.segment, workdir=workdir,
-                              budget_s=args.budget, wait=None if args.no_wait else wait_for_quiet,
+        segments = run_rounds(trainer, configs, rounds=args.rounds, segment=args.segment, workdir=workdir,
+                              budget_s=args.budget, wait=None if args.no_wait else save_latency.wait_for_quiet,
+                              probes=None if args.no_probe else probes, notes=saver_notes,
                               log=lambda s: print(s, flush=True))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     info["cpu_watch"] = watch.report()
     try:
-        analysis = analyse(segments, DEFAULT_CONFIGS)
+        analysis = analyse(segments, configs)
     except ValueError as exc:
         (out / "train_overhead.json").write_text(json.dumps({"machine": info, "error": str(exc),
                                                              "segments": [seg.__dict__ for seg in segments]}, indent=2))
@@ -509,13 +813,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     doc = {
         "machine": info,
-        "config": {"mode": "quick" if args.quick else "full", "rounds_wanted": args.rounds, "budget_s": args.budget,
-                   "segment": args.segment,
-                   "image_size": args.image_size, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "config": {"mode": "quick" if args.quick else "full", "device": args.device, "methods": methods,
+                   "save_freqs": freqs, "rounds_wanted": args.rounds, "budget_s": args.budget,
+                   "segment": args.segment, "image_size": args.image_size, "batch_size": args.batch_size,
+                   "workers": args.workers, "threads": torch.get_num_threads(),
                    "seconds": round(time.perf_counter() - started, 1)},
         "analysis": analysis,
+        "pace_probes": probes,
         "segments": [seg.__dict__ for seg in segments],
-        "notes": _notes(args, analysis),
+        "notes": _notes(args, analysis) + saver_notes,
     }
     (out / "train_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown_table(analysis)
@@ -523,16 +829,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if analysis["rounds_used"] == analysis["rounds_disturbed"]:
         warning = ["**Warning: every complete round was disturbed by other processes: these figures measure the "
                    "neighbours as much as the checkpoints. Rerun on a quiet machine.**", ""]
-    md = ["# Training overhead of checkpointing", "", f"Machine: {machine_line(info)}; load average at end "
-          f"{info['loadavg_end']}.", "", *warning, table, "", "Notes:", *[f"- {n}" for n in doc["notes"]], ""]
+    pace = ["", "Main thread's Python pace while one save is written:", "", pace_table(probes)] if probes else []
+    machine = save_latency.machine_line(info)
+    md = ["# Training overhead of checkpointing", "", f"Machine: {machine}; load average at end "
+          f"{info['loadavg_end']}.", "", *warning, table, *pace, "", "Notes:", *[f"- {n}" for n in doc["notes"]], ""]
     (out / "train_overhead.md").write_text("\n".join(md))
     print()
-    print("\n".join(warning) + table)
+    print("\n".join(warning) + table + "\n".join(pace))
     print(f"\nresults: {out / 'train_overhead.json'}, {out / 'train_overhead.md'}; "
           f"total {doc['config']['seconds']}s")
-    print(f"machine: {machine_line(info)}; load average at end {info['loadavg_end']}")
-    with contextlib.suppress(ValueError):
-        sys.path.remove(str(Path(__file__).resolve().parent))
+    print(f"machine: {machine}; load average at end {info['loadavg_end']}")
     return 0
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
+import psutil
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -30,10 +32,10 @@ def save_latency() -> ModuleType:
 def test_save_latency_reports_every_method_with_positive_numbers(save_latency: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc = save_latency.main(["--states", "1MB", "--reps", "1", "--zstd-on", "1MB", "--out", str(out), "--no-chart",
-                           "--no-extra-rounds"])
+                           "--no-extra-rounds", "--no-dcp-best"])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    expected = {m.name for m in save_latency.build_methods(with_zstd=True)}
+    expected = {m.name for m in save_latency.build_methods(with_zstd=True, dcp_best=False)}
     rows = {r["method"]: r for r in doc["results"] if r["state"] == "1MB"}
     assert set(rows) == expected
     assert {"ckptio async torch", "ckptio sync safetensors +zstd", "dcp.async_save", "torch.save + fsync",
@@ -43,12 +45,16 @@ def test_save_latency_reports_every_method_with_positive_numbers(save_latency: M
         assert row["stall_s"]["median"] > 0, name
         assert row["durable_s"]["median"] >= row["stall_s"]["median"] > 0, name
         assert row["stall_over_memcpy_floor"] > 0 and row["durable_over_write_floor"] > 0, name
+        assert len(row["first_saves"]) >= 2 and all(s["stall_s"] > 0 for s in row["first_saves"]), name
+        assert isinstance(row["held_bytes"], int), name
         if name != save_latency.FLOOR_MEMCPY:
             assert row["bytes_on_disk"] > 0.5e6, name
     assert doc["states"]["1MB"]["tensor_bytes"] > 0.9e6
     assert doc["machine"]["torch"] and doc["machine"]["logical_cores"] >= 1
     table = (out / "results.md").read_text()
     assert "| 1MB | ckptio async torch |" in table
+    if save_latency.process_writer_available():
+        assert "ckptio process torch" in rows
     assert not any(out.glob("save_latency_*")), "the benchmark's scratch directory was left behind"
 
 
@@ -60,10 +66,110 @@ def test_synthetic_state_mixes_big_and_small_tensors(save_latency: ModuleType) -
     assert sizes[-1] > 0.3e6
 
 
-def test_train_overhead_imports_without_running(tmp_path: Path) -> None:
+def _children_alive() -> list[psutil.Process]:
+    """Child processes still running a second or so after a benchmark returned (writer processes end then)."""
+    deadline = time.monotonic() + 10
+    while True:
+        alive = [c for c in psutil.Process().children(recursive=True) if c.is_running()
+                 and c.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_save_latency_measures_dcp_best_mode_and_stops_its_writer_process(
+        save_latency: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = save_latency.main(["--states", "1MB", "--reps", "1", "--zstd-on", "", "--out", str(out), "--no-chart",
+                            "--no-extra-rounds"])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    best = next(r for r in doc["results"] if r["method"] == save_latency.DCP_BEST)
+    assert 0 < best["returned_s"]["median"] <= best["stall_s"]["median"] <= best["durable_s"]["median"]
+    assert best["bytes_on_disk"] > 0.5e6
+    assert any("StagingOptions" in n for n in doc["notes"])  # the CPU degradation is said
+    assert not _children_alive(), "a writer process outlived the benchmark"
+
+
+def test_train_overhead_builds_every_method_at_every_frequency() -> None:
     module = _load("train_overhead")
     assert callable(module.main)
     assert [c.save_freq for c in module.DEFAULT_CONFIGS] == [0, 1, 1, 10, 10]
+    configs = module.build_configs(["async", "dcp-best", "torch.save"], [25, 100])
+    assert [(c.method, c.save_freq, c.async_save) for c in configs] == [
+        ("none", 0, False), ("async", 25, True), ("dcp-best", 25, True), ("torch.save", 25, False),
+        ("async", 100, True), ("dcp-best", 100, True), ("torch.save", 100, False)]
+    with pytest.raises(ValueError, match="unknown method"):
+        module.make_saver("nope", Path("unused"), fmt="torch", compression=None, keep_count=2, cuda=False)
+
+
+class _FakeSaver:
+    """Busy for a fixed time after each save, like an asynchronous writer; blocks for none of it."""
+
+    method = "fake"
+    blocked_seconds = 0.0
+
+    def __init__(self, write_s: float) -> None:
+        self.write_s, self.until = write_s, 0.0
+
+    def save(self, state: object, name: str) -> None:
+        self.until = time.perf_counter() + self.write_s
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def busy(self) -> bool:
+        return time.perf_counter() < self.until
+
+    def wait(self) -> None:
+        pass
+
+
+class _FakeTrainer:
+    global_step = 7
+    saver = None
+
+    def checkpoint_state(self) -> dict[str, int]:
+        return {"step": 7}
+
+
+def test_pace_probe_times_the_write_and_compares_the_loop_with_its_idle_rate() -> None:
+    module = _load("train_overhead")
+    probe = module.pace_probe(_FakeTrainer(), _FakeSaver(0.2), idle_seconds=0.2)
+    assert probe["method"] == "fake"
+    assert 0.2 <= probe["write_s"] < 5
+    assert probe["pace_percent"] > 0 and probe["longest_gap_s"] >= 0
+    assert probe["blocked_s"] == 0.0
+
+
+@pytest.mark.slow
+def test_train_overhead_quick_run_reports_each_method_and_its_pace(tmp_path: Path) -> None:
+    module = _load("train_overhead")
+    out = tmp_path / "out"
+    rc = module.main(["--methods", "sync,async,dcp-best", "--save-freqs", "1,2", "--segment", "2", "--rounds", "1",
+                      "--image-size", "32", "--no-wait", "--budget", "120", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "train_overhead.json").read_text())
+    rows = {r["config"]: r for r in doc["analysis"]["rows"]}
+    assert {"no checkpoints", "sync, every step", "async, every 2 steps", "dcp-best, every 2 steps"} <= set(rows)
+    assert rows["async, every step"]["saves"] == 2 and rows["sync, every 2 steps"]["saves"] == 1
+    assert {p["method"] for p in doc["pace_probes"]} == {"async", "dcp-best"}
+    assert "pace" in (out / "train_overhead.md").read_text()
+    assert not _children_alive(), "a writer process outlived the benchmark"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_mode_runs_on_the_cpu_and_writes_a_report(tmp_path: Path) -> None:
+    module = _load("gpu_check")
+    out = tmp_path / "out"
+    assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    report = (out / "gpu_check.md").read_text()
+    assert "Ordering" in report and "0/" not in report.split("Ordering", 1)[1].split("\n", 1)[0]
+    assert "| 1MB | dcp best" in report and "| 1MB | ckptio async torch |" in report
+    assert "Training overhead" in report and "pace" in report
+    assert not any(out.glob("gpu_check_*")), "scratch files were left behind"
+    assert not _children_alive(), "a writer process outlived the check"
 
 
 def test_train_overhead_analysis_derives_every_100_steps_from_measured_costs() -> None:

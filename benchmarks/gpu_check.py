@@ -1,0 +1,208 @@
+"""One call on a GPU machine: CUDA ordering, save latency for CRAFT and a 2 GB state, training overhead.
+
+Meant for the few minutes of a lent GPU (about 5 minutes on an H100/H200), so it runs everything once, in order
+of importance, and prints one markdown report that names the GPU and can go into the README as is:
+
+1. **Ordering** (both formats, thread and process writers, several trials): a chain of kernels that changes a
+   tensor, queued before ``save()`` and still running when it is called, is in the file; changes queued right
+   after ``save()`` returns are not.
+2. **Save latency** (``save_latency.py``'s methods on CUDA states: the pinned device-to-host and write+fsync
+   floors, torch.save + fsync, DCP default and best mode, ckptio thread and process writers): CRAFT + Adam and a
+   2 GB state, first / second / steady-state stall, durable time, host memory.
+3. **Training overhead** (``train_overhead.py`` on CUDA: CRAFT 512 px, batch 8, AMP; a save every 25 and every
+   100 steps; the main thread's Python pace while a write runs).
+
+``--quick --device cpu`` runs the same code on the CPU with tiny sizes (a smoke test: the tests run it). Without
+zstandard (the GPU image lacks it) the zstd cases are skipped with a note. Exit code 1 if the ordering check
+fails, 0 otherwise.
+
+Run ``python benchmarks/gpu_check.py [--out DIR]`` (``--skip-train`` / ``--skip-latency`` to shorten it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["check_ordering", "main"]
+
+
+def _sibling(name: str) -> Any:
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
+def _delay(device: torch.device) -> None:
+    """Keep the stream busy for a while (tens of ms on a GPU), so that what is queued next is still pending
+    when ``save()`` runs: the check must catch a snapshot that does not wait for it."""
+    if device.type == "cuda" and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(50_000_000)
+
+
+def check_ordering(device: str, workdir: Path, *, trials: int = 3, numel: int = 1 << 24,
+                   chain: int = 50, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """For each format and writer: ``trials`` saves of a tensor that a chain of ``chain`` in-place additions
+    changes right before ``save()`` (queued, maybe still running) and again right after it returns. The file
+    must hold exactly the value before the second chain; the tensor in memory the value after it."""
+    import ckptio
+
+    results = []
+    dev = torch.device(device)
+    writers = ["thread", "process"] if _sibling("save_latency").process_writer_available() else [None]
+    for fmt in ("safetensors", "torch"):
+        for writer in writers:
+            extra = {"writer": writer} if writer else {}
+            directory = workdir / f"order_{fmt}_{writer or 'default'}"
+            label = f"{fmt}, {writer or 'default'} writer"
+            passed = 0
+            details = []
+            with ckptio.CheckpointManager(directory, format=fmt, async_save=True, **extra) as manager:
+                x = torch.zeros(numel, device=dev)
+                bias = torch.zeros(3, device=dev)
+                for trial in range(trials):
+                    x.zero_()
+                    bias.zero_()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    _delay(dev)
+                    for _ in range(chain):  # queued before save(): must be in the file
+                        x.add_(1.0)
+                    bias.add_(trial + 1.0)
+                    future = manager.save({"model": {"x": x, "bias": bias}, "step": trial}, name=f"order_{trial}")
+                    for _ in range(chain):  # queued right after save() returned: must not be
+                        x.add_(1.0)
+                    bias.mul_(-1.0)
+                    saved = future.result()
+                    state = ckptio.load(saved.path)
+                    file_x, file_bias = state["model"]["x"], state["model"]["bias"]
+                    ok = (bool(torch.all(file_x == chain)) and bool(torch.all(file_bias == trial + 1.0))
+                          and bool(torch.all(x == 2 * chain)) and bool(torch.all(bias == -(trial + 1.0))))
+                    passed += ok
+                    if not ok:
+                        details.append(f"trial {trial}: file x in [{file_x.min().item()}, {file_x.max().item()}] "
+                                       f"(expected {chain}), bias {file_bias.tolist()} (expected {trial + 1.0})")
+            results.append({"case": label, "passed": passed, "trials": trials, "details": details})
+            log(f"ordering {label}: {passed}/{trials}" + (f" FAILED: {details}" if details else ""))
+    return results
+
+
+def _latency(device: str, states: Sequence[str], reps: int, workdir: Path, log: Callable[[str], None]
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    save_latency = _sibling("save_latency")
+    rows: list[dict[str, Any]] = []
+    infos: dict[str, Any] = {}
+    for spec in states:
+        bench = save_latency.make_state(spec, device)
+        log(f"state {bench.name}: {bench.tensor_bytes / 1e6:.0f} MB on {device}, {bench.description}")
+        # No safetensors.save_file or ckptio sync rows: the lent minutes go to what the goals compare.
+        methods = [m for m in save_latency.build_methods(with_zstd=False, device=device)
+                   if m.name != "safetensors.save_file + fsync" and not m.name.startswith("ckptio sync")]
+        state_rows, info = save_latency.measure_state(bench, methods, reps, workdir, log)
+        rows += state_rows
+        infos[bench.name] = {"tensor_bytes": bench.tensor_bytes, "tensors": len(bench.flat),
+                             "description": bench.description, "reps": reps, **info}
+        del bench
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, infos
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (a smoke test of the script; with --device cpu it runs anywhere)")
+    parser.add_argument("--out", default="bench_out/gpu_check", help="output directory")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run it on the GPU machine, or use --quick --device cpu for a "
+              "smoke test", file=sys.stderr)
+        return 2
+    save_latency = _sibling("save_latency")
+    train_overhead = _sibling("train_overhead")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = save_latency.machine_info(out)
+    gpu = info.get("gpu") or "no GPU (CPU run)"
+    started = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
+
+    report = [f"### {'GPU' if args.device == 'cuda' else 'CPU smoke'} check: {gpu}", "",
+              f"Machine: {save_latency.machine_line(info)}.", ""]
+    notes: list[str] = []
+    if not save_latency.zstd_available():
+        notes.append("zstandard is not installed here: zstd cases skipped")
+    if not save_latency.process_writer_available():
+        notes.append("this ckptio has no process writer: only the thread writer was measured")
+    workdir = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=out))
+    ordering_ok = True
+    try:
+        ordering = check_ordering(args.device, workdir, trials=2 if args.quick else 3,
+                                  numel=1 << (12 if args.quick else 24), chain=5 if args.quick else 50, log=log)
+        ordering_ok = all(r["passed"] == r["trials"] for r in ordering)
+        report += ["Ordering (kernels queued before save() are in the file, after are not): "
+                   + "; ".join(f"{r['case']} {r['passed']}/{r['trials']}" for r in ordering), ""]
+
+        if not args.skip_latency:
+            states = ["1MB"] if args.quick else ["craft", "2GB"]
+            rows, infos = _latency(args.device, states, 1 if args.quick else 3, workdir, log)
+            report += ["Save latency:", "", save_latency.markdown_table(rows), "",
+                       *save_latency.goals(rows, infos), ""]
+            for row in rows:
+                notes += [f"{row['method']}: {n}" for n in row["notes"] if f"{row['method']}: {n}" not in notes]
+
+        if not args.skip_train:
+            cuda = args.device == "cuda"
+            freqs = (25, 100) if cuda and not args.quick else (1, 2)
+            methods = ["async", "dcp-best"]
+            if save_latency.process_writer_available():
+                methods.insert(1, "process")
+            configs = train_overhead.build_configs(methods, freqs)
+            trainer = train_overhead.Trainer(image_size=512 if cuda and not args.quick else 32,
+                                             batch_size=8 if cuda and not args.quick else 2, synthetic_size=200,
+                                             device=args.device, workers=4 if cuda else 0)
+            probes: list[dict[str, Any]] = []
+            segments = train_overhead.run_rounds(
+                trainer, configs, rounds=1 if args.quick else 2, segment=max(freqs), workdir=workdir / "train",
+                budget_s=60 if args.quick else 150, probes=probes, notes=notes, log=log)
+            analysis = train_overhead.analyse(segments, configs)
+            report += [f"Training overhead (CRAFT {trainer.config.image_size} px, batch {trainer.config.batch_size}"
+                       f"{', AMP' if trainer.use_amp else ''}; {analysis['step_seconds'] * 1000:.1f} ms/step "
+                       "without checkpoints):", "", train_overhead.markdown_table(analysis), "",
+                       "Main thread's Python pace while one save is written:", "",
+                       train_overhead.pace_table(probes), ""]
+    finally:
+        save_latency.stop_dcp_writer_process()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report += [f"Total {time.perf_counter() - started:.0f} s.", "", "Notes:", *[f"- {n}" for n in notes], ""]
+    text = "\n".join(report)
+    (out / "gpu_check.md").write_text(text)
+    print()
+    print(text)
+    print(f"report: {out / 'gpu_check.md'}")
+    with contextlib.suppress(ValueError):
+        sys.path.remove(str(Path(__file__).resolve().parent))
+    if not ordering_ok:
+        print("gpu_check: the ordering check FAILED (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
