@@ -174,3 +174,17 @@ def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_
     result = train(_config(**common, max_steps=1, resume="auto", reuse_save_dir=True), say=messages.append)
     assert sum("holds the model weights only (--keep-full)" in m for m in messages) == 2, messages
     assert result.start_step == 0 and result.global_step == 1
+
+
+@pytest.mark.slow
+def test_a_weakly_supervised_run_resumes_bit_identically(tmp_path: Path) -> None:
+    """Weak supervision labels each batch with the weights being trained: a resumed run relabels from the restored
+    weights, so it must still match the uninterrupted run bit for bit (word-level synthetic data, 2 workers)."""
+    weak = dict(synthetic_labels="word", workers=2, val_fraction=0.0)  # 5 steps an epoch
+    straight = train(_config(**weak, save_dir=str(tmp_path / "straight"), save_freq=0, max_steps=6), say=_quiet)
+    first = train(_config(**weak, save_dir=str(tmp_path / "run"), save_freq=3, max_steps=3), say=_quiet)
+    assert first.global_step == 3
+    resumed = train(_config(**weak, save_dir=str(tmp_path / "run"), save_freq=100, max_steps=6, resume="auto"),
+                    say=_quiet)
+    assert resumed.global_step == 6
+    _assert_same_training_state(straight, resumed)
