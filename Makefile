@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: install
 	$(PY) benchmarks/save_latency.py
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/learning_curve.py
+
+# On a GPU machine: CUDA ordering, save latency (CRAFT, 2 GB) and training overhead in one call (~5 min).
+# No install step: a GPU image brings its own torch (the venv is used when there is one).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) checkpoints_improved $(DEMO_DIR) bench_out

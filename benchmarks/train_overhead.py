@@ -220,9 +220,10 @@ class TorchSaveSaver(Saver):
 
 
 class DcpSaver(Saver):
-    """``dcp.async_save`` with its defaults, or (``best``) in its best mode; the training thread waits for the
-    best mode's staging before the next optimizer step, as torchtitan does. Old checkpoint directories beyond
-    ``keep_count`` are deleted once written."""
+    """``dcp.async_save`` with its defaults, or (``best``) in its best mode. As in torchtitan, the training
+    thread waits for the best mode's staging before the next optimizer step, and a save waits for the previous
+    one to be written (both count as blocked). Old checkpoint directories beyond ``keep_count`` are deleted once
+    written."""
 
     def __init__(self, method: str, directory: Path, *, keep_count: int, cuda: bool) -> None:
         super().__init__(method, directory)
@@ -237,9 +238,13 @@ class DcpSaver(Saver):
     def save(self, state: dict[str, Any], name: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        self.before_optimizer_step()  # a save while the previous staging runs waits for it too
         path = self.directory / f"{name}_{len(self.uploads)}"
+        self.before_optimizer_step()  # counts its own blocked time
         started = time.perf_counter()
+        # As torchtitan does: the previous save must be written before the next starts (the best mode's cached
+        # staging buffers would otherwise be overwritten while its writer process reads them).
+        for _, previous in self.uploads:
+            previous.result()
         if self.setup is not None:
             self.staging, upload = self.setup.save(state, path)
         else:
