@@ -165,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += ["Save latency:", "", save_latency.markdown_table(rows), "",
                        *save_latency.goals(rows, infos), ""]
             for row in rows:
-                notes += [f"{row['method']}: {n}" for n in row["notes"] if f"{row['method']}: {n}" not in notes]
+                for note in row["notes"]:
+                    note = note if note.startswith(row["method"]) else f"{row['method']}: {note}"
+                    if note not in notes:
+                        notes.append(note)
 
         if not args.skip_train:
             cuda = args.device == "cuda"
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += [f"Training overhead (CRAFT {trainer.config.image_size} px, batch {trainer.config.batch_size}"
                        f"{', AMP' if trainer.use_amp else ''}; {analysis['step_seconds'] * 1000:.1f} ms/step "
                        "without checkpoints):", "", train_overhead.markdown_table(analysis), "",
+                       *train_overhead.goals(analysis, cuda=trainer.device.type == "cuda"), "",
                        "Main thread's Python pace while one save is written:", "",
                        train_overhead.pace_table(probes), ""]
     finally:

@@ -196,3 +196,5 @@ def test_train_overhead_analysis_derives_every_100_steps_from_measured_costs() -
     assert derived["async, every 100 steps"]["overhead_percent_blocked_plus_writer_cpu"] == pytest.approx(0.21)
     assert derived["sync, every 100 steps"]["overhead_percent"] == pytest.approx(0.5)
     assert "**derived**" in module.markdown_table(analysis)
+    assert module.goals(analysis, cuda=False) == [
+        "- async, every 100 steps (derived): overhead ≤ 1.0%: PASS (+0.05%)"]
