@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,17 @@ def test_readme_python_example_runs(block: str, tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_the_readme_says_to_activate_the_environment_right_after_the_two_commands() -> None:
+    section = README.read_text().split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    assert ". .venv/bin/activate" in section
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_trains_into_its_own_directory_and_prints_the_next_commands() -> None:
+    recipe = subprocess.run(["make", "-n", "demo"], cwd=README.parent, capture_output=True, text=True, check=True)
+    training = [line for line in recipe.stdout.splitlines() if "-m craft_train --demo" in line]
+    assert training and all("--save-dir checkpoints_demo" in line for line in training), recipe.stdout
+    assert "checkpoints_improved" not in "".join(training)
+    assert ". .venv/bin/activate" in recipe.stdout and "--resume auto" in recipe.stdout
