@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import ckptio
 from ckptio import cli as ckptio_cli
+from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
 from craft_train.config import TrainConfig
 from craft_train.train import TrainResult, train
@@ -47,6 +49,26 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return train(_config(save_dir=str(directory), save_freq=0, max_steps=10), say=_quiet)
 
 
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run that saves after each of its 6 steps (in the background) and after epoch 1's validation
+    (best_model): the checkpoints that the tests below resume from, inspect or copy. Nothing writes here later."""
+    directory = tmp_path_factory.mktemp("six_steps")
+    train(_config(save_dir=str(directory), save_freq=1, max_steps=6, async_save=True), say=_quiet)
+    return directory
+
+
+def _at_step(directory: Path, step: int) -> Path:
+    """The checkpoint of global step ``step`` (4 batches an epoch)."""
+    return directory / f"checkpoint_epoch_{(step - 1) // 4 + 1}_batch_{(step - 1) % 4 + 1}.pth"
+
+
+def _copy(sources: list[Path], directory: Path) -> list[Path]:
+    for source in sources:
+        shutil.copy2(source, directory / source.name)
+    return [directory / source.name for source in sources]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fmt", "compression", "async_save", "stop_at"),
@@ -58,59 +80,63 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     ],
 )
 def test_resuming_from_a_batch_checkpoint_is_bit_identical_to_an_uninterrupted_run(
-    tmp_path: Path, uninterrupted: TrainResult, fmt: str, compression: str | None, async_save: bool, stop_at: int
+    tmp_path: Path, six_steps: Path, uninterrupted: TrainResult, fmt: str, compression: str | None,
+    async_save: bool, stop_at: int
 ) -> None:
+    # The shared run's checkpoint of step `stop_at`, written again in this case's format and writer mode.
+    source = _at_step(six_steps, stop_at)
+    with ckptio.CheckpointManager(tmp_path, format=fmt, compression=compression, async_save=async_save) as mgr:
+        mgr.save(ckptio.load(source), name=source.stem)
     common = dict(save_dir=str(tmp_path), format=fmt, compression=compression, async_save=async_save)
-    first = train(_config(**common, save_freq=stop_at, max_steps=stop_at), say=_quiet)
-    assert first.global_step == stop_at
     messages: list[str] = []
-    resumed = train(_config(**common, save_freq=100, max_steps=10, resume="auto"), say=messages.append)
+    resumed = train(_config(**common, save_freq=6, max_steps=10, resume="auto"), say=messages.append)
     assert any(m.startswith("resumed from") and f"global step {stop_at}" in m for m in messages), messages
     assert resumed.global_step == 10
     assert any(m.startswith(f"done: {10 - stop_at} steps in ") and "(global step 10, resumed at" in m
                for m in messages), messages
     _assert_same_training_state(uninterrupted, resumed)
+    # --save-freq 6 counts steps across the 4-batch epochs: step 6 is epoch 2 batch 2, and the final checkpoint
+    # (step 10, epoch 3 batch 2), written in this case's format, holds the uninterrupted run's weights
+    written = sorted(p.name.split(".")[0] for p in resumed.saved_paths if p.name.startswith("checkpoint_"))
+    assert written == ["checkpoint_epoch_2_batch_2", "checkpoint_epoch_3_batch_2"][(stop_at >= 6):], written
+    final = ckptio.load(tmp_path / file_name("checkpoint_epoch_3_batch_2", fmt, compression))
+    assert final["global_step"] == 10
+    assert uninterrupted.model is not None
+    for key, tensor in uninterrupted.model.state_dict().items():
+        assert torch.equal(final["model_state_dict"][key], tensor), key
 
 
 @pytest.mark.slow
-def test_save_freq_counts_steps_across_epochs_and_best_model_resumes_without_validating_again(
-        tmp_path: Path, uninterrupted: TrainResult) -> None:
-    # 4 batches an epoch, a save every 6 steps: the epochs are shorter than save_freq, and saves still happen
-    first = train(_config(save_dir=str(tmp_path / "run"), save_freq=6, max_steps=9), say=_quiet)
-    names = sorted(p.name for p in (tmp_path / "run").glob("*.pth"))
-    # step 6 = epoch 2 batch 2; the run ends at step 9 = epoch 3 batch 1 (a final checkpoint)
-    assert names == ["best_model.pth", "checkpoint_epoch_2_batch_2.pth", "checkpoint_epoch_3_batch_1.pth"]
-    assert first.saves == 2 + sum(1 for p in first.saved_paths if p.name == "best_model.pth")
-    assert ckptio.load(tmp_path / "run" / "checkpoint_epoch_2_batch_2.pth")["global_step"] == 6
-
+def test_resuming_from_best_model_does_not_validate_again_and_is_bit_identical(
+        tmp_path: Path, six_steps: Path, uninterrupted: TrainResult) -> None:
+    best = ckptio.load(six_steps / "best_model.pth")
+    assert best["epoch_validated"] and (best["epoch"], best["batch"], best["global_step"]) == (1, 4, 4)
     messages: list[str] = []
-    resumed = train(_config(save_dir=str(tmp_path / "run"), save_freq=6, max_steps=10,
-                            resume=str(tmp_path / "run" / "checkpoint_epoch_2_batch_2.pth")), say=messages.append)
+    resumed = train(_config(save_dir=str(tmp_path), save_freq=0, max_steps=10,
+                            resume=str(six_steps / "best_model.pth")), say=messages.append)
+    # the checkpoint holds epoch 1's validation: the resumed run goes straight on to epoch 2
+    assert not any(m.startswith("Epoch 1 - ") for m in messages), messages
+    assert any(m.startswith("Epoch 2 - 训练") for m in messages), messages
+    assert any(m.startswith("Epoch 2 - 验证") for m in messages), messages
+    assert any(m.startswith("done: 6 steps in ") for m in messages), messages
     assert resumed.global_step == 10
     _assert_same_training_state(uninterrupted, resumed)
 
-    best = ckptio.load(tmp_path / "run" / "best_model.pth")
-    assert best["epoch_validated"] and best["batch"] == best["total_batches"]
-    messages = []
-    from_best = train(_config(save_dir=str(tmp_path / "best"), save_freq=0, max_steps=10,
-                              resume=str(tmp_path / "run" / "best_model.pth")), say=messages.append)
-    # the checkpoint holds its epoch's validation: the resumed run goes straight on to the next epoch
-    assert not any(m.startswith(f"Epoch {best['epoch']} - 验证") for m in messages), messages
-    assert any(m.startswith(f"Epoch {best['epoch'] + 1} - 训练") for m in messages), messages
-    assert from_best.global_step == 10
-    assert any(m.startswith(f"done: {10 - best['global_step']} steps") for m in messages), messages
-    _assert_same_training_state(uninterrupted, from_best)
+
+def test_a_run_saving_every_step_names_its_checkpoints_by_epoch_and_batch(six_steps: Path) -> None:
+    assert sorted(e.name for e in scan(six_steps)) == [
+        "best_model", "checkpoint_epoch_1_batch_1", "checkpoint_epoch_1_batch_2", "checkpoint_epoch_1_batch_3",
+        "checkpoint_epoch_1_batch_4", "checkpoint_epoch_2_batch_1", "checkpoint_epoch_2_batch_2"]
+    assert ckptio.verify(six_steps).ok
 
 
-def test_resume_auto_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path: Path) -> None:
-    common = dict(save_dir=str(tmp_path), workers=0, val_fraction=0.0)
-    train(_config(**common, save_freq=1, max_steps=2), say=_quiet)
-    newest = tmp_path / "checkpoint_epoch_1_batch_2.pth"
+def test_resume_auto_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path: Path, six_steps: Path) -> None:
+    _, newest = _copy([_at_step(six_steps, 1), _at_step(six_steps, 2)], tmp_path)
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     messages: list[str] = []
-    resumed = train(_config(**common, save_freq=0, max_steps=3, resume="auto"),
+    resumed = train(_config(save_dir=str(tmp_path), workers=0, save_freq=0, max_steps=3, resume="auto"),
                     say=messages.append)
     assert any("skipping checkpoint_epoch_1_batch_2.pth: corrupt" in m for m in messages), messages
     assert any("resumed from" in m and "checkpoint_epoch_1_batch_1.pth" in m for m in messages), messages
@@ -125,11 +151,10 @@ def test_resume_auto_in_an_empty_directory_starts_fresh_and_says_so(tmp_path: Pa
     assert any("starting a fresh run" in m for m in messages), messages
 
 
-def test_resume_with_another_image_size_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    train(_config(workers=0, save_dir=str(tmp_path), save_freq=1, max_steps=1), say=_quiet)
-    checkpoint = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+def test_resume_with_another_image_size_is_refused_with_a_clear_message(tmp_path: Path, six_steps: Path) -> None:
     with pytest.raises(ValueError, match="image_size: checkpoint has 64, this run has 96"):
-        train(_config(workers=0, image_size=96, save_dir=str(tmp_path), resume=str(checkpoint)), say=_quiet)
+        train(_config(workers=0, image_size=96, save_dir=str(tmp_path), resume=str(_at_step(six_steps, 1))),
+              say=_quiet)
 
 
 def test_resume_from_a_file_without_training_state_suggests_pretrained(tmp_path: Path) -> None:
@@ -139,40 +164,38 @@ def test_resume_from_a_file_without_training_state_suggests_pretrained(tmp_path:
         train(_config(workers=0, save_dir=str(tmp_path / "run"), resume=str(weights)), say=_quiet)
 
 
-def test_checkpoint_holds_everything_a_resume_needs(tmp_path: Path) -> None:
-    train(_config(workers=0, save_dir=str(tmp_path), save_freq=3, max_steps=3), say=_quiet)
-    state = ckptio.load(tmp_path / "checkpoint_epoch_1_batch_3.pth")
+def test_checkpoint_holds_everything_a_resume_needs(six_steps: Path) -> None:
+    state = ckptio.load(_at_step(six_steps, 3))
     for key in ("epoch", "batch", "total_batches", "global_step", "model_state_dict", "optimizer_state_dict",
                 "scheduler_state_dict", "scaler_state_dict", "train_loss", "cls_loss", "geo_loss", "rng_state",
-                "data_order", "best_val_loss", "config", "loss_sums"):
+                "data_order", "best_val_loss", "config", "loss_sums", "epoch_validated"):
         assert key in state, key
     assert (state["epoch"], state["batch"], state["total_batches"], state["global_step"]) == (1, 3, 4, 3)
     assert set(state["rng_state"]) >= {"python", "numpy", "torch"}
     assert state["data_order"]["position"] == 6
     assert len(set(state["data_order"]["permutation"].tolist())) == 8
     assert state["train_loss"] == pytest.approx(state["cls_loss"] + state["geo_loss"])
+    assert state["epoch_validated"] is False  # saved mid-epoch: a resume validates at the epoch's end
 
 
-def test_ckptio_info_shows_the_resume_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    train(_config(workers=0, save_dir=str(tmp_path), save_freq=2, max_steps=2), say=_quiet)
-    capsys.readouterr()
-    assert ckptio_cli.main(["info", str(tmp_path / "checkpoint_epoch_1_batch_2.pth"), "--json"]) == 0
+def test_ckptio_info_shows_the_resume_point(six_steps: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ckptio_cli.main(["info", str(_at_step(six_steps, 2)), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["resume_point"] == {"epoch": 1, "batch": 2, "global_step": 2}
 
 
-def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_path: Path) -> None:
-    common = dict(save_dir=str(tmp_path), workers=0, val_fraction=0.0)
-    train(_config(**common, save_freq=1, max_steps=2), say=_quiet)
-    older, newest = tmp_path / "checkpoint_epoch_1_batch_1.pth", tmp_path / "checkpoint_epoch_1_batch_2.pth"
+def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_path: Path, six_steps: Path) -> None:
+    older, newest = _copy([_at_step(six_steps, 1), _at_step(six_steps, 2)], tmp_path)
     slim_checkpoint(older)
+    common = dict(save_dir=str(tmp_path), workers=0)
     with pytest.raises(ValueError, match="model weights only.*--pretrained"):
         train(_config(**common, resume=str(older)), say=_quiet)
     slim_checkpoint(newest)
     messages: list[str] = []
-    with pytest.raises(ValueError, match="already holds 2 checkpoint"):  # nothing to resume: not a silent restart
-        train(_config(**common, max_steps=3, resume=None), say=messages.append)
-    result = train(_config(**common, max_steps=1, resume="auto", reuse_save_dir=True), say=messages.append)
+    with pytest.raises(ValueError, match="already holds 2 checkpoint"):  # a fresh run would mix with them
+        train(_config(**common, max_steps=3), say=messages.append)
+    result = train(_config(**common, max_steps=1, resume="auto"), say=messages.append)
     assert sum("holds the model weights only (--keep-full)" in m for m in messages) == 2, messages
+    assert any("no usable checkpoint" in m for m in messages), messages
     assert result.start_step == 0 and result.global_step == 1
 
 
