@@ -346,6 +346,7 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
             return formats.read_safetensors(data, path, map_location)
         return formats.read_torch(raw, path, map_location)
     if container == "safetensors":
+        formats.check_safetensors_layout(path, size, read_at)  # before the file is read whole
         return formats.read_safetensors(_read_all(fd, size), path, map_location)
     # torch.load reads record by record from the file: no copy of the whole file is ever held.
     stream = open(fd, "rb", closefd=False)

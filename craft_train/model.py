@@ -7,13 +7,17 @@ is built here instead of through torchvision, keeping torchvision's ``features``
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ckptio.formats import check_torch_zip
 
 __all__ = [
     "CRAFT",
@@ -194,7 +198,10 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist or is not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # O_NONBLOCK: a FIFO swapped in after the check above must not block the open.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as stream:
+            _check_zip_layout(path, stream)
+            obj = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable weights file"
         raise ValueError(f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, Mapping):
@@ -206,6 +213,17 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"(non-tensor entries: {_list(map(str, bad))}); save model.state_dict() instead"
         )
     return dict(obj)
+
+
+def _check_zip_layout(path: Path, stream: BinaryIO) -> None:
+    """Refuse, before ``torch.load`` trusts a size in it, a zip no ``torch.save`` writes (a DEFLATE-compressed
+    record: a 1 MB file expanding to gigabytes), a special file, or a zip directory larger than the file; the
+    checks :func:`ckptio.load` makes. Legacy (pre-zip) files, such as the official release, pass unchecked."""
+    info = os.fstat(stream.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("it is not a regular file")
+    if os.pread(stream.fileno(), 4, 0) == b"PK\x03\x04":
+        check_torch_zip(path, info.st_size, lambda offset, length: os.pread(stream.fileno(), length, offset))
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import ckptio
-from ckptio.layout import read_index, scan
+from ckptio.layout import CheckpointEntry, integrity_state, read_index, scan
 from ckptio.slim import is_slim
 
 __all__ = [
@@ -66,18 +66,25 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
-def _progress_key(path: Path, index: dict[str, dict[str, Any]]) -> tuple[int, int]:
-    """(global_step, mtime) from the directory index, or from the file's own trailer."""
-    record = index.get(path.name) or {}
-    summary = (record.get("meta") or {}).get("summary")
+def _progress_key(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(global_step, mtime) from the directory index, or from the file's own trailer.
+
+    The index is a cache: its record counts only for the exact file it was made for (same size and mtime), so
+    a stale or planted record cannot make an older checkpoint look newest. Whatever the file's metadata holds
+    (a ``summary`` that is not a dict included) ranks it, never raises.
+    """
+    path = entry.path
+    summary = None
+    if integrity_state(entry, index) != "unverified":
+        summary = index[path.name].get("meta", {}).get("summary")
     if summary is None:
         try:
             seal, _ = ckptio.read_meta(path)
             summary = seal.meta.get("summary", {}) if seal else {}
         except (ValueError, OSError):
             summary = {}
-    step = summary.get("global_step")
-    return (step if isinstance(step, int) else -1, path.stat().st_mtime_ns)
+    step = summary.get("global_step") if isinstance(summary, dict) else None
+    return (step if type(step) is int else -1, entry.mtime_ns)
 
 
 def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
@@ -91,7 +98,7 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
         return None
     index = read_index(directory)
     entries = scan(directory, ())
-    ranked = sorted(entries, key=lambda e: _progress_key(e.path, index), reverse=True)
+    ranked = sorted(entries, key=lambda e: _progress_key(e, index), reverse=True)
     for entry in ranked:
         check = ckptio.fileio.verify_file(entry.path)
         if check.status == "verified" and is_slim(check.meta):

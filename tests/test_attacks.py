@@ -1,0 +1,158 @@
+"""Attacks on the promises of issue 13 that found a path the first fixes missed: one regression test each.
+
+Each builds the hostile file for real (a sparse file, a crafted zip directory, a planted index record, a DEFLATE
+record) and checks that the reader refuses it from its header alone, or is not misled by it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptio
+from ckptio import CorruptCheckpointError, fileio
+from ckptio.fileio import verify_file, write_checkpoint
+from ckptio.formats import MAX_ZIP_DIRECTORY
+from ckptio.integrity import compute_digest, file_reader, read_seal
+from ckptio.layout import INDEX_NAME
+from ckptio.snapshot import BufferSlot
+from craft_train.model import load_pretrained
+from craft_train.resume import find_resume_checkpoint
+
+
+def _reseal(path: Path) -> None:
+    """Write the right digest into a file that carries a placeholder one: forging a seal is easy, by design."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        seal = read_seal(path, os.fstat(fd).st_size, file_reader(fd))
+        assert seal is not None
+        os.pwrite(fd, compute_digest(seal, file_reader(fd)).encode(), seal.zeroed[0])
+    finally:
+        os.close(fd)
+
+
+def _sealed_safetensors(path: Path, meta: dict[str, Any], *, padding: int = 0) -> None:
+    """A sealed safetensors file of one 4-byte tensor, followed by ``padding`` bytes of sparse zeros."""
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "__metadata__": {"ckptio.meta": json.dumps(meta), "ckptio.digest": "0" * 32}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded + b"\0" * 4)
+        out.truncate(out.tell() + padding)
+    _reseal(path)
+
+
+def _never_read_whole(*_: Any) -> bytes:
+    raise AssertionError("the file was read whole before its layout was checked")
+
+
+def test_a_sealed_safetensors_file_padded_far_beyond_its_tensor_is_refused_before_it_is_read_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: load read all 1 GB of a sparse file behind a one-tensor header (1.18 GB RSS) before safetensors
+    # refused it. (verify, which only streams the digest, says "verified": the digest is not a trust anchor.)
+    path = tmp_path / "checkpoint_epoch_1_batch_1.safetensors"
+    _sealed_safetensors(path, {"summary": {}}, padding=256 * 2**20)
+    monkeypatch.setattr(fileio, "_read_all", _never_read_whole)
+    with pytest.raises(CorruptCheckpointError, match="cover 4 bytes"):
+        ckptio.load(path)
+
+
+def test_an_unsealed_safetensors_file_padded_beyond_its_tensor_is_refused_by_verify_without_reading_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "weights.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        out.truncate(out.tell() + 256 * 2**20)
+    monkeypatch.setattr(fileio, "_read_all", _never_read_whole)
+    check = verify_file(path)
+    assert check.status == "corrupt" and "cover 4 bytes" in check.reason
+
+
+def test_a_legitimate_safetensors_checkpoint_still_loads_and_verifies(tmp_path: Path) -> None:
+    state = {"model_state_dict": {"w": torch.arange(6.0).reshape(2, 3), "e": torch.zeros(0)}, "epoch": 3}
+    path = tmp_path / "checkpoint_epoch_3_batch_1.safetensors"
+    write_checkpoint(path, BufferSlot().take(state), name=path.name, fmt="safetensors", compression=None,
+                     fsync=False)
+    assert verify_file(path).status == "verified"
+    assert torch.equal(ckptio.load(path)["model_state_dict"]["w"], state["model_state_dict"]["w"])
+
+
+def test_a_zip_directory_larger_than_the_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # Before: a 256 MiB directory of crafted 46-byte entries cost 17 s and 480 MB RSS in verify (unsealed).
+    path = tmp_path / "big.pth"
+    size = 33 * 2**20  # above the cap, far below what reading it whole would have cost before
+    assert size > MAX_ZIP_DIRECTORY
+    start = 2**20
+    with open(path, "wb") as out:
+        out.write(b"PK\x03\x04")
+        out.seek(start + size)
+        end64 = out.tell()
+        out.write(b"PK\x06\x06" + struct.pack("<Q", 44) + b"\0" * 20 + struct.pack("<QQQ", 1, size, start))
+        out.write(b"PK\x06\x07" + struct.pack("<IQI", 0, end64, 1))
+        out.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return real_pread(fd, length, offset)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "pread", counting_pread)
+        check = verify_file(path)
+    assert check.status == "corrupt" and "central directory does not fit" in check.reason
+    assert max(reads) < 2**20
+
+
+def _periodic(directory: Path, step: int, mtime_ns: int, summary_override: Any = None) -> Path:
+    path = directory / f"checkpoint_epoch_1_batch_{step}.safetensors"
+    if summary_override is None:
+        write_checkpoint(path, BufferSlot().take({"global_step": step, "w": torch.ones(2) * step}), name=path.name,
+                         fmt="safetensors", compression=None, fsync=False)
+    else:
+        _sealed_safetensors(path, {"summary": summary_override})
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def test_resume_auto_ranks_a_checkpoint_whose_summary_is_not_a_dict_instead_of_crashing(tmp_path: Path) -> None:
+    # Before: AttributeError: 'str' object has no attribute 'get', a traceback instead of a resume.
+    good = _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    _periodic(tmp_path, 6, 2_000_000_000_000_000_000, summary_override="not a dict")
+    said: list[str] = []
+    assert find_resume_checkpoint(tmp_path, said.append) in (good, tmp_path / "checkpoint_epoch_1_batch_6.safetensors")
+
+
+def test_resume_auto_ignores_an_index_record_made_for_another_file(tmp_path: Path) -> None:
+    # Before: a record claiming global_step 999 for the older file (its size and mtime do not match) made
+    # --resume auto pick the older checkpoint over the newer one.
+    older = _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    newer = _periodic(tmp_path, 10, 2_000_000_000_000_000_000)
+    record = {"size": 1, "mtime_ns": 1, "status": "verified", "digest": None,
+              "meta": {"summary": {"global_step": 999}}, "reason": ""}
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"version": 1, "files": {older.name: record}}))
+    assert find_resume_checkpoint(tmp_path, lambda _: None) == newer
+
+
+def test_pretrained_weights_with_a_deflate_compressed_record_are_refused_before_loading(tmp_path: Path) -> None:
+    # Before: a 1 MB file loaded as 1 GB (2.1 GB RSS, 7 s) through --pretrained, which bypassed ckptio's checks.
+    plain = io.BytesIO()
+    torch.save({"weight": torch.zeros(4_000_000)}, plain)
+    plain.seek(0)
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for name in source.namelist():
+            bomb.writestr(name, source.read(name))
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ValueError, match="compressed or encrypted"):
+        load_pretrained(torch.nn.Linear(1, 1), path)
