@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .atomic import lock_exclusive, open_lock
 from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
@@ -278,7 +280,10 @@ class CheckpointManager:
     def _stage(self, layout: Layout) -> None:
         if self._stager is None:
             self._stager = _Stager(self._slots)
-        self._stager.request(layout)
+        device = None
+        if any(cuda for _, _, cuda in layout) and torch.cuda.is_initialized():
+            device = torch.cuda.current_device()  # the caller's: pinning from another device makes a stray context
+        self._stager.request(layout, device)
 
     def _on_report(self, report: Report) -> None:
         """Apply one report from the writer (its thread, or the receiver of the writer process)."""
@@ -365,15 +370,16 @@ class _Stager:
         self._wanted: Layout | None = None
         self._busy: Layout | None = None
         self._done: Layout | None = None
+        self._device: int | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ckptio-stager", daemon=True)
         self._thread.start()
 
-    def request(self, layout: Layout) -> None:
+    def request(self, layout: Layout, device: int | None = None) -> None:
         with self._changed:
             if self._wanted is None and layout in (self._busy, self._done):
                 return
-            self._wanted = layout
+            self._wanted, self._device = layout, device
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -394,8 +400,10 @@ class _Stager:
                 if self._stopping:
                     return
                 layout, self._wanted = self._wanted, None
-                self._busy = layout
+                self._busy, device = layout, self._device
             try:
+                if device is not None:
+                    torch.cuda.set_device(device)
                 for slot in self._slots:
                     allocate = slot.main.allocator or heap_staging
                     slot.main.offer(allocate(layout, True))

@@ -135,7 +135,8 @@ class Segment:
         """Register the pages with CUDA, so that device-to-host copies into them are asynchronous DMA."""
         if self.pinned or not torch.cuda.is_available():
             return
-        result = torch.cuda.cudart().cudaHostRegister(self.address(), self.size, 0)
+        portable = 1  # cudaHostRegisterPortable: pinned for every device's context, not only the current one
+        result = torch.cuda.cudart().cudaHostRegister(self.address(), self.size, portable)
         if int(result) != 0:
             raise RuntimeError(f"cudaHostRegister of a {self.size}-byte staging segment failed (error {result})")
         self.pinned = True
