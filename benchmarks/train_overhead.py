@@ -108,16 +108,22 @@ class _OtherCpu:
         return round(max(other, 0.0) / wall, 2) if wall > 0 else 0.0
 
 
+_WRITER_PROCESSES = ("ckptio.writer_process", "spawn_main")
+"""Command-line marks of writer processes: ckptio's, and DCP's (started with spawn). DataLoader workers are
+forked, so they carry the parent's command line and are not counted."""
+
+
 def _writer_cpu_seconds() -> float:
-    """CPU time used so far by every ckptio writer thread of this process and by its child processes (ckptio's
-    and DCP's writer processes; DataLoader workers too, when there are any)."""
+    """CPU time used so far by every ckptio writer thread of this process and by the writer processes it
+    started (ckptio's and DCP's)."""
     ids = {t.native_id for t in threading.enumerate() if t.name.startswith("ckptio-writer")}
     own = psutil.Process()
     total = sum(t.user_time + t.system_time for t in own.threads() if t.id in ids) if ids else 0.0
     for child in own.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            times = child.cpu_times()
-            total += times.user + times.system
+            if any(mark in " ".join(child.cmdline()) for mark in _WRITER_PROCESSES):
+                times = child.cpu_times()
+                total += times.user + times.system
     return total
 
 

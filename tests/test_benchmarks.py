@@ -66,12 +66,26 @@ def test_synthetic_state_mixes_big_and_small_tensors(save_latency: ModuleType) -
     assert sizes[-1] > 0.3e6
 
 
-def _children_alive() -> list[psutil.Process]:
-    """Child processes still running a second or so after a benchmark returned (writer processes end then)."""
+# Helpers that live as long as the interpreter by design: multiprocessing's resource tracker (started by the
+# first spawn) and torch's shared-memory manager.
+_HELPERS = ("resource_tracker", "torch_shm_manager")
+
+
+def _children_alive() -> list[str]:
+    """Command lines of child processes still running up to 10 s after a benchmark returned (writer processes
+    end then), helpers that live as long as the interpreter aside."""
     deadline = time.monotonic() + 10
     while True:
-        alive = [c for c in psutil.Process().children(recursive=True) if c.is_running()
-                 and c.status() != psutil.STATUS_ZOMBIE]
+        alive = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                command = " ".join(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if not any(helper in command for helper in _HELPERS):
+                alive.append(command)
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
