@@ -754,6 +754,12 @@ def test_process_memory_stays_flat_over_many_saves(tmp_path, fmt, saves) -> None
     assert ckptio.load(mgr.path_for(periodic(last)))["step"] == last
 
 
+def test_an_unknown_writer_is_refused_naming_the_choices(tmp_path) -> None:
+    with pytest.raises(ValueError, match="writer must be 'thread' or 'process'"):
+        CheckpointManager(tmp_path, writer="fork")
+    CheckpointManager(tmp_path).close()  # and the directory was not left locked
+
+
 def test_a_failed_construction_leaves_the_directory_unlocked(tmp_path) -> None:
     with pytest.raises((ValueError, TypeError)):
         CheckpointManager(tmp_path, max_pending=1.5)
