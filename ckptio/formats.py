@@ -23,6 +23,7 @@ __all__ = [
     "SAFETENSORS_DIGEST_KEY",
     "SAFETENSORS_META_KEY",
     "SAFETENSORS_SKELETON_KEY",
+    "check_json_cost",
     "check_safetensors_header_length",
     "check_safetensors_layout",
     "check_supported",
@@ -127,13 +128,30 @@ def _unique_names(names: list[str]) -> list[str]:
     return unique
 
 
+# Parsing JSON costs Python objects, not bytes: ~160 bytes per object or array and ~64 per further value. A
+# header or trailer of ``{},`` repeated costs ~50x its size (15 MB of it: 750 MB and 8 s for `ckptio info`); one
+# that ckptio writes costs at most ~10x (16 MiB: ~160 MiB). Refused before parsing when the estimate exceeds this.
+MAX_JSON_COST = 192 * 2**20
+
+
+def check_json_cost(raw: bytes, path: Any, what: str) -> None:
+    """Refuse JSON text whose parse would cost more than :data:`MAX_JSON_COST`, counting structure in C first."""
+    cost = 160 * (raw.count(b"{") + raw.count(b"[")) + 64 * raw.count(b",")
+    if cost > MAX_JSON_COST:
+        raise CorruptCheckpointError(
+            path, f"{what} would cost about {cost >> 20} MiB to parse (ckptio allows {MAX_JSON_COST >> 20} MiB; "
+            "what it writes costs far less): it is damaged or built to exhaust memory")
+
+
 def read_safetensors_header(data: bytes | bytearray | memoryview, path: Any) -> dict[str, Any]:
     if len(data) < 8:
         raise CorruptCheckpointError(path, f"safetensors file is {len(data)} bytes, too short for a header")
     (length,) = struct.unpack("<Q", bytes(data[:8]))
     check_safetensors_header_length(length, len(data), path)
+    raw = bytes(data[8 : 8 + length])
+    check_json_cost(raw, path, "the safetensors header")
     try:
-        header = json.loads(bytes(data[8 : 8 + length]))
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):

@@ -34,6 +34,7 @@ from .formats import (
     SAFETENSORS_META_KEY,
     ZIP_END_SIGNATURE,
     ZIP_END_SIZE,
+    check_json_cost,
     check_safetensors_header_length,
     find_zip_end,
     read_safetensors_header,
@@ -158,6 +159,7 @@ _TRAILER_DIGEST_MARKER = b'"digest":"'
 
 def _parse_trailer(raw: bytes, path: Path, offset: int, size: int, body_length: int) -> Seal:
     """The seal in trailer JSON ``raw`` found at byte ``offset`` of the file."""
+    check_json_cost(raw, path, "the ckptio trailer")
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
