@@ -61,7 +61,39 @@ class UsageError(Exception):
     """A wrong path or argument: reported without a traceback, exit status 2."""
 
 
+# Characters a file name or a value read from a file may carry that would act on the user's terminal instead of
+# showing (cursor moves, screen clears, window titles: ESC and other C0/C1 controls; bidi overrides that reorder
+# a name on screen): printed as visible escapes. Newlines and tabs pass (our own output is made of lines).
+_CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+             for c in (*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+             if c not in (0x09, 0x0A)}
+
+
+class _Printable:
+    """A text stream that writes terminal control characters as visible escapes (see ``_CONTROLS``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.translate(_CONTROLS))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; what it prints passes through :class:`_Printable` (names and metadata come from files)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Printable(sys.stdout), _Printable(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(_guide_spelling(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:

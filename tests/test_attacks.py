@@ -189,3 +189,17 @@ def test_a_safetensors_header_built_of_empty_arrays_is_refused_before_it_is_pars
     with pytest.raises(CorruptCheckpointError, match="would cost about"):
         ckptio.read_meta(path)
     assert main(["verify", str(path)]) == 1
+
+
+def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_escapes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a planted name or a summary key holding ESC sequences cleared the screen or retitled the terminal
+    # of whoever ran `ckptio list` / `info` / `verify`.
+    evil = "\x1b]0;pwned\x07\x1b[2J\u202e"
+    path = tmp_path / f"checkpoint_{evil}.safetensors"
+    _sealed_safetensors(path, {"summary": {f"loss{evil}": 1.0}, "user": {"note": evil}})
+    for command in (["list", str(tmp_path)], ["info", str(path)], ["verify", str(tmp_path)]):
+        assert main(command) == 0
+        out, err = capsys.readouterr()
+        assert not any(c in out + err for c in "\x1b\x07\u202e"), command
+        assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, command
