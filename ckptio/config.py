@@ -58,10 +58,11 @@ class CheckpointOptions:
     writer: Literal["thread", "process"] = "thread"
     """Where background writes run (with ``async_save``). ``thread``: a thread of the training process, whose
     Python work competes with training for the GIL. ``process``: a helper process started with the manager and
-    fed through shared-memory slots, which leaves the GIL to training: with a save every 10 steps it cost
-    training +18% against the thread's +65% in the same run (README, "Writer process"). The default stays
-    ``thread`` because a short-lived manager (a script, a test, the CLI) would pay the helper's start-up
-    (1-5 s of CPU, ~230 MB with torch) for nothing; long training runs (``craft_train``) choose ``process``."""
+    fed through shared-memory slots, which leaves the GIL to training. On 2 busy CPU cores their training
+    overhead could not be told apart (README, "Writer process"); the process writer stalls the training thread
+    less, which is what counts on a GPU. The default stays ``thread`` because a short-lived manager (a script, a
+    test, the CLI) would pay the helper's start-up (1-5 s of CPU, ~230 MB with torch) for nothing; long
+    training runs (``craft_train``) choose ``process``."""
 
     max_pending: int = 1
     """Snapshots that may wait for the writer besides the one being written; host memory is about

@@ -248,7 +248,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # process writes its optimizer shard, and rank 0 commits the manifest once all shards are durable.
     manager = ckptio.CheckpointManager(
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
-        writer="process",  # measured best for training (README, "Writer process"); used with async_save only
+        writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
         keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
