@@ -80,7 +80,7 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
     """Train CRAFT as ``config`` says; under ``torchrun`` every process calls this and rank 0 saves."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
-    check_save_dir(config)  # before any model or data is set up
+    _check_save_dir(config)  # before any model or data is set up
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards
         world = setup_world(device_kind)
@@ -94,7 +94,7 @@ def _silent(_: str) -> None:
     pass
 
 
-def check_save_dir(config: TrainConfig) -> None:
+def _check_save_dir(config: TrainConfig) -> None:
     """Fail early, with the flag to change, when checkpoints could not be written or would mix with another run's.
 
     A fresh run (no ``resume``) into a directory that already holds checkpoints would put its files beside
@@ -279,7 +279,10 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
 
     def report_saves() -> None:
         for line in report.lines():
-            progress.write(line) if progress is not None else say(line)
+            if progress is not None:  # above the progress bar, if there is one
+                progress.write(line)
+            else:
+                say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     stop = False
