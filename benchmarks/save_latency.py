@@ -739,7 +739,12 @@ class CkptioMethod(Method):
         # A trainer calls prepare() before its first step, so that no save allocates (or pins) buffers.
         if self.async_save and hasattr(self.manager, "prepare"):
             self.manager.prepare(bench.state)
-            self.notes.append("prepare(state) called right after the manager was created")
+            # A trainer's first save comes many steps after prepare(); here it would come at once, so wait for
+            # the background allocation (ckptio has no public wait for it; bounded).
+            stager = getattr(self.manager, "_stager", None)
+            ready = stager.wait_idle(60.0) if hasattr(stager, "wait_idle") else None
+            self.notes.append("prepare(state) called when the manager was created"
+                              + ("; the first save waited for it to finish" if ready else ""))
 
     def run(self, tag: str) -> Sample:
         name = f"bench_{tag}"

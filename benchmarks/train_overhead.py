@@ -487,13 +487,14 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
                     config.method, workdir / "".join(c if c.isalnum() else "_" for c in config.name),
                     fmt=trainer.config.format, compression=trainer.config.compression, keep_count=keep_count,
                     cuda=trainer.device.type == "cuda")
+        for manager in managers.values():  # as a trainer does before its first step
+            manager.prepare(trainer.checkpoint_state())
         for _ in range(warmup_steps):
             trainer.step()
         for config in configs:  # the first saves (buffer slots filled, writer processes started), uncounted
             manager = managers.get(config.name)
             if manager is None:
                 continue
-            manager.prepare(trainer.checkpoint_state())
             for _ in range(manager.first_saves):
                 trainer.save(manager)
                 manager.wait()
