@@ -225,13 +225,30 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
         stream: BinaryIO = io.BufferedReader(_ViewReader(view), buffer_size=2**20)  # no copy of the bytes
     else:
         fd = source.fileno()
-        check_torch_zip(path, os.fstat(fd).st_size, lambda offset, length: os.pread(fd, length, offset))
+        size = os.fstat(fd).st_size
+        check_torch_zip(path, size, lambda offset, length: os.pread(fd, length, offset))
         stream = source
+        if size < _SMALL_ZIP:
+            stream = _without_comment(path, size, lambda offset, length: os.pread(fd, length, offset)) or source
     try:
         return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CorruptCheckpointError(path, f"not a loadable torch file ({message[:500]})") from None
+
+
+# torch.load (miniz) cannot find the end record of a zip under ~80 KB whose comment is over 4 KiB ("negative seek
+# value"): a sealed manifest of many shards, or a small checkpoint with a long summary, whose digest verifies.
+_SMALL_ZIP = 128 * 2**10
+
+
+def _without_comment(path: Any, size: int, read_at: ReadAt) -> io.BytesIO | None:
+    """A small zip's bytes without its archive comment (where ckptio keeps its seal, checked before this), for
+    torch.load; ``None`` when it has no comment."""
+    end = find_zip_end(path, size, read_at)
+    if end + ZIP_END_SIZE == size:
+        return None
+    return io.BytesIO(read_at(0, end + ZIP_END_SIZE - 2) + b"\0\0")
 
 
 class _ViewReader(io.RawIOBase):

@@ -203,3 +203,14 @@ def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_e
         out, err = capsys.readouterr()
         assert not any(c in out + err for c in "\x1b\x07\u202e"), command
         assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, command
+
+
+def test_a_small_sealed_torch_checkpoint_with_a_long_trailer_loads(tmp_path: Path) -> None:
+    # Before: torch.load (miniz) failed with "negative seek value" / EINVAL on a zip under ~80 KB behind a comment
+    # over 4 KiB: a verified manifest of 50 shards, or a small state with long metadata, could not be loaded.
+    path = tmp_path / "small.pth"
+    write_checkpoint(path, BufferSlot().take({"x": torch.arange(3.0)}), name="small", fmt="torch", compression=None,
+                     fsync=False, user_meta={"note": "n" * 6000})
+    assert path.stat().st_size < 10_000
+    assert verify_file(path).status == "verified"
+    assert torch.equal(ckptio.load(path)["x"], torch.arange(3.0))
