@@ -214,3 +214,24 @@ def test_a_small_sealed_torch_checkpoint_with_a_long_trailer_loads(tmp_path: Pat
     assert path.stat().st_size < 10_000
     assert verify_file(path).status == "verified"
     assert torch.equal(ckptio.load(path)["x"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link])
+def test_a_shard_table_naming_one_file_twice_through_links_is_damaged(tmp_path: Path, link: Any) -> None:
+    # Before: each link was verified again (200 links to one 50 MB shard: 6 s of hashing for 50 MB on disk; a
+    # 16 MiB table allows 100,000 of them).
+    shards = tmp_path / "checkpoint_epoch_1_batch_1.shards"
+    shards.mkdir()
+    real = shards / "rank00000-of-00002.safetensors"
+    saved = write_checkpoint(real, BufferSlot().take({"w": torch.ones(8)}), name="s", fmt="safetensors",
+                             compression=None, fsync=False)
+    link(real.name if link is os.symlink else real, shards / "rank00001-of-00002.safetensors")
+    table = [{"rank": rank, "file": f"{shards.name}/rank{rank:05d}-of-00002.safetensors", "digest": saved.digest}
+             for rank in range(2)]
+    manifest = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    write_checkpoint(manifest, BufferSlot().take({"x": torch.zeros(1)}), name="m", fmt="torch", compression=None,
+                     fsync=False, shards=table)
+    check = verify_file(manifest)
+    assert check.status == "corrupt" and "names one file twice" in check.reason
+    with pytest.raises(CorruptCheckpointError, match="names one file twice"):
+        ckptio.load(manifest)
