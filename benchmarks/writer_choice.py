@@ -7,6 +7,11 @@ processes affects all configurations alike. The state padded to ``--state-mb`` i
 (CRAFT + Adam: 249 MB in 436 tensors).
 
     python benchmarks/writer_choice.py --state-mb 100 --rounds 3
+
+Two smaller measurements, thread and process writer alternating in one run:
+
+    python benchmarks/writer_choice.py --stalls torch   # main-thread stalls > 2 ms while one save is written
+    python benchmarks/writer_choice.py --first-save     # blocking time of the first saves, with/without prepare()
 """
 
 from __future__ import annotations
@@ -70,6 +75,59 @@ def segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, padding: d
     return times, blocked
 
 
+def stalls(fmt: str, state_mb: int, tensors: int, repeats: int = 6) -> None:
+    """How long the main thread, spinning in Python, is held up (gaps > 2 ms) while one save is written."""
+    state = {"model": {f"t{i}": torch.rand(state_mb * 2**20 // 4 // tensors) for i in range(tensors)}}
+    rows: dict[str, list[tuple[float, float]]] = {"thread": [], "process": []}
+    with tempfile.TemporaryDirectory(prefix="writer_choice.") as scratch:
+        managers = {w: ckptio.CheckpointManager(Path(scratch) / w, writer=w, format=fmt, keep_count=1) for w in rows}
+        try:
+            for mgr in managers.values():
+                mgr.save(state, name="checkpoint_epoch_0_batch_0").result()  # type: ignore[union-attr]
+            for i in range(1, repeats + 1):
+                for writer, mgr in managers.items():
+                    future = mgr.save(state, name=f"checkpoint_epoch_1_batch_{i}")
+                    held = 0.0
+                    started = last = time.perf_counter()
+                    while not future.done():  # type: ignore[union-attr]
+                        now = time.perf_counter()
+                        if now - last > 0.002:
+                            held += now - last
+                        last = now
+                    rows[writer].append((time.perf_counter() - started, held))
+                    time.sleep(0.2)
+        finally:
+            for mgr in managers.values():
+                mgr.close()
+    for writer, r in rows.items():
+        print(f"{fmt}, {writer} writer: save {statistics.median(x[0] for x in r) * 1000:.0f} ms, main thread held up "
+              f"{statistics.median(x[1] for x in r) * 1000:.0f} ms (median of {repeats})")
+
+
+def first_saves(state_mb: int, tensors: int, repeats: int = 4) -> None:
+    """save() blocking time of a fresh manager's first saves, without prepare() and after it completed."""
+    state = {"model": {f"t{i}": torch.rand(state_mb * 2**20 // 4 // tensors) for i in range(tensors)}}
+    with tempfile.TemporaryDirectory(prefix="writer_choice.") as scratch:
+        for writer in ("thread", "process"):
+            rows: dict[str, list[tuple[float, float]]] = {"no prepare": [], "prepared": []}
+            for i in range(repeats):
+                for mode, r in rows.items():
+                    with ckptio.CheckpointManager(Path(scratch) / f"{writer}{mode}{i}", writer=writer,
+                                                  fsync=False) as mgr:
+                        if mode == "prepared":
+                            mgr.prepare(state)
+                            mgr._stager.wait_idle(600)  # type: ignore[union-attr]
+                        started = time.perf_counter()
+                        mgr.save(state, name="a")
+                        first = time.perf_counter() - started
+                        started = time.perf_counter()
+                        mgr.save(state, name="b")
+                        r.append((first, time.perf_counter() - started))
+            for mode, r in rows.items():
+                print(f"{writer} writer, {mode}: first save {statistics.median(x[0] for x in r) * 1000:.0f} ms, "
+                      f"second {statistics.median(x[1] for x in r) * 1000:.0f} ms (median of {repeats})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-mb", type=int, default=100)
@@ -80,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--only", nargs="+", metavar="N", type=int,
                         help="run only these configurations (0-based, in the table's order; 0 always runs)")
+    parser.add_argument("--stalls", choices=("torch", "safetensors"), help="measure main-thread stalls instead")
+    parser.add_argument("--first-save", action="store_true", help="measure the first saves' blocking instead")
     args = parser.parse_args(argv)
+    if args.stalls:
+        stalls(args.stalls, args.state_mb, args.tensors)
+        return 0
+    if args.first_save:
+        first_saves(args.state_mb, args.tensors)
+        return 0
     configs = [c for i, c in enumerate(CONFIGS) if args.only is None or i == 0 or i in args.only]
     model, optimizer, padding = build(args.state_mb, args.tensors)
     segment(model, optimizer, padding, None, 5, args.every, 1, [])  # warm-up: Adam state, allocator
