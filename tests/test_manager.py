@@ -116,7 +116,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
         scheduler.step()
 
 
-@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+# Each writer process costs seconds to start: the process writer runs two combinations here (all four in
+# tests/test_writer_process.py, which compares its files with the thread writer's).
+@pytest.mark.parametrize(("fmt", "compression", "writer"),
+                         [(f, c, "thread") for f, c in COMBOS] + [("torch", None, "process"),
+                                                                  ("safetensors", "zstd", "process")],
+                         ids=[f"thread-{i}" for i in COMBO_IDS] + ["process-pth", "process-safetensors.zst"])
 def test_model_optimizer_scheduler_and_rng_state_round_trip_and_resume_identically(tmp_path, fmt, compression,
                                                                                     writer) -> None:
     model, optimizer, scheduler = make_training(seed=0)
@@ -673,7 +678,9 @@ def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if not p.name.startswith("."))
 
 
-@pytest.mark.parametrize(("fmt", "compression"), [("torch", None), ("safetensors", "zstd")], ids=["pth", "st.zst"])
+@pytest.mark.parametrize(("fmt", "compression", "writer"),
+                         [("torch", None, "thread"), ("safetensors", "zstd", "thread"), ("torch", None, "process")],
+                         ids=["thread-pth", "thread-st.zst", "process-pth"])
 def test_disk_budget_is_never_exceeded_after_a_save_and_keeps_the_newest(tmp_path, fmt, compression, writer) -> None:
     def state(i: int) -> dict[str, Any]:  # random values, so that zstd cannot shrink one file more than another
         return {"step": i, "w": torch.rand(2000, generator=torch.Generator().manual_seed(i))}
