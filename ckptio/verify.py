@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .fileio import FileCheck, verify_file
 from .layout import index_record, scan, update_index
@@ -54,11 +56,32 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
             changes[file.name] = index_record(seen[0], seen[1], check.status, check.digest, check.meta,
                                               check.reason if check.status == "corrupt" else "")
     if record and changes:
+        _record(directory, changes)
+    return VerifyReport(path=path, files=checks)
+
+
+# How long verify waits to record its results in the index. The index lock is held for milliseconds by a writer,
+# but any process that can read the lock file can hold it forever (flock needs no write permission): verify then
+# returns without recording, instead of hanging.
+INDEX_WAIT_SECONDS = 2.0
+
+
+def _record(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
+    """Record ``changes`` in the index (only a cache), giving up after :data:`INDEX_WAIT_SECONDS`."""
+    done = threading.Event()
+
+    def update() -> None:
         try:
             update_index(directory, changes)
         except OSError as exc:  # read-only media can still be verified
             log.info("could not record results in %s: %s", directory, exc)
-    return VerifyReport(path=path, files=checks)
+        finally:
+            done.set()
+
+    # A daemon thread: if the lock is never released, it ends with the process.
+    threading.Thread(target=update, name="ckptio-verify-index", daemon=True).start()
+    if not done.wait(INDEX_WAIT_SECONDS):
+        log.info("could not record results in %s: its index lock is held by another process", directory)
 
 
 def _check_unchanging(file: Path) -> tuple[FileCheck, tuple[int, int, int] | None]:

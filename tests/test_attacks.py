@@ -6,10 +6,12 @@ record) and checks that the reader refuses it from its header alone, or is not m
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import struct
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -235,3 +237,24 @@ def test_a_shard_table_naming_one_file_twice_through_links_is_damaged(tmp_path: 
     assert check.status == "corrupt" and "names one file twice" in check.reason
     with pytest.raises(CorruptCheckpointError, match="names one file twice"):
         ckptio.load(manifest)
+
+
+def test_verify_returns_when_another_process_holds_the_index_lock_forever(tmp_path: Path) -> None:
+    # Before: `ckptio verify DIR` hung for as long as anyone able to read .ckptio-index.lock held a shared flock
+    # on it (no write permission needed).
+    path = tmp_path / "checkpoint_epoch_1_batch_1.safetensors"
+    write_checkpoint(path, BufferSlot().take({"w": torch.ones(2)}), name=path.name, fmt="safetensors",
+                     compression=None, fsync=False)
+    lock = tmp_path / ".ckptio-index.lock"
+    lock.touch()
+    holder = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        reports: list[ckptio.VerifyReport] = []
+        worker = threading.Thread(target=lambda: reports.append(ckptio.verify(tmp_path)), daemon=True)
+        worker.start()
+        worker.join(2.0 + 5)  # verify.INDEX_WAIT_SECONDS, and time to spare
+        assert reports, "verify still waits for the index lock"
+        assert reports[0].ok and [c.status for c in reports[0].files] == ["verified"]
+    finally:
+        os.close(holder)  # the waiting thread now records the result and ends
