@@ -36,11 +36,10 @@ from .layout import (
     remove_stale_orphan_shards,
     scan,
     split_suffix,
-    update_index,
 )
 from .retention import beyond_newest
 from .slim import is_slim
-from .verify import verify
+from .verify import record_in_index, verify
 
 __all__ = ["main"]
 
@@ -512,7 +511,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         freed += entry.total_size
         print(f"  {verb}: {entry.path.name} - {_mb(entry.total_size)}")
     if forgotten:
-        update_index(directory, forgotten)
+        record_in_index(directory, forgotten)  # gives up after 2 s if another process holds the index lock
     for orphan in [] if args.dry_run else remove_stale_orphan_shards(directory):
         print(f"  {verb}: {orphan.path.name} (shards of a save never committed) - {_mb(orphan.size)}")
     kept = len(entries) - len(victims)

@@ -56,7 +56,7 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
             changes[file.name] = index_record(seen[0], seen[1], check.status, check.digest, check.meta,
                                               check.reason if check.status == "corrupt" else "")
     if record and changes:
-        _record(directory, changes)
+        record_in_index(directory, changes)
     return VerifyReport(path=path, files=checks)
 
 
@@ -66,7 +66,7 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
 INDEX_WAIT_SECONDS = 2.0
 
 
-def _record(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
+def record_in_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
     """Record ``changes`` in the index (only a cache), giving up after :data:`INDEX_WAIT_SECONDS`."""
     done = threading.Event()
 

@@ -258,3 +258,22 @@ def test_verify_returns_when_another_process_holds_the_index_lock_forever(tmp_pa
         assert reports[0].ok and [c.status for c in reports[0].files] == ["verified"]
     finally:
         os.close(holder)  # the waiting thread now records the result and ends
+
+
+def test_clean_returns_when_another_process_holds_the_index_lock_forever(tmp_path: Path) -> None:
+    older = _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    newer = _periodic(tmp_path, 10, 2_000_000_000_000_000_000)
+    lock = tmp_path / ".ckptio-index.lock"
+    lock.touch()
+    holder = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        codes: list[int] = []
+        worker = threading.Thread(target=lambda: codes.append(main(["clean", str(tmp_path), "--keep-count", "1"])),
+                                  daemon=True)
+        worker.start()
+        worker.join(2.0 + 5)
+        assert codes == [0], "clean still waits for the index lock"
+        assert newer.exists() and not older.exists()
+    finally:
+        os.close(holder)
