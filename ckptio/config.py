@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -129,6 +130,8 @@ class CheckpointOptions:
             raise ValueError(f"max_pending must be at least 1 (one snapshot may wait), got {self.max_pending}")
         if self.writer not in ("thread", "process"):
             raise ValueError(f"writer must be 'thread' or 'process', not {self.writer!r}")
+        if self.writer == "process" and not hasattr(os, "memfd_create"):
+            raise ValueError("writer='process' needs Linux (its slots are memfd_create segments); use writer='thread'")
         if self.on_full not in ("block", "skip"):
             raise ValueError(f"on_full must be 'block' or 'skip', not {self.on_full!r}")
         if self.on_no_space not in ("skip", "raise"):
