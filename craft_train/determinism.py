@@ -49,7 +49,8 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     # Not warn_only: an operation without a deterministic kernel must stop the run rather than silently break
-    # the bit-exactness the user asked for.
+    # the bit-exactness the user asked for. CRAFT's decoder upsamples with F.interpolate(bilinear), whose CUDA
+    # backward uses atomics; under this switch PyTorch routes it through a deterministic (slower) decomposition.
     torch.use_deterministic_algorithms(True)
     try:
         yield
