@@ -98,12 +98,19 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     state = load(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
+    for tensor in walk_tensors(state):
+        # ckptio writes every tensor with its own bytes; one whose elements overlap (stride 0) is forged: a 2 KB
+        # file holding zeros(1).expand(250_000_000) was rewritten as a 1 GB file (2.1 GB RSS).
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(f"{path} holds a tensor of shape {tuple(tensor.shape)} stored in "
+                             f"{tensor.untyped_storage().nbytes()} bytes; ckptio never writes one, so it is not "
+                             "slimmed")
     missing = [k for k in keep if k not in state]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}; it cannot be slimmed to it")
     kept = {k: v for k, v in state.items() if k in keep or next(walk_tensors(v), None) is None}
     dropped = tuple(str(k) for k in state if k not in kept)
-    user = dict(meta.get("user") or {})
+    user = dict(meta["user"]) if isinstance(meta.get("user"), dict) else {}
     user[SLIM_KEY] = {"dropped": list(dropped), "bytes_before": before}
     # The same file name inside the workspace: the format is read from the name, and torch names its records
     # after it.
@@ -112,7 +119,8 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     try:
         candidate = workspace / path.name
         saved = write_checkpoint(candidate, BufferSlot().take(kept), name=meta.get("name", path.stem),
-                                 fmt=inner_format(path), compression=meta.get("compression"), fsync=fsync,
+                                 fmt=inner_format(path), compression="zstd" if path.name.endswith(".zst") else None,
+                                 fsync=fsync,
                                  user_meta=user)
         check = verify_file(candidate)
         if check.status != "verified" or check.digest != saved.digest:

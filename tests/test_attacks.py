@@ -31,9 +31,11 @@ from ckptio.integrity import (
     compute_digest,
     file_reader,
     read_seal,
+    seal_zip_file,
     zstd_trailer,
 )
 from ckptio.layout import INDEX_NAME
+from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import BufferSlot
 from craft_train.model import load_pretrained
 from craft_train.resume import find_resume_checkpoint
@@ -277,3 +279,33 @@ def test_clean_returns_when_another_process_holds_the_index_lock_forever(tmp_pat
         assert newer.exists() and not older.exists()
     finally:
         os.close(holder)
+
+
+def _sealed_torch(path: Path, state: Any, meta: dict[str, Any]) -> None:
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        seal_zip_file(fd, meta)
+    finally:
+        os.close(fd)
+
+
+def test_slim_refuses_a_checkpoint_whose_tensor_elements_overlap_instead_of_expanding_it(tmp_path: Path) -> None:
+    # Before: a 2 KB sealed file holding zeros(1).expand(250_000_000) was rewritten as a 1 GB file (2.1 GB RSS,
+    # 8 s) by the trainer's own slim pass; a larger count fills the disk or memory.
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    _sealed_torch(path, {"model_state_dict": {"w": torch.zeros(1).expand(10**12)}, "opt": torch.zeros(2)},
+                  {"summary": {}, "name": "x"})
+    with pytest.raises(ValueError, match="stored in 4 bytes"):
+        slim_checkpoint(path, fsync=False)
+    assert path.stat().st_size < 10_000
+
+
+def test_slim_of_a_checkpoint_whose_user_metadata_is_not_a_dict_slims_it(tmp_path: Path) -> None:
+    # Before: ValueError("dictionary update sequence element #0 has length 1; 2 is required").
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    _sealed_torch(path, {"model_state_dict": {"w": torch.ones(3)}, "opt": torch.zeros(2)},
+                  {"summary": {}, "name": "x", "user": "not a dict", "compression": "zstd"})
+    result = slim_checkpoint(path, fsync=False)
+    assert result.dropped == ("opt",)
+    assert torch.equal(ckptio.load(path)["model_state_dict"]["w"], torch.ones(3))
