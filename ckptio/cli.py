@@ -12,11 +12,14 @@ is formatted, and printing a loaded state walks it with a visited set and a node
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import os
+import re
 import reprlib
+import shutil
 import stat
 import sys
 import time
@@ -29,11 +32,13 @@ from .errors import CorruptCheckpointError
 from .fileio import load, read_meta, verify_file
 from .layout import (
     CheckpointEntry,
+    OrphanShards,
     delete_checkpoint,
     integrity_state,
+    live_ranks,
+    orphan_shards,
     parse_checkpoint_name,
     read_index,
-    remove_stale_orphan_shards,
     scan,
     split_suffix,
 )
@@ -512,7 +517,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         print(f"  {verb}: {entry.path.name} - {_mb(entry.total_size)}")
     if forgotten:
         record_in_index(directory, forgotten)  # gives up after 2 s if another process holds the index lock
-    for orphan in [] if args.dry_run else remove_stale_orphan_shards(directory):
+    for orphan in _stale_orphans(directory):
+        if not args.dry_run:
+            _remove_orphan(orphan.path)
         print(f"  {verb}: {orphan.path.name} (shards of a save never committed) - {_mb(orphan.size)}")
     kept = len(entries) - len(victims)
     if not entries:
@@ -520,6 +527,44 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     print(f"🧹 {verb} {len(victims)} checkpoint(s), {_mb(freed)}; kept {kept}"
           + (f" (newest valid: {newest_valid.name})" if newest_valid else ""))
     return EXIT_OK
+
+
+_SHARD_FILE = re.compile(r"^rank\d{5,}-of-\d{5,}\.(pth|safetensors)(\.zst)?$")
+
+
+def _stale_orphans(directory: Path) -> list[OrphanShards]:
+    """The orphan shard directories ``clean`` removes (see :func:`ckptio.layout.remove_stale_orphan_shards`):
+    older than the newest committed periodic checkpoint, or any when no manager has the directory open; and only
+    directories holding nothing but shard files and temporary files, so a user's own ``data.shards/`` is kept."""
+    positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
+    newest = max(positions, default=None)
+    idle = not live_ranks(directory)
+    return [orphan for orphan in orphan_shards(directory)
+            if _only_shards(orphan.path)
+            and (idle or (newest is not None and orphan.epoch_batch is not None and orphan.epoch_batch < newest))]
+
+
+def _only_shards(path: Path) -> bool:
+    """Whether ``path`` is a symlink (a name in the shards' way, removed as a link) or a real directory holding only
+    what ckptio writes there."""
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            return stat.S_ISLNK(mode)
+        with os.scandir(path) as it:
+            return all(_SHARD_FILE.match(item.name) or is_temporary(item.name) for item in it)
+    except OSError:
+        return False
+
+
+def _remove_orphan(path: Path) -> None:
+    """Remove an orphan shard directory (``rmtree`` never follows a symlink inside it), or a symlink in its place
+    as a link."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        elif stat.S_ISLNK(os.lstat(path).st_mode):
+            path.unlink()
 
 
 def _newest_valid(entries: list[CheckpointEntry]) -> Path | None:

@@ -309,3 +309,22 @@ def test_slim_of_a_checkpoint_whose_user_metadata_is_not_a_dict_slims_it(tmp_pat
     result = slim_checkpoint(path, fsync=False)
     assert result.dropped == ("opt",)
     assert torch.equal(ckptio.load(path)["model_state_dict"]["w"], torch.ones(3))
+
+
+def test_clean_keeps_a_users_directory_that_merely_ends_in_shards_and_dry_run_lists_real_orphans(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: `ckptio clean --keep-count 5` deleted my_dataset.shards/ and all it held (its --dry-run said nothing).
+    _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    users = tmp_path / "my_dataset.shards"
+    users.mkdir()
+    (users / "part-0000.tar").write_bytes(b"precious")
+    orphan = tmp_path / "checkpoint_epoch_1_batch_2.shards"
+    orphan.mkdir()
+    (orphan / "rank00001-of-00002.safetensors").write_bytes(b"\0" * 100)
+    (orphan / f".rank00001-of-00002.safetensors.1.{'0' * 16}.ckptio-tmp").write_bytes(b"")
+    assert main(["clean", str(tmp_path), "--keep-count", "5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would delete: checkpoint_epoch_1_batch_2.shards" in out and "my_dataset" not in out
+    assert main(["clean", str(tmp_path), "--keep-count", "5"]) == 0
+    assert (users / "part-0000.tar").read_bytes() == b"precious"
+    assert not orphan.exists()
