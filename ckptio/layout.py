@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +213,25 @@ def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) ->
     return entries
 
 
+INDEX_LOCK_SECONDS = 5.0
+"""How long an index update waits for another process's update before it gives up (the index is a cache)."""
+
+
 @contextlib.contextmanager
 def _index_lock(directory: Path) -> Iterator[None]:
+    # Bounded: a process that holds the lock forever (hung, or hostile) must not hang a writer on a mere cache.
     fd = open_lock(directory / _INDEX_LOCK_NAME)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + INDEX_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(errno.EWOULDBLOCK, f"{directory / _INDEX_LOCK_NAME} stayed locked for "
+                                  f"{INDEX_LOCK_SECONDS:g}s; the index (a cache) was not updated") from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)

@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -142,6 +143,7 @@ class ProcessWriter(WriterBackend):
         finally:
             child.close()
         generation = _Generation(process, Connection(parent.detach()))
+        _trainer_sockets.add(generation.conn)
         self._send(generation, ("start", str(self._directory), self._options, NICE, IO_CLASS))
         generation.receiver = threading.Thread(target=self._receive, args=(generation,), daemon=True,
                                                name=f"ckptio-writer-receiver:{process.pid}")
@@ -224,6 +226,23 @@ class ProcessWriter(WriterBackend):
         if lost or not self._closing or code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             self._on_lost(sorted(lost), f"the checkpoint writer process {generation.process.pid} {how}")
+
+
+# A process forked from the trainer (a DataLoader worker) inherits the writer's socket: while it lives, a writer
+# whose trainer was killed would not see EOF. In the fork, the descriptor is pointed at /dev/null (not closed:
+# the inherited Connection object would later close whatever file reused the number).
+_trainer_sockets: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _detach_sockets_in_fork() -> None:
+    for conn in list(_trainer_sockets):
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, conn.fileno())
+            os.close(null)
+
+
+os.register_at_fork(after_in_child=_detach_sockets_in_fork)
 
 
 def _wire_snapshot(snapshot: Snapshot | None) -> dict[str, Any] | None:

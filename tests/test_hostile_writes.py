@@ -470,3 +470,21 @@ def test_ckptio_clean_removes_orphan_shard_directories_and_keeps_the_final_check
     assert main(["clean", str(tmp_path), "--keep-count", "1"]) == 0
     assert f"{periodic(2)}.shards (shards of a save never committed)" in capsys.readouterr().out
     assert visible(tmp_path) == {f"{periodic(3)}.pth", "final.pth"}
+
+
+def test_an_index_lock_held_forever_by_another_process_never_hangs_a_save(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    monkeypatch.setattr(ckptio.layout, "INDEX_LOCK_SECONDS", 0.2)
+    holder = os.open(tmp_path / ".ckptio-index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: conflicts as another process would
+        with CheckpointManager(tmp_path, async_save=False, keep_count=1) as mgr:
+            for batch in (1, 2):
+                future = mgr.save(state(batch), name=periodic(batch))
+                assert future is not None and future.result(timeout=30) is not None
+        assert [p.name for p in tmp_path.glob("checkpoint_*")] == [f"{periodic(2)}.pth"]
+        assert ckptio.verify(tmp_path).ok
+    finally:
+        os.close(holder)

@@ -3,6 +3,7 @@ happens when either process dies (kill -9, for real)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -284,3 +285,37 @@ def test_a_thousand_saves_keep_descriptors_threads_processes_and_memory_flat(tmp
         assert mgr.stats.committed == 1050
     assert set(os.listdir("/dev/shm")) <= shm_before
     assert ckptio.load(tmp_path / "checkpoint_epoch_1_batch_1049.pth")["step"] == 1049
+
+
+TRAINER_WITH_WORKER = TRAINER.replace(
+    "print(mgr._writer.pid, flush=True)\n",
+    "worker = os.fork()  # like a DataLoader worker: it inherits every descriptor of the trainer\n"
+    "if worker == 0:\n"
+    "    time.sleep(600)\n"
+    "    os._exit(0)\n"
+    "print(mgr._writer.pid, worker, flush=True)\n",
+).replace("import sys, time", "import os, sys, time")
+
+
+def test_a_forked_worker_that_outlives_the_killed_trainer_does_not_keep_the_writer_alive(tmp_path) -> None:
+    assert "os.fork()" in TRAINER_WITH_WORKER and "import os, sys, time" in TRAINER_WITH_WORKER
+    env = dict(os.environ, PYTHONPATH=str(Path(ckptio.__file__).resolve().parent.parent))
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER_WITH_WORKER, str(tmp_path)], stdout=subprocess.PIPE,
+                               text=True, env=env)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in trainer.stdout.readline().split()]  # type: ignore[union-attr]
+        writer, worker = pids
+        trainer.kill()
+        trainer.wait(TIMEOUT)
+        wait_for(lambda: not psutil.pid_exists(writer) or psutil.Process(writer).status() == psutil.STATUS_ZOMBIE,
+                 "the orphaned writer to finish and exit while the worker still runs")
+        assert psutil.pid_exists(worker)
+    finally:
+        trainer.kill()
+        trainer.wait(TIMEOUT)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    path = tmp_path / "checkpoint_epoch_1_batch_7.safetensors"
+    assert ckptio.verify(path).files[0].status == "verified"
