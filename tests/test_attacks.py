@@ -328,3 +328,48 @@ def test_clean_keeps_a_users_directory_that_merely_ends_in_shards_and_dry_run_li
     assert main(["clean", str(tmp_path), "--keep-count", "5"]) == 0
     assert (users / "part-0000.tar").read_bytes() == b"precious"
     assert not orphan.exists()
+
+
+def _zip_with_records_sharing_one(count: int, elements: int) -> bytes:
+    """``torch.save`` of ``count`` tensors, rewritten so that every ``data/K`` name points at ``data/0``'s record
+    (the others dropped): ``count`` tensors' worth of loading from one tensor's bytes."""
+    buffer = io.BytesIO()
+    torch.save([torch.zeros(elements) for _ in range(count)], buffer)
+    raw = buffer.getvalue()
+    end = raw.rfind(b"PK\x05\x06")
+    entries, _, directory_at = struct.unpack("<HII", raw[end + 10 : end + 20])
+    central, position = [], directory_at
+    for _ in range(entries):
+        name_length, extra_length, comment_length = struct.unpack("<HHH", raw[position + 28 : position + 34])
+        size = 46 + name_length + extra_length + comment_length
+        name = raw[position + 46 : position + 46 + name_length].decode()
+        central.append((name, bytearray(raw[position : position + size]),
+                        struct.unpack("<I", raw[position + 42 : position + 46])[0]))
+        position += size
+    starts = [*sorted(local for _, _, local in central), directory_at]
+    extent = {start: starts[i + 1] - start for i, start in enumerate(starts[:-1])}
+    out, moved = bytearray(), {}
+    for name, _, local in sorted(central, key=lambda item: item[2]):
+        if not (name.rsplit("/", 2)[-2] == "data" and name.rsplit("/", 1)[-1] != "0"):
+            moved[name] = len(out)
+            out += raw[local : local + extent[local]]
+    first = next(name for name in moved if name.endswith("/data/0"))
+    directory = bytearray()
+    for name, entry, _ in central:
+        entry[42:46] = struct.pack("<I", moved.get(name, moved[first]))
+        directory += entry
+    return bytes(out + directory + b"PK\x05\x06"
+                 + struct.pack("<HHHHIIH", 0, 0, entries, entries, len(directory), len(out), 0))
+
+
+def test_a_pth_whose_zip_records_share_bytes_is_refused_before_torch_loads_each_name(tmp_path: Path) -> None:
+    # Before: 20 names pointing at one 20 MB record made a 20 MB file load as 400 MB (986 MB RSS); a 32 MiB
+    # directory holds 700,000 such names.
+    path = tmp_path / "overlap.pth"
+    path.write_bytes(_zip_with_records_sharing_one(4, 1000))
+    assert path.stat().st_size < 8000
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        ckptio.load(path)
+    assert verify_file(path).status == "corrupt"
+    with pytest.raises(ValueError, match="overlap"):
+        load_pretrained(torch.nn.Linear(1, 1), path)
