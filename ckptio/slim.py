@@ -98,13 +98,7 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     state = load(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
-    for tensor in walk_tensors(state):
-        # ckptio writes every tensor with its own bytes; one whose elements overlap (stride 0) is forged: a 2 KB
-        # file holding zeros(1).expand(250_000_000) was rewritten as a 1 GB file (2.1 GB RSS).
-        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
-            raise ValueError(f"{path} holds a tensor of shape {tuple(tensor.shape)} stored in "
-                             f"{tensor.untyped_storage().nbytes()} bytes; ckptio never writes one, so it is not "
-                             "slimmed")
+    _refuse_overlapping_tensors(path, state)
     missing = [k for k in keep if k not in state]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}; it cannot be slimmed to it")
@@ -165,6 +159,27 @@ def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *,
         except FileNotFoundError:  # deleted by retention or `ckptio clean` since the scan
             continue
     return done
+
+
+def _refuse_overlapping_tensors(path: Path, state: Any) -> None:
+    """Refuse a state whose tensors need more bytes than the storages they view: ckptio writes every tensor with
+    bytes of its own, and rewriting overlapping ones copies each (a 2 KB file holding zeros(1).expand(250M) was
+    rewritten as 1 GB, 2.1 GB RSS; 1,000 shifted views of one 20 MB storage would be 20 GB)."""
+    views: set[tuple[Any, ...]] = set()
+    storages: dict[int, int] = {}
+    needed = 0
+    for tensor in walk_tensors(state):
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key in views:
+            continue  # the same tensor twice (tied weights) is written once
+        views.add(key)
+        storages[storage.data_ptr()] = storage.nbytes()
+        needed += tensor.numel() * tensor.element_size()
+    if needed > sum(storages.values()):
+        raise ValueError(f"{path} holds tensors whose elements overlap ({needed} bytes of elements in "
+                         f"{sum(storages.values())} bytes of storage); ckptio never writes such a file, so it is "
+                         "not slimmed")
 
 
 def _assert_same_tensors(expected: Any, actual: Any, where: str) -> None:
