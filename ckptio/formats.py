@@ -153,7 +153,7 @@ def read_safetensors_header(data: bytes | bytearray | memoryview, path: Any) -> 
     check_json_cost(raw, path, "the safetensors header")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(path, f"safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(path, "safetensors header is not a JSON object")

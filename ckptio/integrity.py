@@ -162,7 +162,7 @@ def _parse_trailer(raw: bytes, path: Path, offset: int, size: int, body_length: 
     check_json_cost(raw, path, "the ckptio trailer")
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise CorruptCheckpointError(path, "the ckptio trailer is not valid JSON") from None
     if (not isinstance(doc, dict) or doc.get("algorithm") != DIGEST_ALGORITHM
             or not isinstance(doc.get("digest"), str) or not isinstance(doc.get("meta"), dict)):
@@ -257,7 +257,7 @@ def _safetensors_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
     at += len(marker)
     try:
         meta = json.loads(metadata.get(SAFETENSORS_META_KEY, "{}"))
-    except (TypeError, json.JSONDecodeError, RecursionError):
+    except (TypeError, ValueError, RecursionError):
         raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged") from None
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(path, "the ckptio metadata in the safetensors header is damaged")

@@ -28,6 +28,7 @@ from ckptio.formats import MAX_ZIP_DIRECTORY
 from ckptio.integrity import (
     DIGEST_PLACEHOLDER,
     ZSTD_LEADING_FRAME,
+    ZSTD_SKIPPABLE_MAGIC,
     compute_digest,
     file_reader,
     read_seal,
@@ -392,3 +393,29 @@ def test_slim_keeps_working_for_tied_weights_and_slices(tmp_path: Path) -> None:
     write_checkpoint(path, BufferSlot().take(state), name="x", fmt="torch", compression=None, fsync=False)
     assert slim_checkpoint(path, fsync=False).dropped == ("opt",)
     assert torch.equal(ckptio.load(path)["model_state_dict"]["tail"], shared[2:])
+
+
+@pytest.mark.parametrize("where", ["header", "meta", "trailer"])
+def test_an_integer_too_long_to_convert_is_damage_naming_the_file_not_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    # Before: ValueError("Exceeds the limit (4300 digits) ...") escaped as a plain ValueError without the file's
+    # name, and the CLI called it a usage error (exit 2).
+    big = "9" * 5000
+    if where == "trailer":
+        path = tmp_path / "big.pth.zst"
+        body = ('{"algorithm":"xxh3_128","ckptio":1,"digest":"' + "0" * 32 + '","meta":{"n":' + big + "}}").encode()
+        payload = body + struct.pack("<I", len(body)) + b"CKPTIO01"
+        trailer = ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload
+        path.write_bytes(ZSTD_LEADING_FRAME + zstandard.ZstdCompressor().compress(b"PK\x03\x04") + trailer)
+    else:
+        path = tmp_path / "big.safetensors"
+        metadata = ('"__metadata__":{"ckptio.meta":"{\\"n\\":' + big + '}","ckptio.digest":"' + "0" * 32 + '"}'
+                    if where == "meta" else '"n":' + big)
+        header = ('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},' + metadata + "}").encode()
+        header += b" " * (-len(header) % 8)
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON|metadata in the safetensors header is damaged"):
+        ckptio.load(path)
+    assert main(["load", str(path)]) == 1
+    assert main(["info", str(path)]) == 1
+    assert "big" in capsys.readouterr().err
