@@ -234,7 +234,13 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
     try:
         return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = str(exc)
+        message = text.splitlines()[0] if text else type(exc).__name__
+        if "WeightsUnpickler error:" in text:
+            # torch's own first line advises loading again with weights_only=False: never, for a file it refused.
+            detail = next((line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()),
+                          "")
+            message = f"it holds objects a weights-only load refuses, which ckptio never runs: {detail.strip()}"
         raise CorruptCheckpointError(path, f"not a loadable torch file ({message[:500]})") from None
 
 

@@ -419,3 +419,16 @@ def test_an_integer_too_long_to_convert_is_damage_naming_the_file_not_a_usage_er
     assert main(["load", str(path)]) == 1
     assert main(["info", str(path)]) == 1
     assert "big" in capsys.readouterr().err
+
+
+def test_a_pth_the_weights_only_unpickler_refuses_is_reported_without_advising_weights_only_false(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: the message was torch's first line, which tells the user that re-running with weights_only=False
+    # "will likely succeed" - for a file built to run code.
+    path = tmp_path / "refused.pth"
+    torch.save({"x": 10**6000}, path)
+    with pytest.raises(CorruptCheckpointError, match="weights-only load refuses") as caught:
+        ckptio.load(path)
+    assert "weights_only" not in str(caught.value)
+    assert main(["load", str(path)]) == 1
+    assert "weights_only" not in capsys.readouterr().err
