@@ -277,11 +277,16 @@ def _interim_model(settings: Settings, say: Callable[[str], None], weights: str 
     return model
 
 
+WEAK_RUNS = ("even_split", "weak")
+
+
 def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str], None] = print,
-                    interim_weights: str | None = None) -> dict[str, list[dict[str, Any]]]:
+                    interim_weights: str | None = None,
+                    runs: Sequence[str] = WEAK_RUNS) -> dict[str, list[dict[str, Any]]]:
     """Fine-tune the interim model on word-level data with the even split and with weak supervision.
 
     Returns ``{"even_split": rows, "weak": rows}``, one row per evaluation (step 0 is the interim model).
+    ``runs`` picks one of them, e.g. to run the two in separate processes.
     """
     interim = _interim_model(settings, say, interim_weights)
     state = {k: v.clone() for k, v in interim.state_dict().items()}
@@ -291,7 +296,8 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
                                                seed)
     val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word")
     results: dict[str, list[dict[str, Any]]] = {}
-    for name, weak in (("even_split", False), ("weak", True)):
+    for name in runs:
+        weak = name == "weak"
         torch.manual_seed(settings.seed)
         model = CRAFT()
         model.load_state_dict(state)
@@ -370,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fine-tune an interim model on word-level data: even split vs. weak supervision")
     parser.add_argument("--finetune-steps", type=int, default=100, help="with --weak-compare")
     parser.add_argument("--interim-weights", help="with --weak-compare: a CRAFT state_dict instead of training one")
+    parser.add_argument("--weak-runs", choices=(*WEAK_RUNS, "both"), default="both",
+                        help="with --weak-compare: only one of the fine-tuning runs (they are independent)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Settings()
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__ and v is not None}
@@ -407,8 +415,9 @@ def _main_weak(args: argparse.Namespace, settings: Settings, out: Path, started:
     if args.interim_weights is not None and not Path(args.interim_weights).is_file():
         print(f"learning_curve: error: --interim-weights {args.interim_weights}: no such file", file=sys.stderr)
         return 2
+    runs = WEAK_RUNS if args.weak_runs == "both" else (args.weak_runs,)
     results = weak_comparison(settings, args.finetune_steps, lambda line: print(line, flush=True),
-                              args.interim_weights)
+                              args.interim_weights, runs)
     machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
                "platform": platform.platform()}
     interim = (f"weights from {args.interim_weights}" if args.interim_weights else
