@@ -33,6 +33,7 @@ __all__ = [
     "read_safetensors",
     "read_safetensors_header",
     "read_torch",
+    "torch_load_error",
     "write_safetensors",
     "write_torch",
 ]
@@ -234,14 +235,19 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
     try:
         return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
-        text = str(exc)
-        message = text.splitlines()[0] if text else type(exc).__name__
-        if "WeightsUnpickler error:" in text:
-            # torch's own first line advises loading again with weights_only=False: never, for a file it refused.
-            detail = next((line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()),
-                          "")
-            message = f"it holds objects a weights-only load refuses, which ckptio never runs: {detail.strip()}"
-        raise CorruptCheckpointError(path, f"not a loadable torch file ({message[:500]})") from None
+        raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
+
+
+def torch_load_error(exc: BaseException) -> str:
+    """What ``torch.load`` said, in one line of at most 500 characters. For a file the weights-only unpickler
+    refused, only its reason: torch's own first line advises loading again with weights_only=False, never right
+    for a file that may have been built to run code."""
+    text = str(exc)
+    message = text.splitlines()[0] if text else type(exc).__name__
+    if "WeightsUnpickler error:" in text:
+        detail = next((line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), "")
+        message = f"it holds objects a weights-only load refuses, which ckptio never runs: {detail.strip()}"
+    return message[:500]
 
 
 # torch.load (miniz) cannot find the end record of a zip under ~80 KB whose comment is over 4 KiB ("negative seek

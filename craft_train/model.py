@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptio.formats import check_torch_zip
+from ckptio.formats import check_torch_zip, torch_load_error
 
 __all__ = [
     "CRAFT",
@@ -203,7 +203,8 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             _check_zip_layout(path, stream)
             obj = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable weights file"
-        raise ValueError(f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {torch_load_error(exc)}"
+                         ) from exc
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {str(path)!r} holds a {type(obj).__name__}, expected a state dict")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]

@@ -432,3 +432,12 @@ def test_a_pth_the_weights_only_unpickler_refuses_is_reported_without_advising_w
     assert "will likely succeed" not in str(caught.value)
     assert main(["load", str(path)]) == 1
     assert "will likely succeed" not in capsys.readouterr().err
+
+
+def test_pretrained_weights_refused_by_the_weights_only_unpickler_are_reported_without_torchs_advice(
+        tmp_path: Path) -> None:
+    path = tmp_path / "refused.pth"
+    torch.save({"x": 10**6000}, path)
+    with pytest.raises(ValueError, match="weights-only load refuses") as caught:
+        load_pretrained(torch.nn.Linear(1, 1), path)
+    assert "will likely succeed" not in str(caught.value)
