@@ -347,6 +347,8 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
     if container == "zstd":
         raw = _decompress(path, read_at, size, seal)
         if inner_format(path) == "safetensors":
+            # Its layout first: a second copy of bytes its tensors do not cover would double a bomb's cost.
+            formats.check_safetensors_layout(path, len(raw), lambda offset, size: bytes(raw[offset : offset + size]))
             data = bytes(raw)  # safetensors reads only bytes; free the other copy before it parses
             del raw
             return formats.read_safetensors(data, path, map_location)

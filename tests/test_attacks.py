@@ -441,3 +441,17 @@ def test_pretrained_weights_refused_by_the_weights_only_unpickler_are_reported_w
     with pytest.raises(ValueError, match="weights-only load refuses") as caught:
         load_pretrained(torch.nn.Linear(1, 1), path)
     assert "will likely succeed" not in str(caught.value)
+
+
+def test_a_safetensors_zst_whose_tensors_cover_little_of_its_data_is_refused_before_a_second_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: 8 MiB of zeros behind a one-tensor header was copied whole (bytes(raw)) before safetensors refused
+    # it: a zstd bomb cost twice its expansion.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "weights.safetensors.zst"
+    padding = struct.pack("<II", 0x184D2A50, 16_384) + bytes(range(256)) * 64  # a skippable frame: 1024x more room
+    path.write_bytes(zstandard.ZstdCompressor().compress(struct.pack("<Q", len(header)) + header
+                                                         + b"\0" * (8 * 2**20)) + padding)
+    monkeypatch.setattr(fileio.formats, "read_safetensors", _never_read_whole)
+    with pytest.raises(CorruptCheckpointError, match="cover 4 bytes"):
+        ckptio.load(path)
