@@ -17,7 +17,6 @@ import errno
 import json
 import math
 import os
-import re
 import reprlib
 import shutil
 import stat
@@ -529,32 +528,15 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_SHARD_FILE = re.compile(r"^rank\d{5,}-of-\d{5,}\.(pth|safetensors)(\.zst)?$")
-
-
 def _stale_orphans(directory: Path) -> list[OrphanShards]:
     """The orphan shard directories ``clean`` removes (see :func:`ckptio.layout.remove_stale_orphan_shards`):
-    older than the newest committed periodic checkpoint, or any when no manager has the directory open; and only
-    directories holding nothing but shard files and temporary files, so a user's own ``data.shards/`` is kept."""
+    older than the newest committed periodic checkpoint, or any when no manager has the directory open. Only
+    directories holding nothing but ckptio's files are orphans, so a user's own ``data.shards/`` is kept."""
     positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
     newest = max(positions, default=None)
     idle = not live_ranks(directory)
     return [orphan for orphan in orphan_shards(directory)
-            if _only_shards(orphan.path)
-            and (idle or (newest is not None and orphan.epoch_batch is not None and orphan.epoch_batch < newest))]
-
-
-def _only_shards(path: Path) -> bool:
-    """Whether ``path`` is a symlink (a name in the shards' way, removed as a link) or a real directory holding only
-    what ckptio writes there."""
-    try:
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISDIR(mode):
-            return stat.S_ISLNK(mode)
-        with os.scandir(path) as it:
-            return all(_SHARD_FILE.match(item.name) or is_temporary(item.name) for item in it)
-    except OSError:
-        return False
+            if idle or (newest is not None and orphan.epoch_batch is not None and orphan.epoch_batch < newest)]
 
 
 def _remove_orphan(path: Path) -> None:

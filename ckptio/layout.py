@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import TEMP_NAME_OVERHEAD, create_new, is_temporary, open_lock, remove_leftovers, temp_name
+from .errors import CorruptCheckpointError
+from .formats import check_json_cost
 
 __all__ = [
     "INDEX_NAME",
@@ -103,7 +105,7 @@ def delete_checkpoint(path: Path) -> None:
 
 
 def _remove_shard_directory(shards: Path) -> None:
-    if _is_real_directory(shards):
+    if holds_only_shards(shards):
         shutil.rmtree(shards, ignore_errors=True)  # rmtree never follows a symlink inside the tree
     elif shards.is_symlink():
         with contextlib.suppress(FileNotFoundError):
@@ -260,8 +262,9 @@ def read_index(directory: Path) -> dict[str, dict[str, Any]]:
     finally:
         os.close(fd)
     try:
+        check_json_cost(raw, directory / INDEX_NAME, "the index")  # 16 MiB of "{}," would cost GBs to parse
         doc = json.loads(raw)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, CorruptCheckpointError):
         return {}
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict):
@@ -349,7 +352,7 @@ class OrphanShards:
 
 
 def orphan_shards(directory: Path) -> list[OrphanShards]:
-    """Shard directories without a committed manifest beside them (symlinks named so are listed too)."""
+    """Shard directories without a committed manifest beside them that hold only ckptio's files."""
     manifests: set[str] = set()
     candidates: list[os.DirEntry[str]] = []
     with os.scandir(directory) as it:
@@ -365,14 +368,27 @@ def orphan_shards(directory: Path) -> list[OrphanShards]:
     orphans = []
     for item in candidates:
         name = item.name[: -len(SHARDS_SUFFIX)]
-        if name in manifests:
+        if name in manifests or not holds_only_shards(Path(item.path)):
             continue
         size, mtime_ns = _tree_size(Path(item.path))
-        if not size and not mtime_ns:  # a symlink or a file: nothing of ours, but a name in our way
-            with contextlib.suppress(FileNotFoundError):
-                mtime_ns = os.lstat(item.path).st_mtime_ns
         orphans.append(OrphanShards(Path(item.path), name, size, mtime_ns))
     return orphans
+
+
+_SHARD_FILE = re.compile(r"^rank\d{5,}-of-\d{5,}\.(pth|safetensors)(\.zst)?$")
+
+
+def holds_only_shards(path: Path) -> bool:
+    """Whether ``path`` is a real directory holding nothing but what ckptio writes there (shard files, temporary
+    files). Only those are ours to delete: a user's ``my_dataset.shards/``, or a symlink under such a name, is
+    never touched (a save that needs the name fails with a message instead)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        with os.scandir(path) as it:
+            return all(_SHARD_FILE.match(item.name) or is_temporary(item.name) for item in it)
+    except OSError:
+        return False
 
 
 def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,

@@ -488,3 +488,34 @@ def test_an_index_lock_held_forever_by_another_process_never_hangs_a_save(tmp_pa
         assert ckptio.verify(tmp_path).ok
     finally:
         os.close(holder)
+
+
+def test_opening_a_manager_or_cleaning_never_deletes_a_users_directory_named_like_shards(tmp_path: Path) -> None:
+    user_data = tmp_path / "my_dataset.shards"
+    user_data.mkdir()
+    (user_data / "a.tar").write_bytes(b"precious")
+    outside = tmp_path.parent / f"{tmp_path.name}-target"
+    outside.mkdir()
+    (tmp_path / "linked.shards").symlink_to(outside, target_is_directory=True)
+    with CheckpointManager(tmp_path, async_save=False, keep_count=1) as mgr:
+        for batch in (1, 2):
+            mgr.save(state(batch), name=periodic(batch))
+    from ckptio.cli import main
+
+    assert main(["clean", str(tmp_path), "--keep-count", "1"]) == 0
+    assert (user_data / "a.tar").read_bytes() == b"precious"
+    assert (tmp_path / "linked.shards").is_symlink() and outside.is_dir()
+
+
+def test_an_index_built_to_be_expensive_to_parse_is_a_cache_miss_without_parsing_it(tmp_path: Path) -> None:
+    import tracemalloc
+
+    payload = b'{"version":1,"files":{"x":[' + b"{}," * 2_000_000 + b"{}]}}"  # 6 MB: ~2M dicts if parsed
+    (tmp_path / ckptio.layout.INDEX_NAME).write_bytes(payload)
+    tracemalloc.start()
+    try:
+        assert ckptio.layout.read_index(tmp_path) == {}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * MiB, f"reading a 6 MB index peaked at {peak / MiB:.0f} MiB"
