@@ -104,6 +104,10 @@ def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any]
     header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data section to 8 bytes
+    if len(encoded) > MAX_SAFETENSORS_HEADER:  # never write a file that ckptio.load would refuse
+        raise ValueError(
+            f"the safetensors header would be {len(encoded)} bytes ({len(names)} tensors and the state's structure), "
+            f"more than the {MAX_SAFETENSORS_HEADER} bytes ckptio reads back; use format='torch' for this state")
     placeholder_at = None
     if digest_placeholder is not None:
         marker = json.dumps(SAFETENSORS_DIGEST_KEY).encode() + b':"'

@@ -150,6 +150,9 @@ def _trailer_json(digest: str, meta: dict[str, Any]) -> bytes:
 def zstd_trailer(digest: str, meta: dict[str, Any]) -> bytes:
     """A zstd skippable frame carrying the digest: ``magic, size, json, len(json), TRAILER_MAGIC``."""
     body = _trailer_json(digest, meta)
+    if len(body) > MAX_TRAILER:  # never write a file that ckptio.load would refuse
+        raise ValueError(f"the checkpoint's metadata is {len(body)} bytes as JSON, more than the {MAX_TRAILER} bytes "
+                         "ckptio reads back; pass less metadata= (or fewer top-level scalars)")
     payload = body + struct.pack("<I", len(body)) + TRAILER_MAGIC
     return ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload
 

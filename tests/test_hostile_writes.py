@@ -519,3 +519,15 @@ def test_an_index_built_to_be_expensive_to_parse_is_a_cache_miss_without_parsing
     finally:
         tracemalloc.stop()
     assert peak < 40 * MiB, f"reading a 6 MB index peaked at {peak / MiB:.0f} MiB"
+
+
+def test_a_state_whose_safetensors_header_would_be_unreadable_is_refused_when_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 4096)  # 150,000 tensors would take minutes
+    many = {f"layer{i}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    with CheckpointManager(tmp_path, async_save=False, format="safetensors") as mgr:
+        with pytest.raises(CheckpointWriteError, match="use format='torch'"):
+            mgr.save(many, name="big")
+    assert not list(tmp_path.glob("big*"))
