@@ -46,4 +46,4 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) checkpoints_improved $(DEMO_DIR) bench_out
+	rm -rf $(VENV) $(DEMO_DIR) bench_out

@@ -22,8 +22,9 @@ def _start() -> int:
     try:
         from .cli import main
     except ModuleNotFoundError as exc:  # typically: the project's virtual environment is not active
-        print(f"craft_train: {exc}; run it from the project's environment (`. .venv/bin/activate` after "
-              "`make install`)", file=sys.stderr)
+        hint = "" if ".venv" in str(exc) else ("; run it from the project's environment (`. .venv/bin/activate` "
+                                                "after `make install`)")
+        print(f"craft_train: {exc}{hint}", file=sys.stderr)
         return 1
     finally:
         if guard:
