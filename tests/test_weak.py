@@ -3,6 +3,11 @@ synthetic data and the trainer's switch."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +248,25 @@ def test_weak_supervision_auto_is_on_for_word_level_data_and_off_for_character_l
 def test_invalid_weak_supervision_settings_are_refused_with_the_choices(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be"):
         TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_learning_curve_benchmark_compares_the_even_split_with_weak_supervision(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
+    spec = importlib.util.spec_from_file_location("_bench_learning_curve_weak", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    assert module.main(["--weak-compare", "--steps", "1", "--finetune-steps", "1", "--eval-every", "1",
+                        "--val-images", "1", "--image-size", "64", "--out", str(out)]) == 0
+    doc = json.loads((out / "weak_supervision.json").read_text())
+    assert set(doc["results"]) == {"even_split", "weak"}
+    for rows in doc["results"].values():
+        assert [r["step"] for r in rows] == [0, 1]
+        assert all(0.0 <= r["char_iou"] <= 1.0 and r["region_mse"] >= 0.0 for r in rows)
+    # both runs start from the same interim weights
+    assert doc["results"]["weak"][0] == doc["results"]["even_split"][0]
+    assert "| weak | 1 |" in (out / "weak_supervision.md").read_text()
+    assert module.main(["--weak-compare", "--interim-weights", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
