@@ -99,8 +99,15 @@ class _OtherCpu:
         return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
     def _own(self) -> float:
+        # This process and its descendants (writer processes, DataLoader workers) are the benchmark, not "others":
+        # counting a writer process as disturbance abandoned every round that used one.
         times = self._process.cpu_times()
-        return times.user + times.system
+        total = times.user + times.system
+        for child in self._process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+        return total
 
     def cores(self) -> float:
         wall = time.perf_counter() - self._t0

@@ -2,7 +2,7 @@
 
 Marked ``cuda`` and skipped without a CUDA device (CI has none): run ``pytest -m cuda tests/test_cuda.py`` on a GPU
 machine. The CPU side of the same properties is tested elsewhere (``tests/test_deterministic.py`` runs the
-10 + resume + 10 == 20 check on the CPU).
+4 + resume + 4 == 8 check on the CPU).
 """
 
 from __future__ import annotations

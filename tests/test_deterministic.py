@@ -116,26 +116,26 @@ def _assert_bit_identical(a: TrainResult, b: TrainResult) -> None:
 
 
 @pytest.mark.slow
-def test_deterministic_ten_steps_resume_ten_steps_equals_twenty_bit_for_bit_on_cpu(
+def test_deterministic_four_steps_resume_four_steps_equals_eight_bit_for_bit_on_cpu(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = _switches()
     straight = train(TrainConfig(**BASE, deterministic=True, save_dir=str(tmp_path / "straight"), save_freq=0,
-                                 max_steps=20), say=_quiet)
+                                 max_steps=8), say=_quiet)
     assert _switches() == before, "train() leaked its deterministic switches into the process"
     common = dict(**BASE, deterministic=True, save_dir=str(tmp_path / "split"), save_freq=100)
-    first = train(TrainConfig(**common, max_steps=10), say=_quiet)
-    assert first.global_step == 10
+    first = train(TrainConfig(**common, max_steps=4), say=_quiet)
+    assert first.global_step == 4
     saved = ckptio.load(first.saved_paths[-1])
     assert saved["config"]["deterministic"] is True
     messages: list[str] = []
-    resumed = train(TrainConfig(**common, max_steps=20, resume=str(first.saved_paths[-1])), say=messages.append)
-    assert resumed.global_step == 20
+    resumed = train(TrainConfig(**common, max_steps=8, resume=str(first.saved_paths[-1])), say=messages.append)
+    assert resumed.global_step == 8
     assert not any("bit-identical" in m or "reproducible" in m for m in messages), messages
     _assert_bit_identical(straight, resumed)
     # Dropping the flag on resume warns and trains on.
     messages = []
     dropped = train(TrainConfig(**{**common, "deterministic": False, "save_dir": str(tmp_path / "dropped")},
-                                max_steps=11, resume=str(first.saved_paths[-1])), say=messages.append)
-    assert dropped.global_step == 11
+                                max_steps=5, resume=str(first.saved_paths[-1])), say=messages.append)
+    assert dropped.global_step == 5
     assert any("no longer bit-identical" in m for m in messages), messages
