@@ -111,6 +111,16 @@ def _evaluate(model: torch.nn.Module, data: SyntheticTextDataset, indices: Seque
     }
 
 
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> torch.Tensor:
+    """One optimizer step on ``batch``; returns its loss."""
+    prediction, _ = model(batch["image"])
+    loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def _batches(settings: Settings, train_indices: list[int]) -> Iterator[list[tuple[int, int]]]:
     """(epoch, [(index, aug_seed), ...]) in the trainer's order, epoch after epoch."""
     epoch = 1
@@ -144,11 +154,7 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> tuple[list[di
         started = time.perf_counter()
         model.train()
         batch = collate([train_set[k] for k in keys])
-        prediction, _ = model(batch["image"])
-        loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = _train_step(model, optimizer, batch)
         scheduler.step()
         seconds += time.perf_counter() - started
         losses.append(loss.item())
@@ -264,11 +270,7 @@ def _interim_model(settings: Settings, say: Callable[[str], None], weights: str 
     for step, keys in enumerate(_batches(settings, train_indices), start=1):
         model.train()
         batch = collate([data[k] for k in keys])
-        prediction, _ = model(batch["image"])
-        loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = _train_step(model, optimizer, batch)
         if step % 50 == 0 or step == settings.steps:
             say(f"interim model: step {step}/{settings.steps} loss {loss.item():.4f} "
                 f"({time.perf_counter() - started:.0f}s)")
@@ -312,11 +314,7 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
             started = time.perf_counter()
             model.train()
             batch = pseudo_targets(model, collate([train_set[k] for k in keys]))
-            prediction, _ = model(batch["image"])
-            loss, _, _ = craft_loss(prediction, batch["region"], batch["affinity"], batch["mask"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _train_step(model, optimizer, batch)
             seconds += time.perf_counter() - started
             losses.append(loss.item())
             if step % settings.eval_every == 0 or step == finetune_steps:

@@ -220,11 +220,12 @@ INDEX_LOCK_SECONDS = 5.0
 
 
 @contextlib.contextmanager
-def _index_lock(directory: Path) -> Iterator[None]:
+def _index_lock(directory: Path, wait: float | None = None) -> Iterator[None]:
     # Bounded: a process that holds the lock forever (hung, or hostile) must not hang a writer on a mere cache.
+    wait = INDEX_LOCK_SECONDS if wait is None else wait
     fd = open_lock(directory / _INDEX_LOCK_NAME)
     try:
-        deadline = time.monotonic() + INDEX_LOCK_SECONDS
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,7 +233,7 @@ def _index_lock(directory: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise OSError(errno.EWOULDBLOCK, f"{directory / _INDEX_LOCK_NAME} stayed locked for "
-                                  f"{INDEX_LOCK_SECONDS:g}s; the index (a cache) was not updated") from None
+                                  f"{wait:g}s; the index (a cache) was not updated") from None
                 time.sleep(0.01)
         yield
     finally:
@@ -283,15 +284,16 @@ def _valid_record(record: Any) -> bool:
             and isinstance(meta.get("user", {}), dict))
 
 
-def update_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
-    """Apply ``changes`` (file name -> record, or ``None`` to forget it) to the index, atomically.
+def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, wait: float | None = None) -> None:
+    """Apply ``changes`` (file name -> record, or ``None`` to forget it) to the index, atomically; ``OSError``
+    if another process holds the index lock for longer than ``wait`` seconds (default :data:`INDEX_LOCK_SECONDS`).
 
     Not fsynced: the index is a cache. After a power loss it may be stale or gone, which only turns states
     into "unverified" until the next ``verify``; two more fsyncs per save would buy nothing.
     """
     if not changes:
         return
-    with _index_lock(directory):
+    with _index_lock(directory, wait):
         try:
             files = read_index(directory)
         except Exception:  # any doubt about a cache means rebuilding it, never a failed save

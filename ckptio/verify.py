@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,20 +67,10 @@ INDEX_WAIT_SECONDS = 2.0
 
 def record_in_index(directory: Path, changes: dict[str, dict[str, Any] | None]) -> None:
     """Record ``changes`` in the index (only a cache), giving up after :data:`INDEX_WAIT_SECONDS`."""
-    done = threading.Event()
-
-    def update() -> None:
-        try:
-            update_index(directory, changes)
-        except OSError as exc:  # read-only media can still be verified
-            log.info("could not record results in %s: %s", directory, exc)
-        finally:
-            done.set()
-
-    # A daemon thread: if the lock is never released, it ends with the process.
-    threading.Thread(target=update, name="ckptio-verify-index", daemon=True).start()
-    if not done.wait(INDEX_WAIT_SECONDS):
-        log.info("could not record results in %s: its index lock is held by another process", directory)
+    try:
+        update_index(directory, changes, wait=INDEX_WAIT_SECONDS)
+    except OSError as exc:  # read-only media, or an index lock held by another process: verify still answers
+        log.info("could not record results in %s: %s", directory, exc)
 
 
 def _check_unchanging(file: Path) -> tuple[FileCheck, tuple[int, int, int] | None]:

@@ -1,8 +1,12 @@
-"""Assertions shared by the ckptio tests."""
+"""Assertions and loaders shared by the tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -34,3 +38,16 @@ def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
             assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), where
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` (they are scripts, not a package), imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

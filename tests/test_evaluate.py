@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 
 from craft_train.data import Annotation, IcdarDataset, SyntheticTextDataset, Word
 from craft_train.evaluate import (
@@ -326,14 +327,8 @@ def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_
 def test_learning_curve_benchmark_writes_json_markdown_and_a_chart(tmp_path: Path) -> None:
     import importlib.util
     import json
-    import sys
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("_bench_learning_curve", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("learning_curve")
 
     out = tmp_path / "out"
     assert module.main(["--steps", "2", "--eval-every", "1", "--val-images", "2", "--image-size", "64",

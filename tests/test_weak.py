@@ -3,14 +3,13 @@ synthetic data and the trainer's switch."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 from torch import nn
 
 from craft_train.config import TrainConfig
@@ -252,12 +251,7 @@ def test_invalid_weak_supervision_settings_are_refused_with_the_choices(field: s
 
 @pytest.mark.slow
 def test_the_learning_curve_benchmark_compares_the_even_split_with_weak_supervision(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("_bench_learning_curve_weak", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("learning_curve")
     out = tmp_path / "out"
     assert module.main(["--weak-compare", "--steps", "1", "--finetune-steps", "1", "--eval-every", "1",
                         "--val-images", "1", "--image-size", "64", "--out", str(out)]) == 0
