@@ -57,6 +57,9 @@ class Settings:
     image_size: int = 128
     batch_size: int = 4
     lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    """With --weak-compare: the fine-tuning runs' learning rate (a fresh Adam at the interim model's 1e-3 undoes
+    what it learned in both runs before either label can help)."""
     val_images: int = 32
     synthetic_size: int = 1000
     augment: bool = False
@@ -305,7 +308,7 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
         model.load_state_dict(state)
         train_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, settings.augment,
                                          labels="word", weak_supervision=weak)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.finetune_lr, weight_decay=WEIGHT_DECAY)
         rows = [_evaluate_word_level(model, val_set, val_indices, 0, None, 0.0)]
         say(f"{name:10s} {_weak_line(rows[-1])}")
         losses: list[float] = []
@@ -340,7 +343,7 @@ def weak_markdown(settings: Settings, finetune_steps: int, results: dict[str, li
         "# Weak supervision vs. the even split (word-level synthetic data, CPU)",
         "",
         f"Interim model: {interim}. Fine-tuned {finetune_steps} steps on word-level-only synthetic data (seed "
-        f"{settings.seed + 1}), {settings.image_size} px, batch {settings.batch_size}, Adam lr {settings.lr}, "
+        f"{settings.seed + 1}), {settings.image_size} px, batch {settings.batch_size}, Adam lr {settings.finetune_lr}, "
         f"augment={settings.augment}; {settings.val_images} validation images; torch {machine['torch']} on "
         f"{machine['cores']} threads. H-mean at {_thresholds(DEFAULT_THRESHOLDS)} and (lenient) "
         f"{_thresholds(LENIENT_THRESHOLDS)}; char IoU: mean IoU of the characters the model's region score splits "
@@ -373,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weak-compare", action="store_true",
                         help="fine-tune an interim model on word-level data: even split vs. weak supervision")
     parser.add_argument("--finetune-steps", type=int, default=100, help="with --weak-compare")
+    parser.add_argument("--finetune-lr", type=float, help=f"with --weak-compare (default {Settings.finetune_lr})")
     parser.add_argument("--interim-weights", help="with --weak-compare: a CRAFT state_dict instead of training one")
     parser.add_argument("--weak-runs", choices=(*WEAK_RUNS, "both"), default="both",
                         help="with --weak-compare: only one of the fine-tuning runs (they are independent)")

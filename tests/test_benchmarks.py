@@ -153,13 +153,16 @@ def test_pace_probe_times_the_write_and_compares_the_loop_with_its_idle_rate() -
 def test_train_overhead_quick_run_reports_each_method_and_its_pace(tmp_path: Path) -> None:
     module = _load("train_overhead")
     out = tmp_path / "out"
-    rc = module.main(["--methods", "sync,async,dcp-best", "--save-freqs", "1,2", "--segment", "2", "--rounds", "1",
-                      "--image-size", "32", "--no-wait", "--budget", "120", "--out", str(out)])
+    # One save frequency: every manager costs first saves of the whole CRAFT state (the suite's time); frequencies
+    # are the analysis's arithmetic, tested below. A 5-second budget: the first round is finished even when other
+    # processes disturb it (the suite's background training does), instead of being retried for 40% of the budget.
+    rc = module.main(["--methods", "sync,async,dcp-best", "--save-freqs", "1", "--segment", "2", "--rounds", "1",
+                      "--image-size", "32", "--no-wait", "--budget", "5", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "train_overhead.json").read_text())
     rows = {r["config"]: r for r in doc["analysis"]["rows"]}
-    assert {"no checkpoints", "sync, every step", "async, every 2 steps", "dcp-best, every 2 steps"} <= set(rows)
-    assert rows["async, every step"]["saves"] == 2 and rows["sync, every 2 steps"]["saves"] == 1
+    assert {"no checkpoints", "sync, every step", "async, every step", "dcp-best, every step"} <= set(rows)
+    assert rows["async, every step"]["saves"] == 2 and rows["sync, every step"]["saves"] == 2
     assert {p["method"] for p in doc["pace_probes"]} == {"async", "dcp-best"}
     assert "pace" in (out / "train_overhead.md").read_text()
     assert not _children_alive(), "a writer process outlived the benchmark"
