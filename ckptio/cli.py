@@ -72,6 +72,15 @@ _CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
              if c not in (0x09, 0x0A)}
 
 
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\t": "\\t"})
+
+
+def _one_line(name: str) -> str:
+    """A file name for one line of output: a newline or tab in it is shown escaped, so that a name cannot
+    forge a line (say, a checkpoint that looks verified) in what ``list``, ``clean`` or ``verify`` print."""
+    return name.translate(_LINE_BREAKS)
+
+
 class _Printable:
     """A text stream that writes terminal control characters as visible escapes (see ``_CONTROLS``)."""
 
@@ -285,7 +294,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if odd:
         print(f"\n⚠️ 无法读取 ({len(odd)}个, 不计入统计):")
         for name, why in odd:
-            print(f"  {name} - unreadable: {why}")
+            print(f"  {_one_line(name)} - unreadable: {why}")
     states = [integrity_state(e, index) for e in entries]
     print("\n📊 统计信息:")
     print(f"  批次检查点总数: {len(batches)}")
@@ -328,7 +337,7 @@ def _entry_line(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str
     summary = _recorded_summary(entry, index)
     scores = "".join(f" - {key}={summary[key]:.4f}" for key in ("val_loss", "val_hmean")
                      if isinstance(summary.get(key), float) and math.isfinite(summary[key]))
-    return f"  {entry.path.name} - {_mb(entry.total_size)}{shards} - {stamp} - {state}{scores}"
+    return f"  {_one_line(entry.path.name)} - {_mb(entry.total_size)}{shards} - {stamp} - {state}{scores}"
 
 
 def _recorded_summary(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -513,18 +522,18 @@ def _cmd_clean(args: argparse.Namespace) -> int:
             delete_checkpoint(entry.path)  # a training run's own retention may have got there first: fine
             forgotten[entry.path.name] = None
         freed += entry.total_size
-        print(f"  {verb}: {entry.path.name} - {_mb(entry.total_size)}")
+        print(f"  {verb}: {_one_line(entry.path.name)} - {_mb(entry.total_size)}")
     if forgotten:
         record_in_index(directory, forgotten)  # gives up after 2 s if another process holds the index lock
     for orphan in _stale_orphans(directory):
         if not args.dry_run:
             _remove_orphan(orphan.path)
-        print(f"  {verb}: {orphan.path.name} (shards of a save never committed) - {_mb(orphan.size)}")
+        print(f"  {verb}: {_one_line(orphan.path.name)} (shards of a save never committed) - {_mb(orphan.size)}")
     kept = len(entries) - len(victims)
     if not entries:
         print(f"no batch checkpoints in {directory}")
     print(f"🧹 {verb} {len(victims)} checkpoint(s), {_mb(freed)}; kept {kept}"
-          + (f" (newest valid: {newest_valid.name})" if newest_valid else ""))
+          + (f" (newest valid: {_one_line(newest_valid.name)})" if newest_valid else ""))
     return EXIT_OK
 
 
@@ -584,7 +593,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"no checkpoint found in {target} (files named NAME.pth or NAME.safetensors, optionally + .zst)")
     else:
         for check in report.files:
-            print(f"{_VERIFY_MARKS[check.status]} {check.path.name}: {check.status} - {check.reason}")
+            print(f"{_VERIFY_MARKS[check.status]} {_one_line(check.path.name)}: {check.status} - {check.reason}")
         bad = report.corrupt
         removed = sum(check.status == "removed" for check in report.files)
         print(f"{len(report.files)} file(s) checked, {len(bad)} corrupt"

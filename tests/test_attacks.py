@@ -210,6 +210,21 @@ def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_e
         assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, command
 
 
+def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_or_verify(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a planted file named "x\n✅ checkpoint_epoch_9_batch_900.pth: verified ..." printed a second line
+    # that looked like a verified checkpoint the directory does not hold.
+    forged = "x\n\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches\tend"
+    _sealed_safetensors(tmp_path / f"{forged}.safetensors", {"summary": {"loss": 1.0}})
+    for command in (["list", str(tmp_path)], ["verify", str(tmp_path)], ["clean", str(tmp_path), "--keep-count",
+                                                                          "1", "--dry-run"]):
+        assert main(command) == 0
+        out, _ = capsys.readouterr()
+        assert not any(line.startswith("\u2705 checkpoint_epoch_9") for line in out.splitlines()), (command, out)
+        if command[0] != "clean":  # clean lists batch checkpoints only; this name is not one
+            assert "x\\n\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches\\tend" in out, command
+
+
 def test_a_small_sealed_torch_checkpoint_with_a_long_trailer_loads(tmp_path: Path) -> None:
     # Before: torch.load (miniz) failed with "negative seek value" / EINVAL on a zip under ~80 KB behind a comment
     # over 4 KiB: a verified manifest of 50 shards, or a small state with long metadata, could not be loaded.
