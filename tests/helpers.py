@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+
+from craft_train.config import TrainConfig
+from craft_train.model import CRAFT
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -51,3 +55,14 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@dataclass(frozen=True)
+class TrainedOnSynthetic:
+    """A CRAFT model trained by the real trainer on character-level synthetic text, and where it started
+    (the ``trained_on_synthetic`` fixture of conftest.py)."""
+
+    config: TrainConfig
+    untrained: CRAFT
+    trained: CRAFT
+    steps: int

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_benchmark
+from helpers import TrainedOnSynthetic, load_benchmark
 from torch import nn
 
 from craft_train.config import TrainConfig
@@ -29,6 +29,7 @@ from craft_train.weak import (
     crop_geometry,
     crop_word,
     pseudo_char_quads,
+    pseudo_label_quality,
     pseudo_targets,
     split_region_score,
     word_confidence,
@@ -264,3 +265,36 @@ def test_the_learning_curve_benchmark_compares_the_even_split_with_weak_supervis
     assert doc["results"]["weak"][0] == doc["results"]["even_split"][0]
     assert "| weak | 1 |" in (out / "weak_supervision.md").read_text()
     assert module.main(["--weak-compare", "--interim-weights", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_an_interim_model_splits_words_into_characters_better_than_the_even_split(
+    trained_on_synthetic: TrainedOnSynthetic,
+) -> None:
+    """The paper's premise, measured on word-level synthetic images whose true characters are known (other
+    images than the model was trained on: seed + 1, 40 images, 115 words of two or more characters).
+
+    Measured with the suite's 200-step model (torch 2.13 CPU, one thread): mean IoU 0.700 against the even
+    split's 0.667 (+0.033); 63 % of the words split into as many characters as their transcription has, and
+    the loss trusts the words 0.90 on average (the even split: 0.50). The same measurement along another run
+    (benchmarks/learning_curve.py's loop, 2 threads) gave +0.016 to +0.030 from 150 to 300 steps and less than
+    the even split before 125 steps; the bar is +0.01.
+    """
+    config = trained_on_synthetic.config
+    data = SyntheticTextDataset(40, config.image_size, config.seed + 1, augment=False, labels="word")
+    words = []
+    for index in range(len(data)):
+        image, truth = data.render_chars(index)
+        words += [(image, w.char_quads) for w in truth.words]
+
+    interim = pseudo_label_quality(trained_on_synthetic.trained, words, config.image_size)
+    untrained = pseudo_label_quality(trained_on_synthetic.untrained, words, config.image_size)
+    report = f"interim {interim}; untrained {untrained}"
+    assert interim.words >= 100, report
+    assert interim.mean_iou >= interim.mean_iou_even_split + 0.01, report
+    # words whose count matches the transcription are trusted fully, the even split only half
+    assert interim.count_matches >= 0.4 and interim.mean_confidence_matched == 1.0, report
+    assert interim.mean_confidence > EVEN_SPLIT_CONFIDENCE + 0.2, report
+    # an untrained model finds no characters: every word falls back to the even split, at its confidence
+    assert untrained.count_matches == 0.0 and untrained.mean_iou == untrained.mean_iou_even_split, report
+    assert untrained.mean_confidence == EVEN_SPLIT_CONFIDENCE, report
