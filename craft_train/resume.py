@@ -23,6 +23,7 @@ from ckptio.slim import is_slim
 __all__ = [
     "augmentation_seed",
     "capture_rng",
+    "checked_optimizer_state",
     "epoch_permutation",
     "find_resume_checkpoint",
     "restore_rng",
@@ -110,3 +111,28 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
         say(f"--resume auto: skipping {entry.path.name}: {check.status} ({check.reason}); trying the previous one")
     say(f"--resume auto: no usable checkpoint in {directory}; starting a fresh run")
     return None
+
+
+def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) -> None:
+    """Check the optimizer state just loaded from ``path`` against the parameters it belongs to.
+
+    A file's tensors are only what it declares: a per-parameter state (Adam's moments) of another shape than
+    its parameter would fail inside the first step with a traceback, and one whose elements share memory
+    (stride 0, built with ``expand``) cannot be updated in place. The first is refused with ``ValueError``
+    naming the file; the second is replaced by a dense copy of the same values.
+    """
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            slots = optimizer.state.get(param)
+            if not slots:
+                continue
+            for name, value in list(slots.items()):
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue  # step counters
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"{path}: the optimizer state {name!r} of parameter {param_index} (group {group_index}) has "
+                        f"shape {tuple(value.shape)}, the model's parameter {tuple(param.shape)}: the file is damaged "
+                        "or belongs to another model; resume from another checkpoint")
+                if any(stride == 0 for stride, size in zip(value.stride(), value.shape, strict=True) if size > 1):
+                    slots[name] = value.clone(memory_format=torch.contiguous_format)

@@ -34,7 +34,14 @@ from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .postprocess import Thresholds
 from .progress import EpochProgress, SaveReport, progress_fields
-from .resume import augmentation_seed, capture_rng, epoch_permutation, find_resume_checkpoint, restore_rng
+from .resume import (
+    augmentation_seed,
+    capture_rng,
+    checked_optimizer_state,
+    epoch_permutation,
+    find_resume_checkpoint,
+    restore_rng,
+)
 from .weak import pseudo_targets
 
 __all__ = ["TrainResult", "train"]
@@ -182,11 +189,18 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
     if resume_path is not None:
         state = _load_resume_state(resume_path, config, world)
-        model.load_state_dict(state["model_state_dict"])
+        try:
+            model.load_state_dict(state["model_state_dict"])
+        except RuntimeError as exc:  # missing, unexpected or misshapen weights: a damaged or foreign file
+            reason = " ".join(str(exc).split())[:300]
+            raise ValueError(f"{resume_path}: its model weights do not fit CRAFT ({reason}); resume from another "
+                             "checkpoint") from None
         if sharded:
             optimizer.optim.load_state_dict(ckptio.load_shard(resume_path, world.rank)["optimizer_shard"])
+            checked_optimizer_state(optimizer.optim, resume_path)
         else:
             optimizer.load_state_dict(state["optimizer_state_dict"])
+            checked_optimizer_state(optimizer, resume_path)
         scheduler.load_state_dict(state["scheduler_state_dict"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr

@@ -14,6 +14,7 @@ from ckptio import cli as ckptio_cli
 from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
 from craft_train.config import TrainConfig
+from craft_train.resume import checked_optimizer_state
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs.
@@ -211,3 +212,42 @@ def test_a_weakly_supervised_run_resumes_bit_identically(tmp_path: Path) -> None
                     say=_quiet)
     assert resumed.global_step == 6
     _assert_same_training_state(straight, resumed)
+
+
+@pytest.mark.parametrize("damage", ["optimizer state of another shape", "model weights of another shape"])
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_refused_naming_the_file(
+    tmp_path: Path, six_steps: Path, damage: str
+) -> None:
+    # Before: a forged Adam moment of the wrong shape passed the resume and failed inside the first step with a
+    # traceback.
+    state = ckptio.load(_at_step(six_steps, 2))
+    if damage.startswith("optimizer"):
+        state["optimizer_state_dict"]["state"][0]["exp_avg"] = torch.zeros(3)
+        expected = "optimizer state 'exp_avg' of parameter 0 .* has shape \\(3,\\)"
+    else:
+        first = next(iter(state["model_state_dict"]))
+        state["model_state_dict"][first] = torch.zeros(3)
+        expected = "model weights do not fit CRAFT"
+    with ckptio.CheckpointManager(tmp_path / "forged", async_save=False, fsync=False) as manager:
+        saved = manager.save(state, name="checkpoint_epoch_1_batch_2")
+        assert saved is not None
+        path = saved.result().path
+    with pytest.raises(ValueError, match=f"{path.name}: .*{expected}.*resume from another checkpoint"):
+        train(_config(save_dir=str(tmp_path / "forged"), workers=0, resume=str(path)), say=_quiet)
+
+
+def test_optimizer_moments_whose_elements_share_memory_are_made_dense_before_the_first_step() -> None:
+    # Before: a stride-0 moment (torch.zeros(1).expand(...), kept as such by torch.save) made Adam's in-place
+    # update fail with "more than one element of the written-to tensor refers to a single memory location".
+    param = torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    param.grad = torch.ones(4, 3)
+    optimizer.step()
+    optimizer.state[param]["exp_avg"] = torch.zeros(1).expand(4, 3)
+    checked_optimizer_state(optimizer, "forged.pth")
+    moment = optimizer.state[param]["exp_avg"]
+    assert moment.stride() == (3, 1) and torch.equal(moment, torch.zeros(4, 3))
+    optimizer.step()  # works
+    with pytest.raises(ValueError, match="forged.pth: the optimizer state 'exp_avg_sq' of parameter 0"):
+        optimizer.state[param]["exp_avg_sq"] = torch.zeros(12)
+        checked_optimizer_state(optimizer, "forged.pth")
