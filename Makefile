@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo test test-learning lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: install
 test: install
 	$(PY) -m ruff check ckptio craft_train benchmarks tests
 	$(PY) -m pytest -q --timeout=600
+
+# The tests that need a CRAFT model trained for a few hundred steps (~4 minutes on 2 cores; tests/conftest.py).
+test-learning: install
+	$(PY) -m pytest -q --timeout=900 --learning -m learning
 
 bench: install
 	$(PY) benchmarks/save_latency.py

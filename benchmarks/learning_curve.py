@@ -286,12 +286,14 @@ WEAK_RUNS = ("even_split", "weak")
 
 
 def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str], None] = print,
-                    interim_weights: str | None = None,
-                    runs: Sequence[str] = WEAK_RUNS) -> dict[str, list[dict[str, Any]]]:
+                    interim_weights: str | None = None, runs: Sequence[str] = WEAK_RUNS,
+                    mix_every: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Fine-tune the interim model on word-level data with the even split and with weak supervision.
 
     Returns ``{"even_split": rows, "weak": rows}``, one row per evaluation (step 0 is the interim model).
-    ``runs`` picks one of them, e.g. to run the two in separate processes.
+    ``runs`` picks one of them, e.g. to run the two in separate processes. ``mix_every`` > 0: every
+    ``mix_every``-th step trains on a batch of the interim model's character-level data instead (the paper mixes
+    SynthText in at 1:5 so that character regions stay separated), in both runs alike.
     """
     interim = _interim_model(settings, say, interim_weights)
     state = {k: v.clone() for k, v in interim.state_dict().items()}
@@ -300,6 +302,9 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
     train_indices, val_indices = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
                                                seed)
     val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word")
+    char_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, settings.seed, settings.augment)
+    char_indices, _ = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
+                                    settings.seed)
     results: dict[str, list[dict[str, Any]]] = {}
     for name in runs:
         weak = name == "weak"
@@ -313,10 +318,14 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
         say(f"{name:10s} {_weak_line(rows[-1])}")
         losses: list[float] = []
         seconds = 0.0
+        char_batches = _batches(settings, char_indices)
         for step, keys in enumerate(_batches(words, train_indices), start=1):
             started = time.perf_counter()
             model.train()
-            batch = pseudo_targets(model, collate([train_set[k] for k in keys]))
+            if mix_every and step % mix_every == 0:
+                batch = collate([char_set[k] for k in next(char_batches)])
+            else:
+                batch = pseudo_targets(model, collate([train_set[k] for k in keys]))
             loss = _train_step(model, optimizer, batch)
             seconds += time.perf_counter() - started
             losses.append(loss.item())
@@ -338,13 +347,16 @@ def _weak_line(row: dict[str, Any]) -> str:
 
 
 def weak_markdown(settings: Settings, finetune_steps: int, results: dict[str, list[dict[str, Any]]],
-                  machine: dict[str, Any], interim: str) -> str:
+                  machine: dict[str, Any], interim: str, mix_every: int = 0) -> str:
+    mixed = (f", every {mix_every}th step on the interim model's character-level data instead" if mix_every
+             else "")
     lines = [
         "# Weak supervision vs. the even split (word-level synthetic data, CPU)",
         "",
         f"Interim model: {interim}. Fine-tuned {finetune_steps} steps on word-level-only synthetic data (seed "
-        f"{settings.seed + 1}), {settings.image_size} px, batch {settings.batch_size}, Adam lr {settings.finetune_lr}, "
-        f"augment={settings.augment}; {settings.val_images} validation images; torch {machine['torch']} on "
+        f"{settings.seed + 1}{mixed}), {settings.image_size} px, batch {settings.batch_size}, "
+        f"Adam lr {settings.finetune_lr}, augment={settings.augment}; {settings.val_images} validation images; "
+        f"torch {machine['torch']} on "
         f"{machine['cores']} threads. H-mean at {_thresholds(DEFAULT_THRESHOLDS)} and (lenient) "
         f"{_thresholds(LENIENT_THRESHOLDS)}; char IoU: mean IoU of the characters the model's region score splits "
         "each word into (1-D watershed, even split below s_conf 0.5) against the true character boxes; count "
@@ -372,12 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--val-images", type=int)
     parser.add_argument("--augment", action="store_true", default=None, help="the trainer's augmentation")
+    parser.add_argument("--seed", type=int,
+                        help="synthetic data seed (default 0; --weak-compare: fine-tunes on seed + 1)")
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--weak-compare", action="store_true",
                         help="fine-tune an interim model on word-level data: even split vs. weak supervision")
     parser.add_argument("--finetune-steps", type=int, default=100, help="with --weak-compare")
     parser.add_argument("--finetune-lr", type=float, help=f"with --weak-compare (default {Settings.finetune_lr})")
     parser.add_argument("--interim-weights", help="with --weak-compare: a CRAFT state_dict instead of training one")
+    parser.add_argument("--mix-char-every", type=int, default=0, metavar="N",
+                        help="with --weak-compare: every N-th fine-tuning step on character-level data (0: never)")
     parser.add_argument("--weak-runs", choices=(*WEAK_RUNS, "both"), default="both",
                         help="with --weak-compare: only one of the fine-tuning runs (they are independent)")
     args = parser.parse_args(argv)
@@ -411,24 +427,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_weak(args: argparse.Namespace, settings: Settings, out: Path, started: float) -> int:
-    if args.finetune_steps < 1:
-        print("learning_curve: error: --finetune-steps must be at least 1", file=sys.stderr)
+    if args.finetune_steps < 1 or args.mix_char_every < 0:
+        print("learning_curve: error: --finetune-steps must be at least 1 and --mix-char-every 0 or more",
+              file=sys.stderr)
         return 2
     if args.interim_weights is not None and not Path(args.interim_weights).is_file():
         print(f"learning_curve: error: --interim-weights {args.interim_weights}: no such file", file=sys.stderr)
         return 2
     runs = WEAK_RUNS if args.weak_runs == "both" else (args.weak_runs,)
     results = weak_comparison(settings, args.finetune_steps, lambda line: print(line, flush=True),
-                              args.interim_weights, runs)
+                              args.interim_weights, runs, args.mix_char_every)
     machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
                "platform": platform.platform()}
     interim = (f"weights from {args.interim_weights}" if args.interim_weights else
                f"{settings.steps} steps on character-level synthetic data (seed {settings.seed})")
     doc = {"settings": asdict(settings), "finetune_steps": args.finetune_steps, "interim": interim,
+           "mix_char_every": args.mix_char_every,
            "machine": machine, "wall_seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "weak_supervision.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    (out / "weak_supervision.md").write_text(weak_markdown(settings, args.finetune_steps, results, machine, interim),
-                                             encoding="utf-8")
+    report = weak_markdown(settings, args.finetune_steps, results, machine, interim, args.mix_char_every)
+    (out / "weak_supervision.md").write_text(report, encoding="utf-8")
     print(f"wrote {out / 'weak_supervision.json'} and {out / 'weak_supervision.md'}")
     return 0
 

@@ -279,19 +279,67 @@ def _region_separation(model: torch.nn.Module, data: SyntheticTextDataset, indic
 
 
 @pytest.mark.slow
-def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_cannot(
+def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_cannot(tmp_path: Path) -> None:
+    """80 steps of the real trainer (batch 4, 128 px, Adam 1e-3, no augmentation): ~50 s of training and
+    ~65 s in all on 2 idle CPU cores.
+
+    Measured (torch 2.13 CPU, seed 0, 32 validation images, 94 words):
+
+    * untrained: no detections at either threshold setting, H-mean 0.000;
+    * trained, lenient thresholds text/link/low 0.5/0.3/0.3: H-mean 0.741 (P 0.83, R 0.67);
+    * trained, official 0.7/0.4/0.4: H-mean 0.000 - after 80 steps the region peaks on text are ~0.6, so
+      nothing reaches text_threshold 0.7 yet. They get there at 120-200 steps (H-mean 0.38-0.79, see
+      benchmarks/learning_curve.py), too long for a test, so the official setting is not asserted;
+    * separation (peak on characters minus the 99th percentile on background): 0.001 untrained, 0.33 trained.
+
+    Bars, with margin for other machines and thread counts: lenient H-mean >= 0.5, separation >= 0.2.
+    """
+    from craft_train.config import TrainConfig
+    from craft_train.data import split_indices
+    from craft_train.postprocess import Thresholds
+    from craft_train.train import train
+
+    lenient = Thresholds(text_threshold=0.5, link_threshold=0.3, low_text=0.3)
+    n = 352  # 320 training images = 80 batches of 4, 32 for validation
+    config = TrainConfig(synthetic_size=n, val_fraction=32 / n, image_size=128, augment=False, batch_size=4, lr=1e-3,
+                         epochs=1, max_steps=80, workers=0, save_freq=0, save_dir=str(tmp_path / "ck"), device="cpu")
+    _, val_indices = split_indices(n, config.val_fraction, config.seed)
+    val = SyntheticTextDataset(n, config.image_size, config.seed, augment=False)
+    assert len(val_indices) == 32
+
+    torch.manual_seed(config.seed)  # the trainer's initial weights
+    untrained = CRAFT()
+    before = evaluate_model(untrained, val, val_indices, "cpu", thresholds=lenient)
+    separation_before = _region_separation(untrained, val, val_indices)
+
+    result = train(config, say=lambda _: None)
+    assert result.global_step == 80 and result.model is not None
+    after = evaluate_model(result.model, val, val_indices, "cpu", thresholds=lenient)
+    separation_after = _region_separation(result.model, val, val_indices)
+
+    report = f"untrained {before}, sep {separation_before:.3f}; trained {after}, sep {separation_after:.3f}"
+    assert before["num_gt"] > 60 and before["hmean"] == 0.0, report
+    assert abs(separation_before) < 0.05, report
+    assert after["hmean"] >= 0.5, report
+    assert separation_after >= 0.2, report
+
+
+@pytest.mark.slow
+@pytest.mark.learning
+def test_two_hundred_steps_find_words_at_the_official_thresholds(
     trained_on_synthetic: TrainedOnSynthetic,
 ) -> None:
-    """The suite's one trained model (tests/conftest.py: 200 steps of ``python -m craft_train`` from scratch,
-    batch 4, 128 px, Adam 1e-3, no augmentation, one thread) against its untrained start, on the trainer's 32
-    held-out images.
+    """The learning tier's model (tests/conftest.py: 200 steps of ``craft_train.train`` from scratch, batch 4,
+    128 px, Adam 1e-3, no augmentation) against its untrained start, on the trainer's 32 held-out images; the
+    80-step test above stays in every run, this one runs with ``--learning``.
 
-    Measured (torch 2.13 CPU, seed 0, 104 words):
+    Measured (torch 2.13 CPU, 2 threads, seed 0, 104 words):
 
     * untrained: no detections, H-mean 0.000; separation (peak on characters minus the 99th percentile on
       background) 0.002;
-    * trained, official thresholds 0.7/0.4/0.4: H-mean 0.751 (P 0.94, R 0.63);
-    * trained, lenient 0.5/0.3/0.3: H-mean 0.863 (P 0.95, R 0.79); separation 0.85.
+    * trained, official thresholds 0.7/0.4/0.4: H-mean 0.756 (P 0.96, R 0.63);
+    * trained, lenient 0.5/0.3/0.3: H-mean 0.837 (P 0.89, R 0.79); separation 0.86.
+    (The same run on one thread, through ``python -m craft_train``: 0.751, 0.863, 0.85.)
 
     Bars, with margin for other machines (other CPU kernels change the trajectory): lenient >= 0.6, official
     >= 0.4, separation >= 0.4.
