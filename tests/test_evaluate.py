@@ -280,17 +280,17 @@ def _region_separation(model: torch.nn.Module, data: SyntheticTextDataset, indic
 
 @pytest.mark.slow
 def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_cannot(tmp_path: Path) -> None:
-    """80 steps of the real trainer (batch 4, 128 px, Adam 1e-3, no augmentation): ~50 s of training and
-    ~65 s in all on 2 idle CPU cores.
+    """60 steps of the real trainer (batch 4, 128 px, Adam 1e-3, no augmentation): ~67 s of training (with
+    the trainer's own validation) and ~75 s in all on 2 idle CPU cores.
 
-    Measured (torch 2.13 CPU, seed 0, 32 validation images, 94 words):
+    Measured (torch 2.13 CPU, seed 0, 32 validation images, 95 words):
 
-    * untrained: no detections at either threshold setting, H-mean 0.000;
-    * trained, lenient thresholds text/link/low 0.5/0.3/0.3: H-mean 0.741 (P 0.83, R 0.67);
-    * trained, official 0.7/0.4/0.4: H-mean 0.000 - after 80 steps the region peaks on text are ~0.6, so
-      nothing reaches text_threshold 0.7 yet. They get there at 120-200 steps (H-mean 0.38-0.79, see
-      benchmarks/learning_curve.py), too long for a test, so the official setting is not asserted;
-    * separation (peak on characters minus the 99th percentile on background): 0.001 untrained, 0.33 trained.
+    * untrained: no detections, H-mean 0.000; separation (peak on characters minus the 99th percentile on
+      background) ~0.001;
+    * trained, lenient thresholds text/link/low 0.5/0.3/0.3: H-mean 0.756 (P 0.84, R 0.68), separation 0.47
+      (50 steps: 0.707 and 0.42; the 80 steps this test used before: 0.741 and 0.33 on other images);
+    * the official thresholds 0.7/0.4/0.4 need region peaks above 0.7, which come later: asserted by the
+      learning tier's 200-step test below (``--learning``), not here.
 
     Bars, with margin for other machines and thread counts: lenient H-mean >= 0.5, separation >= 0.2.
     """
@@ -300,9 +300,9 @@ def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_
     from craft_train.train import train
 
     lenient = Thresholds(text_threshold=0.5, link_threshold=0.3, low_text=0.3)
-    n = 352  # 320 training images = 80 batches of 4, 32 for validation
+    n = 272  # 240 training images = 60 batches of 4, 32 for validation
     config = TrainConfig(synthetic_size=n, val_fraction=32 / n, image_size=128, augment=False, batch_size=4, lr=1e-3,
-                         epochs=1, max_steps=80, workers=0, save_freq=0, save_dir=str(tmp_path / "ck"), device="cpu")
+                         epochs=1, max_steps=60, workers=0, save_freq=0, save_dir=str(tmp_path / "ck"), device="cpu")
     _, val_indices = split_indices(n, config.val_fraction, config.seed)
     val = SyntheticTextDataset(n, config.image_size, config.seed, augment=False)
     assert len(val_indices) == 32
@@ -313,7 +313,7 @@ def test_training_from_scratch_on_synthetic_text_finds_words_an_untrained_model_
     separation_before = _region_separation(untrained, val, val_indices)
 
     result = train(config, say=lambda _: None)
-    assert result.global_step == 80 and result.model is not None
+    assert result.global_step == 60 and result.model is not None
     after = evaluate_model(result.model, val, val_indices, "cpu", thresholds=lenient)
     separation_after = _region_separation(result.model, val, val_indices)
 
