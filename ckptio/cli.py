@@ -76,8 +76,9 @@ _LINE_BREAKS = str.maketrans({"\n": "\\n", "\t": "\\t"})
 
 
 def _one_line(name: str) -> str:
-    """A file name for one line of output: a newline or tab in it is shown escaped, so that a name cannot
-    forge a line (say, a checkpoint that looks verified) in what ``list``, ``clean`` or ``verify`` print."""
+    """Text from a file or a file name, for one line of output: a newline or tab in it is shown escaped, so that
+    it cannot forge a line (say, a checkpoint that looks verified) in what ``list``, ``clean``, ``verify`` or
+    ``info`` print."""
     return name.translate(_LINE_BREAKS)
 
 
@@ -412,23 +413,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
         return EXIT_OK
-    print(f"📄 {path}")
+    print(f"📄 {_one_line(str(path))}")
     modified = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.st_mtime))
     print(f"  size: {_mb(size)} ({size} bytes), modified {modified}")
     print(f"  format: {_SHORT.repr(doc['format'])[1:-1] if isinstance(doc['format'], str) else '?'}, "
           f"compression: {doc['compression'] if isinstance(doc['compression'], str) else 'none'}")
-    print(f"  digest: {doc['digest'] or 'none (not written by ckptio)'} [{doc['integrity']}]")
+    print(f"  digest: {_one_line(str(doc['digest'] or 'none (not written by ckptio)'))} [{doc['integrity']}]")
     if doc["resume_point"]:
-        print("  resume point: " + ", ".join(f"{k}={_shown(k, v)}" for k, v in doc["resume_point"].items()))
+        print("  resume point: " + _one_line(", ".join(f"{k}={_shown(k, v)}" for k, v in doc["resume_point"].items())))
     first = ("epoch", "batch", "total_batches", "train_loss", "cls_loss", "geo_loss")
     for key in first:
         if key in summary:
-            print(f"  {key}: {_shown(key, summary[key])}")
+            print(f"  {key}: {_one_line(_shown(key, summary[key]))}")
     for key, value in summary.items():
         if key not in (*first, "global_step"):
-            print(f"  {key}: {_shown(key, value)}")
+            print(f"  {_one_line(str(key))}: {_one_line(_shown(key, value))}")
     for key, value in doc["metadata"].items():
-        print(f"  {key}: {_shown(key, value)}")
+        print(f"  {_one_line(str(key))}: {_one_line(_shown(key, value))}")
     if seal:
         counts = [f"tensors: {_number(doc['tensors'])}", f"elements: {_number(doc['elements'])}"]
         if doc["parameters"] is not None:
@@ -453,7 +454,8 @@ def _cmd_load(args: argparse.Namespace) -> int:
     if isinstance(state, dict):
         budget = [_DESCRIBE_BUDGET]
         for key, value in state.items():
-            print(f"  {_SHORT.repr(key) if not isinstance(key, str) else key[:200]}: {_describe(value, budget)}")
+            shown = _SHORT.repr(key) if not isinstance(key, str) else _one_line(key[:200])
+            print(f"  {shown}: {_one_line(_describe(value, budget))}")
             if budget[0] <= 0:
                 print(f"  ... (stopped describing after {_DESCRIBE_BUDGET:,} objects)")
                 break
@@ -593,7 +595,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"no checkpoint found in {target} (files named NAME.pth or NAME.safetensors, optionally + .zst)")
     else:
         for check in report.files:
-            print(f"{_VERIFY_MARKS[check.status]} {_one_line(check.path.name)}: {check.status} - {check.reason}")
+            print(f"{_VERIFY_MARKS[check.status]} {_one_line(check.path.name)}: {check.status} - "
+                  f"{_one_line(check.reason)}")  # a reason may quote a shard name from the file
         bad = report.corrupt
         removed = sum(check.status == "removed" for check in report.files)
         print(f"{len(report.files)} file(s) checked, {len(bad)} corrupt"

@@ -116,23 +116,33 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
 def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) -> None:
     """Check the optimizer state just loaded from ``path`` against the parameters it belongs to.
 
-    A file's tensors are only what it declares: a per-parameter state (Adam's moments) of another shape than
-    its parameter would fail inside the first step with a traceback, and one whose elements share memory
-    (stride 0, built with ``expand``) cannot be updated in place. The first is refused with ``ValueError``
-    naming the file; the second is replaced by a dense copy of the same values.
+    A file's tensors are only what it declares: a per-parameter state (Adam's moments) that is missing, not a
+    tensor, or of another shape than its parameter would fail inside the first step with a traceback, and one
+    whose elements overlap in memory (a zero or odd stride, built with ``expand`` or ``as_strided``) would be
+    updated in place wrongly. The first are refused with ``ValueError`` naming the file; the second is replaced
+    by a dense copy of the same values.
     """
+    required = {"exp_avg", "exp_avg_sq"} if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else set()
     for group_index, group in enumerate(optimizer.param_groups):
         for param_index, param in enumerate(group["params"]):
             slots = optimizer.state.get(param)
             if not slots:
                 continue
+            where = f"{path}: the optimizer state of parameter {param_index} (group {group_index})"
+            missing = sorted(required - set(slots))
+            if missing:
+                raise ValueError(f"{where} lacks {', '.join(missing)}: the file is damaged; resume from another "
+                                 "checkpoint")
             for name, value in list(slots.items()):
-                if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                    continue  # step counters
-                if value.shape != param.shape:
+                if name == "step":
+                    if not (isinstance(value, int | float) or (isinstance(value, torch.Tensor) and value.numel() == 1)):
+                        raise ValueError(f"{where} has a step counter that is not a number: the file is damaged; "
+                                         "resume from another checkpoint")
+                    continue
+                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(
-                        f"{path}: the optimizer state {name!r} of parameter {param_index} (group {group_index}) has "
-                        f"shape {tuple(value.shape)}, the model's parameter {tuple(param.shape)}: the file is damaged "
-                        "or belongs to another model; resume from another checkpoint")
-                if any(stride == 0 for stride, size in zip(value.stride(), value.shape, strict=True) if size > 1):
-                    slots[name] = value.clone(memory_format=torch.contiguous_format)
+                        f"{where}: {name!r} is {shape}, the model's parameter {tuple(param.shape)}: the file is "
+                        "damaged or belongs to another model; resume from another checkpoint")
+                if not value.is_contiguous():
+                    slots[name] = value.contiguous()

@@ -191,7 +191,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         state = _load_resume_state(resume_path, config, world)
         try:
             model.load_state_dict(state["model_state_dict"])
-        except RuntimeError as exc:  # missing, unexpected or misshapen weights: a damaged or foreign file
+        except (RuntimeError, TypeError) as exc:  # missing, misshapen or no weights: a damaged or foreign file
             reason = " ".join(str(exc).split())[:300]
             raise ValueError(f"{resume_path}: its model weights do not fit CRAFT ({reason}); resume from another "
                              "checkpoint") from None

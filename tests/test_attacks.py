@@ -210,19 +210,30 @@ def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_e
         assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, command
 
 
-def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_or_verify(
+def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_verify_or_info(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Before: a planted file named "x\n✅ checkpoint_epoch_9_batch_900.pth: verified ..." printed a second line
-    # that looked like a verified checkpoint the directory does not hold.
-    forged = "x\n\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches\tend"
-    _sealed_safetensors(tmp_path / f"{forged}.safetensors", {"summary": {"loss": 1.0}})
-    for command in (["list", str(tmp_path)], ["verify", str(tmp_path)], ["clean", str(tmp_path), "--keep-count",
-                                                                          "1", "--dry-run"]):
-        assert main(command) == 0
+    # that looked like a verified checkpoint the directory does not hold; so did a shard name inside a manifest
+    # (quoted by verify's reason) and a summary value (printed by info).
+    line = "\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches"
+    _sealed_safetensors(tmp_path / f"x\n{line}\tend.safetensors", {"summary": {"loss": f"1\n{line}"}})
+    # a batch checkpoint's name may end in a newline (the name pattern's $ allows it): clean prints it
+    older = tmp_path / "checkpoint_epoch_1_batch_1\n.safetensors"
+    _sealed_safetensors(older, {"summary": {"loss": 1.0}})
+    os.utime(older, (1_000_000_000, 1_000_000_000))
+    _sealed_safetensors(tmp_path / "checkpoint_epoch_1_batch_2.safetensors", {"summary": {"loss": 1.0}})
+    write_checkpoint(tmp_path / "manifest.pth", BufferSlot().take({"x": torch.zeros(1)}), name="m", fmt="torch",
+                     compression=None, fsync=False,
+                     shards=[{"rank": 0, "file": f"manifest.shards/r\n{line}", "digest": "0" * 32}])
+    planted = str(tmp_path / f"x\n{line}\tend.safetensors")
+    for command in (["list", str(tmp_path)], ["verify", str(tmp_path)], ["info", planted],
+                    ["clean", str(tmp_path), "--keep-count", "1", "--dry-run"]):
+        main(command)
         out, _ = capsys.readouterr()
-        assert not any(line.startswith("\u2705 checkpoint_epoch_9") for line in out.splitlines()), (command, out)
-        if command[0] != "clean":  # clean lists batch checkpoints only; this name is not one
-            assert "x\\n\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches\\tend" in out, command
+        assert not any(row.startswith("\u2705 checkpoint_epoch_9") for row in out.splitlines()), (command, out)
+        assert f"\\n{line}" in out or command[0] == "clean", (command, out)
+        if command[0] == "clean":
+            assert "checkpoint_epoch_1_batch_1\\n.safetensors" in out, out
 
 
 def test_a_small_sealed_torch_checkpoint_with_a_long_trailer_loads(tmp_path: Path) -> None:

@@ -155,7 +155,7 @@ def test_train_overhead_quick_run_reports_each_method_and_its_pace(tmp_path: Pat
     out = tmp_path / "out"
     # One save frequency: every manager costs first saves of the whole CRAFT state (the suite's time); frequencies
     # are the analysis's arithmetic, tested below. A 5-second budget: the first round is finished even when other
-    # processes disturb it (the suite's background training does), instead of being retried for 40% of the budget.
+    # processes disturb it (any other job on a shared CI machine), instead of being retried for 40% of the budget.
     rc = module.main(["--methods", "sync,async,dcp-best", "--save-freqs", "1", "--segment", "2", "--rounds", "1",
                       "--image-size", "32", "--no-wait", "--budget", "5", "--out", str(out)])
     assert rc == 0

@@ -331,7 +331,7 @@ def test_two_hundred_steps_find_words_at_the_official_thresholds(
 ) -> None:
     """The learning tier's model (tests/conftest.py: 200 steps of ``craft_train.train`` from scratch, batch 4,
     128 px, Adam 1e-3, no augmentation) against its untrained start, on the trainer's 32 held-out images; the
-    80-step test above stays in every run, this one runs with ``--learning``.
+    60-step test above stays in every run, this one runs with ``--learning``.
 
     Measured (torch 2.13 CPU, 2 threads, seed 0, 104 words):
 

@@ -223,7 +223,7 @@ def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_refused_naming_the_f
     state = ckptio.load(_at_step(six_steps, 2))
     if damage.startswith("optimizer"):
         state["optimizer_state_dict"]["state"][0]["exp_avg"] = torch.zeros(3)
-        expected = "optimizer state 'exp_avg' of parameter 0 .* has shape \\(3,\\)"
+        expected = "optimizer state of parameter 0 .*'exp_avg' is \\(3,\\)"
     else:
         first = next(iter(state["model_state_dict"]))
         state["model_state_dict"][first] = torch.zeros(3)
@@ -236,18 +236,42 @@ def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_refused_naming_the_f
         train(_config(save_dir=str(tmp_path / "forged"), workers=0, resume=str(path)), say=_quiet)
 
 
-def test_optimizer_moments_whose_elements_share_memory_are_made_dense_before_the_first_step() -> None:
-    # Before: a stride-0 moment (torch.zeros(1).expand(...), kept as such by torch.save) made Adam's in-place
-    # update fail with "more than one element of the written-to tensor refers to a single memory location".
+def _stepped_adam() -> tuple[torch.nn.Parameter, torch.optim.Adam]:
     param = torch.nn.Parameter(torch.ones(4, 3))
     optimizer = torch.optim.Adam([param], lr=0.1)
     param.grad = torch.ones(4, 3)
     optimizer.step()
-    optimizer.state[param]["exp_avg"] = torch.zeros(1).expand(4, 3)
+    return param, optimizer
+
+
+@pytest.mark.parametrize("overlapping", [torch.zeros(1).expand(4, 3), torch.zeros(12).as_strided((4, 3), (1, 1))],
+                         ids=["stride 0", "overlapping strides"])
+def test_optimizer_moments_whose_elements_share_memory_are_made_dense_before_the_first_step(
+    overlapping: torch.Tensor,
+) -> None:
+    # Before: a stride-0 moment (torch.zeros(1).expand(...), kept as such by torch.save) made Adam's in-place
+    # update fail with "more than one element of the written-to tensor refers to a single memory location";
+    # overlapping strides let it update aliased elements silently.
+    param, optimizer = _stepped_adam()
+    optimizer.state[param]["exp_avg"] = overlapping
     checked_optimizer_state(optimizer, "forged.pth")
     moment = optimizer.state[param]["exp_avg"]
-    assert moment.stride() == (3, 1) and torch.equal(moment, torch.zeros(4, 3))
+    assert moment.stride() == (3, 1) and torch.equal(moment, overlapping.clone())
     optimizer.step()  # works
-    with pytest.raises(ValueError, match="forged.pth: the optimizer state 'exp_avg_sq' of parameter 0"):
-        optimizer.state[param]["exp_avg_sq"] = torch.zeros(12)
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("exp_avg_sq", torch.zeros(12), "'exp_avg_sq' is \\(12,\\)"),
+    ("exp_avg", torch.tensor(0.0), "'exp_avg' is \\(\\)"),  # 0-dim: broadcasting would fail inside step()
+    ("exp_avg", 5, "'exp_avg' is int"),
+    ("exp_avg", None, "lacks exp_avg"),
+    ("step", "seven", "step counter that is not a number"),
+])
+def test_forged_optimizer_state_is_refused_naming_the_file(name: str, value: object, expected: str) -> None:
+    param, optimizer = _stepped_adam()
+    if value is None:
+        del optimizer.state[param][name]
+    else:
+        optimizer.state[param][name] = value
+    with pytest.raises(ValueError, match=f"forged.pth: the optimizer state of parameter 0 .*{expected}"):
         checked_optimizer_state(optimizer, "forged.pth")
