@@ -258,6 +258,14 @@ def _evaluate_word_level(model: torch.nn.Module, data: SyntheticTextDataset, ind
     return row
 
 
+def _character_level_training_data(settings: Settings) -> tuple[SyntheticTextDataset, list[int]]:
+    """The synthetic images of ``settings.seed`` with character boxes, and the indices not held out."""
+    data = SyntheticTextDataset(settings.synthetic_size, settings.image_size, settings.seed, settings.augment)
+    train_indices, _ = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
+                                     settings.seed)
+    return data, train_indices
+
+
 def _interim_model(settings: Settings, say: Callable[[str], None], weights: str | None) -> CRAFT:
     torch.manual_seed(settings.seed)
     model = CRAFT()
@@ -265,9 +273,7 @@ def _interim_model(settings: Settings, say: Callable[[str], None], weights: str 
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         say(f"interim model: loaded {weights}")
         return model
-    data = SyntheticTextDataset(settings.synthetic_size, settings.image_size, settings.seed, settings.augment)
-    train_indices, _ = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
-                                     settings.seed)
+    data, train_indices = _character_level_training_data(settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=WEIGHT_DECAY)
     started = time.perf_counter()
     for step, keys in enumerate(_batches(settings, train_indices), start=1):
@@ -302,9 +308,7 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
     train_indices, val_indices = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
                                                seed)
     val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word")
-    char_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, settings.seed, settings.augment)
-    char_indices, _ = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
-                                    settings.seed)
+    char_set, char_indices = _character_level_training_data(settings)  # what the interim model trains on
     results: dict[str, list[dict[str, Any]]] = {}
     for name in runs:
         weak = name == "weak"

@@ -374,13 +374,13 @@ def _count(value: Any) -> int | None:
 
 
 def _shown(key: str, value: Any) -> str:
-    """A summary value as a user reads it: the trainer's "nothing yet" placeholders say so."""
+    """A summary value as a user reads it, on one line: the trainer's "nothing yet" placeholders say so."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "none yet"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 and (
             key.endswith(("hmean", "precision", "recall"))):
         return "none yet"  # an H-mean lies in [0, 1]: the trainer's -1.0 means "not measured yet"
-    return _SHORT.repr(value) if not isinstance(value, (int, float, str)) else str(value)[:200]
+    return _SHORT.repr(value) if not isinstance(value, (int, float, str)) else _one_line(str(value)[:200])
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -420,16 +420,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"compression: {doc['compression'] if isinstance(doc['compression'], str) else 'none'}")
     print(f"  digest: {_one_line(str(doc['digest'] or 'none (not written by ckptio)'))} [{doc['integrity']}]")
     if doc["resume_point"]:
-        print("  resume point: " + _one_line(", ".join(f"{k}={_shown(k, v)}" for k, v in doc["resume_point"].items())))
+        print("  resume point: " + ", ".join(f"{k}={_shown(k, v)}" for k, v in doc["resume_point"].items()))
     first = ("epoch", "batch", "total_batches", "train_loss", "cls_loss", "geo_loss")
     for key in first:
         if key in summary:
-            print(f"  {key}: {_one_line(_shown(key, summary[key]))}")
+            print(f"  {key}: {_shown(key, summary[key])}")
     for key, value in summary.items():
         if key not in (*first, "global_step"):
-            print(f"  {_one_line(str(key))}: {_one_line(_shown(key, value))}")
+            print(f"  {_one_line(str(key))}: {_shown(key, value)}")
     for key, value in doc["metadata"].items():
-        print(f"  {_one_line(str(key))}: {_one_line(_shown(key, value))}")
+        print(f"  {_one_line(str(key))}: {_shown(key, value)}")
     if seal:
         counts = [f"tensors: {_number(doc['tensors'])}", f"elements: {_number(doc['elements'])}"]
         if doc["parameters"] is not None:
