@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--weak-supervision", choices=("auto", "on", "off"), default=defaults.weak_supervision,
                       help="character boxes of word-level annotations proposed by the model being trained "
                            "(CRAFT paper 3.2) instead of an even split; auto: on for word-level data")
+    data.add_argument("--mix-synthetic", type=int, default=defaults.mix_synthetic, metavar="N",
+                      help="after every N training images of word-level data, one character-level synthetic image "
+                           "(the CRAFT paper: 5); keeps weak supervision from drifting toward merged characters")
     data.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     data.add_argument("--image-size", type=int, default=defaults.image_size)
     data.add_argument("--no-augment", dest="augment", action="store_false")

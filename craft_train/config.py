@@ -20,7 +20,7 @@ class TrainConfig:
     data_dir: str | None = None
     """ICDAR2015-style directory (images + ``gt_<image>.txt``); ``None`` uses the built-in synthetic data."""
     synthetic_size: int = 1000
-    """Number of synthetic images when no ``data_dir`` is given."""
+    """Number of synthetic images when no ``data_dir`` is given (and of the images ``mix_synthetic`` draws from)."""
     synthetic_labels: Literal["char", "word"] = "char"
     """The synthetic data's annotations: exact character boxes, or only word boxes and transcriptions (as real
     data), to measure weak supervision against the truth."""
@@ -28,6 +28,12 @@ class TrainConfig:
     """Character boxes of word-level annotations proposed by the model being trained (CRAFT paper, sec. 3.2;
     ``craft_train.weak``) instead of an even split of the word box. ``auto``: on for word-level data
     (``data_dir``, ``synthetic_labels="word"``), off for character-level data."""
+    mix_synthetic: int = 0
+    """After every this many training images of word-level data, one image of the built-in character-level
+    synthetic data (the CRAFT paper fine-tunes with SynthText at 1:5): its exact character boxes keep the region
+    score separating characters, which weak supervision alone lets drift toward merged ones. Drawn from
+    ``synthetic_size`` images (rendered after the run's own synthetic ones, when it has those); validation
+    stays on the run's own data. 0 mixes nothing."""
     val_fraction: float = 0.1
     """Share of the images held out for validation (0 disables validation and best_model)."""
     image_size: int = 512
@@ -109,7 +115,14 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.data_dir is None and self.synthetic_size < 1:
+        if isinstance(self.mix_synthetic, bool) or not isinstance(self.mix_synthetic, int) or self.mix_synthetic < 0:
+            raise ValueError(f"--mix-synthetic must be 0 (off) or a number of training images per synthetic "
+                             f"one (the CRAFT paper uses 5), got {self.mix_synthetic!r}")
+        if self.mix_synthetic and self.data_dir is None and self.synthetic_labels == "char":
+            raise ValueError("--mix-synthetic mixes character-level synthetic images into word-level data; the "
+                             "character-level synthetic data needs none: drop it, or train on --data-dir or "
+                             "--synthetic-labels word")
+        if (self.data_dir is None or self.mix_synthetic) and self.synthetic_size < 1:
             raise ValueError(f"--synthetic-size must be at least 1, got {self.synthetic_size}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
@@ -150,7 +163,7 @@ class TrainConfig:
 # device, checkpoint options) can change freely.
 RESUME_MUST_MATCH = (
     "data_dir", "synthetic_size", "val_fraction", "image_size", "augment", "batch_size", "lr", "weight_decay",
-    "lr_decay_steps", "lr_gamma", "seed", "synthetic_labels", "weak_supervision",
+    "lr_decay_steps", "lr_gamma", "seed", "synthetic_labels", "weak_supervision", "mix_synthetic",
 )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "IMAGENET_STD",
     "Annotation",
     "IcdarDataset",
+    "MixedDataset",
     "SyntheticLabels",
     "SyntheticTextDataset",
     "Word",
@@ -349,6 +350,10 @@ class IcdarDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for messages about it."""
+        return str(self.items[index][0])
+
     def load(self, index: int) -> tuple[np.ndarray, Annotation]:
         """Read image ``index`` (RGB uint8) and its annotation; raises on bad files."""
         image_path, gt_path = self.items[index]
@@ -416,12 +421,65 @@ class SyntheticTextDataset:
         image, annotation = self.render_chars(index)
         return image, annotation if self.labels == "char" else _word_level(annotation)
 
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for messages about it."""
+        return f"synthetic image {index} (seed {self.seed})"
+
+    def load(self, index: int) -> tuple[np.ndarray, Annotation]:
+        """The same as :meth:`render` (rendering cannot fail): the interface :class:`IcdarDataset` has."""
+        return self.render(index)
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
         index, aug_seed = _check_key(key, len(self))
         image, annotation = self.render(index)
         rng = _augment_rng(aug_seed, index) if self.augment else None
         return make_sample(image, annotation, self.image_size, rng, self._template,
                            weak_supervision=self.weak_supervision)
+
+
+class MixedDataset:
+    """A run's training images followed by character-level synthetic ones, under one index space.
+
+    Keys ``(i, aug_seed)`` with ``i < len(primary)`` go to ``primary``; key ``len(primary) + j`` is synthetic
+    image ``synthetic_offset + j``. The offset lets a run on synthetic word-level data mix in character-level
+    images it never trains on as word-level ones (those after its own ``synthetic_size``).
+    """
+
+    def __init__(self, primary: IcdarDataset | SyntheticTextDataset, synthetic: SyntheticTextDataset,
+                 synthetic_offset: int = 0) -> None:
+        if synthetic.labels != "char":
+            raise ValueError("the images mixed in must have character-level labels")
+        if not 0 <= synthetic_offset < len(synthetic):
+            raise ValueError(f"synthetic_offset must be in [0, {len(synthetic)}), got {synthetic_offset}")
+        self.primary = primary
+        self.synthetic = synthetic
+        self.synthetic_offset = synthetic_offset
+
+    @property
+    def synthetic_count(self) -> int:
+        """How many synthetic images the index space holds after the primary's."""
+        return len(self.synthetic) - self.synthetic_offset
+
+    def __len__(self) -> int:
+        return len(self.primary) + self.synthetic_count
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for messages about it."""
+        if index < len(self.primary):
+            return self.primary.describe(index)
+        return f"mixed-in {self.synthetic.describe(self.synthetic_offset + index - len(self.primary))}"
+
+    def load(self, index: int) -> tuple[np.ndarray, Annotation]:
+        """The un-augmented image and annotation of sample ``index`` (raises on unreadable files)."""
+        if index < len(self.primary):
+            return self.primary.load(index)
+        return self.synthetic.load(self.synthetic_offset + index - len(self.primary))
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        index, aug_seed = _check_key(key, len(self))
+        if index < len(self.primary):
+            return self.primary[(index, aug_seed)]
+        return self.synthetic[(self.synthetic_offset + index - len(self.primary), aug_seed)]
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor | int]:

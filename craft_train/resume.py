@@ -8,6 +8,7 @@ resume does not depend on this module never changing.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "checked_optimizer_state",
     "epoch_permutation",
     "find_resume_checkpoint",
+    "mix_in",
     "restore_rng",
 ]
 
@@ -34,6 +36,27 @@ def epoch_permutation(seed: int, epoch: int, indices: Sequence[int]) -> torch.Te
     """The order in which epoch ``epoch`` visits ``indices`` (an int64 tensor of dataset indices)."""
     order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(indices))
     return torch.as_tensor(np.asarray(indices, dtype=np.int64)[order])
+
+
+def mix_in(order: torch.Tensor, seed: int, epoch: int, every: int, first: int, count: int) -> torch.Tensor:
+    """``order`` with one of the indices ``first .. first + count - 1`` after each ``every`` of its own.
+
+    The indices put in follow a permutation of that range drawn from ``(seed, epoch)`` (cycled when an epoch
+    needs more of them than there are), so a mixed epoch is as reproducible as an unmixed one.
+    """
+    if every < 1 or count < 1:
+        raise ValueError(f"need every >= 1 and count >= 1, got {every=}, {count=}")
+    groups = math.ceil(len(order) / every)
+    picks = np.resize(np.random.default_rng([seed, epoch, 0x313C]).permutation(count), groups) + first
+    out = np.empty(len(order) + groups, dtype=np.int64)
+    mixed_at = np.arange(groups) * (every + 1) + every  # after each full group ...
+    if groups:
+        mixed_at[-1] = len(out) - 1  # ... and after the last, maybe shorter, one
+    own = np.ones(len(out), dtype=bool)
+    own[mixed_at] = False
+    out[own] = order.numpy()
+    out[mixed_at] = picks
+    return torch.from_numpy(out)
 
 
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:

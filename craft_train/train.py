@@ -26,7 +26,7 @@ from ckptio.layout import scan
 from ckptio.slim import is_slim, slim_older_checkpoints
 
 from .config import TrainConfig, incompatible_changes
-from .data import IcdarDataset, SyntheticTextDataset, collate, split_indices
+from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
 from .determinism import deterministic_mode, resume_note
 from .distributed import World, setup_world
 from .evaluate import evaluate_model
@@ -40,6 +40,7 @@ from .resume import (
     checked_optimizer_state,
     epoch_permutation,
     find_resume_checkpoint,
+    mix_in,
     restore_rng,
 )
 from .weak import pseudo_targets
@@ -151,8 +152,21 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False,
                                        labels=labels)
     train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
+    if config.mix_synthetic:  # character-level images after the run's own indices (the CRAFT paper's 1:5)
+        own = 0 if config.data_dir is not None else config.synthetic_size  # never the run's word-level images
+        train_set = MixedDataset(train_set, SyntheticTextDataset(
+            own + config.synthetic_size, config.image_size, config.seed, config.augment, labels="char",
+            weak_supervision=weak), synthetic_offset=own)
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        order = epoch_permutation(config.seed, epoch, train_indices)
+        if config.mix_synthetic:
+            order = mix_in(order, config.seed, epoch, config.mix_synthetic, len(train_set.primary),
+                           train_set.synthetic_count)
+        return order
+
     step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
-    total_batches = math.ceil(len(train_indices) / step_samples)
+    total_batches = math.ceil(len(epoch_order(1)) / step_samples)
     if total_batches == 0:
         raise ValueError("no training images left after the validation split; lower --val-fraction")
 
@@ -224,7 +238,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         if saved_world != world.size:
             say(f"the checkpoint was written by {saved_world} process(es), this run has {world.size}: a step now "
                 f"takes {step_samples} samples instead of {config.batch_size * saved_world}; the epoch continues "
-                f"at sample {position} of {len(train_indices)}, so no sample is skipped or repeated")
+                f"at sample {position} of {len(resumed_permutation)}, so no sample is skipped or repeated")
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.start_step = global_step
 
@@ -309,7 +323,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             if resumed_permutation is not None:
                 permutation, resumed_permutation = resumed_permutation, None
             else:
-                permutation = epoch_permutation(config.seed, epoch, train_indices)
+                permutation = epoch_order(epoch)
             order = _share(permutation.tolist(), position, config.batch_size, world)
             keys = [(i, augmentation_seed(config.seed, epoch, i)) for i in order]
             epoch_batches = batch_in_epoch + math.ceil((len(permutation) - position) / step_samples)
@@ -446,23 +460,20 @@ def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     return stepped
 
 
-def _name_bad_samples(dataset: Any, indices: list[int], named: list[str], write: Callable[[str], None]) -> None:
+def _name_bad_samples(dataset: IcdarDataset | SyntheticTextDataset | MixedDataset, indices: list[int],
+                      named: list[str], write: Callable[[str], None]) -> None:
     """Say which samples of a batch could not be read, and why, until :data:`NAMED_BAD_SAMPLES` are named.
 
     The loader only counts them (a worker process skips what it cannot read); the reason is found again by
     reading each of the batch's samples here, which costs a read only for the first few batches with errors.
     """
-    load, items = getattr(dataset, "load", None), getattr(dataset, "items", None)
-    if load is None:
-        return
     for index in indices:
         if len(named) >= NAMED_BAD_SAMPLES:
             return
         try:
-            load(index)
+            dataset.load(index)
         except Exception as exc:  # the same failures the dataset skips; anything else would have stopped training
-            where = items[index][0] if items is not None else f"sample {index}"
-            named.append(f"{where}: {exc}")
+            named.append(f"{dataset.describe(index)}: {exc}")
             write(f"skipped an unreadable sample: {named[-1]}" + (
                 " (further ones are only counted, errors= in the progress line)"
                 if len(named) == NAMED_BAD_SAMPLES else ""))

@@ -201,17 +201,27 @@ def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_
 
 
 @pytest.mark.slow
-def test_a_weakly_supervised_run_resumes_bit_identically(tmp_path: Path) -> None:
+def test_a_weakly_supervised_run_mixing_in_character_level_images_resumes_bit_identically(tmp_path: Path) -> None:
     """Weak supervision labels each batch with the weights being trained: a resumed run relabels from the restored
-    weights, so it must still match the uninterrupted run bit for bit (word-level synthetic data, 2 workers)."""
-    weak = dict(synthetic_labels="word", workers=2, val_fraction=0.0)  # 5 steps an epoch
+    weights, so it must still match the uninterrupted run bit for bit (word-level synthetic data, 2 workers),
+    with a character-level synthetic image after every 3 of the run's own (--mix-synthetic 3)."""
+    weak = dict(synthetic_labels="word", workers=2, val_fraction=0.0, mix_synthetic=3)  # 10 + 4 images: 7 steps
     straight = train(_config(**weak, save_dir=str(tmp_path / "straight"), save_freq=0, max_steps=6), say=_quiet)
     first = train(_config(**weak, save_dir=str(tmp_path / "run"), save_freq=3, max_steps=3), say=_quiet)
     assert first.global_step == 3
+    saved = ckptio.load(tmp_path / "run" / "checkpoint_epoch_1_batch_3.pth")
+    order = saved["data_order"]["permutation"].tolist()
+    assert saved["total_batches"] == 7 and len(order) == 14 and saved["data_order"]["position"] == 6
+    assert sorted(i for i in order if i < 10) == list(range(10))  # every image of the run's own, once
+    assert len([i for i in order if i >= 10]) == 4 and order[3] >= 10  # and 4 character-level ones mixed in
     resumed = train(_config(**weak, save_dir=str(tmp_path / "run"), save_freq=100, max_steps=6, resume="auto"),
                     say=_quiet)
     assert resumed.global_step == 6
     _assert_same_training_state(straight, resumed)
+    messages: list[str] = []
+    with pytest.raises(ValueError, match="mix_synthetic: checkpoint has 3, this run has 5"):
+        train(_config(**{**weak, "mix_synthetic": 5}, save_dir=str(tmp_path / "run"), resume="auto"),
+              say=messages.append)
 
 
 @pytest.mark.parametrize("damage", ["optimizer state of another shape", "model weights of another shape"])

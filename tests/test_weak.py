@@ -12,9 +12,11 @@ import torch
 from helpers import TrainedOnSynthetic, load_benchmark
 from torch import nn
 
+from craft_train.cli import main as craft_train_main
 from craft_train.config import TrainConfig
 from craft_train.data import (
     Annotation,
+    MixedDataset,
     SyntheticTextDataset,
     Word,
     collate,
@@ -23,6 +25,7 @@ from craft_train.data import (
 )
 from craft_train.labels import split_word_quad
 from craft_train.model import CRAFT
+from craft_train.resume import mix_in
 from craft_train.synthetic import word_box
 from craft_train.weak import (
     EVEN_SPLIT_CONFIDENCE,
@@ -248,6 +251,64 @@ def test_weak_supervision_auto_is_on_for_word_level_data_and_off_for_character_l
 def test_invalid_weak_supervision_settings_are_refused_with_the_choices(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be"):
         TrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+# ---- character-level synthetic images mixed into word-level data (the paper's 1:5) --------------------------------
+
+def test_mixing_puts_one_synthetic_index_after_every_n_of_the_epochs_own_and_keeps_their_order() -> None:
+    order = torch.tensor([5, 3, 8, 1, 0, 9, 2])
+    mixed = mix_in(order, seed=0, epoch=1, every=3, first=100, count=50)
+    assert len(mixed) == 10  # 7 own + one after each of the groups of 3, 3 and 1
+    assert [int(i) >= 100 for i in mixed] == [False] * 3 + [True] + [False] * 3 + [True, False, True]
+    assert mixed[mixed < 100].tolist() == order.tolist()
+    picks = mixed[mixed >= 100].tolist()
+    assert len(set(picks)) == 3 and all(100 <= i < 150 for i in picks)
+    assert torch.equal(mixed, mix_in(order, 0, 1, 3, 100, 50))  # a pure function of seed and epoch
+    assert mix_in(order, 0, 2, 3, 100, 50)[mixed >= 100].tolist() != picks  # another epoch, other images
+
+
+def test_mixing_cycles_the_synthetic_images_when_an_epoch_needs_more_than_there_are() -> None:
+    mixed = mix_in(torch.arange(10), seed=0, epoch=1, every=1, first=10, count=3)
+    picks = mixed[1::2].tolist()
+    assert mixed[0::2].tolist() == list(range(10))
+    assert sorted(picks.count(i) for i in (10, 11, 12)) == [3, 3, 4]
+    with pytest.raises(ValueError, match="every >= 1"):
+        mix_in(torch.arange(3), seed=0, epoch=1, every=0, first=3, count=1)
+
+
+def test_a_mixed_dataset_serves_the_runs_images_then_character_level_ones_it_never_sees_as_words() -> None:
+    words = SyntheticTextDataset(4, 64, seed=5, labels="word", weak_supervision=True)
+    chars = SyntheticTextDataset(4 + 6, 64, seed=5, labels="char", weak_supervision=True)
+    mixed = MixedDataset(words, chars, synthetic_offset=4)
+    assert len(mixed) == 4 + 6 and mixed.synthetic_count == 6
+    own, extra = mixed[(1, 7)], mixed[(4, 7)]
+    assert all(torch.equal(own[k], words[(1, 7)][k]) for k in own)
+    assert all(torch.equal(extra[k], chars[(4, 7)][k]) for k in extra)
+    assert extra["word_crops"].shape[0] == 0 < own["word_crops"].shape[0]  # exact boxes: nothing to pseudo-label
+    image, annotation = mixed.load(4)
+    assert annotation.words and not any(w.word_level for w in annotation.words)
+    assert not any(np.array_equal(image, words.render(i)[0]) for i in range(4))  # not one of the run's images
+    batch = collate([own, extra])
+    assert set(batch["word_owner"].tolist()) == {0} and batch["size"] == 2
+    assert mixed.describe(4) == "mixed-in synthetic image 4 (seed 5)"
+    assert mixed.describe(0) == "synthetic image 0 (seed 5)"
+    with pytest.raises(ValueError, match="character-level"):
+        MixedDataset(words, words)
+    with pytest.raises(ValueError, match="synthetic_offset"):
+        MixedDataset(words, chars, synthetic_offset=10)
+
+
+def test_mix_synthetic_is_refused_for_character_level_data_and_below_zero_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert TrainConfig(data_dir="some/dir", mix_synthetic=5).mix_synthetic == 5
+    assert TrainConfig(synthetic_labels="word", mix_synthetic=5).mix_synthetic == 5
+    with pytest.raises(ValueError, match="--mix-synthetic must be 0"):
+        TrainConfig(synthetic_labels="word", mix_synthetic=-1)
+    assert craft_train_main(["--mix-synthetic", "5"]) == 2  # refused before any model or data is set up
+    err = capsys.readouterr().err
+    assert "--mix-synthetic mixes character-level synthetic images into word-level data" in err
+    assert "--synthetic-labels word" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
