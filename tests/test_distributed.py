@@ -48,9 +48,11 @@ def test_two_processes_write_each_checkpoint_once_and_resume_exactly_in_two_proc
     first = ckptio.load(tmp_path / "straight" / "checkpoint_epoch_1_batch_1.pth")
     assert first["world_size"] == 2 and first["data_order"]["position"] == 4
 
-    _run(2, tmp_path / "resumed", "--epochs", "2", "--max-steps", "1")
-    # The same one-step checkpoint, resumed once by two processes and once by one (one torchrun start less).
-    shutil.copytree(tmp_path / "resumed", tmp_path / "one_process")
+    # The straight run's checkpoint of step 1 (written in the background while it trained on), resumed once by
+    # two processes and once by one: the same proof as stopping a run there, without two more torchrun starts.
+    for directory in ("resumed", "one_process"):
+        (tmp_path / directory).mkdir()
+        shutil.copy2(tmp_path / "straight" / "checkpoint_epoch_1_batch_1.pth", tmp_path / directory)
     resumed = _run(2, tmp_path / "resumed", "--epochs", "2", "--resume", "auto")
     assert "resumed from" in resumed.stdout
     expected = ckptio.load(tmp_path / "straight" / "checkpoint_epoch_2_batch_2.pth")
@@ -95,8 +97,13 @@ def test_killing_one_rank_mid_run_leaves_the_previous_checkpoint_valid(tmp_path:
 @pytest.mark.slow
 def test_sharded_optimizer_checkpoints_are_valid_only_with_every_shard_and_resume_exactly(tmp_path: Path) -> None:
     _run(2, tmp_path / "straight", "--epochs", "1", "--zero")
-    _run(2, tmp_path / "resumed", "--epochs", "1", "--zero", "--max-steps", "1")
-    _run(2, tmp_path / "resumed", "--epochs", "1", "--zero", "--resume", "auto")
+    # its step-1 checkpoint, manifest and shards, resumed (as in the test above)
+    (tmp_path / "resumed").mkdir()
+    for name in ("checkpoint_epoch_1_batch_1.pth", "checkpoint_epoch_1_batch_1.shards"):
+        copy = shutil.copytree if (tmp_path / "straight" / name).is_dir() else shutil.copy2
+        copy(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    resumed = _run(2, tmp_path / "resumed", "--epochs", "1", "--zero", "--resume", "auto")
+    assert "resumed from" in resumed.stdout and "global step 1" in resumed.stdout
     for directory in ("straight", "resumed"):
         shards = sorted(p.name for p in (tmp_path / directory / "checkpoint_epoch_1_batch_2.shards").iterdir())
         assert shards == ["rank00000-of-00002.pth", "rank00001-of-00002.pth"]
