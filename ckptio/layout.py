@@ -55,7 +55,8 @@ SHARDS_SUFFIX = ".shards"
 LOCK_NAME = ".ckptio.lock"
 _INDEX_LOCK_NAME = ".ckptio-index.lock"
 _SUFFIXES = (".pth.zst", ".safetensors.zst", ".pth", ".safetensors")
-_BATCH_NAME = re.compile(r"^checkpoint_epoch_(\d+)_batch_(\d+)$")
+# fullmatch with [0-9]: "$" would also match before a trailing newline, and \d any Unicode digit ("١" is 1)
+_BATCH_NAME = re.compile(r"checkpoint_epoch_([0-9]+)_batch_([0-9]+)")
 _LONGEST_SUFFIX = max(len(s) for s in _SUFFIXES)
 _NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs (os.pathconf's PC_NAME_MAX)
 
@@ -160,7 +161,7 @@ def split_suffix(filename: str) -> tuple[str, str] | None:
 
 def parse_checkpoint_name(stem: str) -> tuple[int, int] | None:
     """``(epoch, batch)`` for ``checkpoint_epoch_{epoch}_batch_{batch}``."""
-    match = _BATCH_NAME.match(stem)
+    match = _BATCH_NAME.fullmatch(stem)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
@@ -377,7 +378,7 @@ def orphan_shards(directory: Path) -> list[OrphanShards]:
     return orphans
 
 
-_SHARD_FILE = re.compile(r"^rank\d{5,}-of-\d{5,}\.(pth|safetensors)(\.zst)?$")
+_SHARD_FILE = re.compile(r"rank[0-9]{5,}-of-[0-9]{5,}\.(pth|safetensors)(\.zst)?")
 
 
 def holds_only_shards(path: Path) -> bool:
@@ -388,7 +389,7 @@ def holds_only_shards(path: Path) -> bool:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             return False
         with os.scandir(path) as it:
-            return all(_SHARD_FILE.match(item.name) or is_temporary(item.name) for item in it)
+            return all(_SHARD_FILE.fullmatch(item.name) or is_temporary(item.name) for item in it)
     except OSError:
         return False
 

@@ -35,7 +35,7 @@ from ckptio.integrity import (
     seal_zip_file,
     zstd_trailer,
 )
-from ckptio.layout import INDEX_NAME
+from ckptio.layout import INDEX_NAME, parse_checkpoint_name
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import BufferSlot
 from craft_train.model import load_pretrained
@@ -217,7 +217,8 @@ def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_verify_or_info(
     # (quoted by verify's reason) and a summary value (printed by info).
     line = "\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches"
     _sealed_safetensors(tmp_path / f"x\n{line}\tend.safetensors", {"summary": {"loss": f"1\n{line}"}})
-    # a batch checkpoint's name may end in a newline (the name pattern's $ allows it): clean prints it
+    # a name that is a batch checkpoint's but for a trailing newline is another (named) checkpoint: list shows it
+    # escaped, and clean leaves it alone (its pattern's "$" once matched before the newline)
     older = tmp_path / "checkpoint_epoch_1_batch_1\n.safetensors"
     _sealed_safetensors(older, {"summary": {"loss": 1.0}})
     os.utime(older, (1_000_000_000, 1_000_000_000))
@@ -232,8 +233,20 @@ def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_verify_or_info(
         out, _ = capsys.readouterr()
         assert not any(row.startswith("\u2705 checkpoint_epoch_9") for row in out.splitlines()), (command, out)
         assert f"\\n{line}" in out or command[0] == "clean", (command, out)
-        if command[0] == "clean":
+        if command[0] == "list":
             assert "checkpoint_epoch_1_batch_1\\n.safetensors" in out, out
+        if command[0] == "clean":
+            assert "checkpoint_epoch_1_batch_1\\n" not in out, out
+    assert older.exists()
+
+
+@pytest.mark.parametrize("stem", ["checkpoint_epoch_1_batch_1\n", "checkpoint_epoch_\u0661_batch_1",
+                                  "checkpoint_epoch_1_batch_\uff11", "checkpoint_epoch_1_batch_1x"])
+def test_only_plain_ascii_digits_make_a_batch_checkpoint_name(stem: str) -> None:
+    # "\u0661" (Arabic-Indic one) and "\uff11" (fullwidth one) are digits to \d and to int(): such a planted name
+    # would pass for checkpoint_epoch_1_batch_1 in retention and in --resume auto's order
+    assert parse_checkpoint_name(stem) is None
+    assert parse_checkpoint_name("checkpoint_epoch_12_batch_340") == (12, 340)
 
 
 def test_a_small_sealed_torch_checkpoint_with_a_long_trailer_loads(tmp_path: Path) -> None:
