@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from craft_train.config import TrainConfig
-from craft_train.data import SyntheticTextDataset, collate, make_sample, split_indices
+from craft_train.data import MixedDataset, SyntheticTextDataset, collate, make_sample, split_indices
 from craft_train.evaluate import DetectionCounts, evaluate_model, match_image, word_quads
 from craft_train.loss import craft_loss
 from craft_train.model import CRAFT
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
-from craft_train.resume import augmentation_seed, epoch_permutation
+from craft_train.resume import augmentation_seed, epoch_permutation, mix_in
 from craft_train.weak import pseudo_label_quality, pseudo_targets
 
 __all__ = ["LENIENT_THRESHOLDS", "Settings", "main", "markdown_report", "run"]
@@ -124,11 +124,16 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     return loss
 
 
-def _batches(settings: Settings, train_indices: list[int]) -> Iterator[list[tuple[int, int]]]:
-    """(epoch, [(index, aug_seed), ...]) in the trainer's order, epoch after epoch."""
+def _batches(settings: Settings, train_indices: list[int],
+             mixed: MixedDataset | None = None, mix_synthetic: int = 0) -> Iterator[list[tuple[int, int]]]:
+    """[(index, aug_seed), ...] in the trainer's order, epoch after epoch; with ``mixed``, one of its synthetic
+    images after every ``mix_synthetic`` of the epoch's own, as the trainer's ``--mix-synthetic``."""
     epoch = 1
     while True:
-        order = epoch_permutation(settings.seed, epoch, train_indices).tolist()
+        order_t = epoch_permutation(settings.seed, epoch, train_indices)
+        if mixed is not None:
+            order_t = mix_in(order_t, settings.seed, epoch, mix_synthetic, len(mixed.primary), mixed.synthetic_count)
+        order = order_t.tolist()
         for start in range(0, len(order) - settings.batch_size + 1, settings.batch_size):
             yield [(int(i), augmentation_seed(settings.seed, epoch, int(i)))
                    for i in order[start:start + settings.batch_size]]
@@ -293,13 +298,15 @@ WEAK_RUNS = ("even_split", "weak")
 
 def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str], None] = print,
                     interim_weights: str | None = None, runs: Sequence[str] = WEAK_RUNS,
-                    mix_every: int = 0) -> dict[str, list[dict[str, Any]]]:
+                    mix_every: int = 0, mix_synthetic: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Fine-tune the interim model on word-level data with the even split and with weak supervision.
 
     Returns ``{"even_split": rows, "weak": rows}``, one row per evaluation (step 0 is the interim model).
     ``runs`` picks one of them, e.g. to run the two in separate processes. ``mix_every`` > 0: every
     ``mix_every``-th step trains on a batch of the interim model's character-level data instead (the paper mixes
-    SynthText in at 1:5 so that character regions stay separated), in both runs alike.
+    SynthText in at 1:5 so that character regions stay separated), in both runs alike. ``mix_synthetic`` > 0:
+    the trainer's ``--mix-synthetic`` instead (one character-level image of the fine-tuning seed, from after its
+    own images, after every ``mix_synthetic`` word-level ones, within the batches).
     """
     interim = _interim_model(settings, say, interim_weights)
     state = {k: v.clone() for k, v in interim.state_dict().items()}
@@ -315,15 +322,21 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
         torch.manual_seed(settings.seed)
         model = CRAFT()
         model.load_state_dict(state)
-        train_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, settings.augment,
-                                         labels="word", weak_supervision=weak)
+        train_set: SyntheticTextDataset | MixedDataset = SyntheticTextDataset(
+            settings.synthetic_size, settings.image_size, seed, settings.augment, labels="word",
+            weak_supervision=weak)
+        mixed = None
+        if mix_synthetic:  # as craft_train's data section builds it
+            mixed = train_set = MixedDataset(train_set, SyntheticTextDataset(
+                2 * settings.synthetic_size, settings.image_size, seed, settings.augment, labels="char",
+                weak_supervision=weak), synthetic_offset=settings.synthetic_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.finetune_lr, weight_decay=WEIGHT_DECAY)
         rows = [_evaluate_word_level(model, val_set, val_indices, 0, None, 0.0)]
         say(f"{name:10s} {_weak_line(rows[-1])}")
         losses: list[float] = []
         seconds = 0.0
         char_batches = _batches(settings, char_indices)
-        for step, keys in enumerate(_batches(words, train_indices), start=1):
+        for step, keys in enumerate(_batches(words, train_indices, mixed, mix_synthetic), start=1):
             started = time.perf_counter()
             model.train()
             if mix_every and step % mix_every == 0:
@@ -351,9 +364,11 @@ def _weak_line(row: dict[str, Any]) -> str:
 
 
 def weak_markdown(settings: Settings, finetune_steps: int, results: dict[str, list[dict[str, Any]]],
-                  machine: dict[str, Any], interim: str, mix_every: int = 0) -> str:
+                  machine: dict[str, Any], interim: str, mix_every: int = 0, mix_synthetic: int = 0) -> str:
     mixed = (f", every {mix_every}th step on the interim model's character-level data instead" if mix_every
              else "")
+    if mix_synthetic:
+        mixed += f", one character-level image after every {mix_synthetic} (--mix-synthetic {mix_synthetic})"
     lines = [
         "# Weak supervision vs. the even split (word-level synthetic data, CPU)",
         "",
@@ -398,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interim-weights", help="with --weak-compare: a CRAFT state_dict instead of training one")
     parser.add_argument("--mix-char-every", type=int, default=0, metavar="N",
                         help="with --weak-compare: every N-th fine-tuning step on character-level data (0: never)")
+    parser.add_argument("--mix-synthetic", type=int, default=0, metavar="N",
+                        help="with --weak-compare: the trainer's --mix-synthetic N (one character-level image "
+                             "after every N word-level ones, within the batches)")
     parser.add_argument("--weak-runs", choices=(*WEAK_RUNS, "both"), default="both",
                         help="with --weak-compare: only one of the fine-tuning runs (they are independent)")
     args = parser.parse_args(argv)
@@ -431,25 +449,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_weak(args: argparse.Namespace, settings: Settings, out: Path, started: float) -> int:
-    if args.finetune_steps < 1 or args.mix_char_every < 0:
-        print("learning_curve: error: --finetune-steps must be at least 1 and --mix-char-every 0 or more",
-              file=sys.stderr)
+    if args.finetune_steps < 1 or args.mix_char_every < 0 or args.mix_synthetic < 0:
+        print("learning_curve: error: --finetune-steps must be at least 1, --mix-char-every and --mix-synthetic "
+              "0 or more", file=sys.stderr)
         return 2
     if args.interim_weights is not None and not Path(args.interim_weights).is_file():
         print(f"learning_curve: error: --interim-weights {args.interim_weights}: no such file", file=sys.stderr)
         return 2
     runs = WEAK_RUNS if args.weak_runs == "both" else (args.weak_runs,)
     results = weak_comparison(settings, args.finetune_steps, lambda line: print(line, flush=True),
-                              args.interim_weights, runs, args.mix_char_every)
+                              args.interim_weights, runs, args.mix_char_every, args.mix_synthetic)
     machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
                "platform": platform.platform()}
     interim = (f"weights from {args.interim_weights}" if args.interim_weights else
                f"{settings.steps} steps on character-level synthetic data (seed {settings.seed})")
     doc = {"settings": asdict(settings), "finetune_steps": args.finetune_steps, "interim": interim,
-           "mix_char_every": args.mix_char_every,
+           "mix_char_every": args.mix_char_every, "mix_synthetic": args.mix_synthetic,
            "machine": machine, "wall_seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "weak_supervision.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    report = weak_markdown(settings, args.finetune_steps, results, machine, interim, args.mix_char_every)
+    report = weak_markdown(settings, args.finetune_steps, results, machine, interim, args.mix_char_every,
+                           args.mix_synthetic)
     (out / "weak_supervision.md").write_text(report, encoding="utf-8")
     print(f"wrote {out / 'weak_supervision.json'} and {out / 'weak_supervision.md'}")
     return 0

@@ -1,8 +1,10 @@
-"""The learning tier and the one model it trains.
+"""The learning tier, and the two models the suite trains from scratch.
 
-Tests marked ``learning`` need a CRAFT model trained for a few hundred steps (minutes of CPU). They are skipped
-unless pytest is given ``--learning`` (``make test-learning``): the full suite must stay within its time budget
-on 2 cores, and the rest of it already uses both.
+The suite trains CRAFT once, for 60 steps (``early_on_synthetic``: the learning test that every run has).
+Tests marked ``learning`` need a model trained for 200 steps (``trained_on_synthetic``), which resumes that run
+from its checkpoint: a run with ``--learning`` trains 200 steps in all. They are skipped unless pytest is given
+``--learning``: ``make test-learning`` runs them alone, CI (``.ci/run``) runs them with the rest, and
+``make test`` leaves them out to stay within its time budget on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from craft_train.config import TrainConfig
 TRAINED_STEPS = 200
 """Enough for the region score to split words into characters better than an even split (weak supervision's
 interim model) and to find words at the official thresholds."""
+EARLY_STEPS = 60
+"""Enough to find words at lenient thresholds (the learning test that every run has); the learning tier's model
+resumes from this one's checkpoint, so a run with ``--learning`` trains 200 steps in all, not 260."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,18 +35,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def learning_config(**overrides: object) -> TrainConfig:
+    """From scratch on character-level synthetic text: batch 4, 128 px, Adam 1e-3, no augmentation, seed 0;
+    968 training images, 32 held out."""
+    settings: dict[str, object] = dict(
+        synthetic_size=1000, val_fraction=32 / 1000, image_size=128, augment=False, batch_size=4, lr=1e-3,
+        epochs=1, workers=0, device="cpu")
+    return TrainConfig(**{**settings, **overrides})  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
-def trained_on_synthetic(tmp_path_factory: pytest.TempPathFactory) -> TrainedOnSynthetic:
-    """``TRAINED_STEPS`` steps of ``craft_train.train`` from scratch: batch 4, 128 px, Adam 1e-3, no
-    augmentation, synthetic seed 0 (968 training images, 32 held out); about 3.5 minutes on 2 cores."""
+def early_on_synthetic(tmp_path_factory: pytest.TempPathFactory) -> TrainedOnSynthetic:
+    """``EARLY_STEPS`` steps of ``craft_train.train`` (:func:`learning_config`), checkpointed at the last one;
+    about 40 s on 2 cores."""
     from craft_train.model import CRAFT
     from craft_train.train import train
 
-    config = TrainConfig(synthetic_size=1000, val_fraction=32 / 1000, image_size=128, augment=False, batch_size=4,
-                         lr=1e-3, epochs=1, max_steps=TRAINED_STEPS, save_freq=0, workers=0, device="cpu",
-                         save_dir=str(tmp_path_factory.mktemp("trained") / "checkpoints"))
+    config = learning_config(max_steps=EARLY_STEPS, save_freq=EARLY_STEPS,
+                             save_dir=str(tmp_path_factory.mktemp("early") / "checkpoints"))
     torch.manual_seed(config.seed)  # the trainer's initial weights
     untrained = CRAFT()
     result = train(config, say=lambda _: None)
-    assert result.global_step == TRAINED_STEPS and result.model is not None
-    return TrainedOnSynthetic(config, untrained.eval(), result.model.eval(), TRAINED_STEPS)
+    assert result.global_step == EARLY_STEPS and result.model is not None
+    assert [p.name for p in result.saved_paths] == [f"checkpoint_epoch_1_batch_{EARLY_STEPS}.pth"]
+    return TrainedOnSynthetic(config, untrained.eval(), result.model.eval(), EARLY_STEPS, result.saved_paths[0])
+
+
+@pytest.fixture(scope="session")
+def trained_on_synthetic(tmp_path_factory: pytest.TempPathFactory,
+                         early_on_synthetic: TrainedOnSynthetic) -> TrainedOnSynthetic:
+    """``TRAINED_STEPS`` steps: the early model's run resumed to step 200 (an exact resume, so the same weights as
+    200 steps without a stop: tests/test_resume.py); about 1.5 minutes more on 2 cores."""
+    from craft_train.train import train
+
+    assert early_on_synthetic.checkpoint is not None
+    config = learning_config(max_steps=TRAINED_STEPS, save_freq=0, resume=str(early_on_synthetic.checkpoint),
+                             save_dir=str(tmp_path_factory.mktemp("trained") / "checkpoints"))
+    result = train(config, say=lambda _: None)
+    assert result.start_step == EARLY_STEPS and result.global_step == TRAINED_STEPS and result.model is not None
+    return TrainedOnSynthetic(config, early_on_synthetic.untrained, result.model.eval(), TRAINED_STEPS)

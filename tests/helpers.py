@@ -66,3 +66,5 @@ class TrainedOnSynthetic:
     untrained: CRAFT
     trained: CRAFT
     steps: int
+    checkpoint: Path | None = None
+    """The run's checkpoint of its last step, when it saved one."""

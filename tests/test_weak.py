@@ -25,7 +25,7 @@ from craft_train.data import (
 )
 from craft_train.labels import split_word_quad
 from craft_train.model import CRAFT
-from craft_train.resume import mix_in
+from craft_train.resume import epoch_permutation, mix_in
 from craft_train.synthetic import word_box
 from craft_train.weak import (
     EVEN_SPLIT_CONFIDENCE,
@@ -326,6 +326,20 @@ def test_the_learning_curve_benchmark_compares_the_even_split_with_weak_supervis
     assert doc["results"]["weak"][0] == doc["results"]["even_split"][0]
     assert doc["mix_char_every"] == 2 and "| weak | 2 |" in (out / "weak_supervision.md").read_text()
     assert module.main(["--weak-compare", "--interim-weights", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    assert module.main(["--weak-compare", "--mix-synthetic", "-1", "--out", str(out)]) == 2
+
+
+def test_the_benchmarks_mix_synthetic_batches_are_the_trainers_mixed_order() -> None:
+    module = load_benchmark("learning_curve")
+    settings = module.Settings(synthetic_size=20, batch_size=4, seed=1)
+    words = SyntheticTextDataset(20, 64, seed=1, labels="word")
+    mixed = MixedDataset(words, SyntheticTextDataset(40, 64, seed=1), synthetic_offset=20)
+    own = list(range(0, 20, 2))
+    batches = module._batches(settings, own, mixed, 2)
+    first_epoch = [i for _ in range(3) for i, _ in next(batches)]  # 10 own + 5 mixed: 3 full batches of 4
+    expected = mix_in(epoch_permutation(1, 1, own), 1, 1, 2, 20, 20)
+    assert first_epoch == expected.tolist()[:12]
+    assert [int(i) >= 20 for i in first_epoch[:6]] == [False, False, True, False, False, True]
 
 
 @pytest.mark.slow
