@@ -75,6 +75,11 @@ class CheckpointOptions:
     keep_count: int | None = None
     """Keep only the newest N periodic checkpoints after each commit (protected names are never removed)."""
 
+    keep_full: int | None = None
+    """Keep the newest N periodic checkpoints complete and slim older ones to their model weights
+    (:mod:`ckptio.slim`; about a third of the size with Adam), after each commit, in the writer (thread or
+    process), so that rewriting them never runs in the training process. ``None`` keeps every one complete."""
+
     disk_budget: int | str | None = None
     """Upper bound on the bytes of all checkpoints in the directory after each save (``"2GB"`` or bytes)."""
 
@@ -107,8 +112,9 @@ class CheckpointOptions:
     def __post_init__(self) -> None:
         for name in ("compression_level", "compression_threads", "max_pending", "rank", "world_size"):
             _require_int(name, getattr(self, name))
-        if self.keep_count is not None:
-            _require_int("keep_count", self.keep_count)
+        for name in ("keep_count", "keep_full"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name))
         for name in ("async_save", "fsync", "drop_page_cache"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -136,10 +142,10 @@ class CheckpointOptions:
             raise ValueError(f"on_full must be 'block' or 'skip', not {self.on_full!r}")
         if self.on_no_space not in ("skip", "raise"):
             raise ValueError(f"on_no_space must be 'skip' or 'raise', not {self.on_no_space!r}")
-        if self.keep_count is not None and self.keep_count < 1:
-            raise ValueError(
-                f"keep_count must be at least 1 (the newest checkpoint is what a resume needs), got {self.keep_count}"
-            )
+        for name in ("keep_count", "keep_full"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (the newest checkpoint is what a resume needs), got "
+                                 f"{getattr(self, name)}; None keeps every checkpoint")
         object.__setattr__(self, "disk_budget", parse_size(self.disk_budget, what="disk_budget"))
         object.__setattr__(self, "min_free", parse_size(self.min_free, what="min_free"))
         if self.disk_budget == 0:

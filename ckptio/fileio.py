@@ -7,7 +7,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import formats
 from .atomic import atomic_write, write_all_at
@@ -26,6 +26,9 @@ from .integrity import (
     zstd_trailer,
 )
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .slim import SlimResult
 
 __all__ = [
     "MAX_ZSTD_EXPANSION",
@@ -52,6 +55,10 @@ class SavedCheckpoint:
     size: int
     meta: dict[str, Any]
     seconds: float
+    slimmed: tuple[SlimResult, ...] = ()
+    """Older checkpoints slimmed to their weights after this one was committed (``keep_full``)."""
+    slim_error: str | None = None
+    """Why slimming an older checkpoint failed, if it did: that one stays complete (the next save tries again)."""
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class SaveStats:
     skipped_no_space: int = 0
     failed: int = 0
     deleted: int = 0
+    slimmed: int = 0
+    """Older checkpoints slimmed to their weights (``keep_full``)."""
     blocked_seconds: float = 0.0
     """Time the caller spent inside ``save()`` (snapshot copy, waiting for a free buffer, sync writes)."""
     write_seconds: float = 0.0
@@ -297,6 +299,7 @@ class CheckpointManager:
             stats.committed += 1
             stats.write_seconds += saved.seconds
             stats.bytes_written += saved.size
+            stats.slimmed += len(saved.slimmed)
             stats.last = saved
         try:
             if report.error is not None:

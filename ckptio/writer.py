@@ -14,7 +14,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from .layout import (
     update_index,
 )
 from .retention import newest_owned, owned_by_retention, plan_retention
+from .slim import slim_older_checkpoints
 from .snapshot import Snapshot
 
 __all__ = ["JobRunner", "Report", "WriteJob", "WriterBackend"]
@@ -131,7 +132,7 @@ class JobRunner:
             self._apply_retention(saved, deleted)
         except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
             return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted[0])
-        return Report(job.ticket, "committed", saved=saved, path=path, deleted=deleted[0])
+        return Report(job.ticket, "committed", saved=self._slim_older(saved), path=path, deleted=deleted[0])
 
     def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
                shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
@@ -200,6 +201,24 @@ class JobRunner:
             log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "
                         "but the newest; raise disk_budget", self.directory, plan.bytes_over_budget,
                         options.budget_bytes)
+
+    def _slim_older(self, saved: SavedCheckpoint) -> SavedCheckpoint:
+        """``keep_full``: slim the periodic checkpoints older than the newest ``keep_full`` (after retention, so
+        that nothing about to be deleted is rewritten). A failure leaves that checkpoint complete: the save itself
+        stands, and the failure is told with it rather than raised."""
+        options = self.options
+        if options.keep_full is None:
+            return saved
+        try:
+            slimmed = slim_older_checkpoints(self.directory, options.keep_full, keep_count=options.keep_count,
+                                             fsync=options.fsync, protected_names=options.protected_names)
+        except Exception as exc:
+            log.warning("could not slim a checkpoint older than %s: %s; it stays complete", saved.path.name, exc)
+            return replace(saved, slim_error=f"{type(exc).__name__}: {exc}")
+        for done in slimmed:
+            log.info("slimmed %s to its model weights: %d -> %d bytes", done.path.name, done.bytes_before,
+                     done.bytes_after)
+        return replace(saved, slimmed=tuple(slimmed))
 
     def _delete(self, entries: list[CheckpointEntry], why: str, deleted: list[int]) -> None:
         forgotten: dict[str, dict[str, Any] | None] = {}

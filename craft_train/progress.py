@@ -90,7 +90,8 @@ class SaveReport:
     """Outcomes of saves as they become known (in the writer's thread for background saves), counted and turned
     into lines by the training loop, which alone prints."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_full: int | None = None) -> None:
+        self._keep_full = keep_full
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._latest: tuple[str, int, int, str] | None = None  # the latest periodic save: name, epoch, batch, word
         self.saved = 0
@@ -100,11 +101,9 @@ class SaveReport:
         self.bytes_slimmed = 0
         self.saved_paths: list[Path] = []
 
-    def queued(self, name: str, future: Future[Any] | None, *, on_saved: Callable[[], None] | None = None,
-               counts: bool = True) -> None:
+    def queued(self, name: str, future: Future[Any] | None, *, counts: bool = True) -> None:
         """A save was handed to the manager: ``future`` is what ``save()`` returned (``None``: dropped, busy).
 
-        ``on_saved`` runs where the save completes, after it is durable (used to slim older checkpoints).
         ``counts=False`` for a process that writes only its shard (its future resolves to ``None``).
         """
         where = parse_checkpoint_name(name)
@@ -113,9 +112,9 @@ class SaveReport:
         if future is None:
             self.put(name, "busy")
         elif counts:
-            future.add_done_callback(lambda done: self._settle(name, done, on_saved))
+            future.add_done_callback(lambda done: self._settle(name, done))
 
-    def _settle(self, name: str, future: Future[Any], on_saved: Callable[[], None] | None) -> None:
+    def _settle(self, name: str, future: Future[Any]) -> None:
         try:
             saved = future.result()
         except BaseException as exc:  # reported by the loop; the manager raises it on the next save or close
@@ -125,11 +124,13 @@ class SaveReport:
             self.put(name, "no space")
             return
         self.put(name, "saved", f"{saved.size / 1e6:.1f} MB", saved.path)
-        if on_saved is not None:
-            try:
-                on_saved()
-            except BaseException as exc:  # never lost: a callback's exception would only be logged by Future
-                self.put(name, "slim failed", f"{type(exc).__name__}: {exc}")
+        # what the writer's keep_full did after this save (ckptio.slim), in the writer, not in this process
+        flag = f" (--keep-full {self._keep_full})" if self._keep_full else ""
+        for done in getattr(saved, "slimmed", ()):
+            self.put(done.path.name, "slimmed", f"{done.bytes_before / 1e6:.1f} MB -> {done.bytes_after / 1e6:.1f}"
+                     f" MB{flag}", freed=done.bytes_saved)
+        if getattr(saved, "slim_error", None):
+            self.put(name, "slim failed", saved.slim_error)
 
     def put(self, name: str, what: str, detail: str = "", path: Path | None = None, freed: int = 0) -> None:
         """Record an outcome; safe from any thread."""

@@ -8,7 +8,6 @@ images). Any of them resumes the run exactly where it stopped.
 
 from __future__ import annotations
 
-import functools
 import math
 import tempfile
 import time
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import ckptio
 from ckptio.layout import scan
-from ckptio.slim import is_slim, slim_older_checkpoints
+from ckptio.slim import is_slim
 
 from .config import TrainConfig, incompatible_changes
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
@@ -277,7 +276,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     manager = ckptio.CheckpointManager(
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
         writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
-        keep_count=config.keep_count, disk_budget=config.disk_budget, min_free=config.min_free,
+        keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
+        min_free=config.min_free,  # keep_full's slimming runs in the writer, off the training process
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
     run_id = world.broadcast(uuid.uuid4().hex)
@@ -291,17 +291,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             future = manager.save(state, name=name, shard=shard, token=f"{run_id}:{global_step}:{name}")
         else:
             future = manager.save(checkpoint_state(permutation), name=name)
-        slim = functools.partial(slim_older, name) if config.keep_full and world.is_main else None
-        report.queued(name, future, on_saved=slim, counts=world.is_main)
+        report.queued(name, future, counts=world.is_main)
 
-    report = SaveReport()
-
-    def slim_older(name: str) -> None:
-        """Runs where a save completes (the writer thread, after retention): older checkpoints to weights only."""
-        assert config.keep_full is not None
-        for done in slim_older_checkpoints(config.save_dir, config.keep_full, keep_count=config.keep_count):
-            report.put(done.path.name, "slimmed", f"{done.bytes_before / 1e6:.1f} MB -> {done.bytes_after / 1e6:.1f}"
-                       f" MB (--keep-full {config.keep_full})", freed=done.bytes_saved)
+    report = SaveReport(keep_full=config.keep_full)
 
     progress: EpochProgress | None = None
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ckptio.slim import SlimResult
 from craft_train.config import TrainConfig
 from craft_train.progress import EpochProgress, SaveReport, progress_fields
 from craft_train.train import train
@@ -78,18 +79,23 @@ def test_a_skipped_or_failed_save_is_never_reported_as_saved(outcome: str, line:
                                        f"{int(outcome == 'failed')} failed")
 
 
-def test_a_failure_after_a_save_is_reported_not_lost() -> None:
-    report = SaveReport()
-    future: Future[object] = Future()
-
-    def broken() -> None:
-        raise OSError("read-only file system")
-
-    report.queued("checkpoint_epoch_1_batch_1", future, on_saved=broken)
-    future.set_result(_saved("checkpoint_epoch_1_batch_1"))
-    assert report.lines() == ["saved checkpoint_epoch_1_batch_1.pth (249.4 MB)",
-                              "could not slim an older checkpoint after checkpoint_epoch_1_batch_1: OSError: "
-                              "read-only file system; it stays complete"]
+def test_what_the_writer_slimmed_after_a_save_and_a_slimming_failure_are_reported_not_lost() -> None:
+    report = SaveReport(keep_full=2)
+    first: Future[object] = Future()
+    second: Future[object] = Future()
+    report.queued("checkpoint_epoch_1_batch_3", first)
+    report.queued("checkpoint_epoch_1_batch_4", second)
+    slimmed = SlimResult(Path("ck/checkpoint_epoch_1_batch_1.pth"), 249_400_000, 83_200_000, ("optimizer_state_dict",))
+    first.set_result(SimpleNamespace(**vars(_saved("checkpoint_epoch_1_batch_3")), slimmed=(slimmed,)))
+    second.set_result(SimpleNamespace(**vars(_saved("checkpoint_epoch_1_batch_4")),
+                                      slim_error="OSError: read-only file system"))
+    assert report.lines() == [
+        "saved checkpoint_epoch_1_batch_3.pth (249.4 MB)",
+        "slimmed checkpoint_epoch_1_batch_1.pth to its model weights: 249.4 MB -> 83.2 MB (--keep-full 2)",
+        "saved checkpoint_epoch_1_batch_4.pth (249.4 MB)",
+        "could not slim an older checkpoint after checkpoint_epoch_1_batch_4: OSError: read-only file system; it "
+        "stays complete"]
+    assert report.slimmed == 1 and report.summary().endswith("1 slimmed to weights (166 MB freed)")
 
 
 def test_saves_skipped_for_lack_of_space_are_reported_by_the_trainer(tmp_path: Path) -> None:

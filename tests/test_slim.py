@@ -129,3 +129,47 @@ def test_list_marks_slim_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert ckptio_cli.main(["list", str(tmp_path), "--json"]) == 0
     rows = {row["file"]: row["slim"] for row in json.loads(capsys.readouterr().out)["checkpoints"]}
     assert rows == {older.name: True, newest.name: False}
+
+
+# ---- keep_full: the writer slims, off the training process ----------------------------------------------------------
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_manager_with_keep_full_slims_older_checkpoints_in_its_writer_and_says_which(
+    tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if writer == "process":  # the process writer slims in its own interpreter: this process's function never runs
+        def not_here(*args: object, **kwargs: object) -> list:
+            raise AssertionError("slimmed in the training process")
+
+        monkeypatch.setattr("ckptio.writer.slim_older_checkpoints", not_here)
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer) as mgr:
+        results = [mgr.save(_state(step), name=f"checkpoint_epoch_1_batch_{step}").result(timeout=60)
+                   for step in (1, 2, 3)]
+        results.append(mgr.save(_state(3), name="best_model").result(timeout=60))
+        assert mgr.stats.slimmed == 2
+    assert [[done.path.name for done in saved.slimmed] for saved in results] == [
+        [], ["checkpoint_epoch_1_batch_1.pth"], ["checkpoint_epoch_1_batch_2.pth"], []]
+    assert all(saved.slim_error is None for saved in results)
+    assert all(done.bytes_after < done.bytes_before for saved in results for done in saved.slimmed)
+    slim = {e.name: is_slim(ckptio.read_meta(e.path)[0].meta) for e in scan(tmp_path)}
+    assert slim == {"checkpoint_epoch_1_batch_1": True, "checkpoint_epoch_1_batch_2": True,
+                    "checkpoint_epoch_1_batch_3": False, "best_model": False}
+    assert ckptio.verify(tmp_path).ok
+
+
+def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_save_still_succeeds(tmp_path: Path) -> None:
+    (older,) = _save(tmp_path, [1])
+    data = bytearray(older.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    older.write_bytes(bytes(data))
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True) as mgr:
+        saved = mgr.save(_state(2), name="checkpoint_epoch_1_batch_2").result(timeout=60)
+    assert saved.path.name == "checkpoint_epoch_1_batch_2.pth" and saved.slimmed == ()
+    assert saved.slim_error is not None and "checkpoint_epoch_1_batch_1.pth" in saved.slim_error
+    assert older.read_bytes() == bytes(data)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="keep_full"):
+        ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
