@@ -132,7 +132,8 @@ def _batches(settings: Settings, train_indices: list[int],
     while True:
         order_t = epoch_permutation(settings.seed, epoch, train_indices)
         if mixed is not None:
-            order_t = mix_in(order_t, settings.seed, epoch, mix_synthetic, len(mixed.primary), mixed.synthetic_count)
+            order_t = mix_in(order_t, seed=settings.seed, epoch=epoch, every=mix_synthetic,
+                             first=len(mixed.primary), count=mixed.synthetic_count)
         order = order_t.tolist()
         for start in range(0, len(order) - settings.batch_size + 1, settings.batch_size):
             yield [(int(i), augmentation_seed(settings.seed, epoch, int(i)))

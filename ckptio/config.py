@@ -77,8 +77,9 @@ class CheckpointOptions:
 
     keep_full: int | None = None
     """Keep the newest N periodic checkpoints complete and slim older ones to their model weights
-    (:mod:`ckptio.slim`; about a third of the size with Adam), after each commit, in the writer (thread or
-    process), so that rewriting them never runs in the training process. ``None`` keeps every one complete."""
+    (:mod:`ckptio.slim`; about a third of the size with Adam), after each commit, where the save is written: in
+    the writer process with ``writer="process"`` (off the training process and its GIL), in the writer thread
+    with ``"thread"``, inside ``save()`` without ``async_save``. ``None`` keeps every one complete."""
 
     disk_budget: int | str | None = None
     """Upper bound on the bytes of all checkpoints in the directory after each save (``"2GB"`` or bytes)."""

@@ -315,8 +315,9 @@ class CheckpointManager:
     def _on_lost(self, tickets: list[int], reason: str) -> None:
         """The writer process died: every save it had not reported fails, and the next call says so."""
         names = [self._tickets[t].name for t in tickets if t in self._tickets]
-        lost = (f"these saves were lost: {', '.join(names)} (earlier checkpoints are intact)" if names
-                else "no save was lost")
+        lost = (f"these saves were lost: {', '.join(names)} (unless the writer had committed one before it died: "
+                "a file under its name is complete and verifies, never partial; earlier checkpoints are intact)"
+                if names else "no save was lost")
         error = CheckpointWriteError(f"{reason}; {lost}; the next save starts a new writer process")
         log.error("%s", error)
         with self._errors_lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
     ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Only periodic checkpoints
     (``checkpoint_epoch_E_batch_B``) are slimmed; protected ones (``best_model``) and sharded ones (their
     optimizer state lives in separate shard files) never are. With retention's ``keep_count`` the oldest kept
-    checkpoint is left alone: the next save deletes it, possibly while it would be rewritten.
+    checkpoint is left alone: the next save's retention deletes it, so rewriting it would be wasted work.
     """
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
@@ -139,12 +139,14 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
 
 
 def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *, keep_count: int | None = None,
-                           fsync: bool = True, protected_names: tuple[str, ...] = ("best_model",)
-                           ) -> list[SlimResult]:
+                           fsync: bool = True, protected_names: tuple[str, ...] = ("best_model",),
+                           on_error: Callable[[Path, Exception], None] | None = None) -> list[SlimResult]:
     """Slim every periodic checkpoint of ``directory`` but the newest ``keep_full`` (see :func:`plan_slimming`).
 
-    Run it where nothing else writes or deletes in the directory at the same time (a trainer runs it after each
-    save, in the thread that applies retention). A file deleted meanwhile is passed over.
+    Run it where nothing else writes or deletes in the directory at the same time (ckptio's writer runs it after
+    each save, after retention: ``CheckpointOptions.keep_full``). A file deleted meanwhile is passed over. A file
+    that cannot be slimmed stays as it was: without ``on_error`` the error is raised at once; with it, each one is
+    handed to ``on_error(path, error)`` and the other files are still slimmed (and returned).
     """
     directory = Path(directory)
     index = read_index(directory)
@@ -158,6 +160,10 @@ def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *,
             done.append(slim_checkpoint(entry.path, fsync=fsync))
         except FileNotFoundError:  # deleted by retention or `ckptio clean` since the scan
             continue
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(entry.path, exc)
     return done
 
 

@@ -2,9 +2,10 @@
 
 :class:`JobRunner` is the one piece of code that turns a snapshot into a committed checkpoint: make room
 (``min_free``), write this rank's shard and wait for the others', write and seal the file, record it in the
-index and apply retention. It returns a :class:`Report` instead of touching futures or counters, so that the
-same code runs in the trainer's writer thread (:mod:`ckptio.writer_thread`) and in a writer process
-(:mod:`ckptio.writer_process`), whose reports travel back through a pipe. The manager applies every report.
+index, apply retention and slim older checkpoints (``keep_full``). It returns a :class:`Report` instead of
+touching futures or counters, so that the same code runs in the trainer's writer thread
+(:mod:`ckptio.writer_thread`) and in a writer process (:mod:`ckptio.writer_process`), whose reports travel back
+through a pipe. The manager applies every report.
 """
 
 from __future__ import annotations
@@ -204,21 +205,28 @@ class JobRunner:
 
     def _slim_older(self, saved: SavedCheckpoint) -> SavedCheckpoint:
         """``keep_full``: slim the periodic checkpoints older than the newest ``keep_full`` (after retention, so
-        that nothing about to be deleted is rewritten). A failure leaves that checkpoint complete: the save itself
-        stands, and the failure is told with it rather than raised."""
+        that nothing about to be deleted is rewritten). A checkpoint that cannot be slimmed stays complete and the
+        others are still slimmed: the save itself stands, and the failures are told with it rather than raised."""
         options = self.options
         if options.keep_full is None:
             return saved
+        failures: list[str] = []
+
+        def failed(path: Path, exc: Exception) -> None:
+            log.warning("could not slim %s: %s; it stays complete", path, exc)
+            failures.append(f"{path.name}: {type(exc).__name__}: {exc}")
+
         try:
             slimmed = slim_older_checkpoints(self.directory, options.keep_full, keep_count=options.keep_count,
-                                             fsync=options.fsync, protected_names=options.protected_names)
-        except Exception as exc:
-            log.warning("could not slim a checkpoint older than %s: %s; it stays complete", saved.path.name, exc)
-            return replace(saved, slim_error=f"{type(exc).__name__}: {exc}")
+                                             fsync=options.fsync, protected_names=options.protected_names,
+                                             on_error=failed)
+        except Exception as exc:  # the directory could not be listed: nothing was slimmed
+            slimmed = []
+            failed(self.directory, exc)
         for done in slimmed:
             log.info("slimmed %s to its model weights: %d -> %d bytes", done.path.name, done.bytes_before,
                      done.bytes_after)
-        return replace(saved, slimmed=tuple(slimmed))
+        return replace(saved, slimmed=tuple(slimmed), slim_error="; ".join(failures) or None)
 
     def _delete(self, entries: list[CheckpointEntry], why: str, deleted: list[int]) -> None:
         forgotten: dict[str, dict[str, Any] | None] = {}

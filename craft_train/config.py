@@ -168,9 +168,15 @@ RESUME_MUST_MATCH = (
 
 
 def incompatible_changes(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Human-readable differences in :data:`RESUME_MUST_MATCH` between a checkpoint's config and this run's."""
+    """Human-readable differences in :data:`RESUME_MUST_MATCH` between a checkpoint's config and this run's.
+
+    A setting that the checkpoint's config lacks (it was written before the setting existed) counts as its
+    default, which is what that run did: resuming it with, say, ``--mix-synthetic 5`` is a change like any other.
+    """
+    defaults = TrainConfig()
     changes = []
     for name in RESUME_MUST_MATCH:
-        if name in saved and saved[name] != getattr(current, name):
-            changes.append(f"{name}: checkpoint has {saved[name]!r}, this run has {getattr(current, name)!r}")
+        was = saved.get(name, getattr(defaults, name))
+        if was != getattr(current, name):
+            changes.append(f"{name}: checkpoint has {was!r}, this run has {getattr(current, name)!r}")
     return changes

@@ -126,10 +126,10 @@ class SaveReport:
         self.put(name, "saved", f"{saved.size / 1e6:.1f} MB", saved.path)
         # what the writer's keep_full did after this save (ckptio.slim), in the writer, not in this process
         flag = f" (--keep-full {self._keep_full})" if self._keep_full else ""
-        for done in getattr(saved, "slimmed", ()):
+        for done in saved.slimmed:
             self.put(done.path.name, "slimmed", f"{done.bytes_before / 1e6:.1f} MB -> {done.bytes_after / 1e6:.1f}"
                      f" MB{flag}", freed=done.bytes_saved)
-        if getattr(saved, "slim_error", None):
+        if saved.slim_error:
             self.put(name, "slim failed", saved.slim_error)
 
     def put(self, name: str, what: str, detail: str = "", path: Path | None = None, freed: int = 0) -> None:

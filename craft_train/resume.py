@@ -38,7 +38,7 @@ def epoch_permutation(seed: int, epoch: int, indices: Sequence[int]) -> torch.Te
     return torch.as_tensor(np.asarray(indices, dtype=np.int64)[order])
 
 
-def mix_in(order: torch.Tensor, seed: int, epoch: int, every: int, first: int, count: int) -> torch.Tensor:
+def mix_in(order: torch.Tensor, *, seed: int, epoch: int, every: int, first: int, count: int) -> torch.Tensor:
     """``order`` with one of the indices ``first .. first + count - 1`` after each ``every`` of its own.
 
     The indices put in follow a permutation of that range drawn from ``(seed, epoch)`` (cycled when an epoch

@@ -160,8 +160,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     def epoch_order(epoch: int) -> torch.Tensor:
         order = epoch_permutation(config.seed, epoch, train_indices)
         if config.mix_synthetic:
-            order = mix_in(order, config.seed, epoch, config.mix_synthetic, len(train_set.primary),
-                           train_set.synthetic_count)
+            order = mix_in(order, seed=config.seed, epoch=epoch, every=config.mix_synthetic,
+                           first=len(train_set.primary), count=train_set.synthetic_count)
         return order
 
     step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
@@ -277,7 +277,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
         writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
         keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
-        min_free=config.min_free,  # keep_full's slimming runs in the writer, off the training process
+        min_free=config.min_free,  # with async_save, keep_full's slimming runs in the writer process
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
     run_id = world.broadcast(uuid.uuid4().hex)

@@ -42,7 +42,7 @@ def test_a_resumed_epoch_counts_from_where_it_stopped() -> None:
 
 
 def _saved(name: str) -> SimpleNamespace:
-    return SimpleNamespace(size=249_400_000, path=Path(f"ck/{name}.pth"))
+    return SimpleNamespace(size=249_400_000, path=Path(f"ck/{name}.pth"), slimmed=(), slim_error=None)
 
 
 def test_a_background_save_is_reported_saved_only_once_it_is_durable() -> None:
@@ -86,9 +86,9 @@ def test_what_the_writer_slimmed_after_a_save_and_a_slimming_failure_are_reporte
     report.queued("checkpoint_epoch_1_batch_3", first)
     report.queued("checkpoint_epoch_1_batch_4", second)
     slimmed = SlimResult(Path("ck/checkpoint_epoch_1_batch_1.pth"), 249_400_000, 83_200_000, ("optimizer_state_dict",))
-    first.set_result(SimpleNamespace(**vars(_saved("checkpoint_epoch_1_batch_3")), slimmed=(slimmed,)))
-    second.set_result(SimpleNamespace(**vars(_saved("checkpoint_epoch_1_batch_4")),
-                                      slim_error="OSError: read-only file system"))
+    first.set_result(SimpleNamespace(**{**vars(_saved("checkpoint_epoch_1_batch_3")), "slimmed": (slimmed,)}))
+    second.set_result(SimpleNamespace(**{**vars(_saved("checkpoint_epoch_1_batch_4")),
+                                         "slim_error": "OSError: read-only file system"}))
     assert report.lines() == [
         "saved checkpoint_epoch_1_batch_3.pth (249.4 MB)",
         "slimmed checkpoint_epoch_1_batch_1.pth to its model weights: 249.4 MB -> 83.2 MB (--keep-full 2)",

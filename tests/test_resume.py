@@ -13,7 +13,7 @@ import ckptio
 from ckptio import cli as ckptio_cli
 from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
-from craft_train.config import TrainConfig
+from craft_train.config import TrainConfig, incompatible_changes
 from craft_train.resume import checked_optimizer_state
 from craft_train.train import TrainResult, train
 
@@ -222,6 +222,14 @@ def test_a_weakly_supervised_run_mixing_in_character_level_images_resumes_bit_id
     with pytest.raises(ValueError, match="mix_synthetic: checkpoint has 3, this run has 5"):
         train(_config(**{**weak, "mix_synthetic": 5}, save_dir=str(tmp_path / "run"), resume="auto"),
               say=messages.append)
+
+
+def test_a_setting_that_an_older_checkpoint_lacks_counts_as_its_default_when_resuming() -> None:
+    written_before_mixing = {k: v for k, v in _config().to_dict().items() if k != "mix_synthetic"}
+    assert incompatible_changes(written_before_mixing, _config()) == []
+    assert incompatible_changes(written_before_mixing, _config(synthetic_labels="word", mix_synthetic=5)) == [
+        "synthetic_labels: checkpoint has 'char', this run has 'word'",
+        "mix_synthetic: checkpoint has 0, this run has 5"]
 
 
 @pytest.mark.parametrize("damage", ["optimizer state of another shape", "model weights of another shape"])

@@ -157,16 +157,22 @@ def test_a_manager_with_keep_full_slims_older_checkpoints_in_its_writer_and_says
     assert ckptio.verify(tmp_path).ok
 
 
-def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_save_still_succeeds(tmp_path: Path) -> None:
-    (older,) = _save(tmp_path, [1])
-    data = bytearray(older.read_bytes())
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_the_save_still_go_through(
+    tmp_path: Path, writer: str
+) -> None:
+    broken, good = _save(tmp_path, [1, 2])
+    data = bytearray(broken.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    older.write_bytes(bytes(data))
-    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True) as mgr:
-        saved = mgr.save(_state(2), name="checkpoint_epoch_1_batch_2").result(timeout=60)
-    assert saved.path.name == "checkpoint_epoch_1_batch_2.pth" and saved.slimmed == ()
-    assert saved.slim_error is not None and "checkpoint_epoch_1_batch_1.pth" in saved.slim_error
-    assert older.read_bytes() == bytes(data)
+    broken.write_bytes(bytes(data))
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer) as mgr:
+        saved = mgr.save(_state(3), name="checkpoint_epoch_1_batch_3").result(timeout=60)
+        assert mgr.stats.slimmed == 1
+    # before: the first failure ended the pass, and what it had slimmed already went unreported
+    assert saved.path.name == "checkpoint_epoch_1_batch_3.pth"
+    assert [done.path for done in saved.slimmed] == [good] and is_slim(ckptio.read_meta(good)[0].meta)
+    assert saved.slim_error is not None and saved.slim_error.startswith("checkpoint_epoch_1_batch_1.pth: Corrupt")
+    assert broken.read_bytes() == bytes(data)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])

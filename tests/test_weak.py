@@ -263,8 +263,9 @@ def test_mixing_puts_one_synthetic_index_after_every_n_of_the_epochs_own_and_kee
     assert mixed[mixed < 100].tolist() == order.tolist()
     picks = mixed[mixed >= 100].tolist()
     assert len(set(picks)) == 3 and all(100 <= i < 150 for i in picks)
-    assert torch.equal(mixed, mix_in(order, 0, 1, 3, 100, 50))  # a pure function of seed and epoch
-    assert mix_in(order, 0, 2, 3, 100, 50)[mixed >= 100].tolist() != picks  # another epoch, other images
+    # a pure function of seed and epoch: the same again, other images in another epoch
+    assert torch.equal(mixed, mix_in(order, seed=0, epoch=1, every=3, first=100, count=50))
+    assert mix_in(order, seed=0, epoch=2, every=3, first=100, count=50)[mixed >= 100].tolist() != picks
 
 
 def test_mixing_cycles_the_synthetic_images_when_an_epoch_needs_more_than_there_are() -> None:
@@ -337,7 +338,7 @@ def test_the_benchmarks_mix_synthetic_batches_are_the_trainers_mixed_order() -> 
     own = list(range(0, 20, 2))
     batches = module._batches(settings, own, mixed, 2)
     first_epoch = [i for _ in range(3) for i, _ in next(batches)]  # 10 own + 5 mixed: 3 full batches of 4
-    expected = mix_in(epoch_permutation(1, 1, own), 1, 1, 2, 20, 20)
+    expected = mix_in(epoch_permutation(1, 1, own), seed=1, epoch=1, every=2, first=20, count=20)
     assert first_epoch == expected.tolist()[:12]
     assert [int(i) >= 20 for i in first_epoch[:6]] == [False, False, True, False, False, True]
 
