@@ -299,7 +299,8 @@ WEAK_RUNS = ("even_split", "weak")
 
 def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str], None] = print,
                     interim_weights: str | None = None, runs: Sequence[str] = WEAK_RUNS,
-                    mix_every: int = 0, mix_synthetic: int = 0) -> dict[str, list[dict[str, Any]]]:
+                    mix_every: int = 0, mix_synthetic: int = 0,
+                    letter_gaps: float = 0.0) -> dict[str, list[dict[str, Any]]]:
     """Fine-tune the interim model on word-level data with the even split and with weak supervision.
 
     Returns ``{"even_split": rows, "weak": rows}``, one row per evaluation (step 0 is the interim model).
@@ -307,7 +308,8 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
     ``mix_every``-th step trains on a batch of the interim model's character-level data instead (the paper mixes
     SynthText in at 1:5 so that character regions stay separated), in both runs alike. ``mix_synthetic`` > 0:
     the trainer's ``--mix-synthetic`` instead (one character-level image of the fine-tuning seed, from after its
-    own images, after every ``mix_synthetic`` word-level ones, within the batches).
+    own images, after every ``mix_synthetic`` word-level ones, within the batches). ``letter_gaps`` > 0: the
+    word-level images (fine-tuning and validation) space their letters irregularly, where the even split is wrong.
     """
     interim = _interim_model(settings, say, interim_weights)
     state = {k: v.clone() for k, v in interim.state_dict().items()}
@@ -315,7 +317,8 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
     words = Settings(**{**asdict(settings), "seed": seed})
     train_indices, val_indices = split_indices(settings.synthetic_size, settings.val_images / settings.synthetic_size,
                                                seed)
-    val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word")
+    val_set = SyntheticTextDataset(settings.synthetic_size, settings.image_size, seed, augment=False, labels="word",
+                                   letter_gaps=letter_gaps)
     char_set, char_indices = _character_level_training_data(settings)  # what the interim model trains on
     results: dict[str, list[dict[str, Any]]] = {}
     for name in runs:
@@ -325,7 +328,7 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
         model.load_state_dict(state)
         train_set: SyntheticTextDataset | MixedDataset = SyntheticTextDataset(
             settings.synthetic_size, settings.image_size, seed, settings.augment, labels="word",
-            weak_supervision=weak)
+            weak_supervision=weak, letter_gaps=letter_gaps)
         mixed = None
         if mix_synthetic:  # as craft_train's data section builds it
             mixed = train_set = MixedDataset(train_set, SyntheticTextDataset(
@@ -365,11 +368,14 @@ def _weak_line(row: dict[str, Any]) -> str:
 
 
 def weak_markdown(settings: Settings, finetune_steps: int, results: dict[str, list[dict[str, Any]]],
-                  machine: dict[str, Any], interim: str, mix_every: int = 0, mix_synthetic: int = 0) -> str:
+                  machine: dict[str, Any], interim: str, mix_every: int = 0, mix_synthetic: int = 0,
+                  letter_gaps: float = 0.0) -> str:
     mixed = (f", every {mix_every}th step on the interim model's character-level data instead" if mix_every
              else "")
     if mix_synthetic:
         mixed += f", one character-level image after every {mix_synthetic} (--mix-synthetic {mix_synthetic})"
+    if letter_gaps:
+        mixed += f", letters spaced irregularly (--letter-gaps {letter_gaps})"
     lines = [
         "# Weak supervision vs. the even split (word-level synthetic data, CPU)",
         "",
@@ -417,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mix-synthetic", type=int, default=0, metavar="N",
                         help="with --weak-compare: the trainer's --mix-synthetic N (one character-level image "
                              "after every N word-level ones, within the batches)")
+    parser.add_argument("--letter-gaps", type=float, default=0.0, metavar="F",
+                        help="with --weak-compare: space the word-level images' letters irregularly, each gap up to "
+                             "F x the text height (0: the renderer's regular spacing)")
     parser.add_argument("--weak-runs", choices=(*WEAK_RUNS, "both"), default="both",
                         help="with --weak-compare: only one of the fine-tuning runs (they are independent)")
     args = parser.parse_args(argv)
@@ -450,26 +459,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_weak(args: argparse.Namespace, settings: Settings, out: Path, started: float) -> int:
-    if args.finetune_steps < 1 or args.mix_char_every < 0 or args.mix_synthetic < 0:
+    if args.finetune_steps < 1 or args.mix_char_every < 0 or args.mix_synthetic < 0 or not 0 <= args.letter_gaps <= 2:
         print("learning_curve: error: --finetune-steps must be at least 1, --mix-char-every and --mix-synthetic "
-              "0 or more", file=sys.stderr)
+              "0 or more, --letter-gaps between 0 and 2", file=sys.stderr)
         return 2
     if args.interim_weights is not None and not Path(args.interim_weights).is_file():
         print(f"learning_curve: error: --interim-weights {args.interim_weights}: no such file", file=sys.stderr)
         return 2
     runs = WEAK_RUNS if args.weak_runs == "both" else (args.weak_runs,)
     results = weak_comparison(settings, args.finetune_steps, lambda line: print(line, flush=True),
-                              args.interim_weights, runs, args.mix_char_every, args.mix_synthetic)
+                              args.interim_weights, runs, args.mix_char_every, args.mix_synthetic, args.letter_gaps)
     machine = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
                "platform": platform.platform()}
     interim = (f"weights from {args.interim_weights}" if args.interim_weights else
                f"{settings.steps} steps on character-level synthetic data (seed {settings.seed})")
     doc = {"settings": asdict(settings), "finetune_steps": args.finetune_steps, "interim": interim,
            "mix_char_every": args.mix_char_every, "mix_synthetic": args.mix_synthetic,
+           "letter_gaps": args.letter_gaps,
            "machine": machine, "wall_seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "weak_supervision.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     report = weak_markdown(settings, args.finetune_steps, results, machine, interim, args.mix_char_every,
-                           args.mix_synthetic)
+                           args.mix_synthetic, args.letter_gaps)
     (out / "weak_supervision.md").write_text(report, encoding="utf-8")
     print(f"wrote {out / 'weak_supervision.json'} and {out / 'weak_supervision.md'}")
     return 0

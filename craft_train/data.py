@@ -388,11 +388,14 @@ class SyntheticTextDataset:
 
     ``labels="word"`` gives the same images with word-level annotations only (word box + transcription
     length, as real data has), so that weak supervision can be measured against the exact character boxes,
-    which :meth:`render_chars` still gives.
+    which :meth:`render_chars` still gives. ``letter_gaps`` > 0 spaces the letters of each word irregularly (up to
+    that fraction of the text height per gap), as signs and hand-set text are and as an even split assumes
+    they are not: to measure weak supervision where the even split is wrong.
     """
 
     def __init__(self, size: int, image_size: int, seed: int, augment: bool = True, *,
-                 labels: SyntheticLabels = "char", weak_supervision: bool = False) -> None:
+                 labels: SyntheticLabels = "char", weak_supervision: bool = False,
+                 letter_gaps: float = 0.0) -> None:
         if operator.index(size) < 0 or operator.index(seed) < 0:
             raise ValueError(f"size and seed must be non-negative, got {size=}, {seed=}")
         if labels not in ("char", "word"):
@@ -403,6 +406,10 @@ class SyntheticTextDataset:
         self.augment = augment
         self.labels = labels
         self.weak_supervision = weak_supervision
+        if not 0.0 <= letter_gaps <= 2.0:
+            raise ValueError(f"letter_gaps must be between 0 and 2 (a fraction of the text height), got "
+                             f"{letter_gaps}")
+        self.letter_gaps = letter_gaps
         self._template = gaussian_template()
 
     def __len__(self) -> int:
@@ -413,7 +420,7 @@ class SyntheticTextDataset:
         rng = np.random.default_rng([self.seed, index, _CONTENT_STREAM])
         s = self.image_size
         height, width = s, round(s * rng.uniform(1.0, 1.4))
-        image, words = render_scene(rng, height, width)
+        image, words = render_scene(rng, height, width, letter_gaps=self.letter_gaps)
         return image, Annotation(tuple(Word(w.char_quads, 1.0) for w in words), ())
 
     def render(self, index: int) -> tuple[np.ndarray, Annotation]:

@@ -69,20 +69,26 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _render_word(rng: np.random.Generator, text: str, font: int, scale: float,
-                 thickness: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``text`` white-on-black into a tight patch; return (alpha patch, char quads)."""
+                 thickness: int, letter_gaps: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``text`` white-on-black into a tight patch; return (alpha patch, char quads).
+
+    ``letter_gaps`` > 0 widens each gap between letters by its own random amount, up to that fraction of the text
+    height (nothing is drawn from ``rng`` for it otherwise, so regular words stay bit-identical)."""
     metrics = [cv2.getTextSize(ch, font, scale, thickness) for ch in text]
     ascent = max(h for (_, h), _ in metrics)
     descent = max(b for _, b in metrics)
     spacing = int(rng.integers(0, max(1, thickness) + 1))
+    gaps = [spacing] * len(text)  # after each letter (the last one's is never used)
+    if letter_gaps > 0:
+        gaps = [spacing + int(extra) for extra in rng.integers(0, round(letter_gaps * ascent) + 1, size=len(text))]
     pad = thickness + 2
-    width = sum(w for (w, _), _ in metrics) + spacing * (len(text) - 1) + 2 * pad
+    width = sum(w for (w, _), _ in metrics) + sum(gaps[:-1]) + 2 * pad
     height = ascent + descent + 2 * pad
     alpha = np.zeros((height, width), dtype=np.uint8)
     scratch = np.zeros_like(alpha)
     quads = []
     x, baseline = pad, pad + ascent
-    for ch, ((w, h), b) in zip(text, metrics, strict=True):
+    for ch, ((w, h), b), gap in zip(text, metrics, gaps, strict=True):
         # Drawing each glyph alone gives its exact pixel extent as the character box.
         scratch[:] = 0
         cv2.putText(scratch, ch, (x, baseline), font, scale, 255, thickness, cv2.LINE_AA)
@@ -93,7 +99,7 @@ def _render_word(rng: np.random.Generator, text: str, font: int, scale: float,
             x0, x1, y0, y1 = x - 0.5, x + w - 0.5, baseline - h - 0.5, baseline + b - 0.5
         quads.append([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
         np.maximum(alpha, scratch, out=alpha)
-        x += w + spacing
+        x += w + gap
     return alpha, np.asarray(quads, dtype=np.float64)
 
 
@@ -138,8 +144,9 @@ def word_box(char_quads: np.ndarray) -> np.ndarray:
 
 
 def render_scene(rng: np.random.Generator, height: int, width: int,
-                 max_words: int = 6) -> tuple[np.ndarray, list[RenderedWord]]:
-    """Render an RGB uint8 image with up to ``max_words`` non-overlapping words."""
+                 max_words: int = 6, letter_gaps: float = 0.0) -> tuple[np.ndarray, list[RenderedWord]]:
+    """Render an RGB uint8 image with up to ``max_words`` non-overlapping words; ``letter_gaps`` > 0 spaces
+    their letters irregularly (see :func:`_render_word`), where an even split of a word box is wrong."""
     image = _background(rng, height, width).astype(np.float64)
     placed: list[tuple[int, int, int, int]] = []
     words: list[RenderedWord] = []
@@ -152,7 +159,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int,
         unit_h = cv2.getTextSize("H", font, 1.0, 1)[0][1]
         scale = max(target_h, 6.0) / unit_h
         thickness = int(rng.integers(1, max(2, int(target_h / 10)) + 1))
-        alpha, quads = _render_word(rng, text, font, scale, thickness)
+        alpha, quads = _render_word(rng, text, font, scale, thickness, letter_gaps)
         if rng.random() < 0.4:
             alpha, quads = _rotate(alpha, quads, float(rng.uniform(-35.0, 35.0)))
         ph, pw = alpha.shape

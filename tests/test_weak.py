@@ -23,6 +23,7 @@ from craft_train.data import (
     make_sample,
     parse_icdar_gt,
 )
+from craft_train.evaluate import polygon_iou
 from craft_train.labels import split_word_quad
 from craft_train.model import CRAFT
 from craft_train.resume import epoch_permutation, mix_in
@@ -207,6 +208,34 @@ def test_word_level_synthetic_data_shows_the_same_images_with_word_boxes_only() 
             assert word.confidence == (1.0 if n == 1 else 0.5)
         _, again = words.render_chars(index)
         assert all(np.array_equal(a.char_quads, b.char_quads) for a, b in zip(again.words, exact.words, strict=True))
+
+
+def _even_split_iou(data: SyntheticTextDataset, images: int) -> float:
+    ious = []
+    for index in range(images):
+        for word in data.render_chars(index)[1].words:
+            chars = word.char_quads
+            if len(chars) > 1:
+                even = split_word_quad(word_box(chars), len(chars))
+                ious += [max(polygon_iou(true, box) for box in even) for true in chars]
+    return float(np.mean(ious))
+
+
+def test_letter_gaps_space_letters_irregularly_where_the_even_split_is_wrong() -> None:
+    regular = SyntheticTextDataset(20, 128, seed=5, labels="word")
+    gapped = SyntheticTextDataset(20, 128, seed=5, labels="word", letter_gaps=1.0)
+    assert np.array_equal(regular.render(3)[0], SyntheticTextDataset(20, 128, seed=5, letter_gaps=0.0).render(3)[0])
+    spreads = []
+    for index in range(20):
+        for word in gapped.render_chars(index)[1].words:
+            if len(word.char_quads) > 2:
+                lefts, rights = word.char_quads[:, :, 0].min(axis=1), word.char_quads[:, :, 0].max(axis=1)
+                gaps = lefts[1:] - rights[:-1]  # upright words only would be exact; rotated ones still vary
+                spreads.append(float(gaps.max() - gaps.min()))
+    assert np.median(spreads) > 3.0  # pixels: gaps of one word differ
+    assert _even_split_iou(gapped, 20) < _even_split_iou(regular, 20) - 0.1
+    with pytest.raises(ValueError, match="letter_gaps"):
+        SyntheticTextDataset(2, 64, seed=0, letter_gaps=-0.5)
 
 
 def test_word_box_of_a_rotated_word_starts_at_its_top_left_and_encloses_every_glyph() -> None:
