@@ -140,6 +140,23 @@ def test_training_on_icdar_data_skips_counts_and_names_a_corrupt_image(tmp_path:
     assert any("errors=2" in m for m in messages), messages
 
 
+def test_icdar_data_with_mixed_in_synthetic_images_trains_on_both_and_still_names_the_corrupt_image(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "icdar"
+    _write_icdar(data)  # 4 images, one of them corrupt: with --mix-synthetic 2, 4 + 2 samples, 2 steps of 3
+    config = TrainConfig(data_dir=str(data), image_size=64, batch_size=3, epochs=1, workers=1, val_fraction=0.0,
+                         mix_synthetic=2, save_dir=str(tmp_path / "ck"), save_freq=2)
+    messages: list[str] = []
+    result = train(config, say=messages.append)
+    assert result.global_step == 2 and result.errors == 1
+    assert result.bad_samples and result.bad_samples[0].startswith(f"{data / 'img_9.jpg'}: ")
+    saved = ckptio.load(tmp_path / "ck" / "checkpoint_epoch_1_batch_2.pth")
+    order = saved["data_order"]["permutation"].tolist()
+    assert sorted(i for i in order if i < 4) == [0, 1, 2, 3] and len([i for i in order if i >= 4]) == 2
+    assert saved["config"]["mix_synthetic"] == 2 and saved["total_batches"] == 2
+
+
 def test_max_steps_stops_early_and_keeps_the_last_steps_in_a_final_checkpoint(tmp_path: Path) -> None:
     config = TrainConfig(synthetic_size=8, image_size=64, batch_size=2, epochs=5, workers=0, val_fraction=0.25,
                          save_dir=str(tmp_path), save_freq=2, max_steps=3)
