@@ -77,8 +77,7 @@ class CheckpointOptions:
 
     keep_full: int | None = None
     """Keep the newest N periodic checkpoints complete and slim older ones to their model weights
-    (:mod:`ckptio.slim`; about a third of the size with Adam), after each commit and before ``disk_budget`` is
-    applied (which then counts the slimmed sizes), where the save is written: in
+    (:mod:`ckptio.slim`; about a third of the size with Adam), after each commit, where the save is written: in
     the writer process with ``writer="process"`` (off the training process and its GIL), in the writer thread
     with ``"thread"``, inside ``save()`` without ``async_save``. ``None`` keeps every one complete."""
 

@@ -130,13 +130,10 @@ class JobRunner:
             return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
         try:
             self._record(saved)
-            # slimming first: the disk budget then counts the slimmed sizes instead of deleting a checkpoint that
-            # slimming would have made room for (keep_count picks the same files either way, see plan_slimming)
-            saved = self._slim_older(saved)
             self._apply_retention(saved, deleted)
         except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
             return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted[0])
-        return Report(job.ticket, "committed", saved=saved, path=path, deleted=deleted[0])
+        return Report(job.ticket, "committed", saved=self._slim_older(saved), path=path, deleted=deleted[0])
 
     def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
                shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
@@ -207,9 +204,9 @@ class JobRunner:
                         options.budget_bytes)
 
     def _slim_older(self, saved: SavedCheckpoint) -> SavedCheckpoint:
-        """``keep_full``: slim the periodic checkpoints older than the newest ``keep_full`` (but the oldest that
-        ``keep_count`` keeps, which the next save deletes). A checkpoint that cannot be slimmed stays complete and
-        the others are still slimmed: the save itself stands, and the failures are told with it, not raised."""
+        """``keep_full``: slim the periodic checkpoints older than the newest ``keep_full`` (after retention, so
+        that nothing about to be deleted is rewritten). A checkpoint that cannot be slimmed stays complete and the
+        others are still slimmed: the save itself stands, and the failures are told with it rather than raised."""
         options = self.options
         if options.keep_full is None:
             return saved

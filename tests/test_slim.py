@@ -179,27 +179,3 @@ def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_t
 def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="keep_full"):
         ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
-
-
-def _big_state(step: int) -> dict:
-    weights = torch.full((256, 256), float(step))  # 256 KiB, and twice that of optimizer moments
-    return {"epoch": 1, "batch": step, "model_state_dict": {"w": weights},
-            "optimizer_state_dict": {"state": {0: {"exp_avg": weights.clone(), "exp_avg_sq": weights.clone()}},
-                                     "param_groups": [{"lr": 1e-4, "params": [0]}]}}
-
-
-def test_the_disk_budget_counts_older_checkpoints_as_slimmed_and_keeps_what_slimming_made_room_for(
-    tmp_path: Path,
-) -> None:
-    scratch = tmp_path / "sizes"
-    with ckptio.CheckpointManager(scratch, async_save=False) as mgr:
-        full = mgr.save(_big_state(0), name="checkpoint_epoch_1_batch_0").result().size
-    slim = slim_checkpoint(scratch / "checkpoint_epoch_1_batch_0.pth").bytes_after
-    budget = full + 2 * slim + (full - slim) // 2  # one complete and two slim fit; two complete and one slim do not
-    directory = tmp_path / "run"
-    with ckptio.CheckpointManager(directory, keep_full=1, disk_budget=budget, async_save=True) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(_big_state(step), name=f"checkpoint_epoch_1_batch_{step}").result(timeout=60)
-        assert mgr.stats.deleted == 0 and mgr.stats.slimmed == 2  # before: batch_1 was deleted, then batch_2 slimmed
-    assert [e.name for e in scan(directory)] == [f"checkpoint_epoch_1_batch_{s}" for s in (3, 2, 1)]
-    assert sum(e.size for e in scan(directory)) <= budget
