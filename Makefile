@@ -31,7 +31,7 @@ demo: install
 	@echo "  python -m ckptio list checkpoints_improved"
 	@echo "  python -m craft_train.detect --checkpoint $(DEMO_DIR)/best_model.pth --images DIR --out results"
 
-# PYTEST_ARGS=--learning adds the learning tier (what .ci/run does): about 1.5 minutes more on 2 cores.
+# PYTEST_ARGS=--learning adds the learning tier (what .ci/run does): about 2 minutes more on 2 cores.
 test: install
 	$(PY) -m ruff check ckptio craft_train benchmarks tests
 	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS)
