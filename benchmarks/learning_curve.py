@@ -40,7 +40,7 @@ from craft_train.evaluate import DetectionCounts, evaluate_model, match_image, w
 from craft_train.loss import craft_loss
 from craft_train.model import CRAFT
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
-from craft_train.resume import augmentation_seed, epoch_permutation, mix_in
+from craft_train.resume import augmentation_seed, epoch_permutation
 from craft_train.weak import pseudo_label_quality, pseudo_targets
 
 __all__ = ["LENIENT_THRESHOLDS", "Settings", "main", "markdown_report", "run"]
@@ -125,16 +125,13 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 
 
 def _batches(settings: Settings, train_indices: list[int],
-             mixed: MixedDataset | None = None, mix_synthetic: int = 0) -> Iterator[list[tuple[int, int]]]:
-    """[(index, aug_seed), ...] in the trainer's order, epoch after epoch; with ``mixed``, one of its synthetic
-    images after every ``mix_synthetic`` of the epoch's own, as the trainer's ``--mix-synthetic``."""
+             mixed: MixedDataset | None = None) -> Iterator[list[tuple[int, int]]]:
+    """[(index, aug_seed), ...] in the trainer's order, epoch after epoch; with ``mixed``, its synthetic images
+    mixed in as the trainer's ``--mix-synthetic`` does."""
     epoch = 1
     while True:
-        order_t = epoch_permutation(settings.seed, epoch, train_indices)
-        if mixed is not None:
-            order_t = mix_in(order_t, seed=settings.seed, epoch=epoch, every=mix_synthetic,
-                             first=len(mixed.primary), count=mixed.synthetic_count)
-        order = order_t.tolist()
+        own = epoch_permutation(settings.seed, epoch, train_indices)
+        order = (own if mixed is None else mixed.epoch_order(own, seed=settings.seed, epoch=epoch)).tolist()
         for start in range(0, len(order) - settings.batch_size + 1, settings.batch_size):
             yield [(int(i), augmentation_seed(settings.seed, epoch, int(i)))
                    for i in order[start:start + settings.batch_size]]
@@ -331,16 +328,16 @@ def weak_comparison(settings: Settings, finetune_steps: int, say: Callable[[str]
             weak_supervision=weak, letter_gaps=letter_gaps)
         mixed = None
         if mix_synthetic:  # as craft_train's data section builds it
-            mixed = train_set = MixedDataset(train_set, SyntheticTextDataset(
-                2 * settings.synthetic_size, settings.image_size, seed, settings.augment, labels="char",
-                weak_supervision=weak), synthetic_offset=settings.synthetic_size)
+            mixed = train_set = MixedDataset.with_synthetic(
+                train_set, every=mix_synthetic, count=settings.synthetic_size, seed=seed, augment=settings.augment,
+                weak_supervision=weak)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.finetune_lr, weight_decay=WEIGHT_DECAY)
         rows = [_evaluate_word_level(model, val_set, val_indices, 0, None, 0.0)]
         say(f"{name:10s} {_weak_line(rows[-1])}")
         losses: list[float] = []
         seconds = 0.0
         char_batches = _batches(settings, char_indices)
-        for step, keys in enumerate(_batches(words, train_indices, mixed, mix_synthetic), start=1):
+        for step, keys in enumerate(_batches(words, train_indices, mixed), start=1):
             started = time.perf_counter()
             model.train()
             if mix_every and step % mix_every == 0:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from craft_train.labels import gaussian_template, render_labels, split_word_quad
+from craft_train.resume import mix_in
 from craft_train.synthetic import render_scene, word_box
 from craft_train.weak import crop_geometry, crop_word
 
@@ -449,18 +450,37 @@ class MixedDataset:
 
     Keys ``(i, aug_seed)`` with ``i < len(primary)`` go to ``primary``; key ``len(primary) + j`` is synthetic
     image ``synthetic_offset + j``. The offset lets a run on synthetic word-level data mix in character-level
-    images it never trains on as word-level ones (those after its own ``synthetic_size``).
+    images it never trains on as word-level ones (those after its own ``synthetic_size``). An epoch puts one
+    synthetic image after every ``every`` of the primary's (:meth:`epoch_order`).
     """
 
     def __init__(self, primary: IcdarDataset | SyntheticTextDataset, synthetic: SyntheticTextDataset,
-                 synthetic_offset: int = 0) -> None:
+                 synthetic_offset: int = 0, *, every: int = 1) -> None:
         if synthetic.labels != "char":
             raise ValueError("the images mixed in must have character-level labels")
         if not 0 <= synthetic_offset < len(synthetic):
             raise ValueError(f"synthetic_offset must be in [0, {len(synthetic)}), got {synthetic_offset}")
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
         self.primary = primary
         self.synthetic = synthetic
         self.synthetic_offset = synthetic_offset
+        self.every = every
+
+    @classmethod
+    def with_synthetic(cls, primary: IcdarDataset | SyntheticTextDataset, *, every: int, count: int, seed: int,
+                       augment: bool, weak_supervision: bool) -> MixedDataset:
+        """``primary`` with ``count`` character-level synthetic images of ``seed`` mixed in (the trainer's
+        ``--mix-synthetic``): rendered after the primary's own images when it is synthetic data of that seed."""
+        own = len(primary) if isinstance(primary, SyntheticTextDataset) and primary.seed == seed else 0
+        synthetic = SyntheticTextDataset(own + count, primary.image_size, seed, augment, labels="char",
+                                         weak_supervision=weak_supervision)
+        return cls(primary, synthetic, synthetic_offset=own, every=every)
+
+    def epoch_order(self, own_order: torch.Tensor, *, seed: int, epoch: int) -> torch.Tensor:
+        """An epoch's order of the primary's indices with the synthetic ones mixed in (:func:`mix_in`)."""
+        return mix_in(own_order, seed=seed, epoch=epoch, every=self.every, first=len(self.primary),
+                      count=self.synthetic_count)
 
     @property
     def synthetic_count(self) -> int:

@@ -39,7 +39,6 @@ from .resume import (
     checked_optimizer_state,
     epoch_permutation,
     find_resume_checkpoint,
-    mix_in,
     restore_rng,
 )
 from .weak import pseudo_targets
@@ -152,17 +151,12 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                                        labels=labels)
     train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
     if config.mix_synthetic:  # character-level images after the run's own indices (the CRAFT paper's 1:5)
-        own = 0 if config.data_dir is not None else config.synthetic_size  # never the run's word-level images
-        train_set = MixedDataset(train_set, SyntheticTextDataset(
-            own + config.synthetic_size, config.image_size, config.seed, config.augment, labels="char",
-            weak_supervision=weak), synthetic_offset=own)
+        train_set = MixedDataset.with_synthetic(train_set, every=config.mix_synthetic, count=config.synthetic_size,
+                                                seed=config.seed, augment=config.augment, weak_supervision=weak)
 
     def epoch_order(epoch: int) -> torch.Tensor:
         order = epoch_permutation(config.seed, epoch, train_indices)
-        if config.mix_synthetic:
-            order = mix_in(order, seed=config.seed, epoch=epoch, every=config.mix_synthetic,
-                           first=len(train_set.primary), count=train_set.synthetic_count)
-        return order
+        return train_set.epoch_order(order, seed=config.seed, epoch=epoch) if config.mix_synthetic else order
 
     step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
     total_batches = math.ceil(len(epoch_order(1)) / step_samples)

@@ -363,9 +363,9 @@ def test_the_benchmarks_mix_synthetic_batches_are_the_trainers_mixed_order() -> 
     module = load_benchmark("learning_curve")
     settings = module.Settings(synthetic_size=20, batch_size=4, seed=1)
     words = SyntheticTextDataset(20, 64, seed=1, labels="word")
-    mixed = MixedDataset(words, SyntheticTextDataset(40, 64, seed=1), synthetic_offset=20)
+    mixed = MixedDataset(words, SyntheticTextDataset(40, 64, seed=1), synthetic_offset=20, every=2)
     own = list(range(0, 20, 2))
-    batches = module._batches(settings, own, mixed, 2)
+    batches = module._batches(settings, own, mixed)
     first_epoch = [i for _ in range(3) for i, _ in next(batches)]  # 10 own + 5 mixed: 3 full batches of 4
     expected = mix_in(epoch_permutation(1, 1, own), seed=1, epoch=1, every=2, first=20, count=20)
     assert first_epoch == expected.tolist()[:12]
