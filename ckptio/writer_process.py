@@ -82,7 +82,8 @@ class ProcessWriter(WriterBackend):
         self._lock = threading.Lock()  # guards the generation and its in-flight table
         self._send_lock = threading.Lock()  # one message (and its descriptors) at a time on the socket
         self._closing = False
-        self._handoff: queue.Queue[WriteJob | None] = queue.Queue()
+        # Each job travels with the writer generation it was registered with (see _hand_off).
+        self._handoff: queue.Queue[tuple[WriteJob, _Generation] | None] = queue.Queue()
         self._handoff_thread: threading.Thread | None = None
         self._generation = self._launch()
 
@@ -91,7 +92,10 @@ class ProcessWriter(WriterBackend):
         return self._generation.process.pid
 
     def alive(self) -> bool:
-        return True  # a dead writer process reports its lost jobs itself, and the next submit starts a new one
+        # A dead writer process reports its lost jobs itself, and the next submit starts a new one; a dead
+        # hand-off thread would leave every job behind it unanswered, so wait() and save() must hear of it.
+        thread = self._handoff_thread
+        return thread is None or thread.is_alive() or self._closing
 
     def submit(self, job: WriteJob) -> None:
         with self._lock:
@@ -102,7 +106,7 @@ class ProcessWriter(WriterBackend):
         copying = any(s is not None and s.copy_done is not None for s in (job.snapshot, job.shard))
         if copying or self._handoff.unfinished_tasks:  # never let a later save overtake one still copying
             self._start_handoff()
-            self._handoff.put(job)
+            self._handoff.put((job, generation))
         else:
             self._send_job(generation, job)
 
@@ -110,7 +114,10 @@ class ProcessWriter(WriterBackend):
         """A job that could not be sent (e.g. metadata that cannot be pickled) fails like a failed write."""
         with self._lock:
             generation.in_flight.pop(job.ticket, None)
-        self._on_report(Report(job.ticket, "failed", error=exc))
+        try:
+            self._on_report(Report(job.ticket, "failed", error=exc))
+        except Exception:  # the hand-off thread must outlive any one report, or later saves never resolve
+            log.exception("could not apply the failure of save %d", job.ticket)
 
     def close(self) -> None:
         self._closing = True
@@ -157,19 +164,24 @@ class ProcessWriter(WriterBackend):
 
     def _hand_off(self) -> None:
         while True:
-            job = self._handoff.get()
+            item = self._handoff.get()
             try:
-                if job is None:
+                if item is None:
                     return
-                for snapshot in (job.snapshot, job.shard):
-                    if snapshot is not None:
-                        snapshot.wait_until_copied()  # blocks in CUDA with the GIL released
-                with self._lock:
-                    generation = self._generation
-                self._send_job(generation, job)
-            except Exception as exc:  # the copy failed on the device: this save fails, the writer goes on
-                if job is not None:
+                job, generation = item
+                try:
+                    for snapshot in (job.snapshot, job.shard):
+                        if snapshot is not None:
+                            snapshot.wait_until_copied()  # blocks in CUDA with the GIL released
+                except Exception as exc:  # the copy failed on the device: this save fails, the writer goes on
                     self._refuse(generation, job, exc)
+                    continue
+                with self._lock:
+                    # If its writer died meanwhile, the job was already failed and its slot freed (maybe taken by
+                    # a newer save): sending it to the next writer would seal that newer data under this name.
+                    current = not generation.dead and job.ticket in generation.in_flight
+                if current:
+                    self._send_job(generation, job)
             finally:
                 self._handoff.task_done()
 

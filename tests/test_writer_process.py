@@ -22,6 +22,7 @@ from helpers import assert_same
 import ckptio
 import ckptio.manager
 import ckptio.shm
+import ckptio.snapshot
 from ckptio import CheckpointManager, CheckpointWriteError
 from ckptio.atomic import is_temporary
 from ckptio.fileio import read_meta
@@ -325,3 +326,102 @@ def test_a_forked_worker_that_outlives_the_killed_trainer_does_not_keep_the_writ
                 os.kill(pid, signal.SIGKILL)
     path = tmp_path / "checkpoint_epoch_1_batch_7.safetensors"
     assert ckptio.verify(path).files[0].status == "verified"
+
+
+class _FakeCopyEvent:
+    """Stands in for the CUDA event of a device-to-host copy: it fails, or blocks until released."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.released = threading.Event()
+        self.waiting = threading.Event()
+        if error is not None:
+            self.released.set()
+
+    def synchronize(self) -> None:
+        self.waiting.set()
+        assert self.released.wait(TIMEOUT)
+        if self.error is not None:
+            raise self.error
+
+
+def _copy_events(monkeypatch: pytest.MonkeyPatch, events: list[_FakeCopyEvent]) -> None:
+    """The next snapshots look as if their device-to-host copies were still in flight, one event each."""
+    real = ckptio.snapshot.BufferSlot.take
+
+    def take(self: Any, state: Any) -> Any:
+        snapshot = real(self, state)
+        if events:
+            snapshot.copy_done = events.pop(0)
+        return snapshot
+
+    monkeypatch.setattr(ckptio.snapshot.BufferSlot, "take", take)
+
+
+def test_a_failed_device_copy_fails_that_save_only_and_later_saves_keep_working(tmp_path, monkeypatch) -> None:
+    failing = _FakeCopyEvent(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    _copy_events(monkeypatch, [failing])
+    with CheckpointManager(tmp_path, writer="process", max_pending=1) as mgr:
+        first = mgr.save(state_of(1.0), name="first")
+        assert first is not None
+        error = first.exception(timeout=TIMEOUT)
+        assert isinstance(error, CheckpointWriteError) and "illegal memory access" in str(error)
+        assert mgr._writer is not None and mgr._writer.alive()
+        with pytest.raises(CheckpointWriteError, match="illegal memory access"):  # surfaced on the next call
+            mgr.save(state_of(2.0), name="second")
+        later = []
+        for i, event in enumerate([_FakeCopyEvent(), _FakeCopyEvent()]):
+            event.released.set()
+            _copy_events(monkeypatch, [event])
+            later.append(mgr.save(state_of(3.0 + i), name=f"later_{i}"))
+        mgr.wait()
+        assert all(f is not None and f.result(timeout=TIMEOUT) is not None for f in later)
+    assert visible(tmp_path) == {"later_0.pth", "later_1.pth"}
+    assert_same(ckptio.load(tmp_path / "later_1.pth"), state_of(4.0))
+
+
+class _ThreadKilled(BaseException):
+    """Not an Exception: nothing in the hand-off thread may catch it, so the thread really ends."""
+
+
+def test_a_dead_hand_off_thread_makes_the_writer_not_alive_and_wait_raises_instead_of_hanging(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's death is the point here
+    _copy_events(monkeypatch, [_FakeCopyEvent(_ThreadKilled())])
+    mgr = CheckpointManager(tmp_path, writer="process", max_pending=1)
+    try:
+        mgr.save(state_of(1.0), name="lost")
+        writer = mgr._writer
+        assert writer is not None and writer._handoff_thread is not None  # type: ignore[attr-defined]
+        writer._handoff_thread.join(TIMEOUT)  # type: ignore[attr-defined]
+        assert not writer.alive()
+        with pytest.raises(CheckpointWriteError, match="died"):
+            mgr.wait()
+    finally:
+        mgr._tickets.clear()  # the lost save can never be answered; let close() finish
+        with contextlib.suppress(CheckpointWriteError):  # the writer process says it never answered that save
+            mgr.close()
+
+
+def test_a_save_waiting_for_its_copy_when_the_writer_dies_is_never_sent_to_the_next_writer(
+        tmp_path, monkeypatch) -> None:
+    held = _FakeCopyEvent()
+    _copy_events(monkeypatch, [held])
+    with CheckpointManager(tmp_path, writer="process", max_pending=1) as mgr:
+        doomed = mgr.save(state_of(1.0), name="one")
+        assert doomed is not None and held.waiting.wait(TIMEOUT)
+        os.kill(writer_pid(mgr), signal.SIGKILL)
+        assert isinstance(doomed.exception(timeout=TIMEOUT), CheckpointWriteError)  # failed, its slot freed
+        with pytest.raises(CheckpointWriteError, match="lost"):
+            mgr.save(state_of(2.0), name="two")  # the death is reported first
+        # Both slots are taken again by newer saves, one of them the slot "one" was copied into; they queue
+        # behind "one" in the hand-off while a new writer process starts.
+        two = mgr.save(state_of(2.0), name="two")
+        three = mgr.save(state_of(3.0), name="three")
+        held.released.set()
+        mgr.wait()
+        assert two is not None and three is not None
+        assert two.result(timeout=TIMEOUT) is not None and three.result(timeout=TIMEOUT) is not None
+    assert visible(tmp_path) == {"two.pth", "three.pth"}, "the lost save was written after all"
+    assert_same(ckptio.load(tmp_path / "three.pth"), state_of(3.0))
+    assert_same(ckptio.load(tmp_path / "two.pth"), state_of(2.0))
