@@ -230,12 +230,13 @@ class BufferSlot:
                 stream.wait_stream(producer)
                 with torch.cuda.stream(stream):
                     for i in members:
-                        self.buffers[i].copy_(sources[i].detach(), non_blocking=True)
+                        self.buffers[i].copy_(_resolved(sources[i]), non_blocking=True)
                         sources[i].record_stream(stream)
-                event = torch.cuda.Event()
+                # blocking: the threads that wait on it sleep instead of spinning a CPU core for the whole copy
+                event = torch.cuda.Event(blocking=True)
                 event.record(stream)
                 producer.wait_event(event)
-                events.append(event)
+                events.append((device, event))
         return _AllEvents(events)
 
 
@@ -250,13 +251,30 @@ def _copy_from_host(buffer: torch.Tensor, source: torch.Tensor) -> None:
         buffer.copy_(source.detach())
 
 
+def _resolved(source: torch.Tensor) -> torch.Tensor:
+    """``source`` without a conjugate or negative bit, resolved by a kernel on the current (side) stream.
+
+    Copied as it is, ``copy_`` would queue the DMA and then apply the bit to the host buffer on the CPU at once,
+    while the DMA may still be writing it."""
+    source = source.detach()
+    if source.is_conj():
+        source = source.resolve_conj()
+    if source.is_neg():
+        source = source.resolve_neg()
+    return source
+
+
 @dataclass
 class _AllEvents:
-    events: list[Any]
+    events: list[tuple[int, Any]]
+    """``(device index, event)``: each event is waited on with its own device current."""
 
     def synchronize(self) -> None:
-        for event in self.events:
-            event.synchronize()
+        for device, event in self.events:
+            # The writer and hand-off threads start on device 0: waiting there would create a context
+            # (hundreds of MB) on GPU 0 for a rank that uses another GPU.
+            with torch.cuda.device(device):
+                event.synchronize()
 
 
 def _tensor_key(t: torch.Tensor) -> tuple[Any, ...]:

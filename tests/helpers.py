@@ -68,3 +68,105 @@ class TrainedOnSynthetic:
     steps: int
     checkpoint: Path | None = None
     """The run's checkpoint of its last step, when it saved one."""
+
+
+# -- a CUDA device played on the CPU ----------------------------------------------------------------------------
+
+
+class FakeCudaTensor(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:<device_index>``: enough for the snapshot's CUDA branch, whose
+    streams and events :class:`FakeCuda` plays. Every tensor operation on it is logged in ``FakeCuda.log``."""
+
+    device_index = 0
+    fake: FakeCuda | None = None
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", self.device_index)
+
+    def record_stream(self, stream: Any) -> None:  # type: ignore[override]
+        pass
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if cls.fake is not None:
+            with torch._C.DisableTorchFunctionSubclass():
+                bits = [(a.is_conj(), a.is_neg()) for a in args if isinstance(a, torch.Tensor)]
+            cls.fake.log.append((getattr(func, "__name__", str(func)), cls.fake.current, bits))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class FakeCuda:
+    """Stands in for ``torch.cuda``'s devices, streams and events (installed with :meth:`install`): records which
+    device is current and which stream is active when each thing happens."""
+
+    def __init__(self) -> None:
+        self.current: tuple[str, Any] = ("device", 0)
+        self.log: list[tuple[str, Any, Any]] = []
+        self.events: list[FakeCuda.Event] = []
+
+    def tensor(self, data: torch.Tensor, device_index: int) -> torch.Tensor:
+        kind = type(f"FakeCudaTensorOn{device_index}", (FakeCudaTensor,), {"device_index": device_index,
+                                                                            "fake": self})
+        return data.as_subclass(kind)
+
+    def install(self, monkeypatch: Any) -> FakeCuda:
+        fake = self
+
+        class Device:
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def __enter__(self) -> None:
+                self.previous, fake.current = fake.current, ("device", self.index)
+                fake.log.append(("set_device", self.index, None))
+
+            def __exit__(self, *exc: Any) -> None:
+                fake.current = self.previous
+
+        class Stream:
+            def __init__(self, device: int | None = None) -> None:
+                self.device = device
+
+            def wait_stream(self, other: Any) -> None:
+                pass
+
+            def wait_event(self, event: Any) -> None:
+                pass
+
+        class StreamContext:
+            def __init__(self, stream: Any) -> None:
+                self.stream = stream
+
+            def __enter__(self) -> None:
+                self.previous, fake.current = fake.current, ("stream", self.stream.device)
+
+            def __exit__(self, *exc: Any) -> None:
+                fake.current = self.previous
+
+        monkeypatch.setattr(torch.cuda, "device", Device)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+        monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: self._event(kwargs))
+        return self
+
+    class Event:
+        def __init__(self, fake: FakeCuda, kwargs: dict[str, Any]) -> None:
+            self.fake, self.kwargs = fake, kwargs
+            self.waited_on: list[Any] = []
+
+        def record(self, stream: Any) -> None:
+            self.recorded_on = stream.device
+
+        def synchronize(self) -> None:
+            self.waited_on.append(self.fake.current)
+
+    def _event(self, kwargs: dict[str, Any]) -> FakeCuda.Event:
+        event = FakeCuda.Event(self, kwargs)
+        self.events.append(event)
+        return event

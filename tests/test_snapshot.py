@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same
+from helpers import FakeCuda, FakeCudaTensor, assert_same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -401,3 +401,33 @@ def test_walk_tensors_yields_every_tensor_in_order_including_duplicates() -> Non
     found = list(walk_tensors({"x": [a, (b, {"y": a})], "z": 3}))
     assert len(found) == 3
     assert found[0] is a and found[1] is b and found[2] is a
+
+
+# -- the CUDA branch, on a CUDA device played by the CPU (tests/test_cuda.py runs it on a real one) ------------
+
+
+def test_device_copies_record_blocking_events_and_are_waited_on_with_their_own_device_current(monkeypatch) -> None:
+    fake = FakeCuda().install(monkeypatch)
+    state = {"a": fake.tensor(torch.arange(6.0), 1), "b": fake.tensor(torch.ones(3), 3)}
+    snapshot = BufferSlot().take(state)
+    assert [e.kwargs for e in fake.events] == [{"blocking": True}] * 2  # the waiting threads sleep, not spin
+    assert sorted(e.recorded_on for e in fake.events) == [1, 3]
+    snapshot.wait_until_copied()  # as the writer or hand-off thread does, whose current device is 0
+    assert sorted(w for e in fake.events for w in e.waited_on) == [("device", 1), ("device", 3)]
+    assert torch.equal(snapshot.tensors[0], torch.arange(6.0)) and torch.equal(snapshot.tensors[1], torch.ones(3))
+    assert not any(isinstance(t, FakeCudaTensor) for t in snapshot.tensors)
+
+
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_a_conjugate_or_negative_view_is_resolved_on_the_side_stream_before_its_copy(monkeypatch, view) -> None:
+    fake = FakeCuda().install(monkeypatch)
+    values = torch.tensor([1 + 2j, 3 - 4j])
+    source = values.conj() if view == "conj" else torch._neg_view(values)
+    snapshot = BufferSlot().take({"z": fake.tensor(source, 2)})
+    copies = [entry for entry in fake.log if entry[0] == "copy_"]
+    assert copies, "the snapshot made no copy"
+    # A copy from a source still carrying the bit applies it on the host right away, racing the DMA.
+    assert all(bits == [(False, False), (False, False)] for _, _, bits in copies), copies
+    assert all(where == ("stream", 2) for _, where, _ in copies)
+    snapshot.wait_until_copied()
+    assert torch.equal(snapshot.tensors[0], source.resolve_conj().resolve_neg())
