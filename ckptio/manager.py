@@ -31,7 +31,7 @@ from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
 from .fileio import SavedCheckpoint
 from .formats import check_supported
 from .layout import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
-from .snapshot import BufferSlot, Layout, heap_staging, state_layout
+from .snapshot import BufferSlot, Layout, heap_staging, state_layout, walk_tensors
 from .writer import JobRunner, Report, WriteJob, WriterBackend
 
 __all__ = ["CheckpointManager", "SaveStats"]
@@ -177,8 +177,9 @@ class CheckpointManager:
             except BaseException:
                 self._free_slots.put(slot)
                 raise
-            if slot.main.needs_prepare and slot.main.staging is not None:
-                self._stage(slot.main.staging.layout)  # pinned buffers for the next saves, off this thread
+            for part, buffers, source in (("main", slot.main, state), ("shard", slot.shard, shard)):
+                if buffers.needs_prepare and buffers.staging is not None:  # pinned for the next saves, off-thread
+                    self._stage(part, buffers.staging.layout, _cuda_device(source))
             ticket = _Ticket(name, slot, Future())
             job = WriteJob(next(self._ticket_numbers), name, snapshot, dict(metadata) if metadata else None,
                            shard_snapshot, token)
@@ -194,16 +195,20 @@ class CheckpointManager:
             self._raise_background_error()
         return ticket.future
 
-    def prepare(self, state: Any) -> None:
-        """Allocate every slot's buffers for ``state`` in the background (pinned for CUDA tensors); returns at once.
+    def prepare(self, state: Any, *, shard: Any = None) -> None:
+        """Allocate every slot's buffers for ``state`` (and ``shard``, this process's part of a sharded
+        checkpoint) in the background, pinned for CUDA tensors; returns at once.
 
         Call it before the first step, and again when the state's layout changes (it is also done for you after
         a save whose layout was new). A save that comes before the buffers are ready allocates pageable
         buffers for itself instead of waiting. Host memory: up to one more copy of the state per slot while
-        buffers of an old layout are still in use.
+        buffers of an old layout are still in use. Ranks other than 0 of a sharded checkpoint pass
+        ``state=None``.
         """
         self._check_open()
-        self._stage(state_layout(state))
+        for part, source in (("main", state), ("shard", shard)):
+            if source is not None:
+                self._stage(part, state_layout(source), _cuda_device(source))
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise the first background error, if any."""
@@ -279,13 +284,10 @@ class CheckpointManager:
                 if self._writer is not None and not self._writer.alive():
                     raise CheckpointWriteError("the checkpoint writer thread died; see the log") from None
 
-    def _stage(self, layout: Layout) -> None:
+    def _stage(self, part: str, layout: Layout, device: int | None) -> None:
         if self._stager is None:
             self._stager = _Stager(self._slots)
-        device = None
-        if any(cuda for _, _, cuda in layout) and torch.cuda.is_initialized():
-            device = torch.cuda.current_device()  # the caller's: pinning from another device makes a stray context
-        self._stager.request(layout, device)
+        self._stager.request(part, layout, device)
 
     def _on_report(self, report: Report) -> None:
         """Apply one report from the writer (its thread, or the receiver of the writer process)."""
@@ -365,31 +367,42 @@ def _new_slot(index: int, shared: bool) -> _Slot:
                  BufferSlot(allocator=functools.partial(shared_staging, key=f"{index}.shard")))
 
 
+def _cuda_device(state: Any) -> int | None:
+    """The device of the state's first CUDA tensor: its pinned buffers are allocated with that device current
+    (under another device, pinning would create a stray context there)."""
+    for tensor in walk_tensors(state):
+        if tensor.is_cuda:
+            index = tensor.device.index
+            return index if index is not None else torch.cuda.current_device()
+    return None
+
+
 class _Stager:
-    """Allocates (and pins) buffers for a layout in a background thread and offers them to every slot."""
+    """Allocates (and pins) buffers for a layout in a background thread and offers them to every slot.
+
+    Each part of a slot (``"main"``, ``"shard"``) has its own wanted, busy and done layout."""
 
     def __init__(self, slots: list[_Slot]) -> None:
         self._slots = slots
         self._changed = threading.Condition()
-        self._wanted: Layout | None = None
-        self._busy: Layout | None = None
-        self._done: Layout | None = None
-        self._device: int | None = None
+        self._wanted: dict[str, tuple[Layout, int | None]] = {}
+        self._busy: dict[str, Layout] = {}
+        self._done: dict[str, Layout] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ckptio-stager", daemon=True)
         self._thread.start()
 
-    def request(self, layout: Layout, device: int | None = None) -> None:
+    def request(self, part: str, layout: Layout, device: int | None = None) -> None:
         with self._changed:
-            if self._wanted is None and layout in (self._busy, self._done):
+            if part not in self._wanted and layout in (self._busy.get(part), self._done.get(part)):
                 return
-            self._wanted, self._device = layout, device
+            self._wanted[part] = (layout, device)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests: wait until every requested layout is staged."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._wanted is None and self._busy is None, timeout)
+            return self._changed.wait_for(lambda: not self._wanted and not self._busy, timeout)
 
     def close(self) -> None:
         with self._changed:
@@ -400,21 +413,24 @@ class _Stager:
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._wanted is not None or self._stopping)
+                self._changed.wait_for(lambda: bool(self._wanted) or self._stopping)
                 if self._stopping:
                     return
-                layout, self._wanted = self._wanted, None
-                self._busy, device = layout, self._device
+                part = next(iter(self._wanted))
+                layout, device = self._wanted.pop(part)
+                self._busy[part] = layout
             try:
                 if device is not None:
                     torch.cuda.set_device(device)
                 for slot in self._slots:
-                    allocate = slot.main.allocator or heap_staging
-                    slot.main.offer(allocate(layout, True))
+                    buffers = slot.main if part == "main" else slot.shard
+                    allocate = buffers.allocator or heap_staging
+                    buffers.offer(allocate(layout, True))
             except Exception as exc:  # saves still work (they allocate for themselves); say why they may stall
                 log.warning("could not prepare checkpoint buffers in the background: %s", exc)
             with self._changed:
-                self._busy, self._done = None, layout
+                del self._busy[part]
+                self._done[part] = layout
                 self._changed.notify_all()
 
 

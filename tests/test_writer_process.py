@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from helpers import assert_same
+from helpers import FakeCuda, assert_same
 
 import ckptio
 import ckptio.manager
@@ -425,3 +425,29 @@ def test_a_save_waiting_for_its_copy_when_the_writer_dies_is_never_sent_to_the_n
     assert visible(tmp_path) == {"two.pth", "three.pth"}, "the lost save was written after all"
     assert_same(ckptio.load(tmp_path / "three.pth"), state_of(3.0))
     assert_same(ckptio.load(tmp_path / "two.pth"), state_of(2.0))
+
+
+def test_prepare_pins_with_the_device_of_the_states_tensors_current_not_the_callers(tmp_path, monkeypatch) -> None:
+    fake = FakeCuda().install(monkeypatch)
+    made_current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the caller's device: not the state's
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    state = {"w": fake.tensor(torch.ones(4), 3), "step": 1}
+    with CheckpointManager(tmp_path, writer="thread") as mgr:
+        mgr.prepare(state)
+        assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
+    assert made_current == [3]
+
+
+def test_prepare_also_stages_this_ranks_shard_and_the_shard_save_uses_those_buffers(tmp_path) -> None:
+    shard = {"optimizer_shard": {"m": torch.arange(10.0), "v": torch.ones(3, 3)}, "rank": 1}
+    with CheckpointManager(tmp_path, rank=1, world_size=2, writer="thread", max_pending=1) as mgr:
+        mgr.prepare(None, shard=shard)
+        assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
+        prepared = [slot.shard.prepared for slot in mgr._slots]
+        assert all(p is not None and p.layout == state_layout(shard) for p in prepared)
+        assert all(slot.main.prepared is None for slot in mgr._slots)
+        mgr.save(None, name="step_1", shard=shard, token="run:1").result(timeout=TIMEOUT)
+        used = [slot.shard.staging for slot in mgr._slots if slot.shard.staging is not None]
+        assert len(used) == 1 and any(used[0] is p for p in prepared)  # adopted: the save allocated nothing
