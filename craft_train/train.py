@@ -211,7 +211,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         scheduler.load_state_dict(state["scheduler_state_dict"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
-        scaler.load_state_dict(state["scaler_state_dict"])
+        _restore_scaler(scaler, state["scaler_state_dict"], say)
         restore_rng(state["rng_state"])
         epoch, batch_in_epoch, global_step = state["epoch"], state["batch"], state["global_step"]
         sums = dict(state["loss_sums"])
@@ -280,9 +280,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         if manager is None:
             return
         if sharded:
-            shard = {"optimizer_shard": optimizer.optim.state_dict(), "rank": world.rank}
             state = checkpoint_state(permutation) if world.is_main else None
-            future = manager.save(state, name=name, shard=shard, token=f"{run_id}:{global_step}:{name}")
+            future = manager.save(state, name=name, shard=_optimizer_shard(optimizer, world),
+                                  token=f"{run_id}:{global_step}:{name}")
         else:
             future = manager.save(checkpoint_state(permutation), name=name)
         report.queued(name, future, counts=world.is_main)
@@ -300,6 +300,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
 
     # ---- the loop -----------------------------------------------------------------------------------------
     stop = False
+    prepared = False  # whether the checkpoint buffers were prepared for the full training state
     last_saved_step = global_step
     try:
         while epoch <= config.epochs and not stop:
@@ -350,8 +351,12 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 batch_in_epoch += 1
                 global_step += 1
                 position = min(position + step_samples, len(permutation))
-                if global_step == result.start_step + 1 and manager is not None and config.async_save and not sharded:
-                    manager.prepare(checkpoint_state(permutation))  # Adam's state exists from the first step on
+                if not prepared and manager is not None and config.async_save and _has_optimizer_state(optimizer):
+                    # Buffers (pinned on CUDA) for the state as saves will see it: with Adam's moments, which exist
+                    # only once the optimizer really stepped (AMP skips the first steps of most runs).
+                    prepared = True
+                    manager.prepare(checkpoint_state(permutation) if world.is_main else None,
+                                    shard=_optimizer_shard(optimizer, world) if sharded else None)
 
                 # periodic checkpoint: every save_freq steps of training, counted across epochs (so that epochs
                 # shorter than save_freq save too), named after the epoch and the batch within it as in the guide
@@ -435,15 +440,39 @@ def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     skipped steps and makes PyTorch warn. So the learning rate follows optimizer steps taken, and since the
     scheduler's and scaler's state are both in every checkpoint, a resume reproduces the same schedule.
     """
-    scale = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(optimizer)
+    # The scaler calls optimizer.step() only when the gradients are finite: a hook sees whether it did, with no
+    # host sync of its own (reading the scale before and after the step would add one every step).
+    stepped: list[bool] = []
+    hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+    try:
+        scaler.step(optimizer)
+    finally:
+        hook.remove()
     scaler.update()
-    # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step (it syncs with the
-    # GPU to read it; the loop syncs every step for the loss anyway).
-    stepped = scale is None or scaler.get_scale() >= scale
     if stepped:
         scheduler.step()
-    return stepped
+    return bool(stepped)
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Load the AMP scaler's state; a checkpoint written without AMP (on the CPU, or with ``--no-amp``) has
+    none, and a run that uses AMP then starts its scaler fresh, as a new run would."""
+    if scaler.is_enabled() and not saved:
+        say("the checkpoint was written without AMP (on the CPU or with --no-amp): the AMP gradient scaler "
+            "starts fresh (its first steps may be skipped while it finds its scale)")
+        return
+    scaler.load_state_dict(saved)  # a scaler without AMP ignores a saved state
+
+
+def _has_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer has stepped and holds its per-parameter state (Adam's moments)."""
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: this process's shard
+    return bool(inner.state)
+
+
+def _optimizer_shard(optimizer: Any, world: World) -> dict[str, Any]:
+    """This process's part of a sharded (``--zero``) checkpoint."""
+    return {"optimizer_shard": optimizer.optim.state_dict(), "rank": world.rank}
 
 
 def _name_bad_samples(dataset: IcdarDataset | SyntheticTextDataset | MixedDataset, indices: list[int],

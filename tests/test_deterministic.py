@@ -17,7 +17,7 @@ from craft_train.train import TrainResult, _step_optimizer, train
 
 # 8 synthetic images, no validation: 4 batches of 2 per epoch, so 20 steps cross four epoch boundaries.
 BASE = dict(synthetic_size=8, image_size=32, batch_size=2, epochs=10, val_fraction=0.0, seed=3, workers=0,
-            augment=True)
+            augment=True, device="cpu")  # on the CPU even on a GPU machine: tests/test_cuda.py has CUDA's check
 
 
 def _switches() -> tuple[object, ...]:
@@ -88,6 +88,23 @@ def test_a_step_the_amp_scaler_skips_does_not_advance_the_schedule_and_warns_not
         assert _tiny_step(1.0, model, optimizer, scaler, scheduler) is True
         assert not torch.equal(model.weight, weights)
         assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == 0.5
+
+
+class _ScalerThatMustNotSync(torch.amp.GradScaler):
+    """Reading the scale copies it from the device: a host sync that the training step must not add."""
+
+    def get_scale(self) -> float:
+        raise AssertionError("get_scale() was called: a host sync every step")
+
+
+def test_telling_a_skipped_step_from_a_taken_one_reads_no_scale_from_the_device() -> None:
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    scaler = _ScalerThatMustNotSync("cpu", init_scale=1024.0)
+    assert _tiny_step(float("inf"), model, optimizer, scaler, scheduler) is False
+    assert _tiny_step(1.0, model, optimizer, scaler, scheduler) is True
+    assert scheduler.last_epoch == 1
 
 
 def test_without_amp_every_step_advances_the_schedule() -> None:

@@ -18,7 +18,7 @@ import ckptio
 from ckptio.layout import scan
 
 TINY = ["--synthetic-size", "10", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-        "--val-fraction", "0.2", "--save-freq", "1"]
+        "--val-fraction", "0.2", "--save-freq", "1", "--device", "cpu"]  # gloo on CPUs, even on a GPU machine
 
 
 def _torchrun(processes: int, save_dir: Path, *args: str) -> list[str]:

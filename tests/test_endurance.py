@@ -45,7 +45,8 @@ def test_clean_beside_a_running_training_never_removes_the_newest_or_in_flight_c
     run = subprocess.Popen(
         [sys.executable, "-m", "craft_train", "--synthetic-size", "8", "--image-size", "64", "--batch-size", "2",
          "--workers", "0", "--val-fraction", "0", "--epochs", "2", "--save-freq", "1", "--async-save",
-         "--save-dir", "ck"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--save-dir", "ck", "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     directory = tmp_path / "ck"
     cleans = 0
     try:

@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import ckptio
+import craft_train.train as train_module
 from ckptio import cli as ckptio_cli
 from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
+from ckptio.snapshot import state_layout
 from craft_train.config import TrainConfig, incompatible_changes
 from craft_train.resume import checked_optimizer_state
 from craft_train.train import TrainResult, train
 
-# 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs.
+# 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs. On the CPU even on
+# a GPU machine: the bit-identical comparisons hold for CPU kernels without AMP (tests/test_cuda.py has CUDA's).
 BASE = dict(synthetic_size=10, image_size=64, batch_size=2, epochs=3, val_fraction=0.2, seed=7, workers=1,
-            augment=True)
+            augment=True, device="cpu")
 
 
 def _quiet(_: str) -> None:
@@ -293,3 +297,56 @@ def test_forged_optimizer_state_is_refused_naming_the_file(name: str, value: obj
         optimizer.state[param][name] = value
     with pytest.raises(ValueError, match=f"forged.pth: the optimizer state of parameter 0 .*{expected}"):
         checked_optimizer_state(optimizer, "forged.pth")
+
+
+def test_a_checkpoint_written_without_amp_resumes_into_a_run_whose_amp_scaler_is_on_and_says_so(
+        tmp_path: Path, six_steps: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU run saves the disabled scaler's empty state; on CUDA with AMP the scaler is on. The CPU plays that
+    # run with a real scaler switched on (GradScaler("cpu")), through the trainer's own resume path.
+    real = torch.amp.GradScaler
+    scalers: list[torch.amp.GradScaler] = []
+
+    def amp_scaler(device: str = "cuda", **options: object) -> torch.amp.GradScaler:
+        scalers.append(real("cpu", **{**options, "enabled": True}))  # type: ignore[arg-type]
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", amp_scaler)
+    checkpoint = _at_step(six_steps, 2)
+    assert ckptio.load(checkpoint)["scaler_state_dict"] == {}
+    messages: list[str] = []
+    result = train(_config(save_dir=str(tmp_path), workers=0, save_freq=0, max_steps=3, resume=str(checkpoint)),
+                   say=messages.append)
+    assert result.start_step == 2 and result.global_step == 3
+    assert scalers and scalers[0].is_enabled() and scalers[0].state_dict()["scale"] > 0
+    assert any("written without AMP" in m and "starts fresh" in m for m in messages), messages
+
+
+def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_its_layout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # AMP skips the first steps of most runs (inf gradients while the scale settles): Adam has no state yet.
+    real_step = train_module._step_optimizer
+    steps: list[int] = []
+
+    def skips_the_first_two(optimizer: Any, scaler: Any, scheduler: Any) -> bool:
+        steps.append(1)
+        return False if len(steps) <= 2 else real_step(optimizer, scaler, scheduler)
+
+    prepared: list[Any] = []
+    saved: list[Any] = []
+    real_prepare, real_save = ckptio.CheckpointManager.prepare, ckptio.CheckpointManager.save
+
+    def prepare(self: Any, state: Any, **kwargs: Any) -> None:
+        prepared.append(state_layout(state))
+        real_prepare(self, state, **kwargs)
+
+    def save(self: Any, state: Any, **kwargs: Any) -> Any:
+        saved.append(state_layout(state))
+        return real_save(self, state, **kwargs)
+
+    monkeypatch.setattr(train_module, "_step_optimizer", skips_the_first_two)
+    monkeypatch.setattr(ckptio.CheckpointManager, "prepare", prepare)
+    monkeypatch.setattr(ckptio.CheckpointManager, "save", save)
+    train(_config(save_dir=str(tmp_path), workers=0, val_fraction=0.0, save_freq=4, max_steps=4, async_save=True),
+          say=_quiet)
+    assert len(saved) == 1 and prepared, "no save, or nothing prepared"
+    assert prepared[-1] == saved[0], "the first save's layout (with Adam's moments) was never prepared"

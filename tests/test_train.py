@@ -21,7 +21,8 @@ from craft_train.cli import _underscores_to_dashes, main
 from craft_train.config import TrainConfig
 from craft_train.train import train
 
-TINY = ["--synthetic-size", "8", "--image-size", "64", "--batch-size", "2", "--workers", "0", "--val-fraction", "0.25"]
+TINY = ["--synthetic-size", "8", "--image-size", "64", "--batch-size", "2", "--workers", "0", "--val-fraction", "0.25",
+        "--device", "cpu"]
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -130,7 +131,7 @@ def test_training_on_icdar_data_skips_counts_and_names_a_corrupt_image(tmp_path:
     data = tmp_path / "icdar"
     _write_icdar(data)
     config = TrainConfig(data_dir=str(data), image_size=64, batch_size=4, epochs=2, workers=0, val_fraction=0.0,
-                         save_dir=str(tmp_path / "ck"), save_freq=0)
+                         save_dir=str(tmp_path / "ck"), save_freq=0, device="cpu")
     messages: list[str] = []
     result = train(config, say=messages.append)
     assert result.global_step == 2
@@ -146,7 +147,7 @@ def test_icdar_data_with_mixed_in_synthetic_images_trains_on_both_and_still_name
     data = tmp_path / "icdar"
     _write_icdar(data)  # 4 images, one of them corrupt: with --mix-synthetic 2, 4 + 2 samples, 2 steps of 3
     config = TrainConfig(data_dir=str(data), image_size=64, batch_size=3, epochs=1, workers=1, val_fraction=0.0,
-                         mix_synthetic=2, save_dir=str(tmp_path / "ck"), save_freq=2)
+                         mix_synthetic=2, save_dir=str(tmp_path / "ck"), save_freq=2, device="cpu")
     messages: list[str] = []
     result = train(config, say=messages.append)
     assert result.global_step == 2 and result.errors == 1
@@ -159,7 +160,7 @@ def test_icdar_data_with_mixed_in_synthetic_images_trains_on_both_and_still_name
 
 def test_max_steps_stops_early_and_keeps_the_last_steps_in_a_final_checkpoint(tmp_path: Path) -> None:
     config = TrainConfig(synthetic_size=8, image_size=64, batch_size=2, epochs=5, workers=0, val_fraction=0.25,
-                         save_dir=str(tmp_path), save_freq=2, max_steps=3)
+                         save_dir=str(tmp_path), save_freq=2, max_steps=3, device="cpu")
     result = train(config, say=lambda _: None)
     assert result.global_step == 3
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == [
