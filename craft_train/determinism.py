@@ -7,11 +7,17 @@ diverge (measured on an H200: 322 of 436 tensors differed after 20 steps); with 
 
 The switches are process-global, so :func:`deterministic_mode` restores them when the run ends: a test (or a
 notebook) that calls ``train()`` twice must not inherit the first run's settings.
+
+One switch cannot be undone or applied late: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when the process makes its
+first cuBLAS handle. A run with ``--deterministic`` started in a process that already ran a CUDA matmul (a notebook,
+or a second ``train()`` after one without the flag) fails at its first matmul; it warns when it starts on a
+process that has used CUDA. Set the variable before Python starts to avoid it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +51,14 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
         "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
     if saved["cublas"] not in _CUBLAS_DETERMINISTIC:
+        if torch.cuda.is_initialized():
+            # cuBLAS reads the variable once, when this process made its first handle; PyTorch then checks it
+            # at every cuBLAS call under deterministic algorithms, and the next matmul would raise.
+            warnings.warn(
+                "--deterministic was switched on after this process had already used CUDA: if a cuBLAS call ran "
+                f"before, the next one raises about CUBLAS_WORKSPACE_CONFIG. Set CUBLAS_WORKSPACE_CONFIG="
+                f"{CUBLAS_WORKSPACE_CONFIG} in the environment before starting Python, or train in a fresh process",
+                RuntimeWarning, stacklevel=3)
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

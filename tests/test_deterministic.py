@@ -41,6 +41,20 @@ def test_deterministic_mode_keeps_a_users_deterministic_cublas_setting(monkeypat
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
+def test_deterministic_mode_warns_when_cuda_was_used_before_it_and_cublas_may_have_read_its_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after a CUDA matmul in this process
+    with pytest.warns(RuntimeWarning, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment"), \
+            deterministic_mode(True):
+        pass
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # set before Python started: nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with deterministic_mode(True):
+            pass
+
+
 def test_deterministic_mode_off_touches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = _switches()
