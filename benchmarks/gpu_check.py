@@ -37,10 +37,20 @@ import torch
 __all__ = ["check_ordering", "main"]
 
 
+_BENCHMARKS = Path(__file__).resolve().parent
+_CHECKOUT = _BENCHMARKS.parent
+
+
+def _use_this_checkout() -> None:
+    """Import ckptio and the other benchmarks from this checkout: the GPU image has only the dependencies
+    installed, not the project, and ``python benchmarks/gpu_check.py`` puts only ``benchmarks/`` on the path."""
+    for path in (str(_BENCHMARKS), str(_CHECKOUT)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
 def _sibling(name: str) -> Any:
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
+    _use_this_checkout()
     return importlib.import_module(name)
 
 
@@ -56,6 +66,7 @@ def check_ordering(device: str, workdir: Path, *, trials: int = 3, numel: int = 
     """For each format and writer: ``trials`` saves of a tensor that a chain of ``chain`` in-place additions
     changes right before ``save()`` (queued, maybe still running) and again right after it returns. The file
     must hold exactly the value before the second chain; the tensor in memory the value after it."""
+    _use_this_checkout()
     import ckptio
 
     results = []
@@ -203,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"report: {out / 'gpu_check.md'}")
     with contextlib.suppress(ValueError):
-        sys.path.remove(str(Path(__file__).resolve().parent))
+        sys.path.remove(str(_BENCHMARKS))
     if not ordering_ok:
         print("gpu_check: the ordering check FAILED (see above)", file=sys.stderr)
         return 1

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 from types import ModuleType
@@ -207,3 +212,48 @@ def test_train_overhead_analysis_derives_every_100_steps_from_measured_costs() -
     assert "**derived**" in module.markdown_table(analysis)
     assert module.goals(analysis, cuda=False) == [
         "- async, every 100 steps (derived): overhead ≤ 1.0%: PASS (+0.05%)"]
+
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _without_the_project(tmp_path: Path) -> Path:
+    """A copy of the checkout's code, as on the GPU image: the dependencies installed, the project not."""
+    copy = tmp_path / "checkout"
+    for part in ("ckptio", "craft_train", "benchmarks", "tests"):
+        shutil.copytree(CHECKOUT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.cfg", "Makefile"):
+        shutil.copy2(CHECKOUT / name, copy / name)
+    return copy
+
+
+def _bare_python(code: str, *, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python that has the installed packages but neither PYTHONPATH, the working directory
+    (which ``-c`` would put first) nor the project (``-S`` skips the site module, so an editable install's .pth
+    file is never read)."""
+    prelude = f"import sys; sys.path.pop(0); sys.path.append({sysconfig.get_paths()['purelib']!r}); "
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-S", "-c", prelude + code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_gpu_commands_run_from_a_copy_where_the_project_is_not_installed(tmp_path: Path) -> None:
+    copy = _without_the_project(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bare = _bare_python("import ckptio", cwd=copy)
+    assert bare.returncode != 0 and "No module named 'ckptio'" in bare.stderr, "the project is importable anyway"
+    # `pytest -m cuda tests/test_cuda.py`: the pytest script puts only its own directory on the path.
+    collected = _bare_python(
+        "import pytest; sys.exit(pytest.main(['-m', 'cuda', '--collect-only', '-q', 'tests/test_cuda.py']))",
+        cwd=copy)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "test_kernels_queued_before_save_are_in_the_file" in collected.stdout
+    # `python benchmarks/gpu_check.py`: the script's directory is sys.path[0], the checkout is not on the path.
+    script = copy / "benchmarks" / "gpu_check.py"
+    checked = _bare_python(
+        f"sys.path.insert(0, {str(script.parent)!r}); sys.argv = [{str(script)!r}, '--quick', '--device', 'cpu', "
+        f"'--skip-latency', '--skip-train', '--out', {str(tmp_path / 'out')!r}]; "
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", cwd=elsewhere)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "Ordering" in (tmp_path / "out" / "gpu_check.md").read_text()

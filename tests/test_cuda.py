@@ -8,6 +8,7 @@ machine. The CPU side of the same properties is tested elsewhere (``tests/test_d
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+CHECKOUT = Path(__file__).resolve().parent.parent
 WRITERS = ["thread", "process"] if "writer" in {f.name for f in dataclasses.fields(ckptio.CheckpointOptions)} \
     else [None]
 
@@ -129,7 +131,9 @@ def test_torchrun_with_nccl_on_two_gpus_saves_once_per_checkpoint(tmp_path: Path
                "-m", "craft_train", "--device", "cuda", "--synthetic-size", "32", "--image-size", "128",
                "--batch-size", "2", "--workers", "0", "--val-fraction", "0", "--save-freq", "2", "--max-steps", "4",
                "--keep-count", "2", "--save-dir", str(tmp_path)]
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The checkout, for machines where the project is not installed (the GPU image).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         output, _ = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, output
@@ -138,5 +142,5 @@ def test_torchrun_with_nccl_on_two_gpus_saves_once_per_checkpoint(tmp_path: Path
             launcher.kill()
             launcher.wait()
     report = subprocess.run([sys.executable, "-m", "ckptio", "verify", str(tmp_path)], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, env=env)
     assert report.returncode == 0, report.stdout + report.stderr
