@@ -47,8 +47,10 @@ bench: install
 
 # On a GPU machine: CUDA ordering, save latency (CRAFT, 2 GB) and training overhead in one call (~5 min).
 # No install step: a GPU image brings its own torch (the venv is used when there is one).
+# One call on a lent GPU, within 5 minutes: the ordering check, pytest -m cuda, save latency, training overhead;
+# one summary table first, then each section's (bench_out/gpu_check/gpu_check.md). Needs no install.
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py --with-tests --budget 280
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) bench_out

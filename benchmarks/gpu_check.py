@@ -14,9 +14,12 @@ of importance, and prints one markdown report that names the GPU and can go into
 
 ``--quick --device cpu`` runs the same code on the CPU with tiny sizes (a smoke test: the tests run it). Without
 zstandard (the GPU image lacks it) the zstd cases are skipped with a note. Exit code 1 if the ordering check
-fails, 0 otherwise.
+or a CUDA test fails, 0 otherwise.
 
 Run ``python benchmarks/gpu_check.py [--out DIR]`` (``--skip-train`` / ``--skip-latency`` to shorten it).
+``make gpu-check`` adds ``--with-tests`` (``pytest -m cuda tests/test_cuda.py`` right after the ordering check)
+and ``--budget 280``: sections that would not fit the time left are shortened or skipped, and say so, so that one
+call on a lent GPU ends within five minutes. The report starts with one table: each section, its outcome, its time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import shutil
 import sys
 import tempfile
@@ -109,6 +113,51 @@ def check_ordering(device: str, workdir: Path, *, trials: int = 3, numel: int = 
     return results
 
 
+def run_cuda_tests(out: Path, timeout_s: float, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], str]:
+    """``pytest -m cuda tests/test_cuda.py`` in a child process (its CUDA state stays out of the measurements);
+    one row per test (name, outcome, seconds) from its JUnit report, and the outcome of the whole run."""
+    import subprocess
+    import xml.etree.ElementTree as ElementTree
+
+    report = out / "cuda_tests.xml"
+    report.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={report}"]
+    try:
+        done = subprocess.run(command, cwd=_CHECKOUT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        log(f"pytest -m cuda: stopped after {timeout_s:.0f} s")
+        tail = (exc.stdout or b"")[-2000:]
+        log(tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+        return [], f"timed out after {timeout_s:.0f} s"
+    log("pytest -m cuda: " + (done.stdout.strip().splitlines() or ["(no output)"])[-1])
+    if done.returncode not in (0, 5):  # 5: nothing collected
+        log(done.stdout[-4000:] + done.stderr[-2000:])
+    rows = []
+    if report.exists():
+        for case in ElementTree.parse(report).getroot().iter("testcase"):
+            outcome = "passed"
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    outcome = "FAILED"
+                elif child.tag == "skipped":
+                    outcome = "skipped: " + (child.get("message") or "").split(": ", 1)[-1][:60]
+            rows.append({"test": case.get("name", "?"), "outcome": outcome,
+                         "seconds": float(case.get("time") or 0.0)})
+    passed = sum(r["outcome"] == "passed" for r in rows)
+    failed = sum(r["outcome"] == "FAILED" for r in rows)
+    verdict = f"{passed} passed, {failed} failed, {len(rows) - passed - failed} skipped"
+    if done.returncode not in (0, 5) and not failed:
+        verdict += f" (pytest exited with {done.returncode})"
+    return rows, verdict
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _latency(device: str, states: Sequence[str], reps: int, workdir: Path, log: Callable[[str], None]
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     save_latency = _sibling("save_latency")
@@ -140,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out/gpu_check", help="output directory")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--with-tests", action="store_true",
+                        help="also run pytest -m cuda tests/test_cuda.py (after the ordering check)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="shorten or skip the later sections so that the whole check ends within this time")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on the GPU machine, or use --quick --device cpu for a "
@@ -156,6 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {text}", flush=True)
 
+    def left() -> float:
+        return math.inf if args.budget is None else args.budget - (time.perf_counter() - started)
+
+    summary: list[tuple[str, str, float]] = []  # section, outcome, seconds
+
+    def section_done(name: str, outcome: str, since: float) -> None:
+        summary.append((name, outcome, time.perf_counter() - since))
+
     report = [f"### {'GPU' if args.device == 'cuda' else 'CPU smoke'} check: {gpu}", "",
               f"Machine: {save_latency.machine_line(info)}.", ""]
     notes: list[str] = []
@@ -165,15 +226,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append("this ckptio has no process writer: only the thread writer was measured")
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=out))
     ordering_ok = True
+    tests_ok = True
     try:
+        since = time.perf_counter()
         ordering = check_ordering(args.device, workdir, trials=2 if args.quick else 3,
                                   numel=1 << (12 if args.quick else 24), chain=5 if args.quick else 50, log=log)
         ordering_ok = all(r["passed"] == r["trials"] for r in ordering)
         report += ["Ordering (kernels queued before save() are in the file, after are not): "
                    + "; ".join(f"{r['case']} {r['passed']}/{r['trials']}" for r in ordering), ""]
+        section_done("ordering", "; ".join(f"{r['case']} {r['passed']}/{r['trials']}" for r in ordering), since)
 
-        if not args.skip_latency:
+        if args.with_tests:
+            since = time.perf_counter()
+            # What is left after the tests goes to the measurements: at least 90 s of them, if the budget allows.
+            tests, verdict = run_cuda_tests(out, max(30.0, min(240.0, left() - 90)), log)
+            tests_ok = "FAILED" not in {r["outcome"] for r in tests} and "timed out" not in verdict
+            report += ["CUDA tests (`pytest -m cuda tests/test_cuda.py`):", "",
+                       _markdown(["test", "outcome", "s"],
+                                 [(r["test"], r["outcome"], f"{r['seconds']:.1f}") for r in tests]), ""]
+            section_done("pytest -m cuda", verdict, since)
+
+        if not args.skip_latency and left() < 45:
+            notes.append(f"save latency skipped: {max(left(), 0):.0f} s of the budget left")
+        elif not args.skip_latency:
+            since = time.perf_counter()
             states = ["1MB"] if args.quick else ["craft", "2GB"]
+            if not args.quick and left() < 150:
+                states = ["craft"]
+                notes.append(f"save latency of the 2 GB state skipped: {left():.0f} s of the budget left")
             rows, infos = _latency(args.device, states, 1 if args.quick else 3, workdir, log)
             report += ["Save latency:", "", save_latency.markdown_table(rows), "",
                        *save_latency.goals(rows, infos), ""]
@@ -182,8 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     note = note if note.startswith(row["method"]) else f"{row['method']}: {note}"
                     if note not in notes:
                         notes.append(note)
+            section_done("save latency", ", ".join(states), since)
 
-        if not args.skip_train:
+        train_budget = min(60.0 if args.quick else 150.0, left() - 15)
+        if not args.skip_train and train_budget < 30:
+            notes.append(f"training overhead skipped: {max(left(), 0):.0f} s of the budget left")
+        elif not args.skip_train:
+            since = time.perf_counter()
             cuda = args.device == "cuda"
             freqs = (25, 100) if cuda and not args.quick else (1, 2)
             methods = ["async", "dcp-best"]
@@ -196,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             probes: list[dict[str, Any]] = []
             segments = train_overhead.run_rounds(
                 trainer, configs, rounds=1 if args.quick else 2, segment=max(freqs), workdir=workdir / "train",
-                budget_s=60 if args.quick else 150, probes=probes, notes=notes, log=log)
+                budget_s=train_budget, probes=probes, notes=notes, log=log)
             analysis = train_overhead.analyse(segments, configs)
             report += [f"Training overhead (CRAFT {trainer.config.image_size} px, batch {trainer.config.batch_size}"
                        f"{', AMP' if trainer.use_amp else ''}; {analysis['step_seconds'] * 1000:.1f} ms/step "
@@ -204,10 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                        *train_overhead.goals(analysis, cuda=trainer.device.type == "cuda"), "",
                        "Main thread's Python pace while one save is written:", "",
                        train_overhead.pace_table(probes), ""]
+            section_done("training overhead", f"{analysis['step_seconds'] * 1000:.1f} ms/step without checkpoints",
+                         since)
     finally:
         save_latency.stop_dcp_writer_process()
         shutil.rmtree(workdir, ignore_errors=True)
     report += [f"Total {time.perf_counter() - started:.0f} s.", "", "Notes:", *[f"- {n}" for n in notes], ""]
+    table = _markdown(["section", "outcome", "s"], [(name, outcome, f"{seconds:.0f}")
+                                                   for name, outcome, seconds in summary])
+    report[4:4] = [table, ""]  # after the title and the machine line: the one table to read first
     text = "\n".join(report)
     (out / "gpu_check.md").write_text(text)
     print()
@@ -217,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.remove(str(_BENCHMARKS))
     if not ordering_ok:
         print("gpu_check: the ordering check FAILED (see above)", file=sys.stderr)
-        return 1
-    return 0
+    if not tests_ok:
+        print("gpu_check: pytest -m cuda FAILED (see above)", file=sys.stderr)
+    return 0 if ordering_ok and tests_ok else 1
 
 
 if __name__ == "__main__":

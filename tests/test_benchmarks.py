@@ -178,8 +178,13 @@ def test_gpu_check_smoke_mode_runs_on_the_cpu_and_writes_a_report(tmp_path: Path
     module = _load("gpu_check")
     out = tmp_path / "out"
     # The training part is train_overhead.py's, tested above: skipping it here keeps the suite's time in check.
-    assert module.main(["--quick", "--device", "cpu", "--skip-train", "--out", str(out)]) == 0
+    assert module.main(["--quick", "--device", "cpu", "--skip-train", "--with-tests", "--budget", "600",
+                        "--out", str(out)]) == 0
     report = (out / "gpu_check.md").read_text()
+    summary = report.split("| section | outcome | s |", 1)[1].split("\n\n", 1)[0]  # the table read first
+    assert "| ordering |" in summary and "| save latency | 1MB |" in summary
+    assert "| pytest -m cuda | 0 passed, 0 failed," in summary  # no CUDA here: every test skipped
+    assert "| test_the_amp_scaler_state_round_trips_through_a_checkpoint | skipped: needs a CUDA device |" in report
     assert "Ordering" in report and "0/" not in report.split("Ordering", 1)[1].split("\n", 1)[0]
     assert "| 1MB | dcp best" in report and "| 1MB | ckptio async torch |" in report
     assert not any(out.glob("gpu_check_*")), "scratch files were left behind"

@@ -99,8 +99,35 @@ def test_the_amp_scaler_state_round_trips_through_a_checkpoint(tmp_path: Path) -
     assert restored.get_scale() == scaler.get_scale() == 2.0**11  # halved by the inf step, doubled twice since
 
 
+@pytest.mark.parametrize("writer", WRITERS)
+def test_conjugate_and_negative_views_on_the_device_are_saved_resolved(tmp_path: Path, writer: str | None) -> None:
+    values = torch.randn(1 << 20, dtype=torch.complex64, device="cuda")
+    state = {"conj": values.conj(), "neg": torch._neg_view(values)}
+    expected = {k: v.resolve_conj().resolve_neg().cpu() for k, v in state.items()}
+    with _manager(tmp_path, writer, format="torch") as manager:
+        for i in range(3):
+            torch.cuda._sleep(20_000_000)  # the copy is still queued when save() returns
+            manager.save(state, name=f"views_{i}")
+        manager.wait()
+    for i in range(3):
+        loaded = ckptio.load(manager.path_for(f"views_{i}"))
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def _quiet(_: str) -> None:
     pass
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_on_the_cpu_resumes_on_cuda_with_amp(tmp_path: Path) -> None:
+    base = dict(synthetic_size=8, image_size=64, batch_size=2, epochs=2, val_fraction=0.0, seed=5, workers=0)
+    first = train(TrainConfig(**base, device="cpu", save_dir=str(tmp_path), save_freq=2, max_steps=2), say=_quiet)
+    messages: list[str] = []
+    resumed = train(TrainConfig(**base, device="cuda", amp=True, save_dir=str(tmp_path), save_freq=2, max_steps=4,
+                                resume=str(first.saved_paths[-1])), say=messages.append)
+    assert resumed.start_step == 2 and resumed.global_step == 4
+    assert any("starts fresh" in m for m in messages), messages
+    assert ckptio.load(resumed.saved_paths[-1])["scaler_state_dict"]["scale"] > 0
 
 
 def _assert_bit_identical(a: TrainResult, b: TrainResult) -> None:
