@@ -82,6 +82,7 @@ class _Directory:
     """The newest checkpoint this plugin made durable here: a resume needs it until a newer one lands."""
     deferred: set[Path] = field(default_factory=set)
     """Removals of ``newest`` asked for while a newer save was pending; done when one lands."""
+    told_deferral: bool = False
 
 
 class CheckpointIO(_LightningCheckpointIO):
@@ -133,6 +134,9 @@ class CheckpointIO(_LightningCheckpointIO):
         """Snapshot ``checkpoint`` and return; the file appears at ``path`` once durable (see :meth:`future`)."""
         if storage_options is not None:
             raise TypeError("ckptio.lightning.CheckpointIO takes no storage_options; configure it in its constructor")
+        if _is_url(path):
+            raise ValueError(f"{path}: ckptio writes local files only; save to a local path (or use Lightning's "
+                             "TorchCheckpointIO for remote storage)")
         self.raise_error()
         target = _local_path(path)
         state = encode_objects(checkpoint)
@@ -190,7 +194,10 @@ class CheckpointIO(_LightningCheckpointIO):
                 return
             if directory is not None and target == directory.newest and self._live(directory):
                 directory.deferred.add(target)
-                log.info("removing %s waits until a newer checkpoint in %s is durable: it is the newest one a "
+                # Routine when the writer is behind top-k: said loudly once per directory, quietly after.
+                level = logging.INFO if directory.told_deferral else logging.WARNING
+                directory.told_deferral = True
+                log.log(level, "removing %s waits until a newer checkpoint in %s is durable: it is the newest one a "
                             "resume could use", target, target.parent)
                 return
             _remove(target)
@@ -201,8 +208,15 @@ class CheckpointIO(_LightningCheckpointIO):
         """Wait for every pending write, close the writers, and raise the first error not yet raised."""
         with self._lock:
             directories, self._directories = list(self._directories.values()), {}
-        for directory in directories:
-            self._manager_call(directory.manager.close)
+        first: BaseException | None = None
+        for directory in directories:  # every writer is closed, even after one of them raised
+            try:
+                self._manager_call(directory.manager.close)
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            self._log_errors()
+            raise first
         self.raise_error()
 
     # -- ckptio's additions ---------------------------------------------------------------------------------
@@ -238,6 +252,13 @@ class CheckpointIO(_LightningCheckpointIO):
             for later in errors[1:]:
                 log.error("%s", later)
             raise errors[0]
+
+    def _log_errors(self) -> None:
+        """Log (and forget) the background errors not raised yet: another error is on its way up."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        for error in errors:
+            log.error("%s", error)
 
     def callback(self) -> Callback:
         """A Lightning callback that raises a background error at the start of the next training step."""

@@ -72,11 +72,13 @@ def test_the_lightning_extra_is_declared_and_pinned_to_the_installed_version() -
     assert "lightning" in (ROOT / "Makefile").read_text().split(".[test,bench,")[1].split("]")[0]
 
 
-def test_invalid_options_are_refused_with_what_is_allowed() -> None:
+def test_invalid_options_and_remote_paths_are_refused_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="save_top_k"):
         ckptio.lightning.CheckpointIO(keep_count=2)
     with pytest.raises(ValueError, match="format"):
         ckptio.lightning.CheckpointIO(format="pickle")
+    with pytest.raises(ValueError, match="local path"):
+        ckptio.lightning.CheckpointIO().save_checkpoint({"step": 1}, "s3://bucket/a.ckpt")
 
 
 def test_top_k_last_and_every_n_steps_write_verified_files_and_resume_at_the_step(tmp_path: Path) -> None:
@@ -88,6 +90,9 @@ def test_top_k_last_and_every_n_steps_write_verified_files_and_resume_at_the_ste
     for name in files(tmp_path):
         assert ckptio.verify(tmp_path / name).files[0].status == "verified"
         assert ckptio_main(["verify", str(tmp_path / name)]) == 0
+    # Lightning's own loaders read the files too
+    assert Tiny.load_from_checkpoint(tmp_path / "last.ckpt").hparams.lr == 0.05
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12
 
     resumed = Tiny()
     plugin = ckptio.lightning.CheckpointIO()
@@ -313,3 +318,21 @@ def test_ddp_on_cpu_writes_on_rank_0_only_and_resumes_on_both(tmp_path: Path) ->
         assert ckptio.verify(tmp_path / name).files[0].status == "verified"
     second = run(6)
     assert "rank 0 started at 4 ended at 6" in second and "rank 1 started at 4 ended at 6" in second
+
+
+def test_lightning_overhead_summary_charges_each_save_the_step_time_above_the_run_without_checkpoints() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import lightning_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    run = {"device_peak_bytes": None, "peak_rss_above_start_bytes": 2**20, "checkpoint_bytes": 2**20}
+    table = lightning_overhead.summarize([
+        {**run, "plugin": "none", "saves": 0, "blocked_s": [], "durable_s": [], "step_s": [0.1, 0.1, 0.1]},
+        {**run, "plugin": "ckptio", "saves": 2, "blocked_s": [0.01, 0.03], "durable_s": [0.5, 0.7],
+         "step_s": [0.1, 0.3, 0.2]},
+    ])
+    assert table["ckptio"]["step_overhead_per_save_s"] == pytest.approx(0.15)
+    assert table["ckptio"]["blocked_median_s"] == pytest.approx(0.02)
+    assert table["ckptio"]["durable_median_s"] == pytest.approx(0.6)
+    assert "| ckptio | 2 | 20.0 (30.0) | 150.0 |" in lightning_overhead.markdown_table(table)
