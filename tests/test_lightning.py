@@ -336,3 +336,15 @@ def test_lightning_overhead_summary_charges_each_save_the_step_time_above_the_ru
     assert table["ckptio"]["blocked_median_s"] == pytest.approx(0.02)
     assert table["ckptio"]["durable_median_s"] == pytest.approx(0.6)
     assert "| ckptio | 2 | 20.0 (30.0) | 150.0 |" in lightning_overhead.markdown_table(table)
+
+
+@pytest.mark.parametrize("options", [{"async_save": False}, {"writer": "process"}], ids=["sync", "process"])
+def test_synchronous_saves_and_the_process_writer_put_files_in_place(tmp_path: Path, options: dict) -> None:
+    plugin = ckptio.lightning.CheckpointIO(**options)
+    future = plugin.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "a.ckpt")
+    if options.get("async_save") is False:
+        assert future.done() and files(tmp_path) == ["a.ckpt"]  # durable before save_checkpoint returned
+    assert future.result().path == tmp_path / "a.ckpt"
+    assert plugin.load_checkpoint(tmp_path / "a.ckpt")["step"] == 1
+    plugin.teardown()
+    assert files(tmp_path) == ["a.ckpt"]
