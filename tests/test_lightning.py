@@ -153,6 +153,27 @@ def test_removing_a_pending_write_drops_it_when_it_lands(tmp_path: Path, monkeyp
     plugin.teardown()
 
 
+def test_the_same_remove_of_a_pending_write_resurrects_the_file_with_lightnings_async_plugin(tmp_path: Path) -> None:
+    """The race the test above rules out, shown with Lightning's AsyncCheckpointIO and the same slow storage."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    gate = threading.Event()
+
+    class SlowTorchIO(TorchCheckpointIO):
+        def save_checkpoint(self, *args: object, **kwargs: object) -> None:
+            gate.wait()
+            super().save_checkpoint(*args, **kwargs)
+
+    plugin = AsyncCheckpointIO(SlowTorchIO())
+    plugin.save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "a.ckpt")
+    plugin.save_checkpoint({"step": 2, "w": torch.ones(3)}, tmp_path / "b.ckpt")
+    plugin.remove_checkpoint(tmp_path / "a.ckpt")
+    gate.set()
+    plugin.teardown()
+    assert files(tmp_path) == ["a.ckpt", "b.ckpt"]  # top-k believes a.ckpt is gone
+
+
 def test_the_newest_durable_checkpoint_is_removed_only_once_a_newer_one_lands(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = GatedWrites(monkeypatch, fail="c.ckpt")
