@@ -9,7 +9,7 @@ save_top_k=2, monitor="loss", save_last=True)``. Each plugin runs in its own pro
 its own; the order of the runs is shuffled per round.
 
 Per plugin: blocking time per save (the time ``save_checkpoint`` held the training thread), step-time overhead
-(the mean step time, ``none``'s subtracted, times the steps, per save), peak host memory (the process's peak RSS
+(the mean step time less ``none``'s, times the steps, per save), peak host memory (the process's peak RSS
 above its RSS before ``fit``), time to durable (from a save's call to its file being complete: the end of the
 call, the end of the background ``torch.save``, or ckptio's ``on_saved``) and, on CUDA, peak device memory.
 
@@ -148,7 +148,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     by_plugin: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_plugin.setdefault(run["plugin"], []).append(run)
-    baseline = statistics.median(s for run in by_plugin.get("none", []) for s in run["step_s"]) \
+    baseline = statistics.fmean(s for run in by_plugin.get("none", []) for s in run["step_s"]) \
         if "none" in by_plugin else None
     table = {}
     for name, group in by_plugin.items():
@@ -170,8 +170,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                        durable_median_s=statistics.median(durable) if durable else None,
                        checkpoint_mb=statistics.median(r["checkpoint_bytes"] for r in group) / 2**20)
             if baseline is not None:
-                extra = sum(max(0.0, s - baseline) for run in group for s in run["step_s"])
-                row["step_overhead_per_save_s"] = extra / saves
+                # Means, not medians: a save slows a few steps a lot, and a median would not see them.
+                row["step_overhead_per_save_s"] = (statistics.fmean(steps) - baseline) * len(steps) / saves
         table[name] = row
     return table
 
@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 layers, 12 steps, one round (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--summarize", type=Path, help="recompute the tables from a lightning_overhead.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.steps, args.every, args.rounds = 4, 12, 4, 1
@@ -216,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning_overhead: unknown plugins {sorted(unknown)}; choose from {', '.join(PLUGINS)}",
               file=sys.stderr)
         return 2
+    if args.summarize:
+        table = summarize(json.loads(args.summarize.read_text())["runs"])
+        print(markdown_table(table))
+        return 0
     if args.child:
         directory = Path(tempfile.mkdtemp(prefix="lightning_overhead_", dir=args.out))
         result = _run_one(args.child, args, directory)
