@@ -2,7 +2,8 @@
 
 Plugins: Lightning's ``TorchCheckpointIO`` (``torch.save`` in the training thread), Lightning's
 ``AsyncCheckpointIO`` (a clone of every tensor, then ``torch.save`` in a thread) and ``ckptio.lightning``'s
-``CheckpointIO`` (a copy into reusable host buffers, then a sealed, fsynced write in a thread); ``none`` trains
+``CheckpointIO`` (a copy into reusable host buffers, then a sealed, fsynced write in a thread; ``ckptio-process``:
+in its writer process, on request); ``none`` trains
 without checkpoints, for the step time. An MLP (``--width`` x ``--width`` layers, Adam: a checkpoint is about 3x
 the weights) trains ``--steps`` steps on the CPU with ``ModelCheckpoint(every_n_train_steps=--every,
 save_top_k=2, monitor="loss", save_last=True)``. Each plugin runs in its own process, so that its peak memory is
@@ -39,7 +40,8 @@ from typing import Any
 
 __all__ = ["PLUGINS", "main", "markdown_table", "summarize"]
 
-PLUGINS = ("none", "torch", "async", "ckptio")
+PLUGINS = ("none", "torch", "async", "ckptio", "ckptio-process")
+DEFAULT_PLUGINS = PLUGINS[:4]
 
 
 def _run_one(plugin_name: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -87,8 +89,9 @@ def _run_one(plugin_name: str, args: argparse.Namespace, directory: Path) -> dic
         inner = RecordingTorchIO()
     elif plugin_name == "async":
         inner = AsyncCheckpointIO(RecordingTorchIO())
-    elif plugin_name == "ckptio":
+    elif plugin_name.startswith("ckptio"):
         inner = ckptio.lightning.CheckpointIO(
+            writer="process" if plugin_name == "ckptio-process" else "thread",
             on_saved=lambda saved: durable.__setitem__(str(saved.path), time.perf_counter()))
 
     step_ends: list[float] = []
@@ -203,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--plugins", default=",".join(PLUGINS))
+    parser.add_argument("--plugins", default=",".join(DEFAULT_PLUGINS),
+                        help=f"comma-separated, of {', '.join(PLUGINS)} (ckptio-process: its writer process)")
     parser.add_argument("--quick", action="store_true", help="4 layers, 12 steps, one round (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
