@@ -246,3 +246,20 @@ def test_train_overhead_analysis_derives_every_100_steps_from_measured_costs() -
     assert "**derived**" in module.markdown_table(analysis)
     assert module.goals(analysis, cuda=False) == [
         "- async, every 100 steps (derived): overhead ≤ 1.0%: PASS (+0.05%)"]
+
+
+def test_load_latency_times_every_loader_warm_and_cold_against_torch_load(tmp_path: Path) -> None:
+    module = _load("load_latency")
+    out = tmp_path / "out"
+    assert module.main(["--states", "1MB", "--reps", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "load_latency.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {module.TORCH_LOAD, module.SAFETENSORS_LOAD, "ckptio.load torch (digest checked)",
+                         "ckptio.load safetensors (digest checked)"}
+    for name, row in rows.items():
+        assert row["warm_s"] > 0 and row["warm_ratio"] > 0, name
+        if module.COLD_SUPPORTED:
+            assert row["cold_s"] > 0 and row["cold_ratio"] > 0, name
+    assert rows[module.TORCH_LOAD]["warm_ratio"] == 1.0
+    assert "| 1MB |" in (out / "load_latency.md").read_text()
+    assert not any(out.glob("load_latency_*")), "scratch files were left behind"
