@@ -810,7 +810,7 @@ class CkptioMethod(Method):
 
 
 def process_writer_available() -> bool:
-    """Whether this ckptio has ``CheckpointManager(writer="process")`` (issue 12, being added)."""
+    """Whether this ckptio has ``CheckpointManager(writer="process")`` (older versions had only the thread writer)."""
     import ckptio
 
     return "writer" in {f.name for f in dataclasses.fields(ckptio.CheckpointOptions)}

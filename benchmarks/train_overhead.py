@@ -733,7 +733,7 @@ def analyse(segments: list[Segment], configs: Sequence[Config], *,
 
 
 def goals(analysis: dict[str, Any], *, cuda: bool) -> list[str]:
-    """Issue 12's training-overhead goals at a save every 100 steps (measured, or derived on the CPU): at most
+    """The project's training-overhead goals at a save every 100 steps (measured, or derived on the CPU): at most
     0.5% on a GPU / 1% on this CPU machine, and less than DCP's best mode."""
     limit = 0.5 if cuda else 1.0
     # Noise can make an overhead negative or flip an order: say when no round was free of other processes.
