@@ -43,6 +43,7 @@ test-learning: install
 bench: install
 	$(PY) benchmarks/save_latency.py
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/load_latency.py
 	$(PY) benchmarks/learning_curve.py
 
 # On a GPU machine: CUDA ordering, save latency (CRAFT, 2 GB) and training overhead in one call (~5 min).

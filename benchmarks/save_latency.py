@@ -25,6 +25,8 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
+import functools
 import gc
 import json
 import math
@@ -51,6 +53,7 @@ from ckptio.atomic import fsync_directory
 __all__ = [
     "BenchState",
     "DcpBestSetup",
+    "MethodTimeout",
     "Sample",
     "build_methods",
     "craft_state",
@@ -60,6 +63,7 @@ __all__ = [
     "markdown_table",
     "process_writer_available",
     "run_benchmark",
+    "run_bounded",
     "stop_dcp_writer_process",
     "synthetic_state",
 ]
@@ -78,6 +82,9 @@ _WRITE_CHUNK = 64 * 2**20
 _RSS_INTERVAL_S = 0.002
 BUSY_THRESHOLD = 0.3
 """A round is disturbed when other processes used more cores than this, on average, while it ran."""
+METHOD_TIMEOUT_S = 180.0
+"""The longest one step of a method (set-up, one save, close) may take before the method is reported as timed out
+and left out of the remaining rounds (``--method-timeout``)."""
 
 
 # ---- states -----------------------------------------------------------------------------------------------
@@ -366,6 +373,40 @@ def _synchronize(bench: BenchState) -> None:
         torch.cuda.synchronize()
 
 
+class MethodTimeout(RuntimeError):
+    """A benchmark method did not finish one of its steps within its bound."""
+
+
+def run_bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``fn()`` in a daemon thread, waited for at most ``timeout_s`` seconds; its exception is re-raised here.
+
+    A stuck call cannot be interrupted from Python; left behind in a daemon thread, it keeps neither the benchmark
+    from reporting and finishing nor the interpreter from exiting. Raises :class:`MethodTimeout` naming ``what``.
+    A call stuck in native code that holds the interpreter lock (torch's FileStore retrying a missing directory
+    does) blocks this thread too: for that case a faulthandler watchdog, armed at twice the bound, prints every
+    thread's traceback and ends the process with exit status 1, so that no run hangs silently."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"benchmark: {what}", daemon=True)
+    faulthandler.dump_traceback_later(2 * timeout_s + 10, exit=True)
+    try:
+        thread.start()
+        thread.join(timeout_s)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    if thread.is_alive():
+        raise MethodTimeout(f"{what} did not finish within {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 class Method:
     """One way of saving; ``run`` saves once and returns its timings; files are removed in ``cleanup``."""
 
@@ -584,8 +625,12 @@ class DcpBestSetup:
         self.stager: Any = None
         self._owns_group = False
         if not dist.is_initialized():
-            # A file store: no port to collide with another run on the machine.
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            # A file store: no port to collide with another run on the machine. Given as a store object, not a
+            # file:// URL: the URL of a relative path (`--out bench_out`, the default) reads its first component
+            # as a host name, and FileStore then retries a directory that does not exist until its 300 s timeout.
+            store = store.resolve()
+            store.parent.mkdir(parents=True, exist_ok=True)
+            dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
             self._owns_group = True
         try:
             from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -765,7 +810,7 @@ class CkptioMethod(Method):
 
 
 def process_writer_available() -> bool:
-    """Whether this ckptio has ``CheckpointManager(writer="process")`` (issue 12, being added)."""
+    """Whether this ckptio has ``CheckpointManager(writer="process")`` (older versions had only the thread writer)."""
     import ckptio
 
     return "writer" in {f.name for f in dataclasses.fields(ckptio.CheckpointOptions)}
@@ -812,15 +857,27 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
             "samples": list(values)}
 
 
+def _save_once(method: Method, tag: str) -> Sample:
+    with RssSampler() as rss:
+        sample = method.run(tag)
+    sample.rss_delta, sample.anon_delta = rss.delta, rss.anon_delta
+    method.cleanup()
+    return sample
+
+
 def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: Path,
                   log: Callable[[str], None], *, max_rounds: int | None = None, quiet_wait_s: float = 0.0,
-                  busy_threshold: float = BUSY_THRESHOLD) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  busy_threshold: float = BUSY_THRESHOLD,
+                  method_timeout_s: float = METHOD_TIMEOUT_S) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Warm every method up, then rounds in which every method saves once, in a new random order each round.
 
     A round during which other processes used more than ``busy_threshold`` cores on average is *disturbed*;
     rounds go on (up to ``max_rounds``) until ``reps`` undisturbed ones are in. Before each round it waits for
     the machine to be quiet, ``quiet_wait_s`` seconds at most in all. Statistics use the undisturbed rounds when
     there are at least two (or ``reps``, if fewer), else every round.
+
+    Each set-up, save and close is bounded by ``method_timeout_s``: a method that overruns is logged, left out of
+    the remaining rounds and of the rows, and listed in the returned info's ``timed_out``.
     """
     max_rounds = max(max_rounds or reps, reps)
     import torch.distributed.checkpoint  # noqa: F401  (imported now, not inside the first timed DCP save)
@@ -829,6 +886,12 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
     early: dict[str, list[Sample]] = {m.name: [] for m in methods}
     memory: dict[str, dict[str, int | None]] = {}
     rounds: list[dict[str, Any]] = []
+    timed_out: dict[str, str] = {}
+
+    def give_up(method: Method, exc: MethodTimeout) -> None:
+        timed_out[method.name] = str(exc)
+        log(f"  {bench.name}: TIMED OUT: {exc}; {method.name} is left out of the remaining rounds")
+
     # Long-lived objects (torch, the state) leave the collector's view, so that the gc.collect() before each
     # run is quick and little cyclic garbage is left for a collection inside a timed region.
     gc.collect()
@@ -845,21 +908,26 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
                 waited += wait_for_quiet(min(quiet_wait_s - waited, 20.0), threshold=busy_threshold)
             watch = CpuWatch()
             for method in order:
-                if rep < 0:  # each method is set up right before its first saves, so that what it holds shows
-                    gc.collect()
-                    held, pinned = held_memory(), pinned_host_bytes()
-                    method.prepare(bench, workdir)
-                for run in range(1 if rep >= 0 else method.warmups):
-                    gc.collect()
-                    tag = f"r{rep + 1}" if rep >= 0 else f"first{run}"
-                    with RssSampler() as rss:
-                        sample = method.run(tag)
-                    sample.rss_delta, sample.anon_delta = rss.delta, rss.anon_delta
-                    method.cleanup()
-                    if rep >= 0:
-                        samples[method.name].append((rep, sample))
-                    else:
-                        early[method.name].append(sample)
+                if method.name in timed_out:
+                    continue
+                try:
+                    if rep < 0:  # each method is set up right before its first saves, so that what it holds shows
+                        gc.collect()
+                        held, pinned = held_memory(), pinned_host_bytes()
+                        run_bounded(functools.partial(method.prepare, bench, workdir), method_timeout_s,
+                                    f"{method.name}: set-up")
+                    for run in range(1 if rep >= 0 else method.warmups):
+                        gc.collect()
+                        tag = f"r{rep + 1}" if rep >= 0 else f"first{run}"
+                        sample = run_bounded(functools.partial(_save_once, method, tag), method_timeout_s,
+                                             f"{method.name}: save {tag}")
+                        if rep >= 0:
+                            samples[method.name].append((rep, sample))
+                        else:
+                            early[method.name].append(sample)
+                except MethodTimeout as exc:
+                    give_up(method, exc)
+                    continue
                 if rep < 0:
                     gc.collect()
                     after = pinned_host_bytes()
@@ -877,13 +945,20 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
     finally:
         gc.unfreeze()
         for method in methods:
-            method.close()
+            try:
+                run_bounded(method.close, method_timeout_s, f"{method.name}: close")
+            except MethodTimeout as exc:
+                timed_out.setdefault(method.name, str(exc))
+                log(f"  {bench.name}: TIMED OUT: {exc}")
     clean = [r["round"] for r in rounds if not r["disturbed"]]
     used = set(clean) if len(clean) >= min(2, reps) else {r["round"] for r in rounds}
     info = {"rounds": len(rounds), "rounds_used": len(used), "disturbed": len(rounds) - len(clean),
-            "busy_threshold_cores": busy_threshold, "waited_for_quiet_s": round(waited, 1), "round_load": rounds}
+            "busy_threshold_cores": busy_threshold, "waited_for_quiet_s": round(waited, 1), "round_load": rounds,
+            "timed_out": timed_out}
     rows = []
     for method in methods:
+        if method.name in timed_out:
+            continue
         got = [sample for rep, sample in samples[method.name] if rep in used]
         rows.append({
             "state": bench.name,
@@ -903,8 +978,8 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
             "is_async": method.is_async,
             "notes": list(getattr(method, "notes", [])),
         })
-    memcpy = next(r for r in rows if r["method"] in SNAPSHOT_FLOORS)["stall_s"]["median"]
-    write = next(r for r in rows if r["method"] == FLOOR_WRITE)["durable_s"]["median"]
+    memcpy = next((r["stall_s"]["median"] for r in rows if r["method"] in SNAPSHOT_FLOORS), 0.0)
+    write = next((r["durable_s"]["median"] for r in rows if r["method"] == FLOOR_WRITE), 0.0)
     for row in rows:
         row["stall_over_memcpy_floor"] = row["stall_s"]["median"] / memcpy if memcpy > 0 else None
         row["durable_over_write_floor"] = row["durable_s"]["median"] / write if write > 0 else None
@@ -914,7 +989,7 @@ def measure_state(bench: BenchState, methods: list[Method], reps: int, workdir: 
 def run_benchmark(state_specs: Sequence[str], *, reps: int, reps_large: int | None = None,
                   zstd_states: Sequence[str] = ZSTD_STATES, workdir: Path, adaptive: bool = True,
                   device: str = "cpu", dcp_best: bool = True, process_writer: bool | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  method_timeout_s: float = METHOD_TIMEOUT_S, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every method on every state; returns the document written to ``results.json``."""
     results: list[dict[str, Any]] = []
     states: dict[str, Any] = {}
@@ -928,7 +1003,7 @@ def run_benchmark(state_specs: Sequence[str], *, reps: int, reps_large: int | No
                                 dcp_best=dcp_best, process_writer=process_writer)
         rows, rounds = measure_state(bench, methods, n_reps, workdir, log,
                                      max_rounds=n_reps * 2 if adaptive else n_reps,
-                                     quiet_wait_s=60.0 if adaptive else 0.0)
+                                     quiet_wait_s=60.0 if adaptive else 0.0, method_timeout_s=method_timeout_s)
         results += rows
         states[bench.name] = {"tensor_bytes": bench.tensor_bytes, "tensors": len(bench.flat),
                               "description": bench.description, "reps": n_reps, **rounds}
@@ -1103,10 +1178,11 @@ def goals(results: list[dict[str, Any]], states: dict[str, Any]) -> list[str]:
     lines = []
     by = {(r["state"], r["method"]): r for r in results}
     for state, info in states.items():
-        if info["tensor_bytes"] < 99 * MB:
-            continue
+        floor = next((r for r in results if r["state"] == state and r["method"] in SNAPSHOT_FLOORS), None)
+        if info["tensor_bytes"] < 99 * MB or floor is None or (state, TorchSave.name) not in by \
+                or by.get((state, FLOOR_WRITE)) is None:
+            continue  # too small to judge, or a reference timed out
         torch_save = by[(state, TorchSave.name)]["stall_s"]["median"]
-        floor = next(r for r in results if r["state"] == state and r["method"] in SNAPSHOT_FLOORS)
         floor_ms = floor["stall_s"]["median"]
         gpu = floor["method"] == FLOOR_D2H
         for r in results:
@@ -1279,6 +1355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the states live: cuda measures device-to-host snapshots (default cpu)")
     parser.add_argument("--no-dcp-best", action="store_true", help="leave out DCP's best mode (it spawns a process)")
     parser.add_argument("--no-chart", action="store_true", help="skip save_latency.png")
+    parser.add_argument("--method-timeout", type=float, default=METHOD_TIMEOUT_S,
+                        help="seconds one set-up, save or close of a method may take before the method is reported "
+                        f"as timed out and left out (default {METHOD_TIMEOUT_S:g})")
     parser.add_argument("--no-extra-rounds", action="store_true",
                         help="neither wait for a quiet machine nor add rounds to replace those disturbed by other "
                         "processes")
@@ -1308,7 +1387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         doc = run_benchmark(states, reps=reps, reps_large=reps_large, zstd_states=zstd_states, workdir=workdir,
                             adaptive=not args.no_extra_rounds, device=args.device, dcp_best=not args.no_dcp_best,
-                            log=lambda s: print(s, flush=True))
+                            method_timeout_s=args.method_timeout, log=lambda s: print(s, flush=True))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1321,6 +1400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         **doc,
         "notes": setup_notes + _notes(doc["results"]),
     }
+    timeouts = [f"{state}: {message} (left out of the results)"
+                for state, info_ in doc["states"].items() for message in info_["timed_out"].values()]
+    doc["notes"] = [f"TIMED OUT: {t}" for t in timeouts] + doc["notes"]
     messages = write_outputs(doc, out, chart=not args.no_chart)
     print()
     print(markdown_table(doc["results"]))
@@ -1331,7 +1413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message)
     print(f"total {doc['config']['seconds']}s; load average at end {info['loadavg_end']}; CPU use {info['cpu_watch']}")
     print(f"machine: {machine_line(info)}")
-    return 0
+    for line in timeouts:
+        print(f"save_latency: timed out: {line}", file=sys.stderr)
+    return 1 if timeouts else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -476,6 +477,7 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
                budget_s: float = math.inf, keep_count: int = 2, warmup_steps: int = 3,
                busy_threshold: float = BUSY_THRESHOLD, wait: Callable[[float], float] | None = None,
                probes: list[dict[str, Any]] | None = None, notes: list[str] | None = None,
+               timed_out: dict[str, str] | None = None, method_timeout_s: float | None = None,
                log: Callable[[str], None] = print) -> list[Segment]:
     """Rounds until ``rounds`` undisturbed ones are in or the budget is spent.
 
@@ -483,28 +485,55 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
     disturbed (other processes used more than ``busy_threshold`` cores) is abandoned at once, except while no
     round has completed yet and 40% of the budget is spent: then it is finished anyway, so that every run ends
     with at least one complete round.
+
+    Each configuration's set-up and first saves, each segment, pace probe and close is bounded by
+    ``method_timeout_s`` (default: ``save_latency.METHOD_TIMEOUT_S``). A configuration whose set-up overruns is
+    left out; a segment or probe that overruns ends the rounds (its thread may still hold the trainer), and the
+    analysis uses the rounds completed before. Each is logged and recorded in ``timed_out`` (name -> message).
     """
+    bounded = _sibling("save_latency")
+    limit = bounded.METHOD_TIMEOUT_S if method_timeout_s is None else method_timeout_s
+    timed_out = {} if timed_out is None else timed_out
     managers: dict[str, Saver] = {}
     segments: list[Segment] = []
     started = time.perf_counter()
+
+    def give_up(name: str, exc: Exception) -> None:
+        timed_out[name] = str(exc)
+        log(f"TIMED OUT: {exc}")
+
+    def set_up(config: Config) -> Saver:
+        manager = make_saver(
+            config.method, workdir / "".join(c if c.isalnum() else "_" for c in config.name),
+            fmt=trainer.config.format, compression=trainer.config.compression, keep_count=keep_count,
+            cuda=trainer.device.type == "cuda")
+        managers[config.name] = manager  # closed below even when its first saves overrun
+        manager.prepare(trainer.checkpoint_state())  # as a trainer does before its first step
+        return manager
+
+    def first_saves(manager: Saver) -> None:  # buffer slots filled, writer processes started; uncounted
+        for _ in range(manager.first_saves):
+            trainer.save(manager)
+            manager.wait()
+
     try:
         for config in configs:
             if config.saves:
-                managers[config.name] = make_saver(
-                    config.method, workdir / "".join(c if c.isalnum() else "_" for c in config.name),
-                    fmt=trainer.config.format, compression=trainer.config.compression, keep_count=keep_count,
-                    cuda=trainer.device.type == "cuda")
-        for manager in managers.values():  # as a trainer does before its first step
-            manager.prepare(trainer.checkpoint_state())
+                try:
+                    bounded.run_bounded(functools.partial(set_up, config), limit, f"{config.name}: set-up")
+                except bounded.MethodTimeout as exc:
+                    give_up(config.name, exc)
         for _ in range(warmup_steps):
             trainer.step()
-        for config in configs:  # the first saves (buffer slots filled, writer processes started), uncounted
+        for config in configs:
             manager = managers.get(config.name)
-            if manager is None:
+            if manager is None or config.name in timed_out:
                 continue
-            for _ in range(manager.first_saves):
-                trainer.save(manager)
-                manager.wait()
+            try:
+                bounded.run_bounded(functools.partial(first_saves, manager), limit, f"{config.name}: first saves")
+            except bounded.MethodTimeout as exc:
+                give_up(config.name, exc)
+        configs = [c for c in configs if c.name not in timed_out]
         log(f"warm-up: {warmup_steps} steps and {len(managers)} managers' first saves in "
             f"{time.perf_counter() - started:.1f}s")
         r, clean, complete, round_seconds = 0, 0, 0, math.inf
@@ -523,15 +552,28 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
             # predecessor fixed, so after-effects of one (trims of deleted checkpoints) would always hit the same one.
             order = list(configs)
             random.Random(r).shuffle(order)
+            before_round = len(timed_out)
             mine: list[Segment] = []
             for config in order:
-                seg = run_segment(trainer, config, managers.get(config.name), segment, r)
+                try:
+                    seg = bounded.run_bounded(
+                        functools.partial(run_segment, trainer, config, managers.get(config.name), segment, r),
+                        limit, f"{config.name}: segment of round {r + 1}")
+                except bounded.MethodTimeout as exc:
+                    give_up(config.name, exc)
+                    break
                 mine.append(seg)
                 log(f"round {r + 1} {config.name:24s} {seg.steps} steps in {seg.seconds:6.1f}s "
                     f"({seg.steps / seg.seconds:.3f} steps/s), {seg.saves} saves, blocked {seg.blocked_seconds:.2f}s, "
                     f"other processes {seg.other_cores} cores")
                 if seg.other_cores > busy_threshold and not forced:
                     break
+            if len(timed_out) > before_round:
+                for seg in mine:
+                    seg.abandoned = True
+                segments += mine
+                log(f"round {r + 1}: abandoned, and no round follows: a segment timed out")
+                break
             disturbed = max(seg.other_cores for seg in mine) > busy_threshold
             finished = len(mine) == len(configs)
             for seg in mine:
@@ -549,19 +591,30 @@ def run_rounds(trainer: Trainer, configs: Sequence[Config], *, rounds: int, segm
             log(f"round {r + 1}: {state} ({clean} of {rounds} undisturbed rounds, "
                 f"{time.perf_counter() - started:.0f}s elapsed)")
             r += 1
-        if probes is not None:  # one pace probe per asynchronous method, on its least frequent configuration
+        if probes is not None and not any(c.name in timed_out for c in configs):
+            # One pace probe per asynchronous method, on its least frequent configuration.
             probed: set[str] = set()
             for config in sorted(configs, key=lambda c: -c.save_freq):
                 if config.async_save and config.method not in probed:
                     probed.add(config.method)
-                    probes.append(pace_probe(trainer, managers[config.name]))
+                    try:
+                        probes.append(bounded.run_bounded(
+                            functools.partial(pace_probe, trainer, managers[config.name]), limit,
+                            f"{config.method}: pace probe"))
+                    except bounded.MethodTimeout as exc:
+                        give_up(f"{config.method} pace probe", exc)
+                        break
                     log(f"pace probe {config.method}: {probes[-1]}")
     finally:
         trainer.saver = None
         for name, manager in managers.items():
             if notes is not None:
                 notes += [f"{name}: {n}" for n in manager.notes if f"{name}: {n}" not in notes]
-            manager.close()
+            try:
+                bounded.run_bounded(manager.close, limit, f"{name}: close")
+            except bounded.MethodTimeout as exc:
+                timed_out.setdefault(name, str(exc))
+                log(f"TIMED OUT: {exc}")
     return segments
 
 
@@ -680,7 +733,7 @@ def analyse(segments: list[Segment], configs: Sequence[Config], *,
 
 
 def goals(analysis: dict[str, Any], *, cuda: bool) -> list[str]:
-    """Issue 12's training-overhead goals at a save every 100 steps (measured, or derived on the CPU): at most
+    """The project's training-overhead goals at a save every 100 steps (measured, or derived on the CPU): at most
     0.5% on a GPU / 1% on this CPU machine, and less than DCP's best mode."""
     limit = 0.5 if cuda else 1.0
     # Noise can make an overhead negative or flip an order: say when no round was free of other processes.
@@ -801,6 +854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0; cuda 4)")
     parser.add_argument("--no-probe", action="store_true", help="skip the main-thread pace probe")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other processes to quiet down")
+    parser.add_argument("--method-timeout", type=float,
+                        help="seconds one set-up, segment, probe or close may take before it is reported as timed "
+                        "out (default 180)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's own choice, as the trainer uses)")
     args = parser.parse_args(argv)
@@ -841,13 +897,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="train_overhead_", dir=out))
     probes: list[dict[str, Any]] = []
     saver_notes: list[str] = []
+    timed_out: dict[str, str] = {}
     try:
         segments = run_rounds(trainer, configs, rounds=args.rounds, segment=args.segment, workdir=workdir,
                               budget_s=args.budget, wait=None if args.no_wait else save_latency.wait_for_quiet,
-                              probes=None if args.no_probe else probes, notes=saver_notes,
-                              log=lambda s: print(s, flush=True))
+                              probes=None if args.no_probe else probes, notes=saver_notes, timed_out=timed_out,
+                              method_timeout_s=args.method_timeout, log=lambda s: print(s, flush=True))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    timeouts = [f"{name}: {message}" for name, message in timed_out.items()]
+    for line in timeouts:
+        print(f"train_overhead: timed out: {line}", file=sys.stderr)
+    configs = tuple(c for c in configs if c.name not in timed_out)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     info["cpu_watch"] = watch.report()
     try:
@@ -867,7 +928,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "analysis": analysis,
         "pace_probes": probes,
         "segments": [seg.__dict__ for seg in segments],
-        "notes": _notes(args, analysis) + saver_notes,
+        "notes": [f"TIMED OUT: {t} (left out of the results)" for t in timeouts] + _notes(args, analysis)
+        + saver_notes,
     }
     (out / "train_overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown_table(analysis)
@@ -886,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nresults: {out / 'train_overhead.json'}, {out / 'train_overhead.md'}; "
           f"total {doc['config']['seconds']}s")
     print(f"machine: {machine}; load average at end {info['loadavg_end']}")
-    return 0
+    return 1 if timeouts else 0
 
 
 if __name__ == "__main__":

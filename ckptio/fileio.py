@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from .errors import CorruptCheckpointError
 from .integrity import (
     DIGEST_PLACEHOLDER,
     ZSTD_LEADING_FRAME,
+    DigestingReader,
     HashingWriter,
     ReadAt,
     Seal,
-    compute_digest,
     container_of,
+    file_digest,
     file_reader,
     read_seal,
     seal_zip_file,
@@ -222,7 +224,7 @@ def _verify(path: Path, *, as_shard: bool) -> FileCheck:
             except CorruptCheckpointError as exc:
                 return FileCheck(path, "corrupt", exc.reason, size=size)
             return FileCheck(path, "unsealed", "loadable, but it carries no ckptio digest to check", size=size)
-        actual = compute_digest(seal, read_at)
+        actual = file_digest(seal, fd, path)
         if actual != seal.digest:
             return FileCheck(path, "corrupt", f"digest mismatch: recorded {seal.digest}, computed {actual}",
                              digest=seal.digest, meta=seal.meta, size=size)
@@ -339,18 +341,16 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
     size = os.fstat(fd).st_size
     read_at = file_reader(fd)
     seal = read_seal(path, size, read_at)  # the first bytes and the seal only
-    if seal is not None and verify:
-        actual = compute_digest(seal, read_at)  # streamed: nothing held but one chunk
-        if actual != seal.digest:
-            raise CorruptCheckpointError(
-                path, f"digest mismatch: recorded {seal.digest}, computed {actual}; the file was damaged after "
-                "it was written; load an older checkpoint"
-            )
-    if seal is not None:
-        problem = _shard_problem(path, seal, full=False, as_shard=as_shard)
-        if problem:
-            raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
     container = container_of(path)
+    if seal is not None and verify and container == "safetensors" and hasattr(os, "preadv"):
+        state = _read_safetensors_verified(path, fd, size, seal, map_location)
+        if state is not _NOT_ONE_PASS:
+            _check_shard(path, seal, as_shard)
+            return state
+    if seal is not None and verify:
+        _check_digest(path, seal, file_digest(seal, fd, path))  # streamed through one reused buffer
+    if seal is not None:
+        _check_shard(path, seal, as_shard)
     if container == "zstd":
         raw = _decompress(path, read_at, size, seal)
         if inner_format(path) == "safetensors":
@@ -370,6 +370,46 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
         return formats.read_torch(stream, path, map_location)
     finally:
         stream.close()
+
+
+def _check_digest(path: Path, seal: Seal, actual: str) -> None:
+    if actual != seal.digest:
+        raise CorruptCheckpointError(
+            path, f"digest mismatch: recorded {seal.digest}, computed {actual}; the file was damaged after "
+            "it was written; load an older checkpoint"
+        )
+
+
+def _check_shard(path: Path, seal: Seal, as_shard: bool) -> None:
+    problem = _shard_problem(path, seal, full=False, as_shard=as_shard)
+    if problem:
+        raise CorruptCheckpointError(path, f"{problem}; the sharded checkpoint is incomplete")
+
+
+_NOT_ONE_PASS = object()
+
+
+def _read_safetensors_verified(path: Path, fd: int, size: int, seal: Seal, map_location: Any) -> Any:
+    """A sealed safetensors file read in one pass: each tensor's bytes go from the file straight into the
+    tensor and are hashed there, then the digest is compared before anything is returned (a damaged file
+    reports its digest mismatch first, whatever else is wrong with it). ``_NOT_ONE_PASS`` when its layout
+    is not the plain one ckptio writes (it is then hashed first and parsed by safetensors)."""
+    formats.check_safetensors_layout(path, size, file_reader(fd))  # its header's cost, before the data is read
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    reader = DigestingReader(fd, seal, path)
+    header = formats.read_safetensors_header(reader.read(8 + length), path)
+    plan = formats.safetensors_plan(header)
+    if plan is None:
+        return _NOT_ONE_PASS
+    problem: CorruptCheckpointError | None = None
+    try:
+        state = formats.read_safetensors_tensors_into(reader, header, plan, path, map_location)
+    except CorruptCheckpointError as exc:
+        problem, state = exc, None
+    _check_digest(path, seal, reader.hexdigest())
+    if problem is not None:
+        raise problem
+    return state
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import os
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -32,7 +34,9 @@ __all__ = [
     "find_zip_end",
     "read_safetensors",
     "read_safetensors_header",
+    "read_safetensors_tensors_into",
     "read_torch",
+    "safetensors_plan",
     "torch_load_error",
     "write_safetensors",
     "write_torch",
@@ -206,11 +210,72 @@ def check_safetensors_layout(path: Any, size: int, read_at: ReadAt) -> None:
 
 def read_safetensors(data: bytes, path: Any, map_location: Any = None) -> Any:
     header = read_safetensors_header(data, path)
-    metadata = header.get("__metadata__") or {}
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # the Rust parser raises its own error type for every structural problem
         raise CorruptCheckpointError(path, f"safetensors data is broken ({exc})") from None
+    return _assemble_safetensors(header, tensors, path, map_location)
+
+
+_SAFETENSORS_DTYPES = {
+    name: dtype for name, dtype in (
+        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+        ("BOOL", torch.bool), ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+        ("F8_E5M2", getattr(torch, "float8_e5m2", None)), ("U16", getattr(torch, "uint16", None)),
+        ("U32", getattr(torch, "uint32", None)), ("U64", getattr(torch, "uint64", None)),
+    ) if dtype is not None
+}
+
+
+def safetensors_plan(header: dict[str, Any]) -> list[tuple[str, torch.dtype, list[int], int]] | None:
+    """(name, dtype, shape, byte length) of each tensor in file order, when the tensors tile the data section
+    front to back with nothing between them and every dtype is one torch has; ``None`` otherwise (then the
+    file goes to safetensors' own parser, whose errors name the problem). Little-endian machines only."""
+    if sys.byteorder != "little":
+        return None
+    entries = []
+    for name, record in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(record, dict):
+            return None
+        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(record.get("dtype")), record.get("shape"), record.get(
+            "data_offsets")
+        if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
+            return None
+        if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+            return None
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    for start, end, *_ in entries:
+        if start != position:
+            return None
+        position = end
+    return [(name, dtype, shape, end - start) for start, end, name, dtype, shape in entries]
+
+
+def read_safetensors_tensors_into(stream: Any, header: dict[str, Any], plan: list[tuple[str, torch.dtype, list[int],
+                                  int]], path: Any, map_location: Any = None) -> Any:
+    """Read the tensors of a safetensors file whose ``stream`` stands at the start of its data section straight
+    into tensors of their own (one copy from the file, no whole-file buffer), then assemble the state.
+    ``stream.readinto(buffer)`` must fill the buffer or raise."""
+    tensors = {}
+    for name, dtype, shape, length in plan:
+        tensor = torch.empty(shape, dtype=dtype)
+        if length:
+            stream.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+        tensors[name] = tensor
+    # The same mapping safetensors.torch.load returns: its names in sorted order.
+    return _assemble_safetensors(header, {name: tensors[name] for name in sorted(tensors)}, path, map_location)
+
+
+def _assemble_safetensors(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Any,
+                          map_location: Any) -> Any:
+    metadata = header.get("__metadata__") or {}
     if map_location is not None:
         tensors = {name: t.to(map_location) for name, t in tensors.items()}
     skeleton_json = metadata.get(SAFETENSORS_SKELETON_KEY) if isinstance(metadata, dict) else None

@@ -1,4 +1,4 @@
-"""Attacks on the promises of issue 13 that found a path the first fixes missed: one regression test each.
+"""Attacks on the hostile-file promises that found a path the first fixes missed: one regression test each.
 
 Each builds the hostile file for real (a sparse file, a crafted zip directory, a planted index record, a DEFLATE
 record) and checks that the reader refuses it from its header alone, or is not misled by it.

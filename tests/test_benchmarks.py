@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +54,44 @@ def test_save_latency_reports_every_method_with_positive_numbers(save_latency: M
     if save_latency.process_writer_available():
         assert "ckptio process torch" in rows
     assert not any(out.glob("save_latency_*")), "the benchmark's scratch directory was left behind"
+
+
+def test_dcp_best_mode_initialises_under_a_relative_output_directory_that_is_new(
+        save_latency: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--out bench_out` (the default) is relative: as a file:// URL its first component read as a host name, and
+    # the process group's store then waited 300 s for a directory that did not exist.
+    monkeypatch.chdir(tmp_path)
+    setup = save_latency.DcpBestSetup(cuda=False, store=Path("bench_out/run/dcp_best/pg_store"))
+    setup.close()
+
+
+def test_a_method_that_overruns_its_bound_is_reported_and_the_others_are_measured(
+        save_latency: ModuleType, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class Stuck(save_latency.Method):
+        name = "stuck"
+
+        def run(self, tag: str) -> object:
+            release.wait()  # never set while the benchmark runs: certain to overrun
+            raise AssertionError("released")
+
+    class Quick(save_latency.Method):
+        name = "quick"
+
+        def run(self, tag: str) -> object:
+            return save_latency.Sample(0.001, 0.002, 10)
+
+    logged: list[str] = []
+    bench = save_latency.synthetic_state(10_000)
+    try:
+        rows, info = save_latency.measure_state(bench, [Stuck(), Quick()], 1, tmp_path, logged.append,
+                                                method_timeout_s=0.5)
+    finally:
+        release.set()
+    assert [r["method"] for r in rows] == ["quick"]
+    assert list(info["timed_out"]) == ["stuck"] and "within 0.5 s" in info["timed_out"]["stuck"]
+    assert any("TIMED OUT" in line and "stuck" in line for line in logged)
 
 
 def test_synthetic_state_mixes_big_and_small_tensors(save_latency: ModuleType) -> None:
@@ -262,3 +301,18 @@ def test_the_gpu_commands_run_from_a_copy_where_the_project_is_not_installed(tmp
         f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", cwd=elsewhere)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "Ordering" in (tmp_path / "out" / "gpu_check.md").read_text()
+def test_load_latency_times_every_loader_warm_and_cold_against_torch_load(tmp_path: Path) -> None:
+    module = _load("load_latency")
+    out = tmp_path / "out"
+    assert module.main(["--states", "1MB", "--reps", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "load_latency.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {module.TORCH_LOAD, module.SAFETENSORS_LOAD, "ckptio.load torch (digest checked)",
+                         "ckptio.load safetensors (digest checked)"}
+    for name, row in rows.items():
+        assert row["warm_s"] > 0 and row["warm_ratio"] > 0, name
+        if module.COLD_SUPPORTED:
+            assert row["cold_s"] > 0 and row["cold_ratio"] > 0, name
+    assert rows[module.TORCH_LOAD]["warm_ratio"] == 1.0
+    assert "| 1MB |" in (out / "load_latency.md").read_text()
+    assert not any(out.glob("load_latency_*")), "scratch files were left behind"

@@ -727,7 +727,7 @@ def test_list_shows_the_validation_scores_recorded_with_a_checkpoint(tmp_path) -
     assert "best_model.pth" in out and "val_loss=0.2500 - val_hmean=0.8125" in out
 
 
-# -- what a new user trips over (issue 15 item 8) --------------------------------------------------------------
+# -- what a new user trips over --------------------------------------------------------------
 
 
 def test_verify_of_a_directory_without_checkpoints_says_so_and_exits_1(tmp_path, cli) -> None:
@@ -782,7 +782,7 @@ def test_the_readme_cli_examples_run_as_typed(tmp_path, cli, monkeypatch) -> Non
 
 
 def test_python_m_ckptio_without_the_environments_packages_says_to_activate_it(tmp_path) -> None:
-    """Issue 15 item 7: ``-S`` drops site-packages, as a shell without the venv activated would."""
+    """``-S`` drops site-packages, as a shell without the venv activated would."""
     result = subprocess.run([sys.executable, "-S", "-m", "ckptio", "list", str(tmp_path)],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
                             check=False)

@@ -1,4 +1,4 @@
-"""``--deterministic`` and the learning-rate schedule under AMP (issue 14), on the CPU."""
+"""``--deterministic`` and the learning-rate schedule under AMP, on the CPU."""
 
 from __future__ import annotations
 

@@ -440,3 +440,37 @@ def test_the_meta_records_the_user_metadata_and_sizes(tmp_path) -> None:
     assert seal.meta["elements"] == 10 and seal.meta["tensor_bytes"] == 40
     assert isinstance(seal.meta["raw_size"], int) and seal.meta["raw_size"] > saved.size // 2
     json.dumps(seal.meta)
+
+
+def test_a_sealed_safetensors_checkpoint_is_read_once_to_load_and_verify(tmp_path, monkeypatch) -> None:
+    # One pass: each tensor's bytes go from the file into the tensor and are hashed there, instead of a hash
+    # pass followed by a second read of the whole file.
+    import ckptio.fileio as fileio
+
+    state = {"w": torch.randn(256, 256), "b": torch.arange(1000), "h": torch.ones(7, dtype=torch.bfloat16)}
+    saved = write(tmp_path, "safetensors", None, state)
+    read = [0]
+    real_pread, real_preadv, real_read_all = os.pread, os.preadv, fileio._read_all
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        data = real_pread(fd, length, offset)
+        read[0] += len(data)
+        return data
+
+    def preadv(fd: int, buffers: Any, offset: int) -> int:
+        n = real_preadv(fd, buffers, offset)
+        read[0] += n
+        return n
+
+    def read_all(fd: int, size: int) -> bytes:
+        data = real_read_all(fd, size)
+        read[0] += len(data)
+        return data
+
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(fileio, "_read_all", read_all)
+    assert_same(load(saved.path), state)
+    size = saved.path.stat().st_size
+    header = size - sum(t.numel() * t.element_size() for t in state.values())
+    assert read[0] <= size + 3 * header, f"read {read[0]} bytes of a {size}-byte file"

@@ -1,8 +1,8 @@
 """Hostile files and directories on the read side: whatever is placed in a checkpoint directory, every CLI command
 and ``ckptio.load`` / ``ckptio.verify`` return promptly, with a clear message and exit code, no traceback, and
-memory bounded by what the README documents (256 MiB plus twice the checkpoint's legitimate data).
+memory bounded by what docs/guarantees.md documents (256 MiB plus twice the checkpoint's legitimate data).
 
-The first tests are regressions, one per item of issue 13 (read side); then a property suite (hypothesis) over
+The first tests are regressions, one per way a file attacked the reader; then a property suite (hypothesis) over
 random bytes, truncations, crafted headers of each format, special files and damaged indexes; then one child
 process that measures peak memory on files built to make a trusting reader allocate gigabytes.
 """
@@ -256,7 +256,7 @@ def _assert_clear(code: int, err: str, *args: str) -> None:
     assert "Traceback" not in err and "unexpected error" not in err, (args, err)
 
 
-# -- item 3: a zstd trailer's claims never set how much memory is spent -------------------------------------------
+# -- a zstd trailer's claims never set how much memory is spent -------------------------------------------------------
 
 
 @pytest.mark.parametrize("claim", [3 * 2**30, 2**62, 2**70])
@@ -286,7 +286,7 @@ def test_a_zstd_file_within_the_expansion_limit_still_loads(tmp_path: Path) -> N
     assert set(ckptio.load(path)) == {"epoch", "batch", "w", "b"}
 
 
-# -- item 4: structure checked before anything declared is trusted ------------------------------------------------
+# -- structure checked before anything declared is trusted ------------------------------------------------------------
 
 
 def test_a_pth_with_a_deflate_compressed_record_is_refused_as_not_written_by_torch_save(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_a_safetensors_header_length_beyond_the_cap_is_refused_before_it_is_read
     assert "more than" in _within(SECONDS, lambda: ckptio.verify(path), tmp_path).files[0].reason
 
 
-# -- item 5: only regular files are read, never in a way that blocks ---------------------------------------------
+# -- only regular files are read, never in a way that blocks ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo", "symlink-to-dev-zero"])
@@ -349,7 +349,7 @@ def test_python_m_ckptio_verify_of_a_symlink_to_a_fifo_returns_at_once_with_exit
     assert "not a regular file" in result.stdout and "Traceback" not in result.stderr
 
 
-# -- item 6: a shard is data, not a manifest ----------------------------------------------------------------------
+# -- a shard is data, not a manifest ----------------------------------------------------------------------------------
 
 
 def _nested_manifests(directory: Path, depth: int, fan_out: int = 4) -> Path:
@@ -408,7 +408,7 @@ def test_a_shard_name_too_long_for_the_file_system_is_a_missing_shard_not_an_os_
         ckptio.load(path)
 
 
-# -- item 7: no traceback from any CLI command; the index is validated as it is read ------------------------------
+# -- no traceback from any CLI command; the index is validated as it is read ------------------------------------------
 
 
 @pytest.mark.parametrize("meta", [{"summary": {"epoch": 1}}, {"summary": "text", "user": 5},
@@ -494,7 +494,7 @@ def test_a_damaged_index_is_a_cache_miss_for_list_and_rebuilt_by_the_next_save(t
         assert "checkpoint_epoch_1_batch_2.pth - " in out and "✅ verified" in out
 
 
-# -- item 13: verify beside a live writer -------------------------------------------------------------------------
+# -- verify beside a live writer --------------------------------------------------------------------------------------
 
 
 def test_a_file_removed_between_listing_and_reading_is_reported_removed_not_corrupt(tmp_path: Path,
@@ -554,7 +554,7 @@ def test_verify_beside_a_live_writer_with_retention_never_reports_false_corrupti
     assert [check for report in reports for check in report.corrupt] == []
 
 
-# -- issue 13 item 18 and issue 15 item 8: exit codes --------------------------------------------------------------
+# -- exit codes -------------------------------------------------------------------------------------------------------
 
 
 def test_verify_of_an_over_long_path_is_a_usage_error(tmp_path: Path, capsys) -> None:

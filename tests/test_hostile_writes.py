@@ -1,4 +1,4 @@
-"""Issue 13, the write side: whatever sits in a checkpoint directory, ckptio never writes outside it, never
+"""The write side: whatever sits in a checkpoint directory, ckptio never writes outside it, never
 truncates a file it did not create, reports a full disk as a full disk, leaves no leftovers, and deletes only
 the periodic checkpoints its retention owns."""
 
@@ -66,7 +66,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-# -- item 1 and siblings: locks --------------------------------------------------------------------------------
+# -- locks ------------------------------------------------------------------------------------------------------------
 
 
 def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_is_not_truncated(tmp_path, outside) -> None:
@@ -102,7 +102,7 @@ def test_an_index_lock_that_is_a_symlink_is_never_written_through_and_saves_stil
     assert (outside / "precious.txt").read_text() == "precious"
 
 
-# -- item 2 and siblings: temporary files ----------------------------------------------------------------------
+# -- temporary files --------------------------------------------------------------------------------------------------
 
 
 def test_symlinks_planted_under_the_old_predictable_index_temp_name_are_never_written_through(tmp_path,
@@ -161,7 +161,7 @@ def test_deleting_a_sharded_checkpoint_removes_a_symlinked_shard_directory_as_a_
     assert sorted(os.listdir(outside)) == ["precious.txt"]
 
 
-# -- item 8, 9: every byte written or the real error raised ----------------------------------------------------
+# -- every byte written or the real error raised ----------------------------------------------------------------------
 
 
 class FillingFileIO(io.FileIO):
@@ -297,7 +297,7 @@ def test_on_a_real_ext4_volume_on_no_space_raise_frees_the_failed_files_blocks_a
         assert shutil.disk_usage(ext4_volume).free >= free_before - 64 * 1024
 
 
-# -- item 7 (write side), 10: the index ------------------------------------------------------------------------
+# -- the index (write side) ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("damage", ["deep", "huge-number", "directory"])
@@ -332,7 +332,7 @@ def test_a_disk_filling_while_the_index_is_written_leaves_no_temporary_file(tmp_
     assert ckptio.verify(tmp_path).ok
 
 
-# -- item 11: orphan shard directories -------------------------------------------------------------------------
+# -- orphan shard directories -----------------------------------------------------------------------------------------
 
 
 def plant_orphan(directory: Path, name: str, size: int = 100_000) -> Path:
@@ -387,7 +387,7 @@ def test_orphan_listing_skips_committed_sharded_checkpoints_and_removal_needs_no
     assert ckptio.verify(tmp_path).ok
 
 
-# -- item 12: retention deletes only what it owns --------------------------------------------------------------
+# -- retention deletes only what it owns ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", [{"keep_count": 1}, {"disk_budget": 1}])
@@ -401,7 +401,7 @@ def test_retention_never_deletes_pretrained_weights_or_a_hand_saved_final(tmp_pa
     assert visible(tmp_path) == {"vgg16_pretrained.pth", "final.pth", f"{periodic(3)}.pth"}
 
 
-# -- items 14, 15, 17, 18: refused up front, or stored as plain torch.save would -------------------------------
+# -- refused up front, or stored as plain torch.save would ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)

@@ -44,3 +44,19 @@ def test_make_demo_trains_into_its_own_directory_and_prints_the_next_commands() 
     assert training and all("--save-dir checkpoints_demo" in line for line in training), recipe.stdout
     assert "checkpoints_improved" not in "".join(training)
     assert ". .venv/bin/activate" in recipe.stdout and "--resume auto" in recipe.stdout
+
+
+def test_every_docs_link_in_the_readme_names_a_file_that_exists() -> None:
+    links = re.findall(r"\]\(((?:docs|benchmarks)/[^)#\s]+)", README.read_text())
+    assert any(link.startswith("docs/") for link in links)
+    missing = [link for link in links if not (README.parent / link).is_file()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_every_relative_link_between_docs_pages_resolves() -> None:
+    missing = []
+    for page in (README.parent / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([^)#\s:]+)", page.read_text()):
+            if not (page.parent / link).exists():
+                missing.append(f"{page.name} -> {link}")
+    assert not missing, f"broken links in docs/: {missing}"
