@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -58,7 +59,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .atomic import create_new, fsync_directory, is_temporary, temp_name, write_all_at
+from .atomic import create_new, fsync_directory, is_temporary, open_lock, temp_name, write_all_at
 from .errors import CorruptCheckpointError
 from .fileio import _file_kind, _physical_memory, _zstandard
 from .formats import check_json_cost, torch_load_error
@@ -66,11 +67,16 @@ from .formats import check_json_cost, torch_load_error
 __all__ = [
     "METADATA_NAME",
     "SEAL_NAME",
+    "DcpEntry",
     "DirectoryCheck",
     "Reader",
     "Writer",
+    "dcp_leftovers",
+    "delete_dcp_directory",
     "is_dcp_directory",
+    "open_directory",
     "remove_dcp_leftovers",
+    "scan_dcp",
     "verify_directory",
 ]
 
@@ -78,6 +84,7 @@ METADATA_NAME = ".metadata"  # DCP's own name: tools that look for a DCP checkpo
 SEAL_NAME = ".ckptio-seal.json"
 """The seal of a ckptio DCP directory: the metadata's digest and every data file's size."""
 DATA_SUFFIX = ".distcp"
+WRITING_LOCK_NAME = ".ckptio-writing.lock"
 DIGEST_ALGORITHM = "xxh3_128"
 # The metadata of a few million items is well under 1 GiB; the seal holds one line per data file.
 MAX_METADATA_BYTES = 2**30
@@ -146,6 +153,21 @@ class Writer(BlockingAsyncStager, StorageWriter):
         self.is_coordinator = False
         self.rank: int | None = None
         self._staging: Path | None = None
+        self._lock_fd: int | None = None
+
+    def __del__(self) -> None:
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's process mode sends the writer to its worker before the lock exists; a descriptor never travels.
+        state = self.__dict__.copy()
+        state["_lock_fd"] = None
+        return state
 
     # DCP's verbs, in the order it calls them -----------------------------------------------------------------
 
@@ -154,6 +176,7 @@ class Writer(BlockingAsyncStager, StorageWriter):
             self.path = Path(checkpoint_id)
         self.save_id = str(uuid.uuid4())
         self._staging = None
+        self._release_lock()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -173,6 +196,11 @@ class Writer(BlockingAsyncStager, StorageWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / temp_name(final.name)
         staging.mkdir(mode=0o755)  # mkdir never follows a symlink: a planted one makes it fail
+        self._release_lock()
+        # Held until the commit (or the next save, or this writer's end): `ckptio clean` sweeps a staging
+        # directory only when nobody holds its lock, so a save in flight is never swept, a crashed one always.
+        self._lock_fd = open_lock(staging / WRITING_LOCK_NAME)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         return [dataclasses.replace(plan, storage_data=_SavePlanData(str(staging), f"__{i}_"))
                 for i, plan in enumerate(plans)]
 
@@ -199,7 +227,8 @@ class Writer(BlockingAsyncStager, StorageWriter):
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
         for entry in os.scandir(staging):
-            files[entry.name] = entry.stat(follow_symlinks=False).st_size
+            if entry.name != WRITING_LOCK_NAME:
+                files[entry.name] = entry.stat(follow_symlinks=False).st_size
         raw = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         _write_file(staging / METADATA_NAME, raw, sync=self.sync_files)
         seal = {"ckptio": 1, "format": _FORMAT, "algorithm": DIGEST_ALGORITHM,
@@ -213,6 +242,9 @@ class Writer(BlockingAsyncStager, StorageWriter):
                                   f"(the new one is left in {staging})")
         os.rename(staging, self.path)
         self._staging = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path / WRITING_LOCK_NAME)
+        self._release_lock()
         if self.sync_files:
             fsync_directory(self.path.parent)
 
@@ -374,7 +406,7 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
-def _open_directory(directory: Path) -> _Opened:
+def open_directory(directory: Path) -> _Opened:
     """The directory's metadata, checked against its seal when it has one."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
@@ -470,7 +502,7 @@ class Reader(StorageReader):
         self.load_id = str(uuid.uuid4())
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        opened = _open_directory(self.path)
+        opened = open_directory(self.path)
         self.sealed = opened.seal is not None
         metadata = opened.metadata
         if metadata.storage_meta is None:
@@ -662,7 +694,7 @@ def verify_directory(path: str | os.PathLike[str]) -> DirectoryCheck:
     path = Path(path)
     size = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path)) if path.is_dir() else 0
     try:
-        opened = _open_directory(path)
+        opened = open_directory(path)
     except CorruptCheckpointError as exc:
         return DirectoryCheck(path, "corrupt", str(exc), size=size, damaged=(str(exc),))
     storage = opened.metadata.storage_data
@@ -696,18 +728,82 @@ def verify_directory(path: str | os.PathLike[str]) -> DirectoryCheck:
     return DirectoryCheck(path, "verified", "every item's digest matches", len(storage), size)
 
 
-def remove_dcp_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete the staging directories of interrupted DCP saves in ``directory``. Only call it when no save into
-    ``directory`` can be running (a live save's staging directory looks exactly like a crashed one's)."""
-    removed = []
+def dcp_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Staging directories of DCP saves in ``directory`` that crashed or failed: their coordinator no longer
+    holds their lock (a save in flight always does, from before any rank writes until its commit)."""
+    found = []
     for entry in os.scandir(directory):
         if is_temporary(entry.name) and entry.is_dir(follow_symlinks=False) and _looks_like_dcp_staging(entry.path):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
+            if not _held(Path(entry.path) / WRITING_LOCK_NAME):
+                found.append(Path(entry.path))
+    return found
+
+
+def remove_dcp_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete :func:`dcp_leftovers`; return what was deleted."""
+    removed = dcp_leftovers(directory)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)  # never follows a symlink inside the tree
     return removed
+
+
+def _held(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _looks_like_dcp_staging(path: str) -> bool:
     with contextlib.suppress(OSError), os.scandir(path) as it:
-        return all(e.name.endswith(DATA_SUFFIX) or e.name in (METADATA_NAME, SEAL_NAME) for e in it)
+        return all(e.name.endswith(DATA_SUFFIX) or e.name in (METADATA_NAME, SEAL_NAME, WRITING_LOCK_NAME)
+                   for e in it)
     return False
+
+
+def delete_dcp_directory(path: Path) -> None:
+    """Remove a DCP checkpoint directory: first renamed to a hidden temporary name (from then on it no longer
+    passes for a checkpoint, and an interrupted delete is a leftover), then removed."""
+    doomed = path.parent / temp_name(path.name)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class DcpEntry:
+    """A committed DCP checkpoint directory as seen by ``stat`` (no byte of it read)."""
+
+    path: Path
+    name: str
+    size: int
+    mtime_ns: int
+    sealed: bool
+
+
+def scan_dcp(directory: str | os.PathLike[str]) -> list[DcpEntry]:
+    """DCP checkpoint directories directly inside ``directory`` (ours and plain), newest first."""
+    entries = []
+    with os.scandir(directory) as it:
+        for item in it:
+            if item.name.startswith(".") or not is_dcp_directory(item.path):
+                continue
+            size, newest = 0, 0
+            with contextlib.suppress(OSError), os.scandir(item.path) as inner:
+                for sub in inner:
+                    info = sub.stat(follow_symlinks=False)
+                    size += info.st_size
+                    newest = max(newest, info.st_mtime_ns)
+            entries.append(DcpEntry(Path(item.path), item.name, size, newest,
+                                    os.path.lexists(Path(item.path) / SEAL_NAME)))
+    entries.sort(key=lambda e: (e.mtime_ns, e.name), reverse=True)
+    return entries
