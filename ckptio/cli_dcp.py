@@ -32,8 +32,9 @@ def has_dcp(directory: Path) -> bool:
     """Whether ``directory`` holds a DCP checkpoint directory or the staging directory of a DCP save."""
     try:
         with os.scandir(directory) as it:
-            return any(item.is_dir(follow_symlinks=False) and os.path.lexists(os.path.join(item.path, ".metadata"))
-                       or item.name.endswith(".ckptio-tmp") and item.is_dir(follow_symlinks=False) for item in it)
+            return any(item.is_dir(follow_symlinks=False)
+                       and (os.path.lexists(os.path.join(item.path, ".metadata")) or item.name.endswith(".ckptio-tmp"))
+                       for item in it)
     except OSError:
         return False
 

@@ -40,7 +40,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import xxhash
@@ -329,7 +329,7 @@ def _write_items(path: Path, file_name: str, items: list[WriteItem], planner: Sa
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata classes and nothing else: a planted ``.metadata`` cannot run code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[str, set[str]]] = {
         "torch.distributed.checkpoint.metadata": {
             "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
             "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},

@@ -13,6 +13,7 @@ port is ever taken. Actions:
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import signal
 import sys
@@ -37,7 +38,7 @@ SIZES = (11, 7, 5, 3)
 def build(seed: int, world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(SIZES, SIZES[1:], strict=False):
+    for fan_in, fan_out in itertools.pairwise(SIZES):
         layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
     model = nn.Sequential(*layers)
     mesh = init_device_mesh("cpu", (world,))
@@ -77,7 +78,8 @@ def bits_equal(actual: Any, expected: Any, where: str = "") -> list[str]:
     if isinstance(expected, (list, tuple)):
         if len(actual) != len(expected):
             return [f"{where}: lengths differ"]
-        return [d for i, (a, e) in enumerate(zip(actual, expected, strict=True)) for d in bits_equal(a, e, f"{where}/{i}")]
+        pairs = enumerate(zip(actual, expected, strict=True))
+        return [d for i, (a, e) in pairs for d in bits_equal(a, e, f"{where}/{i}")]
     return [] if actual == expected else [f"{where}: {actual!r} != {expected!r}"]
 
 
