@@ -41,10 +41,9 @@ def has_dcp(directory: Path) -> bool:
 
 def dcp_entries(directory: Path) -> list[CheckpointEntry]:
     """DCP checkpoint directories as the listing entries retention and ``clean`` work on (newest first)."""
-    from .dcp import scan_dcp
+    from .dcp import checkpoint_entries
 
-    return [CheckpointEntry(path=e.path, name=e.name, suffix="/", size=e.size, mtime_ns=e.mtime_ns,
-                            protected=e.name == "best_model") for e in scan_dcp(directory)]
+    return checkpoint_entries(directory)
 
 
 def _state(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str:

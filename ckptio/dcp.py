@@ -63,6 +63,7 @@ from .atomic import create_new, fsync_directory, is_temporary, open_lock, temp_n
 from .errors import CorruptCheckpointError
 from .fileio import _file_kind, _physical_memory, _zstandard
 from .formats import check_json_cost, torch_load_error
+from .layout import CheckpointEntry
 
 __all__ = [
     "METADATA_NAME",
@@ -71,6 +72,7 @@ __all__ = [
     "DirectoryCheck",
     "Reader",
     "Writer",
+    "checkpoint_entries",
     "dcp_leftovers",
     "delete_dcp_directory",
     "is_dcp_directory",
@@ -179,6 +181,9 @@ class Writer(BlockingAsyncStager, StorageWriter):
         self._release_lock()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("use_collectives", True) and _world_size() > 1:
+            raise ValueError("ckptio.dcp.Writer commits one directory for all ranks, which needs DCP's rank "
+                             "coordination: call dcp.save / dcp.async_save with use_collectives=True (the default)")
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
 
@@ -269,6 +274,12 @@ class Writer(BlockingAsyncStager, StorageWriter):
             # Pinning needs CUDA; on a CPU-only machine plain buffers are what there is.
             self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
         return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _write_file(path: Path, data: bytes, *, sync: bool) -> None:
@@ -536,7 +547,7 @@ class Reader(StorageReader):
                     info = self.storage_data[index]
                     value = _read_item(fd, path, index, info, requests[0].type, trusted=self.trusted)
                     for request in requests:
-                        _deliver(planner, request, value)
+                        _deliver(planner, request, value, path)
             finally:
                 os.close(fd)
         future: Future[None] = Future()
@@ -638,20 +649,20 @@ def _read_plain_item(path: Path, name: str, info: Any, stored: bytes, kind: Load
     return tensor
 
 
-def _deliver(planner: LoadPlanner, request: ReadItem, value: Any) -> None:
+def _deliver(planner: LoadPlanner, request: ReadItem, value: Any, path: Path) -> None:
     if request.type == LoadItemType.BYTE_IO:
         planner.load_bytes(request, io.BytesIO(value))
         return
     piece = value
     for dim, (start, size) in enumerate(zip(request.storage_offsets, request.lengths, strict=True)):
         if start + size > value.size(dim):
-            raise CorruptCheckpointError(Path("?"), f"a read of {_item_name(request.storage_index)} reaches "
+            raise CorruptCheckpointError(path, f"a read of {_item_name(request.storage_index)} reaches "
                                          "beyond the stored chunk; the metadata is damaged")
         if size < value.size(dim):
             piece = piece.narrow(dim, start, size)
     target = planner.resolve_tensor(request).detach()
     if target.size() != piece.size():
-        raise CorruptCheckpointError(Path("?"), f"item {_item_name(request.storage_index)}: stored chunk "
+        raise CorruptCheckpointError(path, f"item {_item_name(request.storage_index)}: stored chunk "
                                      f"{list(piece.size())} does not fit the target {list(target.size())}")
     target.copy_(piece)
     planner.commit_tensor(request, target)
@@ -806,4 +817,14 @@ def scan_dcp(directory: str | os.PathLike[str]) -> list[DcpEntry]:
             entries.append(DcpEntry(Path(item.path), item.name, size, newest,
                                     os.path.lexists(Path(item.path) / SEAL_NAME)))
     entries.sort(key=lambda e: (e.mtime_ns, e.name), reverse=True)
+    return entries
+
+
+def checkpoint_entries(directory: str | os.PathLike[str],
+                       protected_names: tuple[str, ...] = ("best_model",)) -> list[CheckpointEntry]:
+    """:func:`scan_dcp` as the listing entries that retention and ``clean`` plan over (newest first); a
+    directory's suffix is ``"/"``."""
+    entries = [CheckpointEntry(path=e.path, name=e.name, suffix="/", size=e.size, mtime_ns=e.mtime_ns,
+                               protected=e.name in protected_names) for e in scan_dcp(directory)]
+    entries.sort(key=lambda e: e.order_key, reverse=True)
     return entries

@@ -328,3 +328,68 @@ def test_fsdp2_state_saved_by_two_processes_loads_bit_for_bit_at_one_two_and_thr
     for path in tmp_path.iterdir():  # the checkpoints are small, but leave nothing that outlives the test run
         if path.is_file():
             path.unlink()
+
+
+# -- ShardedCheckpointManager (one process) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_manager_keeps_the_newest_periodic_directories_and_never_best_model(tmp_path: Path,
+                                                                           async_save: bool) -> None:
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    with ShardedCheckpointManager(tmp_path, keep_count=2, async_save=async_save) as manager:
+        for batch in range(1, 5):
+            state = _state()
+            state["step"] = batch
+            manager.save(state, name=f"checkpoint_epoch_1_batch_{batch}")
+            # The save in flight is a hidden staging directory, never a checkpoint that retention could delete.
+            assert len(manager.checkpoints()) <= 3
+        manager.save(_state(), name="best_model")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "best_model", "checkpoint_epoch_1_batch_3", "checkpoint_epoch_1_batch_4"]
+    manager = ShardedCheckpointManager(tmp_path)
+    state = _blank()
+    assert manager.load(state, tmp_path / "checkpoint_epoch_1_batch_4").name == "checkpoint_epoch_1_batch_4"
+    assert state["step"] == 4
+    manager.close()
+
+
+def test_manager_disk_budget_never_deletes_the_newest_committed_checkpoint(tmp_path: Path) -> None:
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    with ShardedCheckpointManager(tmp_path, disk_budget=1, async_save=False) as manager:
+        for batch in (1, 2):
+            manager.save(_state(), name=f"checkpoint_epoch_1_batch_{batch}")
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
+
+
+def test_manager_latest_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(), name="checkpoint_epoch_1_batch_1")
+        manager.save(_state(), name="checkpoint_epoch_1_batch_2")
+        data = tmp_path / "checkpoint_epoch_1_batch_2" / "__0_0.distcp"
+        _flip(data, _offset_of(tmp_path / "checkpoint_epoch_1_batch_2", "model.w"))
+        os.utime(data)
+        assert manager.latest() == tmp_path / "checkpoint_epoch_1_batch_1"
+
+
+def test_manager_raises_a_failed_background_save_on_the_next_call(tmp_path: Path) -> None:
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    manager = ShardedCheckpointManager(tmp_path)
+    manager.save(_state(), name="checkpoint_epoch_1_batch_1")
+    manager.wait()
+    (tmp_path / "checkpoint_epoch_1_batch_2").mkdir()  # the name is taken: that save must fail, loudly
+    with pytest.raises(ckptio.CheckpointWriteError, match="already exists"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager.save(_state(), name="checkpoint_epoch_1_batch_2")
+        manager.wait()
+    manager.save(_state(), name="checkpoint_epoch_1_batch_3")  # the manager goes on
+    manager.wait()
+    assert ckptio.dcp.verify_directory(tmp_path / "checkpoint_epoch_1_batch_3").status == "verified"
+    manager.close()
+    with pytest.raises(ValueError, match="keep at least 1"):
+        ShardedCheckpointManager(tmp_path, keep_count=0)
