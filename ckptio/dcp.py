@@ -572,11 +572,11 @@ def _read_item(fd: int, path: Path, index: MetadataIndex, info: Any, kind: LoadI
     """One stored item: its tensor (whole chunk) or its bytes, checked against its digest where it has one."""
     name = _item_name(index)
     offset, length = (info["offset"], info["length"]) if _is_ours(info) else (info.offset, info.length)
-    stored = os.pread(fd, length, offset)
-    if len(stored) != length:
+    stored = _pread_exactly(fd, length, offset)
+    if stored is None:
         raise CorruptCheckpointError(path, f"item {name} ends beyond the end of the file: it is truncated")
     if not _is_ours(info):
-        return _read_plain_item(path, name, info, stored, kind, trusted=trusted)
+        return _read_plain_item(path, name, info, bytes(stored), kind, trusted=trusted)
     actual = xxhash.xxh3_128_hexdigest(stored)
     if actual != info["xxh3"]:
         raise CorruptCheckpointError(path, f"item {name}: digest mismatch (recorded {info['xxh3']}, computed "
@@ -591,7 +591,21 @@ def _read_item(fd: int, path: Path, index: MetadataIndex, info: Any, kind: LoadI
     return _tensor_from(path, name, raw, info)
 
 
-def _decompress_item(path: Path, name: str, stored: bytes, raw_length: int) -> bytes:
+def _pread_exactly(fd: int, length: int, offset: int) -> bytearray | None:
+    """``length`` bytes at ``offset`` in a writable buffer that a tensor can then share (no second copy); ``None``
+    if the file ends first."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    done = 0
+    while done < length:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            return None
+        done += count
+    return buffer
+
+
+def _decompress_item(path: Path, name: str, stored: bytes | bytearray, raw_length: int) -> bytes:
     if raw_length > _physical_memory():
         raise CorruptCheckpointError(path, f"item {name} claims {raw_length} bytes, more than physical memory")
     zstandard = _zstandard()

@@ -7,6 +7,8 @@ port is ever taken. Actions:
   rank 0 also writes the full (unsharded) state to ``DIR/expected.pt`` for the loaders to compare with.
 * ``load``: build the model from a different seed, ``dcp.load`` ``DIR/ckpt`` through ``ckptio.dcp.Reader`` at this
   world size, and compare the full state with ``DIR/expected.pt`` bit for bit (exit 3 on a difference).
+* ``manage``: two saves through ``ShardedCheckpointManager(DIR/managed, keep_count=1)``; every rank checks that
+  only the second is left and that it is the latest (exit 4 otherwise).
 * ``crash``: save ``DIR/crashed``, and rank 1 kills itself with SIGKILL half way through writing its data file.
 """
 
@@ -131,6 +133,25 @@ def main() -> int:
                     print("\n".join(differences[:20]), file=sys.stderr)
                     return 3
                 print(f"loaded bit for bit at {world} process(es)")
+            dist.barrier()
+            return 0
+        if action == "manage":
+            from ckptio.dcp_manager import ShardedCheckpointManager
+
+            model, optimizer = build(seed=0, world=world)
+            with ShardedCheckpointManager(directory / "managed", keep_count=1) as manager:
+                for batch in (1, 2):
+                    train(model, optimizer, rank)
+                    model_sd, optim_sd = get_state_dict(model, optimizer)
+                    manager.save({"model": model_sd, "optim": optim_sd, "step": batch},
+                                 name=f"checkpoint_epoch_1_batch_{batch}")
+                manager.wait()
+                names = [path.name for path in manager.checkpoints()]
+                latest = manager.latest()
+            if names != ["checkpoint_epoch_1_batch_2"] or latest is None or latest.name != names[0]:
+                print(f"rank {rank}: {names}, latest {latest}", file=sys.stderr)
+                return 4
+            print(f"managed: {names}")
             dist.barrier()
             return 0
         raise SystemExit(f"unknown action {action!r}")

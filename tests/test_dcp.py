@@ -312,10 +312,13 @@ def test_fsdp2_state_saved_by_two_processes_loads_bit_for_bit_at_one_two_and_thr
     # Loads at 1, 2 and 3 processes (uneven shards of rows 7, 5 and 3) and the crashing save, side by side.
     loads = {world: _start("load", world, tmp_path, f"load{world}") for world in (1, 2, 3)}
     crash = _start("crash", 2, tmp_path, "crash")
+    managed = _start("manage", 2, tmp_path, "manage")
     for world, ranks in loads.items():
         results = _finish(ranks)
         assert all(code == 0 for code, _ in results), (world, results)
         assert f"loaded bit for bit at {world} process(es)" in results[0][1]
+    results = _finish(managed)
+    assert all(code == 0 for code, _ in results) and "managed: ['checkpoint_epoch_1_batch_2']" in results[0][1], results
     crashed = _finish(crash)
     assert crashed[1][0] == -9, crashed  # rank 1 died by SIGKILL mid-save
     assert crashed[0][0] != 0, crashed  # and rank 0's save failed instead of committing
