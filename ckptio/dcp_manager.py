@@ -59,6 +59,9 @@ class ShardedCheckpointManager:
         self._pending_name: str | None = None
         self._error: BaseException | None = None
         self._closed = False
+        # DCP's background save runs collectives (plan, commit) while training runs its own: on one process group
+        # they would interleave and mismatch, so saves get a group of their own (gloo: it carries CPU objects).
+        self._group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
         if _rank() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_dcp_leftovers(self.directory)  # saves that crashed before this run: their locks are gone
@@ -75,11 +78,11 @@ class ShardedCheckpointManager:
             try:
                 # DCP plans in the caller (async_save included): a refused plan raises here, on every rank.
                 if self.async_save:
-                    response = dcp.async_save(state, storage_writer=self._writer)
+                    response = dcp.async_save(state, storage_writer=self._writer, process_group=self._group)
                     self._future = getattr(response, "upload_completion", response)
                     self._pending_name = name
                     return
-                dcp.save(state, storage_writer=self._writer)
+                dcp.save(state, storage_writer=self._writer, process_group=self._group)
             except (Exception, CheckpointException) as exc:
                 raise CheckpointWriteError(f"saving {self.directory / name} failed: {exc}") from exc
         self._after_commit(name)
@@ -108,6 +111,9 @@ class ShardedCheckpointManager:
         finally:
             self._closed = True
             self._writer.close()
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
+                self._group = None
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -131,7 +137,7 @@ class ShardedCheckpointManager:
         target = Path(path) if path is not None else self.latest()
         if target is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint that verifies")
-        dcp.load(state, storage_reader=Reader(target))
+        dcp.load(state, storage_reader=Reader(target), process_group=self._group)
         return target
 
     def _after_commit(self, name: str) -> None:
