@@ -6,7 +6,8 @@ One FSDP2 state (an MLP of 1024x1024 layers and its Adam moments, CPU, gloo) is 
 * ``dcp.async_save`` with its defaults (a blocking copy to fresh host memory, then a thread);
 * ``dcp.async_save`` in its best mode (writer process, shared-memory ``DefaultStager`` cached across saves,
   plan caching): its blocking time is until ``staging_completion``, as torchtitan waits for it;
-* ``dcp.save`` + ``ckptio.dcp.Writer``, and ``dcp.async_save`` + ``ckptio.dcp.Writer(cache_staged_state_dict=True)``.
+* ``dcp.save`` + ``ckptio.dcp.Writer``, and ``dcp.async_save`` + ``ckptio.dcp.Writer(cache_staged_state_dict=True)``;
+* ``ckptio.dcp_manager.ShardedCheckpointManager`` (the same writer, on a process group of its own, retention on).
 
 For each: blocking time, time until durable (committed), and the growth of the training process's resident
 memory during the save (the host copies; a writer process's memory is not counted). Then the checkpoints saved
@@ -39,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVE_MODES = ["FileSystemWriter dcp.save", "FileSystemWriter dcp.async_save", "dcp best (process, shm stager)",
-              "ckptio Writer dcp.save", "ckptio Writer dcp.async_save"]
+              "ckptio Writer dcp.save", "ckptio Writer dcp.async_save", "ckptio ShardedCheckpointManager"]
 LOAD_MODES = ["FileSystemReader", "ckptio Reader (digests)"]
 WIDTH = 1024
 
@@ -190,7 +191,10 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
         best = {"async_checkpointer_type": AsyncCheckpointerType.PROCESS,
                 "async_stager": DefaultStager(StagingOptions(False, True, True, False)),
                 "planner": dcp.DefaultSavePlanner(enable_plan_caching=True)}
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
     ckptio_writer = ckptio.dcp.Writer(args.workdir / "unused", cache_staged_state_dict=True)
+    manager = ShardedCheckpointManager(args.workdir / "managed", keep_count=2)
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     # One uncounted warm-up round (writer process start, plan caches, first allocations), then --reps rounds;
     # methods alternate within each round so that a slow phase of the machine is shared.
@@ -208,6 +212,11 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
                 dcp.save(state, storage_writer=ckptio.dcp.Writer(target))
                 blocking = time.perf_counter() - started
                 grown = _rss() - rss
+            elif mode == "ckptio ShardedCheckpointManager":
+                manager.save(state, name=f"checkpoint_epoch_1_batch_{rep}")
+                blocking = time.perf_counter() - started
+                grown = _rss() - rss
+                manager.wait()
             else:
                 if mode == "FileSystemWriter dcp.async_save":
                     response = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(target))
@@ -238,6 +247,7 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
     if best:
         best["async_stager"].close()
     ckptio_writer.close()
+    manager.close()
     size = sum(f.stat().st_size for f in (args.workdir / "ckptio").iterdir()) if args.rank == 0 else 0
     return {"world": args.world, "checkpoint_bytes": size, "results": {
         mode: {key: statistics.median(s[key] for s in rows) for key in rows[0]} for mode, rows in samples.items()}}
