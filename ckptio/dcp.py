@@ -245,7 +245,7 @@ class Writer(BlockingAsyncStager, StorageWriter):
         if os.path.lexists(self.path):  # appeared while the ranks wrote: never replace it
             raise FileExistsError(f"{self.path} appeared while this checkpoint was written; it was not replaced "
                                   f"(the new one is left in {staging})")
-        os.rename(staging, self.path)
+        _rename_no_replace(staging, self.path)
         self._staging = None
         with contextlib.suppress(OSError):
             os.unlink(self.path / WRITING_LOCK_NAME)
@@ -274,6 +274,34 @@ class Writer(BlockingAsyncStager, StorageWriter):
             # Pinning needs CUDA; on a CPU-only machine plain buffers are what there is.
             self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
         return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """Rename a directory, failing if ``target`` exists: plain ``rename`` would silently replace an empty
+    directory created under the checkpoint's name after the last check."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28: the check just before the rename is what there is
+        os.rename(source, target)
+        return
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        return
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL):  # a kernel or file system without the flag
+        os.rename(source, target)
+        return
+    if code == errno.EEXIST:
+        raise FileExistsError(code, f"{target} appeared while this checkpoint was written; it was not replaced "
+                              f"(the new one is left in {source})", str(target))
+    raise OSError(code, os.strerror(code), str(target))
 
 
 def _world_size() -> int:

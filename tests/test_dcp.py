@@ -396,3 +396,25 @@ def test_manager_raises_a_failed_background_save_on_the_next_call(tmp_path: Path
     manager.close()
     with pytest.raises(ValueError, match="keep at least 1"):
         ShardedCheckpointManager(tmp_path, keep_count=0)
+
+
+class _NameTakenMidSave(ckptio.dcp.Writer):
+    """Someone creates an (empty) directory under the checkpoint's name while the ranks write."""
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        result = super().write_data(plan, planner)
+        self.path.mkdir()
+        return result
+
+
+def test_a_directory_created_under_the_name_during_the_save_is_never_replaced(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointException, match="appeared while this checkpoint was written"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_state(), storage_writer=_NameTakenMidSave(tmp_path / "ckpt"), no_dist=True)
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    # the commit itself refuses too (plain rename would replace an empty directory made after the last check)
+    (tmp_path / "source").mkdir()
+    with pytest.raises(FileExistsError):
+        ckptio.dcp._rename_no_replace(tmp_path / "source", tmp_path / "ckpt")
+    assert (tmp_path / "source").is_dir() and list((tmp_path / "ckpt").iterdir()) == []
