@@ -418,3 +418,21 @@ def test_a_directory_created_under_the_name_during_the_save_is_never_replaced(tm
     with pytest.raises(FileExistsError):
         ckptio.dcp._rename_no_replace(tmp_path / "source", tmp_path / "ckpt")
     assert (tmp_path / "source").is_dir() and list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_manager_retention_and_start_up_sweep_leave_a_save_in_flight_alone(tmp_path: Path) -> None:
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    in_flight = _CrashAtCommit(tmp_path / "checkpoint_epoch_9_batch_9")  # holds its staging lock, like a live save
+    with pytest.raises(CheckpointException), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_state(), storage_writer=in_flight, no_dist=True)
+    [staging] = [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint_epoch_9_batch_9.")]
+    with ShardedCheckpointManager(tmp_path, keep_count=1, disk_budget=1, async_save=False) as manager:
+        for batch in (1, 2):
+            manager.save(_state(), name=f"checkpoint_epoch_1_batch_{batch}")
+    assert staging.is_dir()
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
+    in_flight.reset()  # the save is over (it failed): its staging directory is now a leftover
+    ShardedCheckpointManager(tmp_path).close()
+    assert not staging.exists()
