@@ -141,13 +141,17 @@ class ShardedCheckpointManager:
         return target
 
     def _after_commit(self, name: str) -> None:
-        if _rank() != 0 or (self.keep_count is None and self.disk_budget is None):
+        if self.keep_count is None and self.disk_budget is None:
             return
-        entries = checkpoint_entries(self.directory)
-        plan = plan_retention(entries, keep_count=self.keep_count, budget=self.disk_budget,
-                              must_keep=self.directory / name)
-        for entry in plan.delete:
-            delete_dcp_directory(entry.path)
+        if _rank() == 0:
+            entries = checkpoint_entries(self.directory)
+            plan = plan_retention(entries, keep_count=self.keep_count, budget=self.disk_budget,
+                                  must_keep=self.directory / name)
+            for entry in plan.delete:
+                delete_dcp_directory(entry.path)
+        # Every rank returns from save()/wait() seeing the same directory: none lists a checkpoint that rank 0
+        # is still deleting.
+        _barrier(self._group)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -158,6 +162,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)

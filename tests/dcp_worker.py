@@ -7,8 +7,8 @@ port is ever taken. Actions:
   rank 0 also writes the full (unsharded) state to ``DIR/expected.pt`` for the loaders to compare with.
 * ``load``: build the model from a different seed, ``dcp.load`` ``DIR/ckpt`` through ``ckptio.dcp.Reader`` at this
   world size, and compare the full state with ``DIR/expected.pt`` bit for bit (exit 3 on a difference).
-* ``manage``: two saves through ``ShardedCheckpointManager(DIR/managed, keep_count=1)``; every rank checks that
-  only the second is left and that it is the latest (exit 4 otherwise).
+* ``manage``: two saves through ``ShardedCheckpointManager(DIR/managed, keep_count=1)``, rank 0's deletes slowed;
+  every rank checks that only the second is left and that it is the latest (exit 4 otherwise).
 * ``crash``: save ``DIR/crashed``, and rank 1 kills itself with SIGKILL half way through writing its data file.
 """
 
@@ -19,6 +19,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,17 @@ def main() -> int:
             dist.barrier()
             return 0
         if action == "manage":
+            from ckptio import dcp_manager
             from ckptio.dcp_manager import ShardedCheckpointManager
 
+            if rank == 0:  # a slow delete: rank 1 must still see only what retention left
+                slow_delete = dcp_manager.delete_dcp_directory
+
+                def delete_slowly(path: Path) -> None:
+                    time.sleep(3)
+                    slow_delete(path)
+
+                dcp_manager.delete_dcp_directory = delete_slowly
             model, optimizer = build(seed=0, world=world)
             with ShardedCheckpointManager(directory / "managed", keep_count=1) as manager:
                 for batch in (1, 2):

@@ -280,12 +280,15 @@ WORKER = Path(__file__).resolve().parent / "dcp_worker.py"
 RANK_TIMEOUT = 400  # generous: a busy 2-core machine starts each rank's interpreter and torch slowly
 
 
-def _start(action: str, world: int, directory: Path, tag: str) -> list[subprocess.Popen[str]]:
+def _start(action: str, world: int, directory: Path, tag: str,
+           started: list[subprocess.Popen[str]]) -> list[subprocess.Popen[str]]:
     rendezvous = directory / f"rendezvous-{tag}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    return [subprocess.Popen([sys.executable, str(WORKER), action, str(rank), str(world), str(rendezvous),
-                              str(directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            for rank in range(world)]
+    ranks = [subprocess.Popen([sys.executable, str(WORKER), action, str(rank), str(world), str(rendezvous),
+                               str(directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in range(world)]
+    started += ranks
+    return ranks
 
 
 def _finish(ranks: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
@@ -305,14 +308,25 @@ def _finish(ranks: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
 @pytest.mark.slow
 def test_fsdp2_state_saved_by_two_processes_loads_bit_for_bit_at_one_two_and_three_and_a_killed_rank_commits_nothing(
         tmp_path: Path) -> None:
-    saved = _finish(_start("save", 2, tmp_path, "save"))
+    started: list[subprocess.Popen[str]] = []
+    try:
+        _check_save_load_crash_and_manager(tmp_path, started)
+    finally:  # an assertion that fails early must not leave the other groups' ranks running
+        for rank in started:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+
+
+def _check_save_load_crash_and_manager(tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
+    saved = _finish(_start("save", 2, tmp_path, "save", started))
     assert all(code == 0 for code, _ in saved), saved
     assert ckptio.dcp.verify_directory(tmp_path / "ckpt").status == "verified"
 
     # Loads at 1, 2 and 3 processes (uneven shards of rows 7, 5 and 3) and the crashing save, side by side.
-    loads = {world: _start("load", world, tmp_path, f"load{world}") for world in (1, 2, 3)}
-    crash = _start("crash", 2, tmp_path, "crash")
-    managed = _start("manage", 2, tmp_path, "manage")
+    loads = {world: _start("load", world, tmp_path, f"load{world}", started) for world in (1, 2, 3)}
+    crash = _start("crash", 2, tmp_path, "crash", started)
+    managed = _start("manage", 2, tmp_path, "manage", started)
     for world, ranks in loads.items():
         results = _finish(ranks)
         assert all(code == 0 for code, _ in results), (world, results)
