@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cli_dcp
 from .atomic import is_temporary
 from .errors import CorruptCheckpointError
 from .fileio import load, read_meta, verify_file
@@ -272,8 +273,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     others = [e for e in entries if not e.protected and not parse_checkpoint_name(e.name)]
     batch_bytes = sum(e.total_size for e in batches)
     total = sum(e.total_size for e in entries)
+    dcp_lines, dcp_records = cli_dcp.list_lines(directory, index, _mb, _one_line) if cli_dcp.has_dcp(directory) \
+        else ([], [])
     if args.json:
         print(json.dumps({"directory": str(directory), "checkpoints": [_entry_json(e, index) for e in entries],
+                          "dcp_checkpoints": dcp_records,
                           "count": len(entries), "total_bytes": total, "batch_count": len(batches),
                           "batch_bytes": batch_bytes,
                           "unreadable": [{"file": name, "reason": why} for name, why in odd]}, indent=2))
@@ -292,6 +296,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"\n📦 其他检查点 ({len(others)}个):")
         for entry in others:
             print(_entry_line(entry, index))
+    if dcp_lines:
+        print(f"\n🧩 DCP 检查点目录 ({len(dcp_lines)}个, 分片, 可在任意进程数加载):")
+        print("\n".join(dcp_lines))
     if odd:
         print(f"\n⚠️ 无法读取 ({len(odd)}个, 不计入统计):")
         for name, why in odd:
@@ -384,6 +391,10 @@ def _shown(key: str, value: Any) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    given = args.file or args.checkpoint
+    for candidate in ([Path(given), Path(args.save_dir or DEFAULT_DIR) / given] if given else []):
+        if cli_dcp.is_dcp_directory(candidate):
+            return _dcp_info(candidate, as_json=args.json)
     path = _file(args)
     seal, size = read_meta(path)
     info = path.stat()
@@ -435,6 +446,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if doc["parameters"] is not None:
             counts.append(f"model parameters: {doc['parameters']:,}")
         print("  " + ", ".join(counts))
+    return EXIT_OK
+
+
+def _dcp_info(path: Path, *, as_json: bool) -> int:
+    doc = cli_dcp.info(path)
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    print(f"🧩 {_one_line(str(path))}/ - {doc['kind']}")
+    print(f"  size: {_mb(doc['size'] or 0)}, {len(doc['data_files'])} data file(s), "
+          f"compression: {doc['compression'] or 'none'}")
+    print(f"  entries: {doc['entries']:,} ({doc['tensors']:,} tensors, {doc['elements']:,} elements), "
+          f"stored items: {doc['stored_items']:,}")
+    print(f"  digests: {'xxh3_128 per item (ckptio verify checks them)' if doc['sealed'] else 'none (plain DCP)'}")
     return EXIT_OK
 
 
@@ -514,13 +539,18 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
     entries = [e for e in scan(directory) if not e.protected and parse_checkpoint_name(e.name)]
+    if cli_dcp.has_dcp(directory):  # DCP checkpoint directories follow the same rule as files
+        entries += [e for e in cli_dcp.dcp_entries(directory) if not e.protected and parse_checkpoint_name(e.name)]
+        entries.sort(key=lambda e: e.order_key, reverse=True)
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"
     freed = 0
     forgotten: dict[str, dict[str, Any] | None] = {}
     for entry in victims:
-        if not args.dry_run:
+        if not args.dry_run and entry.suffix == "/":
+            cli_dcp.delete(entry)
+        elif not args.dry_run:
             delete_checkpoint(entry.path)  # a training run's own retention may have got there first: fine
             forgotten[entry.path.name] = None
         freed += entry.total_size
@@ -531,6 +561,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         if not args.dry_run:
             _remove_orphan(orphan.path)
         print(f"  {verb}: {_one_line(orphan.path.name)} (shards of a save never committed) - {_mb(orphan.size)}")
+    for staging in cli_dcp.sweep(directory, dry_run=args.dry_run) if cli_dcp.has_dcp(directory) else []:
+        print(f"  {verb}: {_one_line(staging.name)} (a DCP save that never committed)")
     kept = len(entries) - len(victims)
     if not entries:
         print(f"no batch checkpoints in {directory}")
@@ -562,7 +594,9 @@ def _remove_orphan(path: Path) -> None:
 
 def _newest_valid(entries: list[CheckpointEntry]) -> Path | None:
     for entry in entries:
-        if not entry.protected and verify_file(entry.path).status in ("verified", "unsealed"):
+        if entry.protected:
+            continue
+        if cli_dcp.valid(entry) if entry.suffix == "/" else verify_file(entry.path).status in ("verified", "unsealed"):
             return entry.path
     return None
 
@@ -577,6 +611,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise UsageError(f"{target}: no such file or directory (looked in . and {base})") from None
     if _lstat(target) is None:
         raise UsageError(f"{target}: no such file or directory")
+    if cli_dcp.is_dcp_directory(target):
+        return _verify_dcp(target, as_json=args.json)
     if not _is_dir(target):
         try:
             read_meta(target)
@@ -586,11 +622,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         except OSError:
             pass  # verify reports it for the file
     report = verify(target)
-    found = bool(report.files)
+    dcp_ok, dcp_lines, dcp_records = cli_dcp.verify_lines(target) if _is_dir(target) and cli_dcp.has_dcp(target) \
+        else (True, [], [])
+    found = bool(report.files) or bool(dcp_records)
     if args.json:
-        print(json.dumps({"path": str(target), "ok": report.ok and found, "found": len(report.files), "files": [
-            {"file": str(c.path), "status": c.status, "reason": c.reason, "digest": c.digest, "size": c.size}
-            for c in report.files]}, indent=2))
+        print(json.dumps({"path": str(target), "ok": report.ok and dcp_ok and found, "found": len(report.files),
+                          "files": [{"file": str(c.path), "status": c.status, "reason": c.reason, "digest": c.digest,
+                                     "size": c.size} for c in report.files],
+                          "dcp_directories": dcp_records}, indent=2))
     elif not found:
         print(f"no checkpoint found in {target} (files named NAME.pth or NAME.safetensors, optionally + .zst)")
     else:
@@ -599,6 +638,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                   f"{_one_line(check.reason)}")  # a reason may quote a shard name from the file
         bad = report.corrupt
         removed = sum(check.status == "removed" for check in report.files)
+        for line in dcp_lines:
+            print(_one_line(line))
         print(f"{len(report.files)} file(s) checked, {len(bad)} corrupt"
-              + (f", {removed} removed while checking" if removed else ""))
-    return EXIT_OK if report.ok and found else EXIT_BAD
+              + (f", {removed} removed while checking" if removed else "")
+              + (f"; {len(dcp_records)} DCP director(ies), {sum(r['status'] == 'corrupt' for r in dcp_records)} "
+                 "corrupt" if dcp_records else ""))
+    return EXIT_OK if report.ok and dcp_ok and found else EXIT_BAD
+
+
+def _verify_dcp(target: Path, *, as_json: bool) -> int:
+    ok, lines, records = cli_dcp.verify_lines(target)
+    if as_json:
+        print(json.dumps({"path": str(target), "ok": ok, "dcp_directories": records}, indent=2))
+    else:
+        for line in lines:
+            print(_one_line(line))
+    return EXIT_OK if ok else EXIT_BAD

@@ -316,3 +316,16 @@ def test_load_latency_times_every_loader_warm_and_cold_against_torch_load(tmp_pa
     assert rows[module.TORCH_LOAD]["warm_ratio"] == 1.0
     assert "| 1MB |" in (out / "load_latency.md").read_text()
     assert not any(out.glob("load_latency_*")), "scratch files were left behind"
+@pytest.mark.slow
+def test_dcp_sharded_benchmark_reports_every_save_and_load_method_and_cleans_up(tmp_path: Path) -> None:
+    bench = _load("dcp_sharded")
+    out = tmp_path / "out"
+    assert bench.main(["--state-mb", "4", "--reps", "1", "--no-best", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    saves = doc["saves"]["2"]["results"]
+    assert set(saves) == set(bench.SAVE_MODES) - {"dcp best (process, shm stager)"}
+    assert all(row["durable_s"] >= row["blocking_s"] > 0 for row in saves.values())
+    assert set(doc["loads"]) == {"saved by 2, loaded by 1", "saved by 2, loaded by 2"}
+    assert all(row["load_s"] > 0 for run in doc["loads"].values() for row in run["results"].values())
+    assert "| 2 | ckptio Writer dcp.async_save |" in (out / "results.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
