@@ -113,7 +113,9 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.run(args))
+        from .mirror_cli import remote_command
+
+        return int((remote_command(args) or args.run)(args))  # type: ignore[operator]
     except UsageError as exc:
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -196,6 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="one file inside --save-dir (its suffix may be left out)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_cmd_verify)
+
+    from .mirror_cli import cmd_pull
+
+    p = sub.add_parser("pull", help="download a checkpoint from a mirror (s3://..., file://...) and verify it")
+    p.add_argument("url", help="the mirror's URL and the checkpoint's file name, e.g. s3://bucket/run1/best_model.pth")
+    p.add_argument("directory", help="where to put it")
+    p.set_defaults(run=cmd_pull)
     return parser
 
 

@@ -279,7 +279,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
         keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
         min_free=config.min_free,  # with async_save, keep_full's slimming runs in the writer process
-        mirror=config.mirror, mirror_keep=config.mirror_keep,
+        mirror=config.mirror, mirror_keep=config.mirror_keep, mirror_timeout=config.grace,
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
     run_id = world.broadcast(uuid.uuid4().hex)
@@ -438,6 +438,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # ---- summary ------------------------------------------------------------------------------------------
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
+    if manager is not None and manager.mirror is not None:
+        say(_mirror_summary(manager.mirror))
     stats = manager.stats if manager is not None else ckptio.SaveStats()
     result.save_blocked_seconds = stats.blocked_seconds
     resumed_note = f", resumed at {result.start_step}" if result.start_step else ""
@@ -446,6 +448,16 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
         f"errors={result.errors}; checkpoints in {config.save_dir}")
     return result
+
+
+def _mirror_summary(mirror: Any) -> str:
+    left = mirror.unmirrored
+    text = f"mirror {mirror.url}: {len(mirror.mirrored)} checkpoint(s) copied and verified"
+    if mirror.failures:
+        text += f", {mirror.failures} failed attempt(s) (last: {mirror.last_error})"
+    if left:
+        text += f"; not mirrored: {', '.join(left)} (intact in the local directory)"
+    return text
 
 
 def _finish_preemption(preemption: Preemption, future: Any, manager: ckptio.CheckpointManager | None,
