@@ -123,3 +123,12 @@ def test_a_second_signal_ends_the_cli_at_once_leaving_nothing_half_written(tmp_p
     assert "second signal" in out
     leftovers = [p.name for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
     assert all(name.startswith(".") for name in leftovers)  # only hidden temporaries, swept at the next start
+
+
+def test_with_a_mirror_the_preemption_save_is_reported_mirrored_and_lands_on_the_mirror(tmp_path: Path) -> None:
+    said: list[str] = []
+    stopped = train(_config(save_dir=str(tmp_path / "run"), save_freq=0, max_steps=7, async_save=True,
+                            mirror=str(tmp_path / "backup")), say=_signal_after(2, signal.SIGTERM, said))
+    assert stopped.exit_code == 143
+    assert any("saved checkpoint_epoch_1_batch_2, durable and mirrored" in line for line in said), said
+    assert (tmp_path / "backup" / "checkpoint_epoch_1_batch_2.pth.mirror.json").is_file()
