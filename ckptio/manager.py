@@ -133,7 +133,7 @@ class CheckpointManager:
             from .mirror import Mirror
 
             self.mirror = Mirror(options.mirror, keep=options.mirror_keep, protected_names=options.protected_names,
-                                 fsync=options.fsync)
+                                 fsync=options.fsync, local_directory=self.directory)
         if in_process:
             from .writer_process import ProcessWriter
 

@@ -290,7 +290,7 @@ class Mirror:
 
     def __init__(self, url: str, *, keep: int | None = None, protected_names: tuple[str, ...] = ("best_model",),
                  fsync: bool = True, retry_initial: float = 1.0, retry_max: float = 60.0,
-                 target: MirrorTarget | None = None) -> None:
+                 target: MirrorTarget | None = None, local_directory: Path | None = None) -> None:
         self.target = target if target is not None else open_target(url, fsync=fsync)
         self.url = url
         self.keep = keep
@@ -306,6 +306,14 @@ class Mirror:
         self._stopping = False
         if isinstance(self.target, LocalTarget):
             self.target.sweep()
+        self.local_directory = local_directory
+        if local_directory is not None:  # left unmirrored by an earlier run: copy them first
+            for file_name in sorted(pending(local_directory)):
+                if (local_directory / file_name).is_file():
+                    self._queue.append(_Item(split_suffix(file_name)[0] if split_suffix(file_name) else file_name,
+                                             local_directory / file_name))
+                else:
+                    clear_pending(local_directory, file_name)
         self._thread = threading.Thread(target=self._run, name=f"ckptio-mirror:{url}", daemon=True)
         self._thread.start()
 
@@ -355,11 +363,14 @@ class Mirror:
                 if self._stopping:
                     return
                 item = self._busy = self._queue.popleft()
-            done = self._copy(item)
+            outcome = self._copy(item)
             with self._changed:
                 self._busy = None
-                if done:
-                    self.mirrored.append(item.name)
+                if outcome is not None:
+                    if outcome == "mirrored":
+                        self.mirrored.append(item.name)
+                    if self.local_directory is not None:
+                        clear_pending(self.local_directory, item.path.name)
                 else:
                     item.attempts += 1
                     item.not_before = time.monotonic() + min(self.retry_max,
@@ -367,23 +378,23 @@ class Mirror:
                     self._queue.appendleft(item)  # in order: a resume wants the newest, but not a gap before it
                 self._changed.notify_all()
 
-    def _copy(self, item: _Item) -> bool:
-        """One attempt; True when finished (mirrored, or nothing left to mirror)."""
+    def _copy(self, item: _Item) -> str | None:
+        """One attempt: ``mirrored``, ``gone`` (deleted locally first: nothing left to copy) or None (failed)."""
         try:
             upload(self.target, item.path)
         except FileNotFoundError:
             if not item.path.exists():  # local retention deleted it first: there is nothing left to copy
                 log.warning("could not mirror %s: it was deleted locally before it was copied", item.path.name)
-                return True
+                return "gone"
             self._failed(item, MirrorError(f"{self.url}: not found (does the bucket or directory exist?)"))
-            return False
+            return None
         except Exception as exc:  # never stop training; retried with backoff
             self._failed(item, exc)
-            return False
+            return None
         log.info("mirrored %s to %s (verified)", item.path.name, self.url)
         if self.keep is not None:
             self._retain(item.path.name)
-        return True
+        return "mirrored"
 
     def _failed(self, item: _Item, exc: BaseException) -> None:
         self.failures += 1
@@ -435,3 +446,51 @@ def newer_from_mirror(local: Path | None, target: MirrorTarget, directory: Path,
             f"than the local checkpoints; downloaded to {path} and verified")
         return path
     return local
+
+
+# -- what local retention must wait for --------------------------------------------------------------------------
+# The writer (thread or process) marks each committed checkpoint as waiting for the mirror before it applies
+# retention; the mirror clears the mark once the copy is verified. An empty file per checkpoint, created and
+# unlinked atomically, needs no lock between the processes. Marks left by a run that ended first are copied by the
+# next run with the same mirror.
+PENDING_DIRECTORY = ".ckptio-mirror-pending"
+
+
+def mark_pending(directory: Path, file_name: str) -> None:
+    marks = directory / PENDING_DIRECTORY
+    marks.mkdir(exist_ok=True)
+    (marks / file_name).touch()
+
+
+def clear_pending(directory: Path, file_name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / PENDING_DIRECTORY / file_name).unlink()
+
+
+def pending(directory: Path) -> set[str]:
+    """File names of local checkpoints not yet mirrored."""
+    try:
+        return {entry.name for entry in os.scandir(directory / PENDING_DIRECTORY) if not entry.name.startswith(".")}
+    except FileNotFoundError:
+        return set()
+
+
+def plan_local_retention(entries: list[Any], waiting: set[str], *, keep_count: int | None, budget: int | None,
+                         must_keep: Path | None, reserve: int) -> tuple[Any, list[Any]]:
+    """Local retention with a mirror: checkpoints not yet mirrored are kept beyond ``keep_count``; the disk
+    budget still applies to them, oldest first, only when deleting every mirrored one was not enough.
+    Returns the plan and the unmirrored entries the budget forced out (to be named in a warning)."""
+    from .retention import RetentionPlan, over_budget, plan_retention
+
+    held = [e for e in entries if e.path.name in waiting and e.path != must_keep]
+    others = [e for e in entries if e not in held]
+    plan = plan_retention(others, keep_count=keep_count, budget=budget, must_keep=must_keep,
+                          reserve=reserve + sum(e.total_size for e in held))
+    if not plan.bytes_over_budget or budget is None:
+        return RetentionPlan(plan.delete, plan.keep + held, plan.bytes_over_budget), []
+    kept = [e for e in entries if e not in plan.delete]
+    forced = over_budget(kept, budget, must_keep, reserve)
+    forced = [e for e in forced if e in held]
+    remaining = [e for e in kept if e not in forced]
+    excess = max(0, sum(e.total_size for e in remaining) + reserve - budget)
+    return RetentionPlan(plan.delete + forced, remaining, excess), forced

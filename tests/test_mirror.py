@@ -192,3 +192,45 @@ def test_deleting_the_local_directory_and_resuming_from_the_mirror_continues_bit
     assert straight.model is not None and resumed.model is not None
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_local_retention_keeps_checkpoints_not_yet_mirrored_and_deletes_them_once_copied(tmp_path: Path) -> None:
+    target = FlakyTarget(tmp_path / "mirror", failures=10**9)
+    with ckptio.CheckpointManager(tmp_path / "local", async_save=False, keep_count=1,
+                                  mirror=str(tmp_path / "mirror"), mirror_timeout=0.1) as manager:
+        assert manager.mirror is not None
+        manager.mirror.target = target
+        manager.mirror.retry_initial = manager.mirror.retry_max = 0.01
+        for step in (1, 2, 3):
+            manager.save(_state(step), name=f"checkpoint_epoch_1_batch_{step}")
+        assert len(manager.checkpoints()) == 3  # keep_count=1, but none is mirrored yet
+        target.failures = 0  # the store is back
+        assert manager.mirror.wait(timeout=60)
+        manager.save(_state(4), name="checkpoint_epoch_1_batch_4")
+        assert [e.name for e in manager.checkpoints()] == ["checkpoint_epoch_1_batch_4"]
+
+
+def test_the_disk_budget_still_deletes_an_unmirrored_checkpoint_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with ckptio.CheckpointManager(tmp_path / "local", async_save=False, disk_budget=2500,
+                                  mirror=str(tmp_path / "mirror"), mirror_timeout=0.1) as manager:
+        assert manager.mirror is not None
+        manager.mirror.target = FlakyTarget(tmp_path / "mirror", failures=10**9)
+        manager.mirror.retry_initial = manager.mirror.retry_max = 0.01
+        for step in (1, 2):
+            manager.save(_state(step), name=f"checkpoint_epoch_1_batch_{step}")
+        assert [e.name for e in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
+    assert "disk_budget forces deleting checkpoint_epoch_1_batch_1.pth before it was mirrored" in caplog.text
+
+
+def test_checkpoints_a_run_left_unmirrored_are_copied_by_the_next_run_with_the_mirror(tmp_path: Path) -> None:
+    with ckptio.CheckpointManager(tmp_path / "local", async_save=False, mirror=str(tmp_path / "mirror"),
+                                  mirror_timeout=0.1) as manager:
+        assert manager.mirror is not None
+        manager.mirror.target = FlakyTarget(tmp_path / "mirror", failures=10**9)
+        manager.save(_state(1), name="checkpoint_epoch_1_batch_1")
+    assert manager.mirror.unmirrored == ["checkpoint_epoch_1_batch_1"]
+    with ckptio.CheckpointManager(tmp_path / "local", async_save=False, mirror=str(tmp_path / "mirror")) as again:
+        assert again.mirror is not None and again.mirror.wait(timeout=60)
+    assert [e.key for e in remote_checkpoints(open_target(str(tmp_path / "mirror")))] == [
+        "checkpoint_epoch_1_batch_1.pth"]
