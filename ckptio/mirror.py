@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger("ckptio")
 MANIFEST_SUFFIX = ".mirror.json"
 _COPY_CHUNK = 8 * 2**20
+_STOP_WAIT = 180.0
 
 
 class MirrorError(OSError):
@@ -339,12 +340,15 @@ class Mirror:
             return self._changed.wait_for(lambda: self._busy is None and not self._queue, timeout)
 
     def close(self, timeout: float) -> list[str]:
-        """Give pending copies up to ``timeout`` seconds, stop, and return the names left unmirrored."""
+        """Give pending copies up to ``timeout`` seconds, stop, and return the names left unmirrored.
+
+        The copy in progress, and the next one if it was never tried, still finish their attempt (bounded by the
+        target's own timeouts; at most ``_STOP_WAIT`` seconds more)."""
         self.wait(timeout)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        self._thread.join(timeout=max(timeout, 1.0))
+        self._thread.join(timeout=_STOP_WAIT)
         left = self.unmirrored
         if left:
             log.warning("not mirrored to %s: %s (the local copies are intact; copy them by hand if the local disk "
@@ -357,11 +361,15 @@ class Mirror:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._stopping and (not self._queue or self._queue[0].not_before > time.monotonic()):
-                    delay = self._queue[0].not_before - time.monotonic() if self._queue else None
-                    self._changed.wait(timeout=delay)
-                if self._stopping:
-                    return
+                while True:
+                    ready = bool(self._queue) and self._queue[0].not_before <= time.monotonic()
+                    # Closing still gives a checkpoint never tried its one attempt, so that the run's end can
+                    # say why it was not mirrored.
+                    if self._stopping and not (ready and self._queue[0].attempts == 0):
+                        return
+                    if ready:
+                        break
+                    self._changed.wait(timeout=self._queue[0].not_before - time.monotonic() if self._queue else None)
                 item = self._busy = self._queue.popleft()
             outcome = self._copy(item)
             with self._changed:

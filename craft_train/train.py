@@ -302,8 +302,19 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
 
     progress: EpochProgress | None = None
 
+    mirror_failures_told = [0]
+
+    def mirror_lines() -> list[str]:
+        """A line when the mirror failed again since the last one (it retries; training goes on)."""
+        mirror = manager.mirror if manager is not None else None
+        if mirror is None or mirror.failures == mirror_failures_told[0]:
+            return []
+        mirror_failures_told[0] = mirror.failures
+        return [f"mirror {mirror.url}: copying failed ({mirror.failures} attempt(s) so far; last: {mirror.last_error})"
+                f"; retrying, training goes on; waiting: {', '.join(mirror.unmirrored) or 'none'}"]
+
     def report_saves() -> None:
-        for line in report.lines():
+        for line in report.lines() + mirror_lines():
             if progress is not None:  # above the progress bar, if there is one
                 progress.write(line)
             else:
