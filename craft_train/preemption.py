@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_CODES", "Preemption", "wait_durable"]
+__all__ = ["EXIT_CODES", "Preemption", "ignore_stop_signals", "wait_durable"]
 
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 0}
 """The exit code of a run that a signal ended after saving."""
@@ -73,6 +73,14 @@ class Preemption:
         _write_stderr(f"craft_train: second signal ({name}) while saving after {self.signal_name}: exiting now; "
                       "checkpoints already written are intact\n")
         os._exit(128 + signum)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: SLURM and ``kill -- -PGID`` signal every process of the job, and torch's
+    workers die of SIGTERM (and of SIGUSR1's default action), which would fail the step the trainer is finishing
+    before its save. The trainer handles the signals; a worker exits when the trainer does."""
+    for signum in _HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def wait_durable(future: Future[Any] | None, mirrored: Callable[[float], bool] | None, *, grace: float,

@@ -35,7 +35,7 @@ from .evaluate import evaluate_model
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .postprocess import Thresholds
-from .preemption import Preemption, wait_durable
+from .preemption import Preemption, ignore_stop_signals, wait_durable
 from .progress import EpochProgress, SaveReport, progress_fields
 from .resume import (
     augmentation_seed,
@@ -345,6 +345,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
                 num_workers=config.workers, pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(config.seed + epoch),  # leaves the global RNG alone
+                worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM is the trainer's to handle
             )
             progress = EpochProgress(epoch, epoch_batches, batch_in_epoch, say, show=world.is_main)
             for loaded, batch in enumerate(loader):

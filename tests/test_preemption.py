@@ -81,13 +81,14 @@ def test_sigint_after_a_periodic_save_of_the_same_step_waits_for_that_save_and_e
     assert any("stopped by SIGINT at global step 2: saved checkpoint_epoch_1_batch_2, durable" in t for t in said)
 
 
-def _start_cli(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+def _start_cli(tmp_path: Path, *extra: str, new_session: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "craft_train", "--synthetic-size", "10", "--image-size", "64", "--batch-size", "2",
          "--epochs", "3", "--val-fraction", "0.2", "--seed", "7", "--workers", "0", "--save-freq", "100",
          "--save-dir", str(tmp_path / "ck"), "--device", "cpu", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        start_new_session=new_session)
 
 
 def _wait_for_progress(process: subprocess.Popen[str], lines: int) -> list[str]:
@@ -132,3 +133,15 @@ def test_with_a_mirror_the_preemption_save_is_reported_mirrored_and_lands_on_the
     assert stopped.exit_code == 143
     assert any("saved checkpoint_epoch_1_batch_2, durable and mirrored" in line for line in said), said
     assert (tmp_path / "backup" / "checkpoint_epoch_1_batch_2.pth.mirror.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_as_slurm_sends_it_still_saves_through_the_writer_process(
+        tmp_path: Path) -> None:
+    process = _start_cli(tmp_path, "--async-save", "--workers", "1", new_session=True)
+    _wait_for_progress(process, 2)
+    os.killpg(process.pid, signal.SIGTERM)  # the trainer, its writer process and its data loader worker
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "durable" in out
+    assert len(list((tmp_path / "ck").glob("checkpoint_epoch_*.pth"))) == 1
