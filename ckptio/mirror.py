@@ -339,16 +339,22 @@ class Mirror:
         with self._changed:
             return self._changed.wait_for(lambda: self._busy is None and not self._queue, timeout)
 
-    def close(self, timeout: float) -> list[str]:
+    def close(self, timeout: float, *, finish_attempt: bool = True) -> list[str]:
         """Give pending copies up to ``timeout`` seconds, stop, and return the names left unmirrored.
 
-        The copy in progress, and the next one if it was never tried, still finish their attempt (bounded by the
-        target's own timeouts; at most ``_STOP_WAIT`` seconds more)."""
+        With ``finish_attempt`` the copy in progress, and the next one if it was never tried, still finish their
+        attempt (bounded by the target's own timeouts; at most ``_STOP_WAIT`` seconds more); without it (a
+        preempted run out of time) an attempt in progress is abandoned with the process: it was never visible.
+        Closing again returns at once."""
+        with self._changed:
+            closed = self._stopping
+        if closed:
+            return self.unmirrored
         self.wait(timeout)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
-        self._thread.join(timeout=_STOP_WAIT)
+        self._thread.join(timeout=_STOP_WAIT if finish_attempt else 0.0)
         left = self.unmirrored
         if left:
             log.warning("not mirrored to %s: %s (the local copies are intact; copy them by hand if the local disk "

@@ -491,8 +491,10 @@ def _finish_preemption(preemption: Preemption, future: Any, manager: ckptio.Chec
     if durable:
         name = future.result().name
         if copied is False:
-            say(f"{head}: saved {name}, durable here but not yet mirrored to {mirror.url if mirror else ''} within "
-                f"--grace {config.grace:g}s; {resume}")
+            assert mirror is not None
+            mirror.close(0, finish_attempt=False)  # the grace period is spent: the copy is not waited for
+            say(f"{head}: saved {name}, durable here but not mirrored to {mirror.url} within --grace "
+                f"{config.grace:g}s; {resume}")
         else:
             say(f"{head}: saved {name}, durable{' and mirrored' if copied else ''} with {max(left, 0):.1f}s of "
                 f"--grace {config.grace:g}s left; {resume}")

@@ -145,3 +145,15 @@ def test_sigterm_to_the_whole_process_group_as_slurm_sends_it_still_saves_throug
     assert process.returncode == 143, out
     assert "stopped by SIGTERM" in out and "durable" in out
     assert len(list((tmp_path / "ck").glob("checkpoint_epoch_*.pth"))) == 1
+
+
+def test_a_mirror_that_cannot_take_the_preemption_save_within_the_grace_period_is_named_and_not_waited_for(
+        tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")  # the mirror below cannot be created: every copy fails
+    said: list[str] = []
+    # a synchronous save is durable before the grace period is counted out, whatever the machine's speed
+    stopped = train(_config(save_dir=str(tmp_path / "run"), save_freq=0, max_steps=7, grace=0.5,
+                            mirror=str(tmp_path / "a_file" / "backup")), say=_signal_after(2, signal.SIGTERM, said))
+    assert stopped.exit_code == 143 and stopped.saved_paths
+    assert any("saved checkpoint_epoch_1_batch_2, durable here but not mirrored to" in line for line in said), said
+    assert any("not mirrored: checkpoint_epoch_1_batch_2" in line for line in said), said
