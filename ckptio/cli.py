@@ -114,7 +114,9 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.run(args))
+        from .mirror_cli import remote_command
+
+        return int((remote_command(args) or args.run)(args))  # type: ignore[operator]
     except UsageError as exc:
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,11 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     def directory_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("directory", nargs="?", help=f"checkpoint directory (default: {DEFAULT_DIR})")
+        p.add_argument("directory", nargs="?", help=f"checkpoint directory, or a mirror's URL (s3://bucket/prefix, "
+                       f"file:///path) for list (default: {DEFAULT_DIR})")
         p.add_argument("--save-dir", dest="save_dir", help="the same, as the guide spells it")
 
     def file_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", nargs="?", help="checkpoint file (a path, or a name inside --save-dir)")
+        p.add_argument("file", nargs="?", help="checkpoint file (a path, a name inside --save-dir, or for info a "
+                       "mirror's URL/NAME)")
         p.add_argument("--checkpoint", help="the same, as the guide spells it")
         p.add_argument("--save-dir", dest="save_dir", help=f"where to look up bare names (default: {DEFAULT_DIR})")
 
@@ -192,11 +196,19 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_clean)
 
     p = sub.add_parser("verify", help="re-read checkpoints and check their digests (exit 1 if any is corrupt)")
-    p.add_argument("path", nargs="?", help=f"a checkpoint file or directory (default: {DEFAULT_DIR})")
+    p.add_argument("path", nargs="?", help=f"a checkpoint file or directory, or a mirror's URL or URL/NAME (its "
+                   f"copies are downloaded and checked) (default: {DEFAULT_DIR})")
     p.add_argument("--save-dir", dest="save_dir", help="the same, as the guide spells it")
     p.add_argument("--checkpoint", help="one file inside --save-dir (its suffix may be left out)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_cmd_verify)
+
+    from .mirror_cli import cmd_pull
+
+    p = sub.add_parser("pull", help="download a checkpoint from a mirror (s3://..., file://...) and verify it")
+    p.add_argument("url", help="the mirror's URL and the checkpoint's file name, e.g. s3://bucket/run1/best_model.pth")
+    p.add_argument("directory", help="where to put it")
+    p.set_defaults(run=cmd_pull)
     return parser
 
 

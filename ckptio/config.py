@@ -110,6 +110,18 @@ class CheckpointOptions:
     drop_page_cache: bool = True
     """Advise the kernel to drop a written checkpoint's pages so that they do not evict training data."""
 
+    mirror: str | None = None
+    """Also copy each committed checkpoint to a second place: a directory (``/mnt/backup/run1``,
+    ``file:///...``) or S3-compatible storage (``s3://bucket/prefix``; endpoint and credentials from the standard
+    AWS environment variables and config). A background thread copies, verifies the target's bytes against the
+    sealed digest and retries failures without stopping training (:mod:`ckptio.mirror`)."""
+
+    mirror_keep: int | None = None
+    """Keep only the newest N batch checkpoints on the mirror (protected names are kept); ``None`` keeps all."""
+
+    mirror_timeout: float = 60.0
+    """Seconds ``close()`` waits for copies still in progress; those left are named in a warning."""
+
     def __post_init__(self) -> None:
         for name in ("compression_level", "compression_threads", "max_pending", "rank", "world_size"):
             _require_int(name, getattr(self, name))
@@ -147,6 +159,17 @@ class CheckpointOptions:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (the newest checkpoint is what a resume needs), got "
                                  f"{getattr(self, name)}; None keeps every checkpoint")
+        if self.mirror is not None and (not isinstance(self.mirror, str) or not self.mirror):
+            raise ValueError(f"mirror must be a directory or a URL such as s3://bucket/prefix, not {self.mirror!r}")
+        if self.mirror is not None and self.world_size > 1:
+            raise ValueError("mirror copies single-file checkpoints; with world_size > 1 leave mirror unset")
+        if self.mirror_keep is not None:
+            _require_int("mirror_keep", self.mirror_keep)
+            if self.mirror_keep < 1:
+                raise ValueError(f"mirror_keep must be at least 1 (a resume from the mirror needs the newest), got "
+                                 f"{self.mirror_keep}; None keeps every mirrored checkpoint")
+        if not self.mirror_timeout >= 0:
+            raise ValueError(f"mirror_timeout must be 0 or more seconds, got {self.mirror_timeout}")
         object.__setattr__(self, "disk_budget", parse_size(self.disk_budget, what="disk_budget"))
         object.__setattr__(self, "min_free", parse_size(self.min_free, what="min_free"))
         if self.disk_budget == 0:

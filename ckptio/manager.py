@@ -21,7 +21,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from .formats import check_supported
 from .layout import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
 from .snapshot import BufferSlot, Layout, heap_staging, state_layout, walk_tensors
 from .writer import JobRunner, Report, WriteJob, WriterBackend
+
+if TYPE_CHECKING:
+    from .mirror import Mirror
 
 __all__ = ["CheckpointManager", "SaveStats"]
 
@@ -124,6 +127,13 @@ class CheckpointManager:
         self._closed = False
         self._stager: _Stager | None = None
         self._writer: WriterBackend | None = None
+        self.mirror: Mirror | None = None
+        """The background copier to ``options.mirror`` (None without one); its ``unmirrored`` names what waits."""
+        if options.mirror is not None and options.rank == 0:
+            from .mirror import Mirror
+
+            self.mirror = Mirror(options.mirror, keep=options.mirror_keep, protected_names=options.protected_names,
+                                 fsync=options.fsync, local_directory=self.directory)
         if in_process:
             from .writer_process import ProcessWriter
 
@@ -234,6 +244,8 @@ class CheckpointManager:
             if self._stager is not None:
                 self._stager.close()
         finally:
+            if self.mirror is not None:
+                self.mirror.close(self.options.mirror_timeout)
             for slot in self._slots:
                 slot.main.release()
                 slot.shard.release()
@@ -303,6 +315,8 @@ class CheckpointManager:
             stats.bytes_written += saved.size
             stats.slimmed += len(saved.slimmed)
             stats.last = saved
+            if self.mirror is not None:
+                self.mirror.submit(saved)  # copied by the mirror's own thread, not this one
         try:
             if report.error is not None:
                 self._fail(ticket, report.path or self.path_for(ticket.name), report.error)

@@ -129,6 +129,10 @@ class JobRunner:
         except BaseException as exc:  # the caller must hear of every failure; the writer itself goes on
             return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
         try:
+            if options.mirror is not None:  # before retention: a checkpoint not yet mirrored is kept
+                from .mirror import mark_pending
+
+                mark_pending(self.directory, saved.path.name)
             self._record(saved)
             self._apply_retention(saved, deleted)
         except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
@@ -195,8 +199,17 @@ class JobRunner:
         # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
         newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
         in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
-        plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes, must_keep=newest,
-                              reserve=in_progress)
+        if options.mirror is not None:
+            from .mirror import pending, plan_local_retention
+
+            plan, forced = plan_local_retention(entries, pending(self.directory), keep_count=options.keep_count,
+                                                budget=options.budget_bytes, must_keep=newest, reserve=in_progress)
+            if forced:
+                log.warning("disk_budget forces deleting %s before it was mirrored to %s",
+                            ", ".join(e.path.name for e in forced), options.mirror)
+        else:
+            plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes,
+                                  must_keep=newest, reserve=in_progress)
         self._delete(plan.delete, "retention", deleted)
         if plan.bytes_over_budget:
             log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "

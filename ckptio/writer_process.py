@@ -5,7 +5,8 @@ Lifecycle (what each side does, and what happens when either dies):
 * **Start.** The manager starts ``python -m ckptio.writer_process FD`` (a fresh interpreter, never a fork of a
   process that may hold CUDA; ``subprocess`` rather than ``multiprocessing``'s spawn so that the trainer's
   ``__main__`` is not re-imported in it) with ``CUDA_VISIBLE_DEVICES`` empty, and returns at once: saves queue
-  on the socket while it boots. It ignores SIGINT, so that Ctrl-C in the terminal lets queued saves finish.
+  on the socket while it boots. It ignores SIGINT, SIGTERM and SIGUSR1, so that Ctrl-C in the terminal, or a
+  scheduler's signal to every process of the job, lets queued saves (and the trainer's preemption save) finish.
 * **Slots.** Each staging slot is one ``memfd`` segment (:mod:`ckptio.shm`); its descriptor is passed once over
   the Unix socket (``SCM_RIGHTS``) before the first job that uses it, with the tensors' offsets. A job carries
   only the skeleton, names and the slot it lives in.
@@ -373,7 +374,11 @@ class _ForwardingHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops training; the writer finishes what it was given
+    # Ctrl-C, and the SIGTERM that SLURM (and `kill -- -PGID`) sends to every process of a job, are for the trainer:
+    # it saves on them and needs this writer for that save. The writer finishes what it was given and exits when
+    # the trainer closes the socket (or dies); SIGKILL still ends it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: SLURM's `--signal=USR1@T`
+        signal.signal(signum, signal.SIG_IGN)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m ckptio.writer_process FD  (started by CheckpointManager(writer='process'))",

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--disk-budget", help="cap on the checkpoints' total size, e.g. 2GB")
     ck.add_argument("--min-free", help="free space to keep on the volume, e.g. 5GB")
     ck.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest valid one")
+    ck.add_argument("--mirror", metavar="URL",
+                    help="also copy each checkpoint, verified, to a directory or s3://bucket/prefix; "
+                         "--resume auto looks there too")
+    ck.add_argument("--mirror-keep", type=int, help="keep only the newest N batch checkpoints on the mirror")
+    ck.add_argument("--grace", type=float, default=defaults.grace,
+                    help="seconds after SIGTERM/SIGINT/SIGUSR1 to make the last checkpoint durable (and mirrored)")
     p.add_argument("--demo", action="store_true", help="a short CPU run on synthetic data (what `make demo` runs)")
     return p
 
@@ -116,4 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. unreadable data, a disk error outside a checkpoint write
         print(f"craft_train: error: {exc}", file=sys.stderr)
         return 1
+    if result.stopped_by is not None:
+        return result.exit_code
     return 130 if result.interrupted else 0

@@ -96,6 +96,14 @@ class TrainConfig:
     min_free: str | None = None
     resume: str | None = None
     """A checkpoint path, or ``auto`` for the newest checkpoint in ``save_dir`` that verifies."""
+    mirror: str | None = None
+    """Copy each committed checkpoint to a second place (a directory, ``file://...`` or ``s3://bucket/prefix``),
+    verified end to end, in the background (``ckptio.mirror``); ``resume="auto"`` also looks there."""
+    mirror_keep: int | None = None
+    """Keep only the newest N batch checkpoints on the mirror (``best_model`` is kept); ``None`` keeps all."""
+    grace: float = 25.0
+    """Seconds after SIGTERM/SIGINT/SIGUSR1 within which the preemption checkpoint must be durable (and mirrored,
+    with a mirror); past it the run exits at once."""
     reuse_save_dir: bool = False
     """Start a fresh run even though ``save_dir`` holds checkpoints (of another run); without it such a run
     stops before training and says how to continue instead."""
@@ -144,6 +152,12 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (the newest checkpoint is what a "
                                  f"resume needs), got {value}; leave it out to keep every checkpoint")
+        if not (isinstance(self.grace, int | float) and math.isfinite(self.grace) and self.grace > 0):
+            raise ValueError(f"--grace must be a positive number of seconds, got {self.grace!r}")
+        if self.mirror_keep is not None and (isinstance(self.mirror_keep, bool) or self.mirror_keep < 1):
+            raise ValueError(f"--mirror-keep must be at least 1, got {self.mirror_keep}; leave it out to keep all")
+        if self.mirror_keep is not None and self.mirror is None:
+            raise ValueError("--mirror-keep needs --mirror URL")
         parse_size(self.disk_budget, what="--disk-budget")
         parse_size(self.min_free, what="--min-free")
 

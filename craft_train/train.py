@@ -8,7 +8,10 @@ images). Any of them resumes the run exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +35,7 @@ from .evaluate import evaluate_model
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .postprocess import Thresholds
+from .preemption import Preemption, ignore_stop_signals, wait_durable
 from .progress import EpochProgress, SaveReport, progress_fields
 from .resume import (
     augmentation_seed,
@@ -76,6 +80,9 @@ class TrainResult:
     last_validation: dict[str, float] = field(default_factory=dict)
     """The latest validation's ``val_loss`` and, unless ``val_hmean`` is off, ``val_precision/recall/hmean``."""
     interrupted: bool = False
+    stopped_by: str | None = None
+    """The signal (``SIGTERM``, ``SIGINT``, ``SIGUSR1``) that ended the run after saving, if one did."""
+    exit_code: int = 0
     errors: int = 0
     saved_paths: list[Path] = field(default_factory=list)
     model: torch.nn.Module | None = field(default=None, repr=False)
@@ -272,9 +279,12 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
         keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
         min_free=config.min_free,  # with async_save, keep_full's slimming runs in the writer process
+        mirror=config.mirror, mirror_keep=config.mirror_keep, mirror_timeout=config.grace,
         rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
     ) if world.is_main or sharded else None
     run_id = world.broadcast(uuid.uuid4().hex)
+
+    latest_save: list[Any] = [None]  # the newest save's future: what a preemption waits for
 
     def save(name: str, permutation: torch.Tensor) -> None:
         if manager is None:
@@ -286,13 +296,25 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         else:
             future = manager.save(checkpoint_state(permutation), name=name)
         report.queued(name, future, counts=world.is_main)
+        latest_save[0] = future
 
     report = SaveReport(keep_full=config.keep_full)
 
     progress: EpochProgress | None = None
 
+    mirror_failures_told = [0]
+
+    def mirror_lines() -> list[str]:
+        """A line when the mirror failed again since the last one (it retries; training goes on)."""
+        mirror = manager.mirror if manager is not None else None
+        if mirror is None or mirror.failures == mirror_failures_told[0]:
+            return []
+        mirror_failures_told[0] = mirror.failures
+        return [f"mirror {mirror.url}: copying failed ({mirror.failures} attempt(s) so far; last: {mirror.last_error})"
+                f"; retrying, training goes on; waiting: {', '.join(mirror.unmirrored) or 'none'}"]
+
     def report_saves() -> None:
-        for line in report.lines():
+        for line in report.lines() + mirror_lines():
             if progress is not None:  # above the progress bar, if there is one
                 progress.write(line)
             else:
@@ -302,6 +324,12 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     stop = False
     prepared = False  # whether the checkpoint buffers were prepared for the full training state
     last_saved_step = global_step
+    # Every process of a distributed run would have to agree on the step to stop at; there the signals keep
+    # their default meaning.
+    preemption = Preemption()
+    signals = contextlib.ExitStack()
+    if not world.distributed:
+        signals.enter_context(preemption.installed())
     try:
         while epoch <= config.epochs and not stop:
             if batch_in_epoch == 0:
@@ -318,6 +346,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
                 num_workers=config.workers, pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(config.seed + epoch),  # leaves the global RNG alone
+                worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM is the trainer's to handle
             )
             progress = EpochProgress(epoch, epoch_batches, batch_in_epoch, say, show=world.is_main)
             for loaded, batch in enumerate(loader):
@@ -368,7 +397,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 # progress, in the guide's words and order
                 progress.update(report.label(epoch), progress_fields(
                     losses[0], losses[1], losses[2], result.errors, sums["train"] / max(sums["batches"], 1)))
-                if config.max_steps is not None and global_step >= config.max_steps:
+                if preemption.requested or (config.max_steps is not None and global_step >= config.max_steps):
                     stop = True
                     break
             progress.close()
@@ -394,14 +423,18 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 if improved:
                     save("best_model", permutation)
                 report_saves()
+            stop = stop or preemption.requested
             if not stop:
                 epoch, batch_in_epoch, validated = epoch + 1, 0, False
 
         # a final checkpoint, so that the last steps are never lost
-        if config.save_freq and global_step > last_saved_step:
+        if (config.save_freq or preemption.requested) and global_step > last_saved_step:
             if batch_in_epoch == 0:  # finished the last epoch, validation included: describe it as its end
                 epoch, batch_in_epoch, validated = epoch - 1, total_batches, True
             save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", permutation)
+        if preemption.requested:
+            _finish_preemption(preemption, latest_save[0], manager, config, global_step, say)
+            result.stopped_by, result.exit_code = preemption.signal_name, preemption.exit_code
     except KeyboardInterrupt:
         result.interrupted = True
         say("interrupted: finishing the checkpoints already queued, nothing half-written is left")
@@ -413,6 +446,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             if manager is not None:
                 manager.close()
         finally:
+            signals.close()  # a second signal while close() finishes the saves still exits at once
             report_saves()  # background outcomes (and a failure about to be raised) are printed first
     result.saves, result.skipped_saves, result.failed_saves = report.saved, report.skipped, report.failed
     result.slimmed = report.slimmed
@@ -421,6 +455,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # ---- summary ------------------------------------------------------------------------------------------
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
+    if manager is not None and manager.mirror is not None:
+        say(_mirror_summary(manager.mirror))
     stats = manager.stats if manager is not None else ckptio.SaveStats()
     result.save_blocked_seconds = stats.blocked_seconds
     resumed_note = f", resumed at {result.start_step}" if result.start_step else ""
@@ -429,6 +465,52 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
         f"in saves ({100 * stats.blocked_seconds / max(result.seconds, 1e-9):.1f}% of the run); "
         f"errors={result.errors}; checkpoints in {config.save_dir}")
     return result
+
+
+def _mirror_summary(mirror: Any) -> str:
+    left = mirror.unmirrored
+    text = f"mirror {mirror.url}: {len(mirror.mirrored)} checkpoint(s) copied and verified"
+    if mirror.failures:
+        text += f", {mirror.failures} failed attempt(s) (last: {mirror.last_error})"
+    if left:
+        text += f"; not mirrored: {', '.join(left)} (intact in the local directory)"
+    return text
+
+
+def _finish_preemption(preemption: Preemption, future: Any, manager: ckptio.CheckpointManager | None,
+                       config: TrainConfig, global_step: int, say: Callable[[str], None]) -> None:
+    """Wait (within ``config.grace`` of the signal) until the last save is durable and mirrored, and say so.
+
+    Past the grace period the process exits at once: the scheduler's SIGKILL is due, and a save cut short leaves
+    only a temporary file (the previous checkpoints stay valid)."""
+    mirror = manager.mirror if manager is not None else None
+
+    def mirrored(timeout: float) -> bool:
+        assert mirror is not None
+        return mirror.wait_mirrored(future.result().name, timeout)
+
+    durable, copied, left = wait_durable(future, mirrored if mirror is not None else None, grace=config.grace,
+                                         since=preemption.received_at)
+    head = f"stopped by {preemption.signal_name} at global step {global_step}"
+    resume = "continue with --resume auto" + (f" --mirror {mirror.url}" if mirror is not None else "")
+    if durable:
+        name = future.result().name
+        if copied is False:
+            assert mirror is not None
+            mirror.close(0, finish_attempt=False)  # the grace period is spent: the copy is not waited for
+            say(f"{head}: saved {name}, durable here but not mirrored to {mirror.url} within --grace "
+                f"{config.grace:g}s; {resume}")
+        else:
+            say(f"{head}: saved {name}, durable{' and mirrored' if copied else ''} with {max(left, 0):.1f}s of "
+                f"--grace {config.grace:g}s left; {resume}")
+        return
+    if future is None or future.done():  # nothing to save (no step since the last run), or the save failed
+        say(f"{head}: no new checkpoint (the save report says why); {resume}")
+        return
+    say(f"{head}: the checkpoint was not durable within --grace {config.grace:g}s; exiting now (nothing "
+        "half-written is left; the previous checkpoint stays valid)")
+    sys.stdout.flush()
+    os._exit(preemption.exit_code)
 
 
 def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -563,7 +645,12 @@ def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None
     if config.resume is None:
         return None
     if config.resume == "auto":
-        return find_resume_checkpoint(config.save_dir, say)
+        local = find_resume_checkpoint(config.save_dir, say)
+        if config.mirror is None:
+            return local
+        from ckptio.mirror import newer_from_mirror, open_target
+
+        return newer_from_mirror(local, open_target(config.mirror), Path(config.save_dir), say)
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint file (or use --resume auto)")

@@ -1,0 +1,110 @@
+"""Save on preemption: SIGTERM, SIGINT and SIGUSR1 end the run at the next step boundary with a checkpoint.
+
+What a spot VM, SLURM (``--signal``), Kubernetes and ``docker stop`` send before they kill a job is SIGTERM,
+followed after a grace period by SIGKILL. The handler only records the signal; the training loop looks at it
+after each optimizer step (:meth:`Preemption.requested`), saves the exact state, waits until the save is
+durable (and mirrored, with a mirror) within the grace period, and ends the run with the signal's exit code:
+143 for SIGTERM, 130 for SIGINT, 0 for SIGUSR1 (the SLURM requeue convention: the job asked for its own
+checkpoint). A second signal ends the process at once: every checkpoint file is written under a temporary name
+and renamed when complete, so nothing half-written is left either way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+__all__ = ["EXIT_CODES", "Preemption", "ignore_stop_signals", "wait_durable"]
+
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 0}
+"""The exit code of a run that a signal ended after saving."""
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Preemption:
+    """Records the first SIGTERM/SIGINT/SIGUSR1; a second one ends the process at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.received_at: float | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signal_name or "", 0)
+
+    @contextmanager
+    def installed(self) -> Iterator[Preemption]:
+        """Handle the signals inside the block and restore the previous handlers after it.
+
+        Signal handlers can only be set from the main thread; elsewhere (a trainer run from a worker thread)
+        the block runs without them and the signals keep their previous meaning.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in _HANDLED}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name, self.received_at = name, time.monotonic()
+            return
+        # The second signal: the user (or the scheduler) will not wait. Files being written are temporaries that
+        # the next start removes; the checkpoints already committed are intact.
+        _write_stderr(f"craft_train: second signal ({name}) while saving after {self.signal_name}: exiting now; "
+                      "checkpoints already written are intact\n")
+        os._exit(128 + signum)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: SLURM and ``kill -- -PGID`` signal every process of the job, and torch's
+    workers die of SIGTERM (and of SIGUSR1's default action), which would fail the step the trainer is finishing
+    before its save. The trainer handles the signals; a worker exits when the trainer does."""
+    for signum in _HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def wait_durable(future: Future[Any] | None, mirrored: Callable[[float], bool] | None, *, grace: float,
+                 since: float | None) -> tuple[bool, bool | None, float]:
+    """Wait for the preemption save to be durable, then (with a mirror) mirrored, within ``grace`` seconds
+    counted from ``since`` (when the signal came). Returns (durable, mirrored or None without a mirror, seconds
+    left of the grace period)."""
+    deadline = (since if since is not None else time.monotonic()) + grace
+    durable = future is None
+    if future is not None:
+        try:
+            durable = future.result(timeout=max(0.0, deadline - time.monotonic())) is not None
+        except FutureTimeout:
+            durable = False
+        except Exception:  # the save failed; the trainer reports the failure through its save report
+            durable = False
+    copied = None
+    if mirrored is not None and durable:
+        copied = mirrored(max(0.0, deadline - time.monotonic()))
+    return durable, copied, deadline - time.monotonic()
+
+
+def _write_stderr(text: str) -> None:
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):
+        pass

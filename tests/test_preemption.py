@@ -1,0 +1,159 @@
+"""Save on preemption: a signal ends the run at a step boundary with a checkpoint that resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from craft_train.config import TrainConfig
+from craft_train.train import TrainResult, train
+
+# 10 synthetic images, 2 held out: 4 batches of 2 per epoch.
+BASE = dict(synthetic_size=10, image_size=64, batch_size=2, epochs=3, val_fraction=0.2, seed=7, workers=0,
+            augment=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(**overrides: object) -> TrainConfig:
+    return TrainConfig(**{**BASE, **overrides})  # type: ignore[arg-type]
+
+
+def _signal_after(lines: int, signum: int, said: list[str]) -> Callable[[str], None]:
+    """A ``say`` that sends ``signum`` to this process when the ``lines``-th progress line is printed."""
+    def say(text: str) -> None:
+        said.append(text)
+        if text.startswith("Epoch") and "训练" in text and sum("训练" in t for t in said) == lines:
+            os.kill(os.getpid(), signum)
+    return say
+
+
+def _assert_same_weights(a: TrainResult, b: TrainResult) -> None:
+    assert a.model is not None and b.model is not None and a.optimizer is not None and b.optimizer is not None
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    for index, slots in a.optimizer.state_dict()["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(value, b.optimizer.state_dict()["state"][index][name]), (index, name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    return train(_config(save_dir=str(tmp_path_factory.mktemp("straight")), save_freq=0, max_steps=7),
+                 say=lambda _: None)
+
+
+def test_a_sigtermed_run_saves_its_last_step_and_resumes_to_the_weights_of_an_uninterrupted_run(
+        tmp_path: Path, uninterrupted: TrainResult) -> None:
+    said: list[str] = []
+    # save_freq 100: no periodic checkpoint would exist without the preemption save
+    stopped = train(_config(save_dir=str(tmp_path), save_freq=100, max_steps=7, async_save=True),
+                    say=_signal_after(3, signal.SIGTERM, said))
+    assert stopped.stopped_by == "SIGTERM" and stopped.exit_code == 143
+    assert stopped.global_step == 3
+    assert [p.name for p in stopped.saved_paths] == ["checkpoint_epoch_1_batch_3.pth"]
+    assert any("stopped by SIGTERM at global step 3: saved checkpoint_epoch_1_batch_3, durable" in t for t in said)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler is gone after the run
+    resumed = train(_config(save_dir=str(tmp_path), save_freq=100, max_steps=7, resume="auto"), say=lambda _: None)
+    assert resumed.start_step == 3 and resumed.global_step == 7
+    _assert_same_weights(resumed, uninterrupted)
+
+
+def test_sigusr1_saves_and_ends_the_run_with_exit_code_0(tmp_path: Path) -> None:
+    stopped = train(_config(save_dir=str(tmp_path), save_freq=0, max_steps=7),
+                    say=_signal_after(2, signal.SIGUSR1, []))
+    assert stopped.stopped_by == "SIGUSR1" and stopped.exit_code == 0 and stopped.global_step == 2
+    assert [p.name for p in stopped.saved_paths] == ["checkpoint_epoch_1_batch_2.pth"]
+
+
+def test_sigint_after_a_periodic_save_of_the_same_step_waits_for_that_save_and_exits_130(tmp_path: Path) -> None:
+    said: list[str] = []
+    stopped = train(_config(save_dir=str(tmp_path), save_freq=2, max_steps=7, async_save=True),
+                    say=_signal_after(2, signal.SIGINT, said))
+    assert stopped.stopped_by == "SIGINT" and stopped.exit_code == 130 and stopped.global_step == 2
+    assert [p.name for p in stopped.saved_paths] == ["checkpoint_epoch_1_batch_2.pth"]
+    assert any("stopped by SIGINT at global step 2: saved checkpoint_epoch_1_batch_2, durable" in t for t in said)
+
+
+def _start_cli(tmp_path: Path, *extra: str, new_session: bool = False) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "craft_train", "--synthetic-size", "10", "--image-size", "64", "--batch-size", "2",
+         "--epochs", "3", "--val-fraction", "0.2", "--seed", "7", "--workers", "0", "--save-freq", "100",
+         "--save-dir", str(tmp_path / "ck"), "--device", "cpu", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        start_new_session=new_session)
+
+
+def _wait_for_progress(process: subprocess.Popen[str], lines: int) -> list[str]:
+    seen: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        seen.append(line)
+        if sum("训练" in s for s in seen) == lines:
+            return seen
+    raise AssertionError("the run ended before printing enough progress lines:\n" + "".join(seen))
+
+
+@pytest.mark.slow
+def test_the_cli_exits_143_on_sigterm_with_the_checkpoint_durable(tmp_path: Path) -> None:
+    process = _start_cli(tmp_path, "--async-save")
+    _wait_for_progress(process, 2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "durable" in out
+    saved = sorted(p.name for p in (tmp_path / "ck").glob("checkpoint_epoch_*.pth"))
+    assert len(saved) == 1, saved
+
+
+@pytest.mark.slow
+def test_a_second_signal_ends_the_cli_at_once_leaving_nothing_half_written(tmp_path: Path) -> None:
+    process = _start_cli(tmp_path, "--async-save")
+    _wait_for_progress(process, 2)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)  # a different signal: two of the same may merge into one delivery
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode in (130, 143), out
+    assert "second signal" in out
+    leftovers = [p.name for p in (tmp_path / "ck").iterdir() if p.name.endswith(".tmp")]
+    assert all(name.startswith(".") for name in leftovers)  # only hidden temporaries, swept at the next start
+
+
+def test_with_a_mirror_the_preemption_save_is_reported_mirrored_and_lands_on_the_mirror(tmp_path: Path) -> None:
+    said: list[str] = []
+    stopped = train(_config(save_dir=str(tmp_path / "run"), save_freq=0, max_steps=7, async_save=True,
+                            mirror=str(tmp_path / "backup")), say=_signal_after(2, signal.SIGTERM, said))
+    assert stopped.exit_code == 143
+    assert any("saved checkpoint_epoch_1_batch_2, durable and mirrored" in line for line in said), said
+    assert (tmp_path / "backup" / "checkpoint_epoch_1_batch_2.pth.mirror.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_as_slurm_sends_it_still_saves_through_the_writer_process(
+        tmp_path: Path) -> None:
+    process = _start_cli(tmp_path, "--async-save", "--workers", "1", new_session=True)
+    _wait_for_progress(process, 2)
+    os.killpg(process.pid, signal.SIGTERM)  # the trainer, its writer process and its data loader worker
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "durable" in out
+    assert len(list((tmp_path / "ck").glob("checkpoint_epoch_*.pth"))) == 1
+
+
+def test_a_mirror_that_cannot_take_the_preemption_save_within_the_grace_period_is_named_and_not_waited_for(
+        tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")  # the mirror below cannot be created: every copy fails
+    said: list[str] = []
+    # a synchronous save is durable before the grace period is counted out, whatever the machine's speed
+    stopped = train(_config(save_dir=str(tmp_path / "run"), save_freq=0, max_steps=7, grace=0.5,
+                            mirror=str(tmp_path / "a_file" / "backup")), say=_signal_after(2, signal.SIGTERM, said))
+    assert stopped.exit_code == 143 and stopped.saved_paths
+    assert any("saved checkpoint_epoch_1_batch_2, durable here but not mirrored to" in line for line in said), said
+    assert any("not mirrored: checkpoint_epoch_1_batch_2" in line for line in said), said
