@@ -1,4 +1,4 @@
-"""The README's examples run as written."""
+"""The README's examples run as written, and the commands of every docs page use flags that exist."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+import ckptio
+import ckptio.dcp
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,15 +25,110 @@ def test_readme_has_a_python_quick_start() -> None:
     assert _python_blocks()
 
 
+def _lightning_model() -> object:
+    """The ``model`` the README's Lightning example leaves to the reader: 16 batches an epoch, so that its
+    ``max_epochs=10`` passes ``every_n_train_steps=100`` once and writes a checkpoint."""
+    lightning = pytest.importorskip("lightning")
+
+    class Regression(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)),
+                                               batch_size=4)
+
+    return Regression()
+
+
 @pytest.mark.parametrize("block", _python_blocks())
 def test_readme_python_example_runs(block: str, tmp_path: Path) -> None:
+    namespace: dict[str, object] = {}
+    if "ckptio.lightning" in block:
+        namespace["model"] = _lightning_model()
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(block, str(README), "exec"), {})
+        exec(compile(block, str(README), "exec"), namespace)
     finally:
         os.chdir(cwd)
     assert (tmp_path / "checkpoints").is_dir()
+    if "ckptio.lightning" in block:  # the plugin wrote, sealed and renamed the files into place
+        assert ckptio.verify(tmp_path / "checkpoints" / "last.ckpt").ok
+    if "ckptio.dcp" in block:
+        assert ckptio.dcp.verify_directory(tmp_path / "checkpoints" / "checkpoint_epoch_1_batch_100").ok
+
+
+def _bash_commands(text: str) -> list[str]:
+    """Each command of the ```bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _documents() -> list[Path]:
+    return [README, *sorted((README.parent / "docs").glob("*.md"))]
+
+
+def _arguments(command: str, program: str) -> list[str] | None:
+    """The arguments after ``program`` in ``command`` (shell bits such as ``&`` and ``"$@"`` left out)."""
+    words = command.split()
+    if program not in words:
+        return None
+    return [word for word in words[words.index(program) + 1:] if word != "&" and not word.startswith('"$')]
+
+
+@pytest.mark.parametrize("page", _documents(), ids=lambda page: page.name)
+def test_every_documented_trainer_command_uses_flags_the_trainer_has(page: Path) -> None:
+    from craft_train import cli
+
+    parser = cli._parser()
+    wrong = []
+    for command in _bash_commands(page.read_text()):
+        if "craft_train.detect" in command:
+            continue
+        args = _arguments(command, "craft_train")
+        if args is None and (README.parent / "train_with_your_data_improved.py").is_file():
+            args = _arguments(command, "train_with_your_data_improved.py")
+        if args is None:
+            continue
+        try:
+            parser.parse_args(cli._underscores_to_dashes(args))
+        except SystemExit:
+            wrong.append(command)
+    assert not wrong, f"{page.name}: commands the trainer's parser refuses: {wrong}"
+
+
+@pytest.mark.parametrize("page", _documents(), ids=lambda page: page.name)
+def test_every_documented_ckptio_command_parses(page: Path) -> None:
+    from ckptio import cli
+
+    parser = cli._parser()
+    wrong = []
+    for command in _bash_commands(page.read_text()):
+        args = _arguments(command, "ckptio")
+        if args is None:
+            continue
+        try:
+            parsed = parser.parse_args(cli._guide_spelling(args))
+        except SystemExit:
+            parsed = None
+        if parsed is None or parsed.command is None:
+            wrong.append(command)
+    assert not wrong, f"{page.name}: commands python -m ckptio refuses: {wrong}"
 
 
 def test_the_readme_says_to_activate_the_environment_right_after_the_two_commands() -> None:
