@@ -159,3 +159,12 @@ def test_every_relative_link_between_docs_pages_resolves() -> None:
             if not (page.parent / link).exists():
                 missing.append(f"{page.name} -> {link}")
     assert not missing, f"broken links in docs/: {missing}"
+
+
+def test_the_trainer_reference_names_every_flag_of_the_trainer() -> None:
+    from craft_train import cli
+
+    reference = (README.parent / "docs" / "trainer.md").read_text()
+    flags = [action.option_strings[0] for action in cli._parser()._actions if action.option_strings]
+    missing = [flag for flag in flags if flag != "-h" and not re.search(re.escape(flag) + r"(?![\w-])", reference)]
+    assert not missing, f"docs/trainer.md does not name {missing}"
