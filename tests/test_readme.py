@@ -120,6 +120,8 @@ def test_every_documented_ckptio_command_parses(page: Path) -> None:
     wrong = []
     for command in _bash_commands(page.read_text()):
         args = _arguments(command, "ckptio")
+        if args is None and (README.parent / "manage_batch_checkpoints.py").is_file():
+            args = _arguments(command, "manage_batch_checkpoints.py")
         if args is None:
             continue
         try:
