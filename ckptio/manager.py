@@ -171,22 +171,29 @@ class CheckpointManager:
                 log.warning("skipped saving %s: %d earlier saves are still being written (on_full='skip')",
                             name, self.options.max_pending + 1)
                 return None
+            ticket = _Ticket(name, slot, Future())
+            number = next(self._ticket_numbers)
             try:
                 snapshot = slot.main.take(state) if state is not None else None
                 shard_snapshot = slot.shard.take(shard) if shard is not None else None
+                if slot.main.needs_prepare and slot.main.staging is not None:
+                    self._stage(slot.main.staging.layout)  # pinned buffers for the next saves, off this thread
+                job = WriteJob(number, name, snapshot, dict(metadata) if metadata else None, shard_snapshot, token)
+                with self._idle:
+                    self._tickets[number] = ticket
+                if self._writer is not None:
+                    self._writer.submit(job)  # may raise, e.g. EMFILE when a new writer process must start
             except BaseException:
+                # Nothing was handed over: no report will ever come, so the save is forgotten and its slot freed
+                # here, or wait() and close() would wait for it forever and the next save would lack a slot.
+                with self._idle:
+                    registered = self._tickets.pop(number, None) is not None
+                    self._idle.notify_all()
                 self._free_slots.put(slot)
+                if registered:
+                    self.stats.failed += 1
                 raise
-            if slot.main.needs_prepare and slot.main.staging is not None:
-                self._stage(slot.main.staging.layout)  # pinned buffers for the next saves, off this thread
-            ticket = _Ticket(name, slot, Future())
-            job = WriteJob(next(self._ticket_numbers), name, snapshot, dict(metadata) if metadata else None,
-                           shard_snapshot, token)
-            with self._idle:
-                self._tickets[job.ticket] = ticket
-            if self._writer is not None:
-                self._writer.submit(job)
-            else:
+            if self._writer is None:
                 self._on_report(self._runner.run(job))
             del job, snapshot, shard_snapshot
             self.stats.blocked_seconds += time.perf_counter() - started
@@ -319,6 +326,9 @@ class CheckpointManager:
                 "a file under its name is complete and verifies, never partial; earlier checkpoints are intact)"
                 if names else "no save was lost")
         error = CheckpointWriteError(f"{reason}; {lost}; the next save starts a new writer process")
+        if not names:  # nothing to report to the caller: training goes on, the next save starts a new writer
+            log.warning("%s", error)
+            return
         log.error("%s", error)
         with self._errors_lock:
             self._errors.append(error)

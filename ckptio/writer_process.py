@@ -94,17 +94,23 @@ class ProcessWriter(WriterBackend):
         return True  # a dead writer process reports its lost jobs itself, and the next submit starts a new one
 
     def submit(self, job: WriteJob) -> None:
+        """Hand ``job`` over; if this raises (no new writer process could start), the job was never taken."""
         with self._lock:
             if self._generation.dead:
                 self._generation = self._launch()
             self._generation.in_flight[job.ticket] = job.name
             generation = self._generation
-        copying = any(s is not None and s.copy_done is not None for s in (job.snapshot, job.shard))
-        if copying or self._handoff.unfinished_tasks:  # never let a later save overtake one still copying
-            self._start_handoff()
-            self._handoff.put(job)
-        else:
-            self._send_job(generation, job)
+        try:
+            copying = any(s is not None and s.copy_done is not None for s in (job.snapshot, job.shard))
+            if copying or self._handoff.unfinished_tasks:  # never let a later save overtake one still copying
+                self._start_handoff()
+                self._handoff.put(job)
+                return
+        except BaseException:  # e.g. no thread could start: the caller forgets the save
+            with self._lock:
+                generation.in_flight.pop(job.ticket, None)
+            raise
+        self._send_job(generation, job)
 
     def _refuse(self, generation: _Generation, job: WriteJob, exc: BaseException) -> None:
         """A job that could not be sent (e.g. metadata that cannot be pickled) fails like a failed write."""
@@ -144,10 +150,16 @@ class ProcessWriter(WriterBackend):
             child.close()
         generation = _Generation(process, Connection(parent.detach()))
         _trainer_sockets.add(generation.conn)
-        self._send(generation, ("start", str(self._directory), self._options, NICE, IO_CLASS))
-        generation.receiver = threading.Thread(target=self._receive, args=(generation,), daemon=True,
-                                               name=f"ckptio-writer-receiver:{process.pid}")
-        generation.receiver.start()
+        try:
+            self._send(generation, ("start", str(self._directory), self._options, NICE, IO_CLASS))
+            generation.receiver = threading.Thread(target=self._receive, args=(generation,), daemon=True,
+                                                   name=f"ckptio-writer-receiver:{process.pid}")
+            generation.receiver.start()
+        except BaseException:  # without a receiver nobody would hear of its saves: this writer must not live on
+            generation.conn.close()
+            process.kill()
+            process.wait()
+            raise
         return generation
 
     def _start_handoff(self) -> None:
