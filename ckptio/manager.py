@@ -89,7 +89,9 @@ class CheckpointManager:
         if options is not None and option_fields:
             raise ValueError("pass either options=CheckpointOptions(...) or keyword options, not both")
         self.options = options if options is not None else CheckpointOptions(**option_fields)
-        self.directory = Path(directory)
+        # Absolute once and for all: a later os.chdir() must not send saves, sweeps and retention to another
+        # directory that was never locked (the writer process, started now or restarted later, gets this path).
+        self.directory = Path(directory).absolute()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:

@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -771,3 +772,25 @@ def test_a_failed_construction_leaves_the_directory_unlocked(tmp_path) -> None:
     with pytest.raises((ValueError, TypeError)):
         CheckpointManager(tmp_path, max_pending=1.5)
     CheckpointManager(tmp_path).close()
+
+
+# -- the directory is fixed when the manager is created --------------------------------------------------------
+
+
+def test_a_relative_directory_keeps_meaning_the_same_place_after_chdir(tmp_path, monkeypatch, writer) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with CheckpointManager("runs", keep_count=1, fsync=False, writer=writer) as mgr:
+        mgr.save(small_state(1), name=periodic(1)).result(GATE_TIMEOUT)
+        os.chdir(tmp_path / "elsewhere")
+        mgr.save(small_state(2), name=periodic(2)).result(GATE_TIMEOUT)
+        if writer == "process":  # a writer process started after the chdir writes to the same place
+            pid = mgr._writer.pid  # type: ignore[union-attr]
+            os.kill(pid, 9)
+            deadline = time.monotonic() + 60
+            while not mgr._writer._generation.dead and time.monotonic() < deadline:  # type: ignore[union-attr]
+                time.sleep(0.01)
+        mgr.save(small_state(3), name=periodic(3)).result(GATE_TIMEOUT * 6)
+        assert mgr.path_for(periodic(3)) == tmp_path / "runs" / f"{periodic(3)}.pth"
+    assert visible(tmp_path / "runs") == {f"{periodic(3)}.pth"}
+    assert list((tmp_path / "elsewhere").iterdir()) == []
