@@ -10,6 +10,7 @@ the next ``save()``, ``wait()`` or ``close()``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import logging
@@ -100,6 +101,7 @@ class CheckpointManager:
         try:
             self._start()
         except BaseException:
+            _held_locks.discard(self._lock_fd)
             os.close(self._lock_fd)
             raise
 
@@ -242,6 +244,7 @@ class CheckpointManager:
                 slot.main.release()
                 slot.shard.release()
             _open_managers.discard(self)
+            _held_locks.discard(self._lock_fd)
             os.close(self._lock_fd)
         self._raise_background_error()
 
@@ -445,8 +448,27 @@ def _lock_directory(directory: Path, rank: int) -> int:
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks.add(fd)
     return fd
 
+
+# A forked child (a DataLoader worker) shares the lock's open file, and with it the flock: after a kill -9 of the
+# trainer, its workers would keep the directory locked until they notice and exit (seconds). In the child the
+# descriptor is pointed at /dev/null (not closed: the inherited manager would later close whatever file reused
+# the number), which drops the child's hold on the lock and leaves the parent's untouched.
+_held_locks: set[int] = set()
+
+
+def _release_locks_in_fork() -> None:
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, fd)
+            os.close(null)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_fork)
 
 _open_managers: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 

@@ -794,3 +794,26 @@ def test_a_relative_directory_keeps_meaning_the_same_place_after_chdir(tmp_path,
         assert mgr.path_for(periodic(3)) == tmp_path / "runs" / f"{periodic(3)}.pth"
     assert visible(tmp_path / "runs") == {f"{periodic(3)}.pth"}
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def test_forked_dataloader_workers_do_not_keep_the_directory_locked(tmp_path) -> None:
+    first = CheckpointManager(tmp_path)
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork")
+    batches = iter(loader)
+    next(batches)  # both workers are forked now and live until the iterator goes
+    try:
+        first.close()  # what a kill -9 of the trainer does to its own descriptor; the workers still run
+        with CheckpointManager(tmp_path) as second:  # a restart is not refused because of the workers
+            second.save(small_state(), name="c")
+    finally:
+        del batches
+    assert visible(tmp_path) == {"c.pth"}
