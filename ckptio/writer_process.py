@@ -19,8 +19,11 @@ Lifecycle (what each side does, and what happens when either dies):
 * **Writer death.** The receiver sees EOF; every save it had not reported fails with
   :class:`~ckptio.CheckpointWriteError` naming it, raised by the next ``save()``/``wait()``/``close()``; the
   next save starts a new writer process.
+* **Directory lock.** The writer inherits the trainer's descriptor of the directory lock, so the lock is held
+  while either process lives: after a kill -9 of the trainer, a restarted run's manager waits (bounded, with a
+  message) until the orphaned writer has committed what it was given and exited.
 * **Leftovers.** Segments have no name in any filesystem: they vanish with the last process that maps them.
-  A killed writer's temporary files are removed as any crashed writer's are.
+  A killed writer's temporary files are removed as any crashed writer's are, once no writer holds the lock.
 """
 
 from __future__ import annotations
@@ -74,8 +77,10 @@ class _Generation:
 
 
 class ProcessWriter(WriterBackend):
-    def __init__(self, directory: Path, options: CheckpointOptions, on_report: Any, on_lost: Any) -> None:
+    def __init__(self, directory: Path, options: CheckpointOptions, on_report: Any, on_lost: Any,
+                 lock_fd: int | None = None) -> None:
         self._directory = directory
+        self._lock_fd = lock_fd
         self._options = options
         self._on_report = on_report
         self._on_lost = on_lost
@@ -138,10 +143,14 @@ class ProcessWriter(WriterBackend):
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # the writer only reads host memory: it must never create a context
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        # The writer shares the directory lock (the same open file, so the same flock): a trainer killed with
+        # saves still queued leaves the directory locked until its writer has committed them and exited, so a
+        # restarted run neither writes beside it nor sweeps its temporary files (CheckpointManager waits).
+        shared = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "ckptio.writer_process", str(child.fileno())],
-                pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                pass_fds=shared, env=env, stdin=subprocess.DEVNULL, close_fds=True,
             )
         except BaseException:
             parent.close()
