@@ -41,7 +41,7 @@ from .layout import (
     scan,
     split_suffix,
 )
-from .retention import beyond_newest
+from .retention import beyond_newest, periodic_newest_first
 from .slim import is_slim
 from .verify import record_in_index, verify
 
@@ -513,7 +513,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
-    entries = [e for e in scan(directory) if not e.protected and parse_checkpoint_name(e.name)]
+    entries = periodic_newest_first(scan(directory))  # newest by name: an mtime may lie (a clock stepped back)
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"

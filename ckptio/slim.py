@@ -23,6 +23,7 @@ import torch
 from .atomic import TEMP_SUFFIX, fsync_directory
 from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
 from .layout import CheckpointEntry, index_record, read_index, scan, update_index
+from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors
 
 __all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
@@ -64,7 +65,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
                          f"got {keep_full}")
-    periodic = [e for e in entries if not e.protected and e.epoch_batch is not None]
+    periodic = periodic_newest_first(entries)  # by name: a file's mtime may lie (a clock stepped back)
     if keep_count is not None:
         periodic = periodic[: keep_count - 1]
     return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]

@@ -35,7 +35,7 @@ from .layout import (
     shard_file_name,
     update_index,
 )
-from .retention import newest_owned, owned_by_retention, plan_retention
+from .retention import newest_owned, periodic_newest_first, plan_retention
 from .slim import slim_older_checkpoints
 from .snapshot import Snapshot
 
@@ -252,10 +252,10 @@ class JobRunner:
         entries = [e for e in self.checkpoints() if e.path != path]
         newest_periodic = newest_owned(entries)
         victims = []
-        for entry in reversed(entries):
+        for entry in reversed(periodic_newest_first(entries)):  # oldest first, by name
             if free >= needed:
                 break
-            if owned_by_retention(entry) and entry.path != newest_periodic:
+            if entry.path != newest_periodic:
                 victims.append(entry)
                 free += entry.total_size
         if free < needed:

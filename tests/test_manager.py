@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from helpers import assert_same
 
 import ckptio
+import ckptio.cli
 import ckptio.formats
 import ckptio.manager
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError
@@ -817,3 +818,17 @@ def test_forked_dataloader_workers_do_not_keep_the_directory_locked(tmp_path) ->
     finally:
         del batches
     assert visible(tmp_path) == {"c.pth"}
+
+
+def test_keep_count_and_clean_keep_the_newest_by_name_when_older_files_have_later_mtimes(tmp_path) -> None:
+    with CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        for i in (1, 2, 3):
+            mgr.save(small_state(i), name=periodic(i))
+    future = time.time_ns() + 3600 * 10**9  # the clock was stepped back after these were written
+    for i in (1, 2, 3):
+        os.utime(tmp_path / f"{periodic(i)}.pth", ns=(future - i, future - i))  # the oldest looks newest
+    assert ckptio.cli.main(["clean", str(tmp_path), "--keep-count", "2"]) == 0
+    assert visible(tmp_path) == {f"{periodic(2)}.pth", f"{periodic(3)}.pth"}
+    with CheckpointManager(tmp_path, keep_count=1, async_save=False, fsync=False) as mgr:
+        mgr.save(small_state(4), name=periodic(4))
+    assert visible(tmp_path) == {f"{periodic(4)}.pth"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,23 @@ def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_t
 def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="keep_full"):
         ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
+
+
+def _step_the_clock_back(paths: list[Path]) -> None:
+    """Give the files written so far modification times in the future, as a clock stepped back leaves them."""
+    future = time.time_ns() + 3600 * 10**9
+    for offset, path in enumerate(paths):
+        os.utime(path, ns=(future + offset, future + offset))
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_keep_full_never_slims_the_checkpoint_just_written_when_older_files_have_later_mtimes(
+        tmp_path: Path, writer: str) -> None:
+    _step_the_clock_back(_save(tmp_path, [1, 2]))
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer) as mgr:
+        saved = mgr.save(_state(3), name="checkpoint_epoch_1_batch_3").result(timeout=60)
+    assert [done.path.name for done in saved.slimmed] == ["checkpoint_epoch_1_batch_2.pth",
+                                                          "checkpoint_epoch_1_batch_1.pth"]
+    slim = {e.name: is_slim(ckptio.read_meta(e.path)[0].meta) for e in scan(tmp_path)}
+    assert slim == {"checkpoint_epoch_1_batch_1": True, "checkpoint_epoch_1_batch_2": True,
+                    "checkpoint_epoch_1_batch_3": False}
