@@ -458,11 +458,14 @@ def live_ranks(directory: Path) -> list[str]:
 
 def sweep_leftovers(directory: Path, *, orphans: bool = False) -> list[Path]:
     """What rank 0 removes when it opens ``directory`` (holding its lock): temporary files of interrupted
-    saves, in the directory and in each real shard directory (a symlinked one is never entered), and with
-    ``orphans`` the shard directories of saves never committed, unless a rank is already running."""
+    saves, in the directory and in each real shard directory (a symlinked one is never entered; none while another
+    rank's lock is held), and with ``orphans`` the shard directories of saves never committed, unless a rank is
+    already running."""
     removed = [orphan.path for orphan in remove_orphan_shards(directory, when_idle=True, holding_lock=True)
                ] if orphans else []
     removed += remove_leftovers(directory)
+    if [name for name in live_ranks(directory) if name != LOCK_NAME]:
+        return removed  # another rank (or its writer process, of this run or an earlier one) may be writing there
     for item in os.scandir(directory):
         if item.name.endswith(SHARDS_SUFFIX) and item.is_dir(follow_symlinks=False):
             removed += remove_leftovers(Path(item.path))
