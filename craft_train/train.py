@@ -299,7 +299,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    stop = False
+    stop = config.max_steps is not None and global_step >= config.max_steps  # resumed at its last step: done
     last_saved_step = global_step
     try:
         while epoch <= config.epochs and not stop:

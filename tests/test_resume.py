@@ -293,3 +293,10 @@ def test_forged_optimizer_state_is_refused_naming_the_file(name: str, value: obj
         optimizer.state[param][name] = value
     with pytest.raises(ValueError, match=f"forged.pth: the optimizer state of parameter 0 .*{expected}"):
         checked_optimizer_state(optimizer, "forged.pth")
+
+
+def test_a_run_resumed_at_its_last_step_trains_no_further_step(tmp_path: Path, six_steps: Path) -> None:
+    (last,) = _copy([_at_step(six_steps, 3)], tmp_path)
+    result = train(_config(save_dir=str(tmp_path), workers=0, save_freq=1, max_steps=3, resume="auto"), say=_quiet)
+    assert result.start_step == result.global_step == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [last.name]
