@@ -513,7 +513,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
-    entries = periodic_newest_first(scan(directory))  # newest by name: an mtime may lie (a clock stepped back)
+    entries = periodic_newest_first(scan(directory))  # in written order: an mtime may lie (a clock stepped back)
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"

@@ -36,14 +36,14 @@ def owned_by_retention(entry: CheckpointEntry) -> bool:
 
 
 def periodic_newest_first(entries: Sequence[CheckpointEntry]) -> list[CheckpointEntry]:
-    """The periodic checkpoints of a listing, newest first by the position their names say (epoch, then batch).
+    """The periodic checkpoints of a listing, newest first (:attr:`ckptio.layout.CheckpointEntry.order_key`).
 
-    Never by modification time alone: after the clock was stepped back, older files have later mtimes, and
-    ordering by them would delete or slim the checkpoint just written. Files of one position keep the listing's
-    order (the sort is stable).
+    Newest means written last, as the directory's index records it, never by modification time alone: after the
+    clock was stepped back, older files have later mtimes, and ordering by them would delete or slim the
+    checkpoint just written. Only files the index does not know are ordered by mtime, after those it does.
     """
     periodic = [e for e in entries if owned_by_retention(e)]
-    return sorted(periodic, key=lambda e: e.epoch_batch or (-1, -1), reverse=True)
+    return sorted(periodic, key=lambda e: e.order_key, reverse=True)
 
 
 def newest_owned(entries: Sequence[CheckpointEntry]) -> Path | None:

@@ -65,7 +65,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
                          f"got {keep_full}")
-    periodic = periodic_newest_first(entries)  # by name: a file's mtime may lie (a clock stepped back)
+    periodic = periodic_newest_first(entries)  # in written order: an mtime may lie (a clock stepped back)
     if keep_count is not None:
         periodic = periodic[: keep_count - 1]
     return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]
