@@ -820,7 +820,7 @@ def test_forked_dataloader_workers_do_not_keep_the_directory_locked(tmp_path) ->
     assert visible(tmp_path) == {"c.pth"}
 
 
-def test_keep_count_and_clean_keep_the_newest_by_name_when_older_files_have_later_mtimes(tmp_path) -> None:
+def test_keep_count_and_clean_keep_the_newest_written_when_older_files_have_later_mtimes(tmp_path) -> None:
     with CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
         for i in (1, 2, 3):
             mgr.save(small_state(i), name=periodic(i))
