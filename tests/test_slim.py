@@ -259,3 +259,14 @@ def test_a_checkpoint_replaced_while_it_is_slimmed_keeps_the_newer_file(tmp_path
         slim_checkpoint(older)
     assert older.read_bytes() == expected
     assert not any(p.name.endswith(".ckptio-tmp") for p in older.parent.iterdir())
+
+
+def test_the_written_order_survives_slimming_and_re_verification(tmp_path: Path) -> None:
+    paths = _save(tmp_path, [1, 2, 3])
+    order = [e.name for e in scan(tmp_path)]
+    slim_checkpoint(paths[1])
+    assert ckptio.verify(tmp_path).ok  # records every file again
+    for i, path in enumerate(paths):  # the clock says the reverse of the order they were written in
+        os.utime(path, ns=(10**18 - i, 10**18 - i))
+    assert [e.name for e in scan(tmp_path)] == order
+    assert [read_index(tmp_path)[p.name]["written"] for p in paths] == [1, 2, 3]
