@@ -42,7 +42,7 @@ from .layout import (
     scan,
     split_suffix,
 )
-from .retention import beyond_newest
+from .retention import beyond_newest, periodic_newest_first
 from .slim import is_slim
 from .verify import record_in_index, verify
 
@@ -550,10 +550,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
-    entries = [e for e in scan(directory) if not e.protected and parse_checkpoint_name(e.name)]
+    listing = scan(directory)
     if cli_dcp.has_dcp(directory):  # DCP checkpoint directories follow the same rule as files
-        entries += [e for e in cli_dcp.dcp_entries(directory) if not e.protected and parse_checkpoint_name(e.name)]
-        entries.sort(key=lambda e: e.order_key, reverse=True)
+        listing += cli_dcp.dcp_entries(directory)
+    entries = periodic_newest_first(listing)  # in written order: an mtime may lie (a clock stepped back)
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from .atomic import TEMP_SUFFIX, fsync_directory
+from .atomic import TEMP_SUFFIX, fsync_directory, replace_if_unchanged
 from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
 from .layout import CheckpointEntry, index_record, read_index, scan, update_index
+from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors
 
 __all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
@@ -64,7 +65,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
                          f"got {keep_full}")
-    periodic = [e for e in entries if not e.protected and e.epoch_batch is not None]
+    periodic = periodic_newest_first(entries)  # in written order: an mtime may lie (a clock stepped back)
     if keep_count is not None:
         periodic = periodic[: keep_count - 1]
     return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]
@@ -94,7 +95,8 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
         raise ValueError(f"{path} is already slim")
     if meta.get("shards"):
         raise ValueError(f"{path} is a sharded checkpoint; its shards are not slimmed")
-    original_mtime = path.stat().st_mtime_ns
+    original = path.stat()
+    original_mtime = original.st_mtime_ns
     state = load(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
@@ -124,7 +126,8 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
         for key in keep:
             _assert_same_tensors(state[key], reread[key], f"{path}: {key}")
         os.utime(candidate, ns=(original_mtime, original_mtime))
-        os.replace(candidate, path)
+        # Only over the very file that was read: one deleted meanwhile (`ckptio clean`) must not come back.
+        replace_if_unchanged(candidate, path, original)
         if fsync:
             fsync_directory(path.parent)
     finally:
@@ -158,7 +161,7 @@ def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *,
             if seal is None or is_slim(seal.meta) or seal.meta.get("shards"):
                 continue
             done.append(slim_checkpoint(entry.path, fsync=fsync))
-        except FileNotFoundError:  # deleted by retention or `ckptio clean` since the scan
+        except (FileNotFoundError, FileExistsError):  # deleted (retention, `ckptio clean`) or replaced meanwhile
             continue
         except Exception as exc:
             if on_error is None:

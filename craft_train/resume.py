@@ -114,12 +114,15 @@ def _progress_key(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> t
 def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
     """The newest checkpoint in ``save_dir`` (by training progress) whose digest verifies.
 
-    A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one.
+    A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one. The
+    writer of an earlier run that was killed commits the saves it was given first (ckptio waits for it): a save
+    that had returned is never passed over by an immediate restart.
     """
     directory = Path(save_dir)
     if not directory.is_dir():
         say(f"--resume auto: {directory} does not exist; starting a fresh run")
         return None
+    ckptio.wait_until_released(directory)
     index = read_index(directory)
     entries = scan(directory, ())
     ranked = sorted(entries, key=lambda e: _progress_key(e, index), reverse=True)

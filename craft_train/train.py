@@ -321,7 +321,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    stop = False
+    stop = config.max_steps is not None and global_step >= config.max_steps  # resumed at its last step: done
     prepared = False  # whether the checkpoint buffers were prepared for the full training state
     last_saved_step = global_step
     # Every process of a distributed run would have to agree on the step to stop at; there the signals keep

@@ -3,7 +3,9 @@ that is resumed again and again ends with exactly the weights of a run that was 
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import ckptio
+import ckptio.layout
 from ckptio.atomic import TEMP_SUFFIX
 from ckptio.layout import scan
 
@@ -104,6 +107,109 @@ def test_repeated_kill_9_loses_nothing_and_the_resumed_run_ends_bit_identical(
 
     expected, actual = _final_state(reference_dir), _final_state(crash_dir)
     assert actual["global_step"] == expected["global_step"] == STEPS
+    for key, tensor in expected["model_state_dict"].items():
+        assert torch.equal(tensor, actual["model_state_dict"][key]), key
+    for index, slots in expected["optimizer_state_dict"]["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(value, actual["optimizer_state_dict"]["state"][index][name]), (index, name)
+
+
+# Loaded by the trainer (and its writer process) from PYTHONPATH: records the name of every save whose save() call
+# returned, before the caller goes on; the test kills the trainer at random moments and then checks that none of
+# these saves was lost to the immediate restart.
+RETURNED_SITE = """
+import os
+import ckptio.manager
+
+_log = os.environ["CKPTIO_RETURNED_LOG"]
+_real = ckptio.manager.CheckpointManager.save
+
+
+def _save(self, state, *, name, **kwargs):
+    future = _real(self, state, name=name, **kwargs)
+    if future is not None:
+        fd = os.open(_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, (name + "\\n").encode())
+        os.close(fd)
+    return future
+
+
+ckptio.manager.CheckpointManager.save = _save
+"""
+LOOP_STEPS = 12  # each kill right after a save lets the run advance one step: 11 or more kills
+LOOP_TRAIN = [*TRAIN[: TRAIN.index("--max-steps")], "--max-steps", str(LOOP_STEPS)]
+
+
+def _returned(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+def _position(name: str) -> tuple[int, int]:
+    position = ckptio.layout.parse_checkpoint_name(name.split(".")[0])
+    assert position is not None, name
+    return position
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_and_restarted_at_once_again_and_again_loses_no_returned_save_and_ends_bit_identical(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(2112)
+    site, crash_dir, reference_dir = tmp_path / "site", tmp_path / "crashed", tmp_path / "straight"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RETURNED_SITE)
+    returned_log = tmp_path / "returned.log"
+    root = str(Path(ckptio.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(site), root)), CKPTIO_RETURNED_LOG=str(returned_log),
+               PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "craft_train", *LOOP_TRAIN, "--save-dir", str(crash_dir), "--resume", "auto"]
+    kills, resumes, process = 0, [], None
+    try:
+        for round_number in range(40):
+            before = len(_returned(returned_log))
+            newest_returned = max(map(_position, _returned(returned_log)), default=None)
+            output = tmp_path / f"round{round_number}.log"
+            with output.open("wb") as sink:
+                process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+            # two of three kills come right after a save() returned (its file may not be written yet), the third
+            # at a random moment of the run: start-up, waiting for the old writer, resuming, training
+            right_after_a_save = round_number % 3 != 2
+            random_moment = time.monotonic() + rng.uniform(0.0, 12.0)
+            deadline = time.monotonic() + 300
+            while process.poll() is None and time.monotonic() < deadline:
+                if right_after_a_save and len(_returned(returned_log)) > before:
+                    time.sleep(rng.uniform(0.0, 0.3))
+                    break
+                if not right_after_a_save and time.monotonic() > random_moment:
+                    break
+                time.sleep(0.005)
+            finished = process.poll() is not None
+            process.kill()  # SIGKILL, then at once the next round starts the run again
+            process.wait(timeout=30)
+            resumed = re.search(r"resumed from (\S+): epoch", output.read_text(errors="replace"))
+            if resumed and newest_returned is not None:
+                resumes.append((newest_returned, _position(Path(resumed.group(1)).name)))
+            if finished:
+                assert process.returncode == 0, output.read_text(errors="replace")[-3000:]
+                break
+            kills += 1
+        else:
+            pytest.fail("the run never finished")
+        reference = subprocess.run([sys.executable, "-m", "craft_train", *LOOP_TRAIN, "--save-dir",
+                                    str(reference_dir)], capture_output=True, timeout=900)
+        assert reference.returncode == 0, reference.stdout[-3000:]
+    finally:  # a failed assertion must not leave a training run writing in the background
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+    assert kills >= 10, f"only {kills} kills before the run finished"
+    assert resumes, "no restart ever resumed"
+    for newest_returned, resumed_at in resumes:  # a save that had returned is never passed over
+        assert resumed_at >= newest_returned, (resumed_at, newest_returned)
+    _after_a_kill_everything_visible_verifies(crash_dir)
+    assert _temporaries(crash_dir) == []
+    expected, actual = _final_state(reference_dir), _final_state(crash_dir)
+    assert actual["global_step"] == expected["global_step"] == LOOP_STEPS
     for key, tensor in expected["model_state_dict"].items():
         assert torch.equal(tensor, actual["model_state_dict"][key]), key
     for index, slots in expected["optimizer_state_dict"]["state"].items():

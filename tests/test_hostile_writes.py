@@ -356,6 +356,16 @@ def test_orphans_are_kept_while_another_rank_of_the_run_holds_its_lock(tmp_path)
         assert f"{periodic(7)}.shards" in visible(tmp_path)  # rank 1 may be writing it right now
 
 
+def test_a_shard_another_rank_is_writing_keeps_its_temporary_file_when_rank_0_opens_the_directory(tmp_path) -> None:
+    shards = plant_orphan(tmp_path, periodic(7))
+    writing = shards / ".rank00001-of-00002.pth.4242.0123456789abcdef.ckptio-tmp"
+    writing.write_bytes(b"half a shard")
+    with CheckpointManager(tmp_path, rank=1, world_size=2), CheckpointManager(tmp_path, rank=0, world_size=2):
+        assert writing.exists()  # rank 1 (or its writer process) is writing it right now
+    with CheckpointManager(tmp_path):  # nobody else holds a lock: a leftover of a crash, removed
+        assert not shards.exists()
+
+
 def test_retention_removes_orphans_older_than_the_committed_checkpoint_and_counts_newer_ones(tmp_path) -> None:
     with CheckpointManager(tmp_path, keep_count=5, disk_budget=400_000) as mgr:
         mgr.save(state(1), name=periodic(1))

@@ -350,3 +350,8 @@ def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_
           say=_quiet)
     assert len(saved) == 1 and prepared, "no save, or nothing prepared"
     assert prepared[-1] == saved[0], "the first save's layout (with Adam's moments) was never prepared"
+def test_a_run_resumed_at_its_last_step_trains_no_further_step(tmp_path: Path, six_steps: Path) -> None:
+    (last,) = _copy([_at_step(six_steps, 3)], tmp_path)
+    result = train(_config(save_dir=str(tmp_path), workers=0, save_freq=1, max_steps=3, resume="auto"), say=_quiet)
+    assert result.start_step == result.global_step == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [last.name]

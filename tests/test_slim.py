@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptio
+import ckptio.atomic
+import ckptio.slim
 from ckptio import cli as ckptio_cli
 from ckptio.layout import CheckpointEntry, read_index, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
@@ -179,3 +183,90 @@ def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_t
 def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="keep_full"):
         ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
+
+
+def _step_the_clock_back(paths: list[Path]) -> None:
+    """Give the files written so far modification times in the future, as a clock stepped back leaves them."""
+    future = time.time_ns() + 3600 * 10**9
+    for offset, path in enumerate(paths):
+        os.utime(path, ns=(future + offset, future + offset))
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_keep_full_never_slims_the_checkpoint_just_written_when_older_files_have_later_mtimes(
+        tmp_path: Path, writer: str) -> None:
+    _step_the_clock_back(_save(tmp_path, [1, 2]))
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer) as mgr:
+        saved = mgr.save(_state(3), name="checkpoint_epoch_1_batch_3").result(timeout=60)
+    assert [done.path.name for done in saved.slimmed] == ["checkpoint_epoch_1_batch_2.pth",
+                                                          "checkpoint_epoch_1_batch_1.pth"]
+    slim = {e.name: is_slim(ckptio.read_meta(e.path)[0].meta) for e in scan(tmp_path)}
+    assert slim == {"checkpoint_epoch_1_batch_1": True, "checkpoint_epoch_1_batch_2": True,
+                    "checkpoint_epoch_1_batch_3": False}
+
+
+class _CleanDuringSlimming:
+    """Stands in for ``ckptio.slim.verify_file``: runs ``ckptio clean --keep-count 1`` once, while the slim copy of
+    the oldest checkpoint is written but not yet renamed over it (the interleaving is certain, not timed)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cleaned = False
+        self.real = ckptio.slim.verify_file
+
+    def __call__(self, path: Path) -> object:
+        if not self.cleaned:
+            self.cleaned = True
+            assert ckptio_cli.main(["clean", str(self.directory), "--keep-count", "1"]) == 0
+        return self.real(path)
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "unavailable"])
+def test_a_checkpoint_clean_deletes_while_it_is_slimmed_stays_deleted(tmp_path: Path, exchange: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if exchange == "unavailable":  # a filesystem or kernel that cannot exchange two names: checked, then renamed
+        monkeypatch.setattr(ckptio.atomic, "_exchange", lambda a, b: False)
+    older, newest = _save(tmp_path, [1, 2])
+    fake = _CleanDuringSlimming(tmp_path)
+    monkeypatch.setattr(ckptio.slim, "verify_file", fake)
+    assert ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1) == []
+    assert fake.cleaned
+    assert not older.exists(), "the slim copy brought back the file clean had deleted"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [newest.name]
+    assert not any(p.name.endswith(".ckptio-tmp") for p in tmp_path.iterdir())
+
+
+class _ReplaceDuringSlimming:
+    """Stands in for ``ckptio.slim.verify_file``: puts another file under the name being slimmed, once."""
+
+    def __init__(self, path: Path, replacement: Path) -> None:
+        self.path, self.replacement = path, replacement
+        self.real = ckptio.slim.verify_file
+
+    def __call__(self, path: Path) -> object:
+        if self.replacement.exists():
+            os.replace(self.replacement, self.path)
+        return self.real(path)
+
+
+def test_a_checkpoint_replaced_while_it_is_slimmed_keeps_the_newer_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (older,) = _save(tmp_path / "run", [1])
+    (replacement,) = _save(tmp_path / "other", [1])
+    expected = replacement.read_bytes()
+    monkeypatch.setattr(ckptio.slim, "verify_file", _ReplaceDuringSlimming(older, replacement))
+    with pytest.raises(FileExistsError, match="replaced while it was being rewritten"):
+        slim_checkpoint(older)
+    assert older.read_bytes() == expected
+    assert not any(p.name.endswith(".ckptio-tmp") for p in older.parent.iterdir())
+
+
+def test_the_written_order_survives_slimming_and_re_verification(tmp_path: Path) -> None:
+    paths = _save(tmp_path, [1, 2, 3])
+    order = [e.name for e in scan(tmp_path)]
+    slim_checkpoint(paths[1])
+    assert ckptio.verify(tmp_path).ok  # records every file again
+    for i, path in enumerate(paths):  # the clock says the reverse of the order they were written in
+        os.utime(path, ns=(10**18 - i, 10**18 - i))
+    assert [e.name for e in scan(tmp_path)] == order
+    assert [read_index(tmp_path)[p.name]["written"] for p in paths] == [1, 2, 3]
