@@ -98,6 +98,7 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     state = load(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
+    _refuse_shared_containers(path, state)
     _refuse_overlapping_tensors(path, state)
     missing = [k for k in keep if k not in state]
     if missing:
@@ -165,6 +166,30 @@ def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *,
                 raise
             on_error(entry.path, exc)
     return done
+
+
+def _refuse_shared_containers(path: Path, state: Any) -> None:
+    """Refuse a state in which one dict, list or tuple is reached twice (or contains itself).
+
+    Every other step walks the state path by path; a pickle can share containers, so a 2.6 KB file of 60 levels
+    of ``[x, x]`` has 2**60 paths and hung the writer. ckptio builds every container it saves afresh, so its
+    files never share one; this walk visits each container once, its cost bounded by the file's size.
+    """
+    seen: set[int] = set()
+    pending = [state]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if id(node) in seen:
+            raise ValueError(f"{path} holds a container reached by two paths (shared or nested in itself); ckptio "
+                             "never writes such a file, so it is not slimmed")
+        seen.add(id(node))
+        pending.extend(children)
 
 
 def _refuse_overlapping_tensors(path: Path, state: Any) -> None:

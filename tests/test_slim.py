@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 import ckptio
 from ckptio import cli as ckptio_cli
+from ckptio.integrity import seal_zip_file
 from ckptio.layout import CheckpointEntry, read_index, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from tests.helpers import assert_same
@@ -179,3 +181,34 @@ def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_t
 def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="keep_full"):
         ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
+
+
+def _planted_shared_references(path: Path, depth: int = 60) -> None:
+    """A sealed .pth whose state is ``{"model_state_dict": {...}, "a": [x, x]}`` nested ``depth`` times: a few KB
+    on disk (the pickler writes each level once), 2**depth paths to walk."""
+    level: object = []
+    for _ in range(depth):
+        level = [level, level]
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "batch": 0, "model_state_dict": {"w": torch.zeros(2)}, "a": level}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with open(path, "r+b") as file:
+        seal_zip_file(file.fileno(), {"name": path.stem, "user": {}})
+
+
+@pytest.mark.timeout(120)  # a guard only: before the fix the writer walked 2**60 paths and never returned
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_planted_checkpoint_of_shared_references_is_reported_unslimmable_and_the_save_still_succeeds(
+    tmp_path: Path, writer: str
+) -> None:
+    planted = tmp_path / "checkpoint_epoch_0_batch_0.pth"
+    _planted_shared_references(planted)
+    assert planted.stat().st_size < 4096
+    before = planted.read_bytes()
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer, fsync=False) as mgr:
+        saved = mgr.save(_state(1), name="checkpoint_epoch_1_batch_1").result(timeout=100)
+
+    assert saved.slim_error is not None and "reached by two paths" in saved.slim_error
+    assert saved.slim_error.startswith("checkpoint_epoch_0_batch_0.pth")
+    assert planted.read_bytes() == before
+    assert ckptio.verify(saved.path).ok
