@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from .errors import CorruptCheckpointError
-from .snapshot import Snapshot, rebuild, walk_tensors
+from .snapshot import Snapshot, rebuild
 
 __all__ = [
     "SAFETENSORS_DIGEST_KEY",
@@ -41,10 +41,13 @@ __all__ = [
 SAFETENSORS_DIGEST_KEY = "ckptio.digest"
 SAFETENSORS_META_KEY = "ckptio.meta"
 SAFETENSORS_SKELETON_KEY = "ckptio.skeleton"
-# The largest header we accept when reading. A real header lists each tensor in ~100 bytes (a 10,000-tensor
-# state: ~1 MB); parsing JSON costs ~10x its size in Python objects, so this keeps a forged header's cost under
-# ~200 MB and a few seconds. (safetensors' own limit is 100 MB.)
-MAX_SAFETENSORS_HEADER = 16 * 2**20
+# The largest header we accept when reading. ckptio's header lists each tensor in ~270 bytes with 50-character
+# names (its path twice, as the tensor's name and in the structure): 100,000 tensors take 26 MB, and parsing them
+# ~120 MiB (counted by :func:`check_json_cost`, which bounds what a forged header costs). Above this a header is
+# refused unread, and ckptio refuses to write one. (safetensors' own limit is 100 MB.)
+MAX_SAFETENSORS_HEADER = 32 * 2**20
+# The fewest header bytes a tensor takes beyond twice its path: its record and its place in the structure.
+_HEADER_BYTES_PER_TENSOR = 64
 # A zip central directory larger than this is refused before it is read or parsed (torch.save writes ~150 bytes
 # per tensor: this is over 200,000 tensors). Parsing one costs ~3 us per 46-byte entry here and as much again in
 # torch.load: 256 MiB of crafted entries took 17 s and 480 MB for an unsealed file; 32 MiB takes ~2 s.
@@ -60,14 +63,39 @@ _DTYPE_CODES = {dtype: code for code, dtype in safetensors.torch._TYPES.items()}
 
 
 def check_supported(fmt: str, *states: Any) -> None:
-    """Refuse, in the caller's thread, tensors the format cannot store (rather than failing in the background)."""
+    """Refuse, in the caller's thread, tensors the format cannot store and states whose safetensors header would
+    certainly pass :data:`MAX_SAFETENSORS_HEADER` (rather than failing in the background; the writer checks the
+    exact header too, so no file that ckptio cannot read back is ever written)."""
     if fmt != "safetensors":
         return
     for state in states:
-        for tensor in walk_tensors(state):
-            if tensor.dtype not in _DTYPE_CODES:
-                raise ValueError(f"a tensor of dtype {tensor.dtype} cannot be stored in safetensors; "
-                                 "save with format='torch' (which stores every dtype)")
+        tensors, path_bytes = _count_tensors(state, 0)
+        least = tensors * _HEADER_BYTES_PER_TENSOR + 2 * path_bytes
+        if least > MAX_SAFETENSORS_HEADER:
+            raise ValueError(
+                f"the state's {tensors} tensors need a safetensors header of at least {least} bytes, more than the "
+                f"{MAX_SAFETENSORS_HEADER} bytes ckptio reads back; use format='torch' for this state")
+
+
+def _count_tensors(obj: Any, path_length: int) -> tuple[int, int]:
+    """The tensors in ``obj`` and the summed lengths of their paths (``a/b/0``), checking each dtype."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype not in _DTYPE_CODES:
+            raise ValueError(f"a tensor of dtype {obj.dtype} cannot be stored in safetensors; "
+                             "save with format='torch' (which stores every dtype)")
+        return 1, path_length
+    if isinstance(obj, dict):
+        items: Any = ((str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), value) for i, value in enumerate(obj))
+    else:
+        return 0, 0
+    count = total = 0
+    for key, value in items:
+        n, length = _count_tensors(value, path_length + len(key) + bool(path_length))
+        count += n
+        total += length
+    return count, total
 
 
 def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
@@ -108,6 +136,11 @@ def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any]
         raise ValueError(
             f"the safetensors header would be {len(encoded)} bytes ({len(names)} tensors and the state's structure), "
             f"more than the {MAX_SAFETENSORS_HEADER} bytes ckptio reads back; use format='torch' for this state")
+    try:
+        check_json_cost(encoded, "the new checkpoint", "its safetensors header")
+    except CorruptCheckpointError:
+        raise ValueError(f"the safetensors header of {len(names)} tensors would cost more to parse than ckptio "
+                         "allows when reading; use format='torch' for this state") from None
     placeholder_at = None
     if digest_placeholder is not None:
         marker = json.dumps(SAFETENSORS_DIGEST_KEY).encode() + b':"'

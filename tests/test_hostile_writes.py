@@ -525,9 +525,24 @@ def test_a_state_whose_safetensors_header_would_be_unreadable_is_refused_when_sa
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ckptio.formats
 
-    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 4096)  # 150,000 tensors would take minutes
-    many = {f"layer{i}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    # 200 tensors need at least 25,200 header bytes and take ~38,000: over 30,000 only the exact header tells
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 30_000)  # 150,000 tensors would take minutes
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
     with CheckpointManager(tmp_path, async_save=False, format="safetensors") as mgr:
         with pytest.raises(CheckpointWriteError, match="use format='torch'"):
             mgr.save(many, name="big")
+    assert not list(tmp_path.glob("big*"))
+
+
+def test_a_state_whose_safetensors_header_certainly_passes_the_cap_is_refused_in_save_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 20_000)
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    with CheckpointManager(tmp_path, format="safetensors") as mgr:
+        with pytest.raises(ValueError, match="use format='torch'") as refused:
+            mgr.save(many, name="big")  # asynchronous: only a check in save() itself can raise here
+        assert not isinstance(refused.value, CheckpointWriteError)
+        assert mgr.stats.requested == 0
     assert not list(tmp_path.glob("big*"))

@@ -531,6 +531,20 @@ def test_a_state_of_zeros_that_compresses_past_1024x_saves_verifies_loads_and_sl
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_safetensors_state_whose_header_passes_16_mib_is_written_and_loads_back(tmp_path, compression) -> None:
+    """20,000 tensors with 500-character names: a ~22 MB header, as 100,000 tensors with 100-character ones."""
+    prefix = "encoder." * 60
+    state = {"model_state_dict": {f"{prefix}{i:05}.weight": torch.full((1,), float(i)) for i in range(20_000)}}
+    with manager(tmp_path, format="safetensors", compression=compression) as mgr:
+        saved = mgr.save(state, name="big").result()
+
+    assert (saved.meta["raw_size"] or saved.size) > 16 * MiB  # almost all of it header
+    loaded = ckptio.load(saved.path)["model_state_dict"]
+    assert len(loaded) == 20_000 and torch.equal(loaded[f"{prefix}12345.weight"], torch.tensor([12345.0]))
+    assert ckptio.verify(saved.path).ok
+
+
 def test_zstd_files_are_counted_by_keep_count_and_the_disk_budget(tmp_path) -> None:
     with manager(tmp_path, compression="zstd", keep_count=2, disk_budget="1GB") as mgr:
         mgr.save(train_state(0), name="best_model")
