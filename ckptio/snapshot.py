@@ -297,7 +297,9 @@ def _flatten(obj: Any, path: str, tensors: list[torch.Tensor], names: list[str],
             index = seen[key] = len(tensors)
             tensors.append(obj)
             names.append(path or "tensor")
-        if isinstance(obj, torch.nn.Parameter):  # torch.save keeps a Parameter (and its requires_grad): so do we
+        # torch.save keeps a Parameter (and its requires_grad): so do we. Parameter's isinstance runs Python code
+        # (its metaclass), so plain tensors skip it.
+        if type(obj) is not torch.Tensor and isinstance(obj, torch.nn.Parameter):
             return {"P": [index, obj.requires_grad]}
         return {"T": index}
     if kind in _SCALARS:
