@@ -100,8 +100,54 @@ def _count_tensors(obj: Any, path_length: int) -> tuple[int, int]:
 
 def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
     """``torch.save`` into our own stream (zero-copy: torch hands it memoryviews), which writes every byte or
-    raises the OS's error; torch's C++ writer given a path reports a failed write without its errno."""
-    torch.save(snapshot.materialize(), stream)
+    raises the OS's error; torch's C++ writer given a path reports a failed write without its errno.
+
+    Raises ValueError, before the file is committed, when its zip directory passes :data:`MAX_ZIP_DIRECTORY`:
+    ckptio never writes a file that it refuses to read back.
+    """
+    tail = _Tail(stream)
+    torch.save(snapshot.materialize(), tail)  # type: ignore[arg-type]
+    directory = _zip_directory_size(bytes(tail.last))
+    if directory > MAX_ZIP_DIRECTORY:
+        raise ValueError(
+            f"the torch file's zip directory would be {directory} bytes ({len(snapshot.tensors)} tensors), more "
+            f"than the {MAX_ZIP_DIRECTORY} bytes ckptio reads back; save fewer, larger tensors (e.g. concatenate "
+            "them) or use format='safetensors'")
+
+
+class _Tail:
+    """Passes writes on and keeps the last bytes: a zip's end records, which say how large its directory is."""
+
+    KEEP = ZIP_END_SIZE + 20 + 56  # the end record, the zip64 locator and the zip64 end record
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = bytearray()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.last += view[-self.KEEP :]
+        del self.last[: -self.KEEP]
+        self.stream.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
+def _zip_directory_size(tail: bytes) -> int:
+    """The central directory's size, from the last bytes of a zip without a comment (as torch.save ends)."""
+    end = tail[-ZIP_END_SIZE:]
+    if not end.startswith(ZIP_END_SIGNATURE):
+        raise RuntimeError("torch.save did not end with a plain zip end record")
+    (size,) = struct.unpack("<I", end[12:16])
+    zip64 = tail[: -ZIP_END_SIZE - 20]
+    if size == 0xFFFFFFFF and zip64[-56:].startswith(_ZIP64_END):
+        (size,) = struct.unpack("<Q", zip64[-56:][40:48])
+    return size
 
 
 def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any], *,

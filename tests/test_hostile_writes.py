@@ -534,6 +534,21 @@ def test_a_state_whose_safetensors_header_would_be_unreadable_is_refused_when_sa
     assert not list(tmp_path.glob("big*"))
 
 
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_torch_state_whose_zip_directory_would_be_unreadable_is_refused_before_it_is_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str | None) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_ZIP_DIRECTORY", 4096)  # 500,000 tensors would take minutes
+    many = {f"layer{i:03}.weight": torch.zeros(1) for i in range(200)}  # ~60 bytes of directory each
+    with CheckpointManager(tmp_path, async_save=False, compression=compression) as mgr:
+        with pytest.raises(CheckpointWriteError, match="zip directory would be .* use format='safetensors'"):
+            mgr.save(many, name="big")
+        mgr.save({"w": torch.zeros(3)}, name="small")  # a state within the cap is still written
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "small.pth" + (".zst" if compression else "")]
+
+
 def test_a_state_whose_safetensors_header_certainly_passes_the_cap_is_refused_in_save_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ckptio.formats
