@@ -549,6 +549,15 @@ def test_a_torch_state_whose_zip_directory_would_be_unreadable_is_refused_before
         "small.pth" + (".zst" if compression else "")]
 
 
+def test_metadata_whose_trailer_would_cost_too_much_to_parse_is_refused_before_it_is_committed(
+        tmp_path: Path) -> None:
+    nested = {"runs": [{}] * 1_500_000}  # 4.5 MB of JSON, within the trailer's length, ~230 MiB to parse
+    with CheckpointManager(tmp_path, async_save=False, compression="zstd", fsync=False) as mgr:
+        with pytest.raises(CheckpointWriteError, match="metadata= nests too many"):
+            mgr.save({"w": torch.zeros(3)}, name="meta", metadata=nested)
+    assert not list(tmp_path.glob("meta*"))
+
+
 def test_a_state_whose_safetensors_header_certainly_passes_the_cap_is_refused_in_save_itself(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ckptio.formats
