@@ -118,7 +118,9 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
                 else:
                     formats.write_safetensors(snapshot, tee, meta)  # type: ignore[arg-type]
             meta["raw_size"] = counter.size
-            digest = sink.seal_with(zstd_trailer(DIGEST_PLACEHOLDER, meta), lambda d: zstd_trailer(d, meta))
+            placeholder = zstd_trailer(DIGEST_PLACEHOLDER, meta)
+            _check_trailer_cost(placeholder)
+            digest = sink.seal_with(placeholder, lambda d: zstd_trailer(d, meta))
         elif fmt == "torch":
             # Straight into our file, not through the hasher: the zip is sealed in place once complete.
             formats.write_torch(snapshot, file)  # type: ignore[arg-type]
@@ -136,6 +138,15 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
         size = sink.size
     return SavedCheckpoint(path=path, name=name, digest=digest, size=size, meta=meta,
                            seconds=time.perf_counter() - started)
+
+
+def _check_trailer_cost(trailer: bytes) -> None:
+    """Never write a trailer that reading refuses: its length is checked where it is built, its parse cost here."""
+    try:
+        formats.check_json_cost(trailer, "the new checkpoint", "its metadata")
+    except CorruptCheckpointError:
+        raise ValueError("the checkpoint's metadata= nests too many small values for ckptio to read back (it limits "
+                         "what parsing a trailer may cost); pass flatter or less metadata") from None
 
 
 class _CountingWriter:
