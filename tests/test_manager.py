@@ -198,6 +198,28 @@ def test_mutation_after_save_does_not_leak_into_the_file(tmp_path, gated) -> Non
     assert_same(ckptio.load(mgr.path_for("c")), expected)
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_a_parameter_loads_back_as_a_parameter_with_its_requires_grad_as_torch_save_keeps_it(
+        tmp_path, fmt, compression, writer) -> None:
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    state = {"params": list(model.parameters()), "plain": torch.ones(2)}
+    with CheckpointManager(tmp_path, format=fmt, compression=compression, writer=writer, fsync=False) as mgr:
+        path = mgr.save(state, name="p").result().path
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    reference.seek(0)
+    expected = torch.load(reference, weights_only=True)
+
+    loaded = ckptio.load(path)
+    assert [(type(t), t.requires_grad) for t in loaded["params"]] == [
+        (type(t), t.requires_grad) for t in expected["params"]] == [
+        (torch.nn.Parameter, True), (torch.nn.Parameter, False)]
+    assert type(loaded["plain"]) is torch.Tensor
+    assert all(torch.equal(a, b) for a, b in zip(loaded["params"], model.parameters(), strict=True))
+
+
 @pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
 def test_save_never_mutates_or_pops_from_the_callers_containers(tmp_path, fmt, compression) -> None:
     model, optimizer, scheduler = make_training(seed=1)

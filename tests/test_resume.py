@@ -17,7 +17,7 @@ from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import state_layout
 from craft_train.config import TrainConfig, incompatible_changes
-from craft_train.resume import checked_optimizer_state
+from craft_train.resume import checked_optimizer_state, find_resume_checkpoint
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs. On the CPU even on
@@ -355,3 +355,16 @@ def test_a_run_resumed_at_its_last_step_trains_no_further_step(tmp_path: Path, s
     result = train(_config(save_dir=str(tmp_path), workers=0, save_freq=1, max_steps=3, resume="auto"), say=_quiet)
     assert result.start_step == result.global_step == 3
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [last.name]
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_resume_auto_picks_and_loads_a_zstd_checkpoint_of_fresh_zero_state_that_compresses_past_1024x(
+        tmp_path: Path, fmt: str) -> None:
+    state = {"epoch": 1, "batch": 2, "global_step": 2, "model_state_dict": {"w": torch.zeros(2**21)},
+             "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(2**21)}}, "param_groups": []}}
+    with ckptio.CheckpointManager(tmp_path, format=fmt, compression="zstd", async_save=False, fsync=False) as mgr:
+        mgr.save(state, name="checkpoint_epoch_1_batch_2")
+        newest = mgr.path_for("checkpoint_epoch_1_batch_2")
+    assert newest.stat().st_size * 1024 < 16 * 2**20
+
+    said: list[str] = []
+    assert find_resume_checkpoint(tmp_path, said.append) == newest and said == []
+    assert torch.equal(ckptio.load(newest)["optimizer_state_dict"]["state"][0]["exp_avg"], torch.zeros(2**21))

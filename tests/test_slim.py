@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -14,6 +15,7 @@ import ckptio
 import ckptio.atomic
 import ckptio.slim
 from ckptio import cli as ckptio_cli
+from ckptio.integrity import seal_zip_file
 from ckptio.layout import CheckpointEntry, read_index, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from tests.helpers import assert_same
@@ -270,3 +272,71 @@ def test_the_written_order_survives_slimming_and_re_verification(tmp_path: Path)
         os.utime(path, ns=(10**18 - i, 10**18 - i))
     assert [e.name for e in scan(tmp_path)] == order
     assert [read_index(tmp_path)[p.name]["written"] for p in paths] == [1, 2, 3]
+def _planted_shared_references(path: Path, depth: int = 60) -> None:
+    """A sealed .pth whose state is ``{"model_state_dict": {...}, "a": [x, x]}`` nested ``depth`` times: a few KB
+    on disk (the pickler writes each level once), 2**depth paths to walk."""
+    level: object = []
+    for _ in range(depth):
+        level = [level, level]
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "batch": 0, "model_state_dict": {"w": torch.zeros(2)}, "a": level}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with open(path, "r+b") as file:
+        seal_zip_file(file.fileno(), {"name": path.stem, "user": {}})
+
+
+@pytest.mark.timeout(120)  # a guard only: before the fix the writer walked 2**60 paths and never returned
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_planted_checkpoint_of_shared_references_is_reported_unslimmable_and_the_save_still_succeeds(
+    tmp_path: Path, writer: str
+) -> None:
+    planted = tmp_path / "checkpoint_epoch_0_batch_0.pth"
+    _planted_shared_references(planted)
+    assert planted.stat().st_size < 4096
+    before = planted.read_bytes()
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer, fsync=False) as mgr:
+        saved = mgr.save(_state(1), name="checkpoint_epoch_1_batch_1").result(timeout=100)
+
+    assert saved.slim_error is not None and "reached by two paths" in saved.slim_error
+    assert saved.slim_error.startswith("checkpoint_epoch_0_batch_0.pth")
+    assert planted.read_bytes() == before
+    assert ckptio.verify(saved.path).ok
+
+
+def test_a_checkpoint_without_model_weights_is_read_once_by_keep_full_not_at_every_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real_load = ckptio.slim.load
+
+    def counting_load(path: object, *args: object, **kwargs: object) -> object:
+        reads.append(Path(str(path)).name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckptio.slim, "load", counting_load)
+    errors = []
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=False, fsync=False) as mgr:
+        for step in (1, 2, 3, 4):
+            state = {"epoch": 1, "batch": step, "weights": torch.full((4,), float(step))}  # no model_state_dict
+            errors.append(mgr.save(state, name=f"checkpoint_epoch_1_batch_{step}").result().slim_error)
+
+    # before: every save re-read every older checkpoint (1 + 2 + 3 loads); now each is read once
+    assert sorted(reads) == [f"checkpoint_epoch_1_batch_{step}.pth" for step in (1, 2, 3)]
+    assert [e is not None and "has no model_state_dict" in e for e in errors] == [False, True, True, True]
+    assert "model_state_dict" in read_index(tmp_path)["checkpoint_epoch_1_batch_1.pth"]["unslimmable"]
+
+
+def test_a_checkpoint_found_unslimmable_is_tried_again_once_it_changes(tmp_path: Path) -> None:
+    first, _ = _save(tmp_path, [1, 2])
+    state = ckptio.load(first)
+    del state["model_state_dict"]
+    with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        mgr.save(state, name="checkpoint_epoch_1_batch_1")
+    os.utime(first, ns=(1, 1))
+    assert ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1, on_error=lambda path, exc: None) == []
+    assert "unslimmable" in read_index(tmp_path)[first.name]
+
+    with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        mgr.save(_state(1), name="checkpoint_epoch_1_batch_1")
+    os.utime(first, ns=(2, 2))
+    assert [done.path for done in ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1)] == [first]
