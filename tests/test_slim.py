@@ -327,16 +327,15 @@ def test_a_checkpoint_without_model_weights_is_read_once_by_keep_full_not_at_eve
 
 
 def test_a_checkpoint_found_unslimmable_is_tried_again_once_it_changes(tmp_path: Path) -> None:
-    first, _ = _save(tmp_path, [1, 2])
-    state = ckptio.load(first)
-    del state["model_state_dict"]
+    first = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    unslimmable = _state(1)
+    del unslimmable["model_state_dict"]
     with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
-        mgr.save(state, name="checkpoint_epoch_1_batch_1")
-    os.utime(first, ns=(1, 1))
+        mgr.save(unslimmable, name="checkpoint_epoch_1_batch_1")
+        mgr.save(_state(2), name="checkpoint_epoch_1_batch_2")
     assert ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1, on_error=lambda path, exc: None) == []
     assert "unslimmable" in read_index(tmp_path)[first.name]
 
-    with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
-        mgr.save(_state(1), name="checkpoint_epoch_1_batch_1")
-    os.utime(first, ns=(2, 2))
+    (replacement,) = _save(tmp_path / "elsewhere", [1])  # the same name, now with weights, put in place
+    os.replace(replacement, first)
     assert [done.path for done in ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1)] == [first]
