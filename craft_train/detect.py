@@ -4,8 +4,8 @@ Writes ``res_<stem>.txt`` (ICDAR2015 result format: ``x1,y1,x2,y2,x3,y3,x4,y4`` 
 and ``<stem>_det.jpg`` (the image with its boxes drawn) for every image; with ``--eval-gt DIR`` also scores
 the boxes against ``DIR/gt_<stem>.txt`` and prints precision, recall and H-mean.
 
-Weights come from a trainer checkpoint (``model_state_dict``, read with :func:`ckptio.load`), a bare state
-dict, or the official ``craft_mlt_25k.pth`` (``module.``-prefixed keys).
+Weights come from any checkpoint (its ``model_state_dict``), a bare state dict, or the official
+``craft_mlt_25k.pth`` (``module.``-prefixed keys, PyTorch's legacy format): read as ``--pretrained`` reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,11 @@ import cv2
 import numpy as np
 import torch
 
-import ckptio
-
 from .data import IMAGE_SUFFIXES
 from .evaluate import DetectionCounts, detect_words, format_scores, match_image, parse_gt_quads
 from .model import CRAFT, load_pretrained
 from .postprocess import DEFAULT_THRESHOLDS, Thresholds
+from .weights import Weights
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "format_result_lines", "load_detector", "main", "write_result_file"]
 
@@ -43,39 +42,26 @@ class DetectError(Exception):
 
 # ---- weights ----------------------------------------------------------------------------------------------------
 
-def _trainer_state(obj: Any) -> Mapping[str, Any] | None:
-    if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
-        return obj["model_state_dict"]
-    return None
-
-
 def load_detector(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRAFT, dict[str, Any]]:
     """A CRAFT in eval mode with the weights of ``path``, and the training config stored with them (or ``{}``).
 
-    Trainer checkpoints are read with :func:`ckptio.load` (digest checked); anything else goes to
-    :func:`craft_train.model.load_pretrained`, which takes bare and ``module.``-prefixed state dicts and names
-    any mismatch. Raises :class:`DetectError` for a missing, damaged or unfitting file.
+    The weights are read by :func:`craft_train.weights.read_weights`, as ``--pretrained`` reads them: any
+    checkpoint's ``model_state_dict``, a bare or ``module.``-prefixed state dict, the official release in
+    PyTorch's legacy format. Raises :class:`DetectError` for a missing, damaged or unfitting file.
     """
-    path = Path(path)
+    model, weights = _load(Path(path), device)
+    return model, weights.config
+
+
+def _load(path: Path, device: torch.device | str) -> tuple[CRAFT, Weights]:
     if not path.is_file():
         raise DetectError(f"--checkpoint {path}: no such file")
     model = CRAFT()
     try:
-        obj: Any = ckptio.load(path, map_location="cpu")
-    except ckptio.CorruptCheckpointError as exc:
-        raise DetectError(f"--checkpoint {path}: {exc}") from exc
-    except Exception:  # not a file ckptio reads: load_pretrained tries it and explains what is wrong
-        obj = None
-    state = _trainer_state(obj)
-    try:
-        if state is not None:
-            model.load_state_dict(state, strict=True)
-        else:
-            load_pretrained(model, path)
-    except (RuntimeError, ValueError) as exc:
+        weights = load_pretrained(model, path)
+    except ValueError as exc:
         raise DetectError(f"--checkpoint {path}: not usable CRAFT weights: {exc}") from exc
-    config = obj.get("config") if state is not None else None
-    return model.to(device).eval(), dict(config) if isinstance(config, Mapping) else {}
+    return model.to(device).eval(), weights
 
 
 # ---- result files -----------------------------------------------------------------------------------------------
@@ -172,7 +158,9 @@ def _run(args: argparse.Namespace) -> int:
     images = _list_images(Path(args.images))
     truth = _read_ground_truth(Path(args.eval_gt), images) if args.eval_gt else None
     device = _device(args.device)
-    model, config = load_detector(args.checkpoint, device)
+    model, weights = _load(Path(args.checkpoint), device)
+    config = weights.config
+    print(f"--checkpoint {args.checkpoint}: {weights.source}")
     size = args.image_size or _check_image_size(int(config.get("image_size", DEFAULT_IMAGE_SIZE)),
                                                 "the checkpoint's image_size")
     out = Path(args.out)

@@ -166,7 +166,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # ---- model, optimizer, schedule -----------------------------------------------------------------------
     model = CRAFT().to(device)
     if config.pretrained:
-        load_pretrained(model, config.pretrained)
+        say(f"--pretrained {config.pretrained}: {load_pretrained(model, config.pretrained).source}")
     elif config.pretrained_backbone:
         load_pretrained_backbone(model, config.pretrained_backbone)
     sharded = config.zero and world.distributed

@@ -112,6 +112,15 @@ def test_bare_and_module_prefixed_state_dicts_load_like_the_official_weights(
         assert torch.equal(model.conv_cls[-1].bias, torch.tensor([1.0, 0.0]))
 
 
+def test_the_official_weights_in_the_legacy_format_load_in_detect(
+        weights: dict[str, torch.Tensor], images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    legacy = tmp_path / "craft_mlt_25k.pth"
+    torch.save({f"module.{k}": v for k, v in weights.items()}, legacy, _use_new_zipfile_serialization=False)
+    rc = main(["--checkpoint", str(legacy), "--images", str(images), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "module.-prefixed keys" in capsys.readouterr().out
+
+
 def test_a_trainer_checkpoint_brings_its_training_config(checkpoint: Path) -> None:
     _, config = load_detector(checkpoint)
     assert config == {"image_size": SIDE}
