@@ -94,15 +94,26 @@ def _underscores_to_dashes(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The settings named on the command line (a flag given with its default value counts as given)."""
+    parser = _parser()
+    for action in parser._actions:  # argparse leaves out what has the SUPPRESS default and was not given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = vars(parser.parse_args(_underscores_to_dashes(sys.argv[1:] if argv is None else argv)))
+    typed = _underscores_to_dashes(sys.argv[1:] if argv is None else argv)
+    args = vars(parser.parse_args(typed))
+    given = _given(typed)
     if args.pop("demo"):
-        given = {k for k in args if parser.get_default(k) != args[k]}
         args.update({k: v for k, v in DEMO.items() if k not in given})
+        given |= set(DEMO)
+    given.discard("demo")
     try:
         config = TrainConfig(**args)
-        result = train(config)
+        result = train(config, given=given)
     except (ValueError, FileNotFoundError, ckptio.CheckpointDirectoryLockedError) as exc:
         print(f"craft_train: error: {exc}", file=sys.stderr)
         return 2
