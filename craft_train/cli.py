@@ -20,9 +20,20 @@ DEMO = {
 }
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's default in ``--help`` (argparse's own formatter skips options without a help text), except
+    where it would mislead: an on/off switch (``--no-amp`` is off by default, not "True") or no default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m craft_train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m craft_train", description=__doc__, allow_abbrev=False,
+                                formatter_class=_HelpWithDefaults)
     defaults = TrainConfig()
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="ICDAR2015-style directory; omit for the built-in synthetic dataset")
@@ -66,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--pretrained-backbone", help="torchvision-style VGG16-BN weights for the backbone")
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--save-dir", default=defaults.save_dir)
-    ck.add_argument("--save-freq", type=int, default=defaults.save_freq, help="batches between checkpoints")
+    ck.add_argument("--save-freq", type=int, default=defaults.save_freq,
+                    help="batches between checkpoints; 0 writes no batch checkpoints at all, not even a final "
+                         "one (best_model is still written after each validation that improves)")
     ck.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     ck.add_argument("--format", choices=("torch", "safetensors"), default=defaults.format)
     ck.add_argument("--compression", choices=("zstd",))
@@ -80,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--min-free", help="free space to keep on the volume, e.g. 5GB")
     ck.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest valid one")
     p.add_argument("--demo", action="store_true", help="a short CPU run on synthetic data (what `make demo` runs)")
+    for action in p._actions:  # argparse prints no default for an option without a help text
+        if action.help is None and action.nargs != 0 and action.default is not None:
+            action.help = "(default: %(default)s)"
     return p
 
 

@@ -83,7 +83,8 @@ class TrainConfig:
     # -- checkpoints --
     save_dir: str = "checkpoints_improved"
     save_freq: int = 100
-    """Save ``checkpoint_epoch_{epoch}_batch_{batch}`` every this many batches (0 disables)."""
+    """Save ``checkpoint_epoch_{epoch}_batch_{batch}`` every this many batches, and once more at the end of the
+    run. 0 writes no batch checkpoint at all, not even the final one (``best_model`` is still written)."""
     async_save: bool = False
     """Write checkpoints in a background thread; training continues after the snapshot copy."""
     format: Literal["torch", "safetensors"] = "torch"

@@ -87,7 +87,7 @@ def _draw(image_rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m craft_train.detect", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m craft_train.detect", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="trainer checkpoint, bare state dict or craft_mlt_25k.pth")
     p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png images")

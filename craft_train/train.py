@@ -385,7 +385,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
             # take part in a sharded best_model save)
             if not stop and val_indices and not validated:  # a resumed best_model holds this validation
                 result.last_validation = world.broadcast(
-                    _validate_all(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
+                    _validate_all(model, val_set, val_indices, config, device, use_amp, say)
+                    if world.is_main else None)
                 val_loss, val_hmean = result.last_validation["val_loss"], result.last_validation.get("val_hmean")
                 if config.best_metric == "hmean":
                     improved = val_hmean is not None and val_hmean > result.best_hmean
@@ -502,14 +503,22 @@ def _stand_in_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
 
 
 def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
-              device: torch.device, use_amp: bool) -> float:
-    """Mean loss over the held-out images (no augmentation, fixed order): deterministic."""
+              device: torch.device, use_amp: bool, say: Callable[[str], None] = _silent) -> float:
+    """Mean loss over the held-out images (no augmentation, fixed order): deterministic.
+
+    An unreadable image is left out of the loss, counted and (the first few) named, as in training.
+    """
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=[(i, 0) for i in indices],
                         collate_fn=collate, num_workers=0)
     model.eval()
-    total, count = 0.0, 0
+    total, count, errors = 0.0, 0, 0
+    named: list[str] = []
     with torch.no_grad():
-        for batch in loader:
+        for number, batch in enumerate(loader):
+            if batch["errors"]:
+                errors += int(batch["errors"])
+                _name_bad_samples(dataset, indices[number * config.batch_size : (number + 1) * config.batch_size],
+                                  named, lambda _: None)
             if batch["size"] == 0:
                 continue
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -518,13 +527,16 @@ def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: 
             total += loss.item() * batch["size"]
             count += batch["size"]
     model.train()
+    if errors:
+        say(f"validation left out {errors} unreadable image(s) of {len(indices)}: " + "; ".join(named)
+            + (" ..." if errors > len(named) else ""))
     return total / count if count else math.inf
 
 
 def _validate_all(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
-                  device: torch.device, use_amp: bool) -> dict[str, float]:
+                  device: torch.device, use_amp: bool, say: Callable[[str], None] = _silent) -> dict[str, float]:
     """Validation loss and, with ``val_hmean``, the precision/recall/H-mean of the words the model detects."""
-    scores = {"val_loss": _validate(model, dataset, indices, config, device, use_amp)}
+    scores = {"val_loss": _validate(model, dataset, indices, config, device, use_amp, say)}
     if config.val_hmean:
         thresholds = Thresholds(config.text_threshold, config.link_threshold, config.low_text)
         found = evaluate_model(model, dataset, indices, device, image_size=config.image_size, thresholds=thresholds,
