@@ -33,7 +33,7 @@ demo: install
 
 # PYTEST_ARGS=--learning adds the learning tier (what .ci/run does): about 2 minutes more on 2 cores.
 test: install
-	$(PY) -m ruff check ckptio craft_train benchmarks tests
+	$(PY) -m ruff check ckptio craft_train benchmarks tests *.py
 	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS)
 
 # The tests that need a CRAFT model trained for 200 steps alone (~2.5 minutes on 2 cores; tests/conftest.py).
