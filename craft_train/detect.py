@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +29,10 @@ from .model import CRAFT, load_pretrained
 from .postprocess import DEFAULT_THRESHOLDS, Thresholds
 from .weights import Weights
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "format_result_lines", "load_detector", "main", "write_result_file"]
+__all__ = ["CANVAS_SIZE", "format_result_lines", "load_detector", "main", "network_size", "write_result_file"]
 
-DEFAULT_IMAGE_SIZE = 1280
-"""Used when neither ``--image-size`` nor the checkpoint's training config gives one (official canvas size)."""
+CANVAS_SIZE = 1280
+"""The largest side an image is given to the network at by default (the official demo's ``canvas_size``)."""
 _BOX_COLOUR = (0, 0, 255)  # BGR red, as the official demo draws
 GroundTruth = tuple[list[np.ndarray], list[np.ndarray]]
 
@@ -97,10 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-threshold", type=float, default=DEFAULT_THRESHOLDS.link_threshold)
     p.add_argument("--low-text", type=float, default=DEFAULT_THRESHOLDS.low_text)
     p.add_argument("--image-size", type=int,
-                   help=f"longer image side for the network, a multiple of 32 (default: the checkpoint's training "
-                        f"image size, else {DEFAULT_IMAGE_SIZE})")
+                   help="longer image side for the network, a multiple of 32, for every image (default: each "
+                        "image's own longer side times --mag-ratio, rounded up to a multiple of 32, at most "
+                        "--canvas-size)")
+    p.add_argument("--canvas-size", type=int, default=CANVAS_SIZE,
+                   help="the largest side an image is run at without --image-size, a multiple of 32 (default: "
+                        "%(default)s, as the official demo)")
+    p.add_argument("--mag-ratio", type=float, default=1.0,
+                   help="magnify images by this before detection, up to --canvas-size (default: %(default)s; the "
+                        "official demo uses 1.5, which finds smaller words at more than twice the cost)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
+
+
+def network_size(image: np.ndarray, *, mag_ratio: float = 1.0, canvas_size: int = CANVAS_SIZE) -> int:
+    """The side at which ``image`` goes through the network by default: its longer side times ``mag_ratio``,
+    rounded up to a multiple of 32, at most ``canvas_size`` (the official demo's rule).
+
+    Not the training crop size: a model trained on 512 px crops of words finds the words of a 640 px photo at
+    640 px, while shrinking the photo to 512 px makes small words too small to find.
+    """
+    longer = max(image.shape[:2]) * mag_ratio
+    return max(32, min(canvas_size, -(-math.ceil(longer) // 32) * 32))
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -155,14 +174,15 @@ def _run(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.text_threshold, args.link_threshold, args.low_text)
     if args.image_size is not None:
         _check_image_size(args.image_size, "--image-size")
+    _check_image_size(args.canvas_size, "--canvas-size")
+    if not (0 < args.mag_ratio <= 8):
+        raise DetectError(f"--mag-ratio must be above 0 and at most 8, got {args.mag_ratio}")
     images = _list_images(Path(args.images))
     truth = _read_ground_truth(Path(args.eval_gt), images) if args.eval_gt else None
     device = _device(args.device)
     model, weights = _load(Path(args.checkpoint), device)
-    config = weights.config
     print(f"--checkpoint {args.checkpoint}: {weights.source}")
-    size = args.image_size or _check_image_size(int(config.get("image_size", DEFAULT_IMAGE_SIZE)),
-                                                "the checkpoint's image_size")
+    sizes: set[int] = set()
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"warning: cannot decode {path}, skipped", file=sys.stderr)
             boxes = np.zeros((0, 4, 2), dtype=np.float32)  # its words still count, as missed
         else:
+            size = args.image_size or network_size(image, mag_ratio=args.mag_ratio, canvas_size=args.canvas_size)
+            sizes.add(size)
             boxes = detect_words(model, image, size, device, thresholds)
             total += len(boxes)
             write_result_file(out / f"res_{path.stem}.txt", boxes)
@@ -183,11 +205,15 @@ def _run(args: argparse.Namespace) -> int:
         if truth is not None:
             words, dont_care = truth[path.stem]
             counts.add(match_image(words, boxes, dont_care))
-    print(f"{len(images) - len(unreadable)} images, {total} words detected at image size {size}; results in {out}")
+    shown = (f"image size {min(sizes)}" if len(sizes) == 1 else
+             f"each image's own size ({min(sizes)} to {max(sizes)} px)" if sizes else "no image size")
+    print(f"{len(images) - len(unreadable)} images, {total} words detected at {shown}; results in {out}")
     if truth is not None:
         scores = counts.as_dict()
         print(format_scores(scores))
-        report = {**scores, "image_size": size, "thresholds": dataclasses.asdict(thresholds)}
+        report = {**scores, "image_size": args.image_size or "each image's own", "image_sizes": sorted(sizes),
+                  "canvas_size": args.canvas_size, "mag_ratio": args.mag_ratio,
+                  "thresholds": dataclasses.asdict(thresholds)}
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 1 if unreadable else 0
 
