@@ -26,7 +26,7 @@ demo: install
 	@echo
 	@echo "Next, in this shell (python -m needs the project's environment):"
 	@echo "  . .venv/bin/activate"
-	@echo "  python -m craft_train --epochs 50 --batch_size 16    # a real run, into checkpoints_improved"
+	@$(PY) -c "from craft_train.cli import next_step; print('  ' + next_step())"
 	@echo "  python -m craft_train --resume auto                  # continue it after a stop"
 	@echo "  python -m ckptio list checkpoints_improved"
 	@echo "  python -m craft_train.detect --checkpoint $(DEMO_DIR)/best_model.pth --images DIR --out results"

@@ -230,3 +230,20 @@ def test_ctrl_c_finishes_queued_saves_and_leaves_nothing_half_written(tmp_path: 
     assert leftovers == []
     assert ckptio.verify(tmp_path / "ck").ok
     assert os.listdir(tmp_path / "ck")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the advice is for machines without a GPU")
+def test_without_a_gpu_a_full_size_run_says_what_it_costs_and_suggests_a_cpu_sized_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from craft_train.cli import CPU_SIZED, _parser, cpu_advice, next_step
+
+    advice = cpu_advice(TrainConfig())
+    assert advice is not None and "about 74 s on 2 CPU cores" in advice and "about 59 hours" in advice
+    assert advice.endswith(CPU_SIZED)
+    sized = vars(_parser().parse_args(CPU_SIZED.split()[3:]))
+    sized.pop("demo")
+    assert cpu_advice(TrainConfig(**sized)) is None  # the suggestion does not warn about itself
+    assert next_step().startswith(CPU_SIZED)
+    # printed before anything is set up (here: before the missing data directory stops the run)
+    assert main(["--data-dir", str(tmp_path / "missing"), "--save-dir", str(tmp_path / "ck")]) == 2
+    assert capsys.readouterr().out.startswith("no GPU here: at --image-size 512 --batch-size 16")
