@@ -321,3 +321,16 @@ def test_forged_optimizer_state_is_refused_naming_the_file(name: str, value: obj
         optimizer.state[param][name] = value
     with pytest.raises(ValueError, match=f"forged.pth: the optimizer state of parameter 0 .*{expected}"):
         checked_optimizer_state(optimizer, "forged.pth")
+
+
+def test_a_new_run_starts_from_the_weights_of_a_full_or_slimmed_checkpoint_with_pretrained(
+        tmp_path: Path, six_steps: Path) -> None:
+    full, slim = _copy([_at_step(six_steps, 2), _at_step(six_steps, 1)], tmp_path)
+    slim_checkpoint(slim)
+    for path, what in ((full, "epoch 1, batch 2), digest checked"), (slim, "slimmed to its weights")):
+        messages: list[str] = []
+        result = train(_config(workers=0, save_freq=0, max_steps=1, pretrained=str(path),
+                               save_dir=str(tmp_path / f"new_{path.stem}")), say=messages.append)
+        assert result.start_step == 0 and result.global_step == 1
+        assert any(m.startswith(f"--pretrained {path}: a craft_train checkpoint's model_state_dict") and what in m
+                   for m in messages), messages
