@@ -310,7 +310,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
                 say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    stop = False
+    stop = config.max_steps is not None and global_step >= config.max_steps  # a resume of a finished run
     last_saved_step = global_step
     try:
         while epoch <= config.epochs and not stop:
@@ -591,6 +591,10 @@ def _load_resume_state(path: Path, config: TrainConfig, world: World, given: Col
                          "--save-dir") from None
     if notes:
         say("resuming with the checkpoint's settings, except " + ", ".join(notes))
+    step = state.get("global_step")
+    if config.max_steps is not None and type(step) is int and step >= config.max_steps:
+        say(f"the run already reached --max-steps {config.max_steps} (global step {step}): nothing to train; give a "
+            "larger --max-steps to go on")
     if state.get("sharded") and (not config.zero or state.get("world_size") != world.size):
         raise ValueError(
             f"{path} holds an optimizer sharded over {state.get('world_size')} processes (--zero); resume it with "

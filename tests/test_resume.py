@@ -217,6 +217,10 @@ def test_a_resume_from_the_command_line_takes_the_checkpoints_settings_and_repor
     from craft_train.cli import main
 
     (copy,) = _copy([_at_step(six_steps, 6)], tmp_path)
+    # the run stopped at its --max-steps 6: resumed as it was, it has nothing left to do, and says so
+    assert main(["--resume", str(copy), "--save-dir", str(tmp_path), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "already reached --max-steps 6" in out and "done: 0 steps" in out
     # Neither --synthetic-size, --image-size nor --batch-size is typed: their defaults (1000, 512, 16) must not
     # count as this run's choice.
     assert main(["--resume", str(copy), "--save-dir", str(tmp_path), "--max-steps", "7", "--save_freq", "0",
