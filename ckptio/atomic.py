@@ -168,6 +168,18 @@ class AtomicFile:
         self._file.close()
 
 
+HOLD_ENV = "CKPTIO_TEST_HOLD_BEFORE_RENAME"
+"""A test seam: while the file this environment variable names exists, every write, its bytes complete and
+fsynced, waits before its rename. A crash test can then kill a process that is certainly mid-write instead of
+hoping to catch one (a fast disk finishes a small checkpoint in milliseconds). Unset, it costs one lookup."""
+
+
+def _hold_for_tests() -> None:
+    gate = os.environ.get(HOLD_ENV)
+    while gate and os.path.exists(gate):
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = False) -> Iterator[AtomicFile]:
     """Yield a file to write ``final``'s bytes into; they appear under ``final`` only if the block succeeds.
@@ -195,6 +207,7 @@ def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = Fal
             # A checkpoint is not read back soon; keep its pages from evicting the training data's.
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         file.close()
+        _hold_for_tests()
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):

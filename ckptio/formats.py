@@ -367,8 +367,19 @@ def _assemble_safetensors(header: dict[str, Any], tensors: dict[str, torch.Tenso
         raise CorruptCheckpointError(path, f"ckptio structure in the safetensors metadata is broken ({exc})") from None
 
 
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+"""The first bytes of a file ``torch.save`` wrote in its legacy (pre-1.6, pre-zip) format: a pickled magic number."""
+
+
 def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: Any = None) -> Any:
     """``torch.load`` (weights only) from bytes or an open file, after :func:`check_torch_zip`."""
+    if _is_legacy(source):
+        # The legacy format has no zip directory to check; the weights-only unpickler still refuses any code.
+        stream_: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        try:
+            return torch.load(stream_, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
     if isinstance(source, (bytes, bytearray)):
         view = memoryview(source)
         check_torch_zip(path, len(view), lambda offset, length: bytes(view[offset : offset + length]))
@@ -384,6 +395,13 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
         return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
         raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
+
+
+def _is_legacy(source: bytes | bytearray | BinaryIO) -> bool:
+    """Whether ``source`` holds torch.save's legacy (pre-zip) format."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[: len(LEGACY_TORCH_MAGIC)]) == LEGACY_TORCH_MAGIC
+    return os.pread(source.fileno(), len(LEGACY_TORCH_MAGIC), 0) == LEGACY_TORCH_MAGIC
 
 
 def torch_load_error(exc: BaseException) -> str:

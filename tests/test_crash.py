@@ -3,9 +3,11 @@ that is resumed again and again ends with exactly the weights of a run that was 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 
 import ckptio
 import ckptio.layout
-from ckptio.atomic import TEMP_SUFFIX
+from ckptio.atomic import HOLD_ENV, TEMP_SUFFIX
 from ckptio.layout import scan
 
 STEPS = 8
@@ -26,9 +28,15 @@ TRAIN = ["--synthetic-size", "8", "--image-size", "64", "--batch-size", "2", "--
          "--max-steps", str(STEPS), "--device", "cpu"]  # the bit-identical check holds for CPU kernels
 
 
-def _start(save_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start(save_dir: Path, *extra: str, hold: Path | None = None) -> subprocess.Popen[bytes]:
+    """A training run in a session of its own (its writer process included); with ``hold``, every checkpoint
+    write waits before its rename while that file exists (``ckptio.atomic.HOLD_ENV``)."""
+    env = dict(os.environ)
+    env.pop(HOLD_ENV, None)
+    if hold is not None:
+        env[HOLD_ENV] = str(hold)
     return subprocess.Popen([sys.executable, "-m", "craft_train", *TRAIN, "--save-dir", str(save_dir), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def _temporaries(directory: Path) -> list[Path]:
@@ -39,25 +47,58 @@ def _committed(directory: Path) -> set[tuple[str, int]]:
     return {(e.path.name, e.mtime_ns) for e in scan(directory)} if directory.exists() else set()
 
 
-def _kill_at_a_random_moment(save_dir: Path, rng: random.Random, mid_write: bool, extra: list[str]) -> bool:
-    """Start a resumed run and SIGKILL it; returns whether the kill landed while a file was being written."""
+def _kill_at_a_random_moment(save_dir: Path, rng: random.Random, hold: Path | None, extra: list[str]) -> bool:
+    """Start a resumed run and SIGKILL it; returns whether the kill landed while a file was being written.
+
+    With ``hold`` (an existing file), the run's first checkpoint write stops before its rename: the run, writer
+    process and all, is killed while that write is certainly in progress. Without, the trainer alone is killed
+    at a random moment after a commit, and its writer process finishes what it was given (as it does when a
+    trainer dies).
+    """
     before = _committed(save_dir)
-    process = _start(save_dir, "--resume", "auto", *extra)
-    deadline = time.monotonic() + 60
+    process = _start(save_dir, "--resume", "auto", *extra, hold=hold)
+    deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if mid_write and _temporaries(save_dir):
+            if hold is not None and _temporaries(save_dir):
                 break
-            if not mid_write and _committed(save_dir) - before:
+            if hold is None and _committed(save_dir) - before:
                 time.sleep(rng.uniform(0.0, 0.4))
                 break
             time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
+        if hold is not None:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+        _wait_for_the_group_to_end(process.pid)  # no writer of this run may still be writing during the next one
     finally:
         if process.poll() is None:
             process.kill()
     return bool(_temporaries(save_dir))
+
+
+def _wait_for_the_group_to_end(group: int, timeout: float = 120) -> None:
+    """Wait until no live process is left in process group ``group`` (zombies awaiting their reaper count as
+    ended), then kill whatever is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _live_members(group):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
+def _live_members(group: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == group:
+                members.append(int(entry.name))
+    return members
 
 
 def _after_a_kill_everything_visible_verifies(save_dir: Path) -> None:
@@ -80,14 +121,19 @@ def test_repeated_kill_9_loses_nothing_and_the_resumed_run_ends_bit_identical(
 ) -> None:
     rng = random.Random(1234 + kills)
     reference_dir, crash_dir = tmp_path / "straight", tmp_path / "crashed"
+    hold = tmp_path / "hold-writes"
+    hold.touch()
     reference = _start(reference_dir, *extra)
     finish = None
     try:
         landed_mid_write = 0
         for attempt in range(kills):
-            # two of every three kills aim at a write in progress (one may still miss it: the writer process
-            # can finish the file first), the third at a random moment after a commit
-            landed_mid_write += _kill_at_a_random_moment(crash_dir, rng, mid_write=attempt % 3 != 1, extra=extra)
+            # two of every three kills land in a write held open (certainly mid-write), the third at a random
+            # moment after a commit
+            mid_write = attempt % 3 != 1
+            landed = _kill_at_a_random_moment(crash_dir, rng, hold if mid_write else None, extra=extra)
+            assert landed or not mid_write, f"kill {attempt} found no write in progress"
+            landed_mid_write += landed
             _after_a_kill_everything_visible_verifies(crash_dir)
         assert landed_mid_write >= 2, "the test must kill some runs while a checkpoint is being written"
 
@@ -215,3 +261,6 @@ def test_a_trainer_killed_and_restarted_at_once_again_and_again_loses_no_returne
     for index, slots in expected["optimizer_state_dict"]["state"].items():
         for name, value in slots.items():
             assert torch.equal(value, actual["optimizer_state_dict"]["state"][index][name]), (index, name)
+    del expected, actual
+    for directory in (reference_dir, crash_dir):  # ~1 GB of CRAFT checkpoints: gone once the test has passed
+        shutil.rmtree(directory)
