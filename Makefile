@@ -26,14 +26,14 @@ demo: install
 	@echo
 	@echo "Next, in this shell (python -m needs the project's environment):"
 	@echo "  . .venv/bin/activate"
-	@echo "  python -m craft_train --epochs 50 --batch_size 16    # a real run, into checkpoints_improved"
+	@$(PY) -c "from craft_train.cli import next_step; print('  ' + next_step())"
 	@echo "  python -m craft_train --resume auto                  # continue it after a stop"
 	@echo "  python -m ckptio list checkpoints_improved"
 	@echo "  python -m craft_train.detect --checkpoint $(DEMO_DIR)/best_model.pth --images DIR --out results"
 
 # PYTEST_ARGS=--learning adds the learning tier (what .ci/run does): about 2 minutes more on 2 cores.
 test: install
-	$(PY) -m ruff check ckptio craft_train benchmarks tests
+	$(PY) -m ruff check ckptio craft_train benchmarks tests *.py
 	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS)
 
 # The tests that need a CRAFT model trained for 200 steps alone (~2.5 minutes on 2 cores; tests/conftest.py).

@@ -20,7 +20,7 @@ try:
     )
     from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
     from .layout import CheckpointEntry
-    from .manager import CheckpointManager, SaveStats
+    from .manager import CheckpointManager, SaveStats, wait_until_released
     from .verify import VerifyReport, verify
 except ModuleNotFoundError as _missing:  # typically: the project's virtual environment is not active
     _message = (f"ckptio needs the package {_missing.name!r}, which {sys.executable} lacks: run "
@@ -46,6 +46,7 @@ __all__ = [
     "parse_size",
     "read_meta",
     "verify",
+    "wait_until_released",
 ]
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ through a symlink (``O_NOFOLLOW``), and a write either puts every byte down or r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "lock_exclusive",
     "open_lock",
     "remove_leftovers",
+    "replace_if_unchanged",
     "temp_name",
     "write_all_at",
 ]
@@ -166,6 +168,18 @@ class AtomicFile:
         self._file.close()
 
 
+HOLD_ENV = "CKPTIO_TEST_HOLD_BEFORE_RENAME"
+"""A test seam: while the file this environment variable names exists, every write, its bytes complete and
+fsynced, waits before its rename. A crash test can then kill a process that is certainly mid-write instead of
+hoping to catch one (a fast disk finishes a small checkpoint in milliseconds). Unset, it costs one lookup."""
+
+
+def _hold_for_tests() -> None:
+    gate = os.environ.get(HOLD_ENV)
+    while gate and os.path.exists(gate):
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = False) -> Iterator[AtomicFile]:
     """Yield a file to write ``final``'s bytes into; they appear under ``final`` only if the block succeeds.
@@ -193,6 +207,7 @@ def atomic_write(final: Path, *, fsync: bool = True, drop_page_cache: bool = Fal
             # A checkpoint is not read back soon; keep its pages from evicting the training data's.
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         file.close()
+        _hold_for_tests()
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -224,3 +239,45 @@ def remove_leftovers(directory: Path) -> list[Path]:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` in one step (``renameat2(RENAME_EXCHANGE)``); ``FileNotFoundError`` if
+    either is gone; ``False`` where the kernel, the C library or the filesystem cannot exchange."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_if_unchanged(new: Path, final: Path, expected: os.stat_result) -> None:
+    """Rename ``new`` over ``final`` only if ``final`` is still the file ``expected`` describes (same inode).
+
+    For rewriting a file in place (slimming): if another process deleted ``final`` meanwhile (``ckptio clean``),
+    it must stay deleted, so ``FileNotFoundError`` is raised and nothing is renamed; if it was replaced, the
+    newer file is kept and ``FileExistsError`` is raised. Where the kernel can exchange two names in one step the
+    check cannot race; elsewhere it is made just before the rename. ``new`` then holds the old file (or is gone).
+    """
+    def same(info: os.stat_result) -> bool:
+        return (info.st_ino, info.st_dev) == (expected.st_ino, expected.st_dev)
+
+    if _exchange(new, final):
+        if same(os.lstat(new)):
+            return
+        _exchange(new, final)  # someone else's file took the name meanwhile: give it back its place
+        raise FileExistsError(errno.EEXIST, f"{final} was replaced while it was being rewritten; the newer file "
+                              "is kept", str(final))
+    if not same(os.lstat(final)):  # FileNotFoundError when it was deleted
+        raise FileExistsError(errno.EEXIST, f"{final} was replaced while it was being rewritten; the newer file "
+                              "is kept", str(final))
+    os.replace(new, final)

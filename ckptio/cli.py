@@ -42,7 +42,7 @@ from .layout import (
     scan,
     split_suffix,
 )
-from .retention import beyond_newest
+from .retention import beyond_newest, periodic_newest_first
 from .slim import is_slim
 from .verify import record_in_index, verify
 
@@ -57,6 +57,7 @@ _PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.ENOENT}
 # Printing a loaded state visits at most this many objects (a small pickle of shared references can describe
 # an exponentially large tree).
 _DESCRIBE_BUDGET = 100_000
+_NOT_FINITE = ("inf", "-inf", "nan")
 _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 120
 
@@ -161,7 +162,8 @@ def _guide_spelling(argv: list[str]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ckptio", description="Inspect and manage checkpoint files.")
+    parser = argparse.ArgumentParser(prog="python -m ckptio", description="Inspect and manage checkpoint files.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command")
 
     def directory_arg(p: argparse.ArgumentParser) -> None:
@@ -175,27 +177,28 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", help="the same, as the guide spells it")
         p.add_argument("--save-dir", dest="save_dir", help=f"where to look up bare names (default: {DEFAULT_DIR})")
 
-    p = sub.add_parser("list", help="list checkpoints with size, time and integrity state")
+    p = sub.add_parser("list", allow_abbrev=False, help="list checkpoints with size, time and integrity state")
     directory_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_cmd_list)
 
-    p = sub.add_parser("info", help="show a checkpoint's metadata without loading its tensors")
+    p = sub.add_parser("info", allow_abbrev=False, help="show a checkpoint's metadata without loading its tensors")
     file_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=_cmd_info)
 
-    p = sub.add_parser("load", help="load a checkpoint fully (digest checked) and summarize it")
+    p = sub.add_parser("load", allow_abbrev=False, help="load a checkpoint fully (digest checked) and summarize it")
     file_arg(p)
     p.set_defaults(run=_cmd_load)
 
-    p = sub.add_parser("clean", help="delete all but the newest N batch checkpoints")
+    p = sub.add_parser("clean", allow_abbrev=False, help="delete all but the newest N batch checkpoints")
     directory_arg(p)
     p.add_argument("--keep-count", dest="keep_count", type=int, help="batch checkpoints to keep (required)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="only show what would be deleted")
     p.set_defaults(run=_cmd_clean)
 
-    p = sub.add_parser("verify", help="re-read checkpoints and check their digests (exit 1 if any is corrupt)")
+    p = sub.add_parser("verify", allow_abbrev=False,
+                       help="re-read checkpoints and check their digests (exit 1 if any is corrupt)")
     p.add_argument("path", nargs="?", help=f"a checkpoint file or directory, or a mirror's URL or URL/NAME (its "
                    f"copies are downloaded and checked) (default: {DEFAULT_DIR})")
     p.add_argument("--save-dir", dest="save_dir", help="the same, as the guide spells it")
@@ -394,8 +397,8 @@ def _count(value: Any) -> int | None:
 
 def _shown(key: str, value: Any) -> str:
     """A summary value as a user reads it, on one line: the trainer's "nothing yet" placeholders say so."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "none yet"
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or value in _NOT_FINITE:
+        return "none yet"  # a summary stores a non-finite float as its repr: the trainer's inf is "no loss yet"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 and (
             key.endswith(("hmean", "precision", "recall"))):
         return "none yet"  # an H-mean lies in [0, 1]: the trainer's -1.0 means "not measured yet"
@@ -412,7 +415,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = path.stat()
     # The meta is whatever the file says: every field is checked before it is formatted.
     meta = seal.meta if seal else {}
-    summary = _dict(meta.get("summary"))
+    summary = _dict(meta.get("summary")) if seal else _unsealed_summary(path)
     index = read_index(path.parent)
     entry = CheckpointEntry(path, path.name, "", info.st_size, info.st_mtime_ns, False)
     doc = {
@@ -475,6 +478,19 @@ def _dcp_info(path: Path, *, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _unsealed_summary(path: Path) -> dict[str, Any]:
+    """The top-level numbers (epoch, batch, losses) of a file ckptio did not write, such as the guide script's
+    ``torch.save`` checkpoints: they have no metadata to read, so the file is loaded (weights only, as ``load``)."""
+    try:
+        state = load(path, map_location="cpu", verify=False)
+    except (ValueError, OSError, RecursionError):
+        return {}  # info shows what it can; `load` and `verify` say what is wrong with the file
+    if not isinstance(state, dict):
+        return {}
+    return {key: value for key, value in state.items()
+            if isinstance(key, str) and type(value) in (int, float, bool, str) and len(str(value)) <= 200}
+
+
 def _number(value: int | None) -> str:
     return "unknown" if value is None else f"{value:,}"
 
@@ -483,11 +499,13 @@ def _cmd_load(args: argparse.Namespace) -> int:
     path = _file(args)
     started = time.perf_counter()
     try:
+        sealed = read_meta(path)[0] is not None
         state = load(path, map_location="cpu")
     except RecursionError:
         raise CorruptCheckpointError(path, "its objects are nested too deeply to load") from None
     seconds = time.perf_counter() - started
-    print(f"✅ loaded {path} in {seconds:.2f}s (digest checked)")
+    checked = "digest checked" if sealed else "no digest to check: not written by ckptio"
+    print(f"✅ loaded {path} in {seconds:.2f}s ({checked})")
     if isinstance(state, dict):
         budget = [_DESCRIBE_BUDGET]
         for key, value in state.items():
@@ -550,10 +568,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if args.keep_count < 0:
         raise UsageError("--keep-count must be 0 or more")
     # Only batch checkpoints are counted and deleted; best_model and other names are the user's to manage.
-    entries = [e for e in scan(directory) if not e.protected and parse_checkpoint_name(e.name)]
+    listing = scan(directory)
     if cli_dcp.has_dcp(directory):  # DCP checkpoint directories follow the same rule as files
-        entries += [e for e in cli_dcp.dcp_entries(directory) if not e.protected and parse_checkpoint_name(e.name)]
-        entries.sort(key=lambda e: e.order_key, reverse=True)
+        listing += cli_dcp.dcp_entries(directory)
+    entries = periodic_newest_first(listing)  # in written order: an mtime may lie (a clock stepped back)
     newest_valid = _newest_valid(entries)
     victims = beyond_newest(entries, args.keep_count, newest_valid)
     verb = "would delete" if args.dry_run else "deleted"

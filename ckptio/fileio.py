@@ -119,7 +119,9 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
                 else:
                     formats.write_safetensors(snapshot, tee, meta)  # type: ignore[arg-type]
             meta["raw_size"] = counter.size
-            digest = sink.seal_with(zstd_trailer(DIGEST_PLACEHOLDER, meta), lambda d: zstd_trailer(d, meta))
+            placeholder = zstd_trailer(DIGEST_PLACEHOLDER, meta)
+            _check_trailer_cost(placeholder)
+            digest = sink.seal_with(placeholder, lambda d: zstd_trailer(d, meta))
         elif fmt == "torch":
             # Straight into our file, not through the hasher: the zip is sealed in place once complete.
             formats.write_torch(snapshot, file)  # type: ignore[arg-type]
@@ -137,6 +139,15 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
         size = sink.size
     return SavedCheckpoint(path=path, name=name, digest=digest, size=size, meta=meta,
                            seconds=time.perf_counter() - started)
+
+
+def _check_trailer_cost(trailer: bytes) -> None:
+    """Never write a trailer that reading refuses: its length is checked where it is built, its parse cost here."""
+    try:
+        formats.check_json_cost(trailer, "the new checkpoint", "its metadata")
+    except CorruptCheckpointError:
+        raise ValueError("the checkpoint's metadata= nests too many small values for ckptio to read back (it limits "
+                         "what parsing a trailer may cost); pass flatter or less metadata") from None
 
 
 class _CountingWriter:
@@ -419,28 +430,35 @@ def _read_all(fd: int, size: int) -> bytes:
         return raw.read(size)
 
 
-# A .zst file may expand to at most this many times its compressed size (plus 1 MiB), and never beyond the
-# machine's physical memory: a raw size recorded in the file is a claim, never a license to allocate. zstd
-# level 1 reaches ~1.1x on trained fp32 weights and optimizer state; only states made mostly of zeros exceed
-# 1024x (they are better saved uncompressed).
+# An unsealed .zst file (or one whose seal records no raw size) may expand to at most this many times its
+# compressed size (plus 1 MiB). zstd level 1 reaches ~1.1x on trained fp32 weights and optimizer state, but
+# zero-initialised weights, fresh optimizer moments or LoRA adapters pass 1024x: a sealed file ckptio wrote records
+# its raw size, and that size (at most physical memory) bounds it instead, checked as the bytes come out, after
+# their first bytes proved to start the container the name says.
 MAX_ZSTD_EXPANSION = 1024
 
 
 def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> bytearray:
-    """Stream-decompress the file's zstd body into one buffer whose size is bounded before any byte is read."""
+    """Stream-decompress the file's zstd body into one buffer whose size is bounded before any byte is read.
+
+    A raw size recorded in the seal is a claim, as is everything in the file: it allows that many bytes (never
+    more than physical memory), so a forged claim costs what a real state of that size would. What stops a bomb
+    that claims its true size is that its output must start as the container says (a torch zip's first record, a
+    safetensors header within the caps), checked on the first bytes out, before the rest is decompressed.
+    """
     start, end = (seal.body_start, seal.body_length) if seal else (0, size)
     limit = allowed = min(MAX_ZSTD_EXPANSION * (end - start) + 2**20, _physical_memory())
     declared = seal.meta.get("raw_size") if seal else None
     if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
-        if declared > limit:
+        if declared > _physical_memory():
             raise CorruptCheckpointError(
-                path, f"it records a raw size of {declared} bytes, more than the {limit} bytes allowed for "
-                f"{end - start} compressed bytes ({MAX_ZSTD_EXPANSION}x, and at most physical memory); "
-                "refusing to decompress it")
-        limit = declared
+                path, f"it records a raw size of {declared} bytes, more than this machine's physical memory "
+                f"({_physical_memory()} bytes); refusing to decompress it")
+        limit = allowed = declared
     else:
         declared = None
     out = bytearray()
+    prefix_checked = False
     zstandard = _zstandard()
     decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
     in_frame = False  # the current decoder has taken bytes of a frame that has not ended yet
@@ -448,8 +466,8 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
     try:
         while position < end:
             # zstd expands one input byte to at most ~32 KiB: near the allowed size, feed small pieces so that one
-            # call cannot overshoot it by much (a recorded size only narrows the check below, not the pieces).
-            step = max(512, min(2**20, (allowed - len(out)) // 32768))
+            # call cannot overshoot it by much. The first pieces are small too: the prefix check comes early.
+            step = max(512, min(2**20, (allowed - len(out)) // 32768, 512 if not prefix_checked else 2**20))
             piece = read_at(position, min(step, end - position))
             if not piece:
                 raise CorruptCheckpointError(path, "the file became shorter while it was read")
@@ -461,6 +479,9 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
                     raise CorruptCheckpointError(
                         path, f"zstd data expands beyond the {limit} bytes allowed for it; refusing to decompress "
                         "further")
+                if not prefix_checked and len(out) >= _PREFIX:
+                    _check_prefix(path, bytes(out[:_PREFIX]), limit)
+                    prefix_checked = True
                 if not decoder.eof:
                     break
                 piece = decoder.unused_data  # the next frame starts inside this piece
@@ -472,7 +493,26 @@ def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> by
         raise CorruptCheckpointError(path, "the zstd stream ends early: the file is truncated")
     if declared is not None and len(out) != declared:
         raise CorruptCheckpointError(path, f"zstd data expands to {len(out)} bytes, {declared} were recorded")
+    if not prefix_checked:
+        _check_prefix(path, bytes(out[:_PREFIX]), limit)
     return out
+
+
+_PREFIX = 9  # a zip's local header signature; a safetensors header's length and its opening brace
+
+
+def _check_prefix(path: Path, head: bytes, limit: int) -> None:
+    """Refuse decompressed bytes that do not start the container the file's name says."""
+    if inner_format(path) == "torch":
+        if not head.startswith(b"PK\x03\x04"):
+            raise CorruptCheckpointError(path, "its zstd data does not start a torch zip file: damaged or not a "
+                                               "checkpoint; refusing to decompress further")
+        return
+    if len(head) < _PREFIX or head[8:9] != b"{":
+        raise CorruptCheckpointError(path, "its zstd data does not start a safetensors header: damaged or not a "
+                                           "checkpoint; refusing to decompress further")
+    (length,) = struct.unpack("<Q", head[:8])
+    formats.check_safetensors_header_length(length, limit, path)
 
 
 def _zstandard() -> Any:

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 
 from .errors import CorruptCheckpointError
-from .snapshot import Snapshot, rebuild, walk_tensors
+from .snapshot import Snapshot, rebuild
 
 __all__ = [
     "SAFETENSORS_DIGEST_KEY",
@@ -45,10 +45,13 @@ __all__ = [
 SAFETENSORS_DIGEST_KEY = "ckptio.digest"
 SAFETENSORS_META_KEY = "ckptio.meta"
 SAFETENSORS_SKELETON_KEY = "ckptio.skeleton"
-# The largest header we accept when reading. A real header lists each tensor in ~100 bytes (a 10,000-tensor
-# state: ~1 MB); parsing JSON costs ~10x its size in Python objects, so this keeps a forged header's cost under
-# ~200 MB and a few seconds. (safetensors' own limit is 100 MB.)
-MAX_SAFETENSORS_HEADER = 16 * 2**20
+# The largest header we accept when reading. ckptio's header lists each tensor in ~270 bytes with 50-character
+# names (its path twice, as the tensor's name and in the structure): 100,000 tensors take 26 MB, and parsing them
+# ~120 MiB (counted by :func:`check_json_cost`, which bounds what a forged header costs). Above this a header is
+# refused unread, and ckptio refuses to write one. (safetensors' own limit is 100 MB.)
+MAX_SAFETENSORS_HEADER = 32 * 2**20
+# The fewest header bytes a tensor takes beyond twice its path: its record and its place in the structure.
+_HEADER_BYTES_PER_TENSOR = 64
 # A zip central directory larger than this is refused before it is read or parsed (torch.save writes ~150 bytes
 # per tensor: this is over 200,000 tensors). Parsing one costs ~3 us per 46-byte entry here and as much again in
 # torch.load: 256 MiB of crafted entries took 17 s and 480 MB for an unsealed file; 32 MiB takes ~2 s.
@@ -64,20 +67,91 @@ _DTYPE_CODES = {dtype: code for code, dtype in safetensors.torch._TYPES.items()}
 
 
 def check_supported(fmt: str, *states: Any) -> None:
-    """Refuse, in the caller's thread, tensors the format cannot store (rather than failing in the background)."""
+    """Refuse, in the caller's thread, tensors the format cannot store and states whose safetensors header would
+    certainly pass :data:`MAX_SAFETENSORS_HEADER` (rather than failing in the background; the writer checks the
+    exact header too, so no file that ckptio cannot read back is ever written)."""
     if fmt != "safetensors":
         return
     for state in states:
-        for tensor in walk_tensors(state):
-            if tensor.dtype not in _DTYPE_CODES:
-                raise ValueError(f"a tensor of dtype {tensor.dtype} cannot be stored in safetensors; "
-                                 "save with format='torch' (which stores every dtype)")
+        tensors, path_bytes = _count_tensors(state, 0)
+        least = tensors * _HEADER_BYTES_PER_TENSOR + 2 * path_bytes
+        if least > MAX_SAFETENSORS_HEADER:
+            raise ValueError(
+                f"the state's {tensors} tensors need a safetensors header of at least {least} bytes, more than the "
+                f"{MAX_SAFETENSORS_HEADER} bytes ckptio reads back; use format='torch' for this state")
+
+
+def _count_tensors(obj: Any, path_length: int) -> tuple[int, int]:
+    """The tensors in ``obj`` and the summed lengths of their paths (``a/b/0``), checking each dtype."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype not in _DTYPE_CODES:
+            raise ValueError(f"a tensor of dtype {obj.dtype} cannot be stored in safetensors; "
+                             "save with format='torch' (which stores every dtype)")
+        return 1, path_length
+    if isinstance(obj, dict):
+        items: Any = ((str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), value) for i, value in enumerate(obj))
+    else:
+        return 0, 0
+    count = total = 0
+    for key, value in items:
+        n, length = _count_tensors(value, path_length + len(key) + bool(path_length))
+        count += n
+        total += length
+    return count, total
 
 
 def write_torch(snapshot: Snapshot, stream: BinaryIO) -> None:
     """``torch.save`` into our own stream (zero-copy: torch hands it memoryviews), which writes every byte or
-    raises the OS's error; torch's C++ writer given a path reports a failed write without its errno."""
-    torch.save(snapshot.materialize(), stream)
+    raises the OS's error; torch's C++ writer given a path reports a failed write without its errno.
+
+    Raises ValueError, before the file is committed, when its zip directory passes :data:`MAX_ZIP_DIRECTORY`:
+    ckptio never writes a file that it refuses to read back.
+    """
+    tail = _Tail(stream)
+    torch.save(snapshot.materialize(), tail)  # type: ignore[arg-type]
+    directory = _zip_directory_size(bytes(tail.last))
+    if directory > MAX_ZIP_DIRECTORY:
+        raise ValueError(
+            f"the torch file's zip directory would be {directory} bytes ({len(snapshot.tensors)} tensors), more "
+            f"than the {MAX_ZIP_DIRECTORY} bytes ckptio reads back; save fewer, larger tensors (e.g. concatenate "
+            "them) or use format='safetensors'")
+
+
+class _Tail:
+    """Passes writes on and keeps the last bytes: a zip's end records, which say how large its directory is."""
+
+    KEEP = ZIP_END_SIZE + 20 + 56  # the end record, the zip64 locator and the zip64 end record
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = bytearray()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.last += view[-self.KEEP :]
+        del self.last[: -self.KEEP]
+        self.stream.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+
+def _zip_directory_size(tail: bytes) -> int:
+    """The central directory's size, from the last bytes of a zip without a comment (as torch.save ends)."""
+    end = tail[-ZIP_END_SIZE:]
+    if not end.startswith(ZIP_END_SIGNATURE):
+        raise RuntimeError("torch.save did not end with a plain zip end record")
+    (size,) = struct.unpack("<I", end[12:16])
+    zip64 = tail[: -ZIP_END_SIZE - 20]
+    if size == 0xFFFFFFFF and zip64[-56:].startswith(_ZIP64_END):
+        (size,) = struct.unpack("<Q", zip64[-56:][40:48])
+    return size
 
 
 def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any], *,
@@ -112,6 +186,11 @@ def write_safetensors(snapshot: Snapshot, stream: BinaryIO, meta: dict[str, Any]
         raise ValueError(
             f"the safetensors header would be {len(encoded)} bytes ({len(names)} tensors and the state's structure), "
             f"more than the {MAX_SAFETENSORS_HEADER} bytes ckptio reads back; use format='torch' for this state")
+    try:
+        check_json_cost(encoded, "the new checkpoint", "its safetensors header")
+    except CorruptCheckpointError:
+        raise ValueError(f"the safetensors header of {len(names)} tensors would cost more to parse than ckptio "
+                         "allows when reading; use format='torch' for this state") from None
     placeholder_at = None
     if digest_placeholder is not None:
         marker = json.dumps(SAFETENSORS_DIGEST_KEY).encode() + b':"'
@@ -288,8 +367,19 @@ def _assemble_safetensors(header: dict[str, Any], tensors: dict[str, torch.Tenso
         raise CorruptCheckpointError(path, f"ckptio structure in the safetensors metadata is broken ({exc})") from None
 
 
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+"""The first bytes of a file ``torch.save`` wrote in its legacy (pre-1.6, pre-zip) format: a pickled magic number."""
+
+
 def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: Any = None) -> Any:
     """``torch.load`` (weights only) from bytes or an open file, after :func:`check_torch_zip`."""
+    if _is_legacy(source):
+        # The legacy format has no zip directory to check; the weights-only unpickler still refuses any code.
+        stream_: BinaryIO = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        try:
+            return torch.load(stream_, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
     if isinstance(source, (bytes, bytearray)):
         view = memoryview(source)
         check_torch_zip(path, len(view), lambda offset, length: bytes(view[offset : offset + length]))
@@ -305,6 +395,13 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
         return torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...) for bad bytes
         raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
+
+
+def _is_legacy(source: bytes | bytearray | BinaryIO) -> bool:
+    """Whether ``source`` holds torch.save's legacy (pre-zip) format."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[: len(LEGACY_TORCH_MAGIC)]) == LEGACY_TORCH_MAGIC
+    return os.pread(source.fileno(), len(LEGACY_TORCH_MAGIC), 0) == LEGACY_TORCH_MAGIC
 
 
 def torch_load_error(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ import xxhash
 from .atomic import write_all_at
 from .errors import CorruptCheckpointError
 from .formats import (
+    LEGACY_TORCH_MAGIC,
     SAFETENSORS_DIGEST_KEY,
     SAFETENSORS_META_KEY,
     ZIP_END_SIGNATURE,
@@ -214,6 +215,8 @@ def read_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:
             raise CorruptCheckpointError(path, "not a zstd stream (wrong suffix, or the start is damaged)")
         return _zstd_seal(path, size, read_at)
     if container == "torch":
+        if read_at(0, min(size, len(LEGACY_TORCH_MAGIC))) == LEGACY_TORCH_MAGIC:
+            return None  # torch.save's pre-zip format (the official CRAFT release): it has no place for a seal
         if head[:4] != b"PK\x03\x04":
             zstd = head[:4] == ZSTD_MAGIC or head == ZSTD_LEADING_FRAME
             what = "a zstd stream; name it .pth.zst" if zstd else "a torch zip file"

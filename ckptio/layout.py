@@ -29,6 +29,7 @@ __all__ = [
     "INDEX_NAME",
     "LOCK_NAME",
     "SHARDS_SUFFIX",
+    "WRITTEN_NOW",
     "CheckpointEntry",
     "OrphanShards",
     "delete_checkpoint",
@@ -177,6 +178,8 @@ class CheckpointEntry:
     protected: bool
     shard_bytes: int = 0
     """Bytes of the shards of a sharded checkpoint (``size`` is its manifest's)."""
+    written: int | None = None
+    """Its place in the order in which ckptio wrote this directory's checkpoints (from the index), if known."""
 
     @property
     def total_size(self) -> int:
@@ -187,12 +190,16 @@ class CheckpointEntry:
         return parse_checkpoint_name(self.name)
 
     @property
-    def order_key(self) -> tuple[int, tuple[int, int], str]:
-        return (self.mtime_ns, self.epoch_batch or (-1, -1), self.name)
+    def order_key(self) -> tuple[bool, int, int, tuple[int, int], str]:
+        """Newest last: by the order the index says the files were written in, never by a clock that may have been
+        stepped back; files the index does not know (copied in, or the index lost) come first, by mtime."""
+        return (self.written is not None, self.written or 0, self.mtime_ns, self.epoch_batch or (-1, -1), self.name)
 
 
 def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) -> list[CheckpointEntry]:
-    """Checkpoint files in ``directory``, newest first (temporary files of writers in progress excluded)."""
+    """Checkpoint files in ``directory``, newest first (temporary files of writers in progress excluded): in the
+    order ckptio wrote them, as its index records it, then files it did not record, by mtime."""
+    index = read_index(directory)
     entries = []
     with os.scandir(directory) as it:
         for item in it:
@@ -210,7 +217,7 @@ def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) ->
             entries.append(CheckpointEntry(
                 path=Path(item.path), name=parts[0], suffix=parts[1], size=info.st_size,
                 mtime_ns=info.st_mtime_ns, protected=parts[0] in protected_names,
-                shard_bytes=_shards_size(Path(item.path)),
+                shard_bytes=_shards_size(Path(item.path)), written=index.get(item.name, {}).get("written"),
             ))
     entries.sort(key=lambda e: e.order_key, reverse=True)
     return entries
@@ -280,6 +287,7 @@ def _valid_record(record: Any) -> bool:
         return False
     meta = record.get("meta", {})
     return (type(record.get("size")) is int and type(record.get("mtime_ns")) is int
+            and type(record.get("written", 0)) is int
             and isinstance(record.get("status"), str) and isinstance(record.get("digest"), (str, type(None)))
             and isinstance(meta, dict) and isinstance(meta.get("summary", {}), dict)
             and isinstance(meta.get("user", {}), dict))
@@ -299,11 +307,18 @@ def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, 
             files = read_index(directory)
         except Exception:  # any doubt about a cache means rebuilding it, never a failed save
             files = {}
+        last = max((record.get("written", 0) for record in files.values()), default=0)
         for filename, record in changes.items():
             if record is None:
                 files.pop(filename, None)
-            else:
-                files[filename] = record
+                continue
+            record = dict(record)
+            if record.get("written") == WRITTEN_NOW:  # a new save: after every file written so far
+                last += 1
+                record["written"] = last
+            elif "written" not in record and "written" in files.get(filename, {}):
+                record["written"] = files[filename]["written"]  # re-verified or slimmed: keeps its place
+            files[filename] = record
         existing = {e.name for e in os.scandir(directory)}
         files = {k: v for k, v in files.items() if k in existing}
         # An unpredictable new name, never through a symlink: a planted file cannot redirect the write.
@@ -321,10 +336,17 @@ def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, 
             raise
 
 
+WRITTEN_NOW = "now"
+"""``index_record(..., written=WRITTEN_NOW)``: the record of a checkpoint just written, placed after all others."""
+
+
 def index_record(size: int, mtime_ns: int, status: str, digest: str | None, meta: dict[str, Any] | None,
-                 reason: str = "") -> dict[str, Any]:
-    return {"size": size, "mtime_ns": mtime_ns, "status": status, "digest": digest, "meta": meta or {},
-            "reason": reason}
+                 reason: str = "", *, written: str | None = None) -> dict[str, Any]:
+    record = {"size": size, "mtime_ns": mtime_ns, "status": status, "digest": digest, "meta": meta or {},
+              "reason": reason}
+    if written is not None:
+        record["written"] = written
+    return record
 
 
 def integrity_state(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str:
@@ -458,11 +480,14 @@ def live_ranks(directory: Path) -> list[str]:
 
 def sweep_leftovers(directory: Path, *, orphans: bool = False) -> list[Path]:
     """What rank 0 removes when it opens ``directory`` (holding its lock): temporary files of interrupted
-    saves, in the directory and in each real shard directory (a symlinked one is never entered), and with
-    ``orphans`` the shard directories of saves never committed, unless a rank is already running."""
+    saves, in the directory and in each real shard directory (a symlinked one is never entered; none while another
+    rank's lock is held), and with ``orphans`` the shard directories of saves never committed, unless a rank is
+    already running."""
     removed = [orphan.path for orphan in remove_orphan_shards(directory, when_idle=True, holding_lock=True)
                ] if orphans else []
     removed += remove_leftovers(directory)
+    if [name for name in live_ranks(directory) if name != LOCK_NAME]:
+        return removed  # another rank (or its writer process, of this run or an earlier one) may be writing there
     for item in os.scandir(directory):
         if item.name.endswith(SHARDS_SUFFIX) and item.is_dir(follow_symlinks=False):
             removed += remove_leftovers(Path(item.path))

@@ -10,6 +10,7 @@ the next ``save()``, ``wait()`` or ``close()``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
 
 from .atomic import lock_exclusive, open_lock
@@ -37,7 +39,7 @@ from .writer import JobRunner, Report, WriteJob, WriterBackend
 if TYPE_CHECKING:
     from .mirror import Mirror
 
-__all__ = ["CheckpointManager", "SaveStats"]
+__all__ = ["EARLIER_WRITER_WAIT", "CheckpointManager", "SaveStats", "wait_until_released"]
 
 log = logging.getLogger("ckptio")
 
@@ -92,7 +94,9 @@ class CheckpointManager:
         if options is not None and option_fields:
             raise ValueError("pass either options=CheckpointOptions(...) or keyword options, not both")
         self.options = options if options is not None else CheckpointOptions(**option_fields)
-        self.directory = Path(directory)
+        # Absolute once and for all: a later os.chdir() must not send saves, sweeps and retention to another
+        # directory that was never locked (the writer process, started now or restarted later, gets this path).
+        self.directory = Path(directory).absolute()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -101,6 +105,7 @@ class CheckpointManager:
         try:
             self._start()
         except BaseException:
+            _held_locks.discard(self._lock_fd)
             os.close(self._lock_fd)
             raise
 
@@ -137,7 +142,7 @@ class CheckpointManager:
         if in_process:
             from .writer_process import ProcessWriter
 
-            self._writer = ProcessWriter(self.directory, options, self._on_report, self._on_lost)
+            self._writer = ProcessWriter(self.directory, options, self._on_report, self._on_lost, self._lock_fd)
         elif options.async_save:
             from .writer_thread import ThreadWriter
 
@@ -181,23 +186,30 @@ class CheckpointManager:
                 log.warning("skipped saving %s: %d earlier saves are still being written (on_full='skip')",
                             name, self.options.max_pending + 1)
                 return None
+            ticket = _Ticket(name, slot, Future())
+            number = next(self._ticket_numbers)
             try:
                 snapshot = slot.main.take(state) if state is not None else None
                 shard_snapshot = slot.shard.take(shard) if shard is not None else None
+                for part, buffers, source in (("main", slot.main, state), ("shard", slot.shard, shard)):
+                    if buffers.needs_prepare and buffers.staging is not None:  # pinned for the next saves, off-thread
+                        self._stage(part, buffers.staging.layout, _cuda_device(source))
+                job = WriteJob(number, name, snapshot, dict(metadata) if metadata else None, shard_snapshot, token)
+                with self._idle:
+                    self._tickets[number] = ticket
+                if self._writer is not None:
+                    self._writer.submit(job)  # may raise, e.g. EMFILE when a new writer process must start
             except BaseException:
+                # Nothing was handed over: no report will ever come, so the save is forgotten and its slot freed
+                # here, or wait() and close() would wait for it forever and the next save would lack a slot.
+                with self._idle:
+                    registered = self._tickets.pop(number, None) is not None
+                    self._idle.notify_all()
                 self._free_slots.put(slot)
+                if registered:
+                    self.stats.failed += 1
                 raise
-            for part, buffers, source in (("main", slot.main, state), ("shard", slot.shard, shard)):
-                if buffers.needs_prepare and buffers.staging is not None:  # pinned for the next saves, off-thread
-                    self._stage(part, buffers.staging.layout, _cuda_device(source))
-            ticket = _Ticket(name, slot, Future())
-            job = WriteJob(next(self._ticket_numbers), name, snapshot, dict(metadata) if metadata else None,
-                           shard_snapshot, token)
-            with self._idle:
-                self._tickets[job.ticket] = ticket
-            if self._writer is not None:
-                self._writer.submit(job)
-            else:
+            if self._writer is None:
                 self._on_report(self._runner.run(job))
             del job, snapshot, shard_snapshot
             self.stats.blocked_seconds += time.perf_counter() - started
@@ -250,6 +262,7 @@ class CheckpointManager:
                 slot.main.release()
                 slot.shard.release()
             _open_managers.discard(self)
+            _held_locks.discard(self._lock_fd)
             os.close(self._lock_fd)
         self._raise_background_error()
 
@@ -335,6 +348,9 @@ class CheckpointManager:
                 "a file under its name is complete and verifies, never partial; earlier checkpoints are intact)"
                 if names else "no save was lost")
         error = CheckpointWriteError(f"{reason}; {lost}; the next save starts a new writer process")
+        if not names:  # nothing to report to the caller: training goes on, the next save starts a new writer
+            log.warning("%s", error)
+            return
         log.error("%s", error)
         with self._errors_lock:
             self._errors.append(error)
@@ -448,23 +464,94 @@ class _Stager:
                 self._changed.notify_all()
 
 
-def _lock_directory(directory: Path, rank: int) -> int:
+EARLIER_WRITER_WAIT = 600.0
+"""Seconds a new manager waits for the writer process of an earlier run whose trainer is gone (killed) to commit
+the saves it was given and release the directory; a lock held by a running process is refused at once."""
+
+
+def wait_until_released(directory: str | os.PathLike[str], *, rank: int = 0) -> None:
+    """Return once no writer of an earlier, killed run still works in ``directory`` (waiting up to
+    :data:`EARLIER_WRITER_WAIT` seconds); raise :class:`~ckptio.CheckpointDirectoryLockedError` if a running
+    manager holds it. Call it before choosing a checkpoint to resume from: the saves an earlier run's ``save()``
+    had returned are then all committed (``CheckpointManager`` itself waits the same way)."""
+    directory = Path(directory).absolute()
+    if directory.is_dir():
+        os.close(_lock_directory(directory, rank, register=False))
+
+
+def _lock_directory(directory: Path, rank: int, register: bool = True) -> int:
     # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
     lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
     fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
     try:
-        lock_exclusive(fd)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        _wait_for_lock(fd, directory)
+    except BaseException:
         os.close(fd)
-        raise CheckpointDirectoryLockedError(
-            f"{directory} is already being written by another checkpoint manager (process {holder}); "
-            "stop that run or choose another directory"
-        ) from None
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    if register:
+        _held_locks.add(fd)
     return fd
 
+
+def _wait_for_lock(fd: int, directory: Path) -> None:
+    """Take the lock. A holder whose recorded process is gone is the writer process of a killed trainer, still
+    committing the saves it was given: wait for it (bounded), never share the directory with it."""
+    deadline = None
+    while True:
+        try:
+            lock_exclusive(fd)
+            return
+        except BlockingIOError:
+            pass
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        if _is_running(holder):
+            raise CheckpointDirectoryLockedError(
+                f"{directory} is already being written by another checkpoint manager (process {holder}); "
+                "stop that run or choose another directory")
+        if deadline is None:
+            deadline = time.monotonic() + EARLIER_WRITER_WAIT
+            log.warning("%s is still locked by the writer of an earlier run (its trainer, process %s, is gone): "
+                        "waiting up to %gs for it to commit the saves it was given", directory, holder,
+                        EARLIER_WRITER_WAIT)
+        if time.monotonic() > deadline:
+            raise CheckpointDirectoryLockedError(
+                f"{directory} is still locked by the writer of an earlier run (its trainer, process {holder}, is "
+                f"gone) after {EARLIER_WRITER_WAIT:g}s; wait for it to finish, or stop the ckptio.writer_process "
+                "that holds it, and start again")
+        time.sleep(0.05)
+
+
+def _is_running(pid: str) -> bool:
+    """Whether ``pid`` (read from a lock file) names a live process; anything unreadable counts as live."""
+    if not pid.isdigit():
+        return True
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+# A forked child (a DataLoader worker) shares the lock's open file, and with it the flock: after a kill -9 of the
+# trainer, its workers would keep the directory locked until they notice and exit (seconds). In the child the
+# descriptor is pointed at /dev/null (not closed: the inherited manager would later close whatever file reused
+# the number), which drops the child's hold on the lock and leaves the parent's untouched.
+_held_locks: set[int] = set()
+
+
+def _release_locks_in_fork() -> None:
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, fd)
+            os.close(null)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_fork)
 
 _open_managers: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 

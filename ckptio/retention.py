@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .layout import CheckpointEntry
 
-__all__ = ["RetentionPlan", "beyond_newest", "newest_owned", "over_budget", "owned_by_retention", "plan_retention"]
+__all__ = ["RetentionPlan", "beyond_newest", "newest_owned", "over_budget", "owned_by_retention",
+           "periodic_newest_first", "plan_retention"]
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,20 @@ def owned_by_retention(entry: CheckpointEntry) -> bool:
     return not entry.protected and entry.epoch_batch is not None
 
 
+def periodic_newest_first(entries: Sequence[CheckpointEntry]) -> list[CheckpointEntry]:
+    """The periodic checkpoints of a listing, newest first (:attr:`ckptio.layout.CheckpointEntry.order_key`).
+
+    Newest means written last, as the directory's index records it, never by modification time alone: after the
+    clock was stepped back, older files have later mtimes, and ordering by them would delete or slim the
+    checkpoint just written. Only files the index does not know are ordered by mtime, after those it does.
+    """
+    periodic = [e for e in entries if owned_by_retention(e)]
+    return sorted(periodic, key=lambda e: e.order_key, reverse=True)
+
+
 def newest_owned(entries: Sequence[CheckpointEntry]) -> Path | None:
-    """The newest periodic checkpoint of a listing (newest first): what a resume needs, never deleted."""
-    return next((e.path for e in entries if owned_by_retention(e)), None)
+    """The newest periodic checkpoint of a listing: what a resume needs, never deleted."""
+    return next((e.path for e in periodic_newest_first(entries)), None)
 
 
 def _deletable(entry: CheckpointEntry, must_keep: Path | None) -> bool:
@@ -45,7 +57,7 @@ def _deletable(entry: CheckpointEntry, must_keep: Path | None) -> bool:
 
 def beyond_newest(entries: Sequence[CheckpointEntry], keep_count: int, must_keep: Path | None) -> list[CheckpointEntry]:
     """Periodic checkpoints past the newest ``keep_count`` (protected ones and ``must_keep`` excluded)."""
-    periodic = [e for e in entries if owned_by_retention(e)]
+    periodic = periodic_newest_first(entries)
     return [e for e in periodic[keep_count:] if _deletable(e, must_keep)]
 
 
@@ -54,7 +66,7 @@ def over_budget(entries: Sequence[CheckpointEntry], budget: int, must_keep: Path
     """Oldest deletable checkpoints to remove until the rest plus ``reserve`` bytes fit in ``budget``."""
     total = sum(e.total_size for e in entries) + reserve
     chosen = []
-    for entry in reversed(entries):  # oldest first
+    for entry in reversed(periodic_newest_first(entries)):  # oldest first; only periodic ones are ever deleted
         if total <= budget:
             break
         if _deletable(entry, must_keep):

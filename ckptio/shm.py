@@ -56,6 +56,32 @@ def tensor_views(buffer: mmap.mmap, layout: SegmentLayout) -> list[torch.Tensor]
     return views
 
 
+def _copy_targets(buffer: mmap.mmap, layout: SegmentLayout) -> list[torch.Tensor]:
+    """The trainer's side of a segment: the same places as :func:`tensor_views`, as strided views of one tensor
+    per dtype. The trainer only copies into them, so they may share a storage; one strided view per tensor
+    instead of three tensors each made it 1.7x faster (100,000 tiny tensors: 1.9 s, blocking the first save into
+    each segment). The writer's side keeps one storage per tensor, which ``torch.save`` writes as one record."""
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    typed: dict[str, torch.Tensor] = {}
+    views = []
+    for offset, dtype_name, shape in layout:
+        base = typed.get(dtype_name)
+        if base is None:
+            dtype = getattr(torch, dtype_name)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"segment layout names {dtype_name!r}, which is not a torch dtype")
+            base = typed[dtype_name] = whole[: len(whole) // dtype.itemsize * dtype.itemsize].view(dtype)
+        if 0 in shape:
+            views.append(torch.empty(shape, dtype=base.dtype))
+            continue
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.append(step)
+            step *= size
+        views.append(base.as_strided(shape, strides[::-1], offset // base.itemsize))
+    return views
+
+
 _serials = itertools.count(1)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python's mmap module names it only from 3.13 on
 try:
@@ -76,7 +102,7 @@ def shared_staging(layout: Layout, prepared: bool, *, key: str) -> Staging:
         segment.touch()
         if prepared and any(cuda for _, _, cuda in layout):
             segment.pin()
-        buffers = tensor_views(segment.buffer, segment_layout)
+        buffers = _copy_targets(segment.buffer, segment_layout)
     except BaseException:
         segment.release()
         raise

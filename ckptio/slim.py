@@ -20,15 +20,26 @@ from typing import Any
 
 import torch
 
-from .atomic import TEMP_SUFFIX, fsync_directory
+from .atomic import TEMP_SUFFIX, fsync_directory, replace_if_unchanged
 from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
 from .layout import CheckpointEntry, index_record, read_index, scan, update_index
+from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors
 
-__all__ = ["SlimResult", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
+__all__ = ["SlimResult", "UnslimmableError", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
 
 SLIM_KEY = "slim"
 """Key of the record in a checkpoint's user metadata that marks it slim (what was dropped, the size before)."""
+
+
+class UnslimmableError(ValueError):
+    """What a checkpoint's own content makes impossible to slim (no weights under the kept keys, not a dict,
+    a structure ckptio never writes): the same file gets the same answer every time, so the writer remembers it
+    in the index rather than reading the file again at each save."""
+
+
+UNSLIMMABLE_KEY = "unslimmable"
+"""Key of an index record holding why that file (at that size and mtime) cannot be slimmed."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
     if keep_full < 1:
         raise ValueError(f"keep_full must be at least 1 (the newest checkpoint is what a resume needs), "
                          f"got {keep_full}")
-    periodic = [e for e in entries if not e.protected and e.epoch_batch is not None]
+    periodic = periodic_newest_first(entries)  # in written order: an mtime may lie (a clock stepped back)
     if keep_count is not None:
         periodic = periodic[: keep_count - 1]
     return [e for e in periodic[keep_full:] if not e.shard_bytes and e.path.name not in slim_names]
@@ -88,20 +99,22 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     path = Path(path)
     seal, before = read_meta(path)
     if seal is None:
-        raise ValueError(f"{path} carries no ckptio seal; only checkpoints written by ckptio are slimmed")
+        raise UnslimmableError(f"{path} carries no ckptio seal; only checkpoints written by ckptio are slimmed")
     meta = seal.meta
     if is_slim(meta):
         raise ValueError(f"{path} is already slim")
     if meta.get("shards"):
-        raise ValueError(f"{path} is a sharded checkpoint; its shards are not slimmed")
-    original_mtime = path.stat().st_mtime_ns
+        raise UnslimmableError(f"{path} is a sharded checkpoint; its shards are not slimmed")
+    original = path.stat()
+    original_mtime = original.st_mtime_ns
     state = load(path, map_location="cpu")
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a dict of entries; nothing to slim")
+        raise UnslimmableError(f"{path} does not hold a dict of entries; nothing to slim")
+    _refuse_shared_containers(path, state)
     _refuse_overlapping_tensors(path, state)
     missing = [k for k in keep if k not in state]
     if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)}; it cannot be slimmed to it")
+        raise UnslimmableError(f"{path} has no {', '.join(missing)}; it cannot be slimmed to it")
     kept = {k: v for k, v in state.items() if k in keep or next(walk_tensors(v), None) is None}
     dropped = tuple(str(k) for k in state if k not in kept)
     user = dict(meta["user"]) if isinstance(meta.get("user"), dict) else {}
@@ -124,7 +137,8 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
         for key in keep:
             _assert_same_tensors(state[key], reread[key], f"{path}: {key}")
         os.utime(candidate, ns=(original_mtime, original_mtime))
-        os.replace(candidate, path)
+        # Only over the very file that was read: one deleted meanwhile (`ckptio clean`) must not come back.
+        replace_if_unchanged(candidate, path, original)
         if fsync:
             fsync_directory(path.parent)
     finally:
@@ -153,18 +167,61 @@ def slim_older_checkpoints(directory: str | os.PathLike[str], keep_full: int, *,
     slim_names = {name for name, record in index.items() if is_slim(record.get("meta"))}
     done = []
     for entry in plan_slimming(scan(directory, protected_names), keep_full, slim_names, keep_count=keep_count):
+        record = index.get(entry.path.name)
+        if (record is not None and isinstance(record.get(UNSLIMMABLE_KEY), str)
+                and (record["size"], record["mtime_ns"]) == (entry.size, entry.mtime_ns)):
+            continue  # told once already; the file has not changed since
         try:
             seal, _ = read_meta(entry.path)  # the index is a cache: the file's own metadata decides
             if seal is None or is_slim(seal.meta) or seal.meta.get("shards"):
                 continue
             done.append(slim_checkpoint(entry.path, fsync=fsync))
-        except FileNotFoundError:  # deleted by retention or `ckptio clean` since the scan
+        except (FileNotFoundError, FileExistsError):  # deleted (retention, `ckptio clean`) or replaced meanwhile
             continue
+        except UnslimmableError as exc:
+            _remember_unslimmable(entry, record, str(exc))
+            if on_error is None:
+                raise
+            on_error(entry.path, exc)
         except Exception as exc:
             if on_error is None:
                 raise
             on_error(entry.path, exc)
     return done
+
+
+def _remember_unslimmable(entry: CheckpointEntry, record: dict[str, Any] | None, reason: str) -> None:
+    """Record in the index that ``entry``, as it is now, cannot be slimmed (the index is a cache: best effort)."""
+    if record is None or (record["size"], record["mtime_ns"]) != (entry.size, entry.mtime_ns):
+        record = index_record(entry.size, entry.mtime_ns, "unverified", None, None)
+    try:
+        update_index(entry.path.parent, {entry.path.name: {**record, UNSLIMMABLE_KEY: reason[:500]}})
+    except OSError:
+        pass
+
+
+def _refuse_shared_containers(path: Path, state: Any) -> None:
+    """Refuse a state in which one dict, list or tuple is reached twice (or contains itself).
+
+    Every other step walks the state path by path; a pickle can share containers, so a 2.6 KB file of 60 levels
+    of ``[x, x]`` has 2**60 paths and hung the writer. ckptio builds every container it saves afresh, so its
+    files never share one; this walk visits each container once, its cost bounded by the file's size.
+    """
+    seen: set[int] = set()
+    pending = [state]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if id(node) in seen:
+            raise UnslimmableError(f"{path} holds a container reached by two paths (shared or nested in itself); "
+                                   "ckptio never writes such a file, so it is not slimmed")
+        seen.add(id(node))
+        pending.extend(children)
 
 
 def _refuse_overlapping_tensors(path: Path, state: Any) -> None:
@@ -183,7 +240,7 @@ def _refuse_overlapping_tensors(path: Path, state: Any) -> None:
         storages[storage.data_ptr()] = storage.nbytes()
         needed += tensor.numel() * tensor.element_size()
     if needed > sum(storages.values()):
-        raise ValueError(f"{path} holds tensors whose elements overlap ({needed} bytes of elements in "
+        raise UnslimmableError(f"{path} holds tensors whose elements overlap ({needed} bytes of elements in "
                          f"{sum(storages.values())} bytes of storage); ckptio never writes such a file, so it is "
                          "not slimmed")
 

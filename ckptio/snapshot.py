@@ -2,8 +2,9 @@
 
 A state is any nesting of dict / OrderedDict / list / tuple holding tensors and Python scalars. It is split in
 two parts: a *skeleton* (plain JSON data describing the nesting and the scalars, with ``{"T": i}`` where tensor
-``i`` was) and the list of tensors, copied into buffers that belong to a :class:`BufferSlot` and are reused by
-the next snapshot taken in the same slot, so that thousands of saves do not allocate thousands of copies.
+``i`` was, ``{"P": [i, requires_grad]}`` where it was a ``torch.nn.Parameter``) and the list of tensors, copied
+into buffers that belong to a :class:`BufferSlot` and are reused by the next snapshot taken in the same slot, so
+that thousands of saves do not allocate thousands of copies.
 
 On CUDA the copies run on a side stream into pinned memory with ``non_blocking=True``; the caller's stream is
 made to wait for the copy before its next kernel, so that the caller may change its tensors right away while
@@ -314,6 +315,10 @@ def _flatten(obj: Any, path: str, tensors: list[torch.Tensor], names: list[str],
             index = seen[key] = len(tensors)
             tensors.append(obj)
             names.append(path or "tensor")
+        # torch.save keeps a Parameter (and its requires_grad): so do we. Parameter's isinstance runs Python code
+        # (its metaclass), so plain tensors skip it.
+        if type(obj) is not torch.Tensor and isinstance(obj, torch.nn.Parameter):
+            return {"P": [index, obj.requires_grad]}
         return {"T": index}
     if kind in _SCALARS:
         if kind is float and not math.isfinite(obj):
@@ -352,6 +357,11 @@ def rebuild(node: Any, tensors: list[torch.Tensor]) -> Any:
         if type(value) is not int or not 0 <= value < len(tensors):
             raise ValueError(f"skeleton refers to tensor {value!r}, but the file holds {len(tensors)}")
         return tensors[value]
+    if tag == "P":
+        if not (type(value) is list and len(value) == 2 and type(value[0]) is int and 0 <= value[0] < len(tensors)
+                and type(value[1]) is bool):
+            raise ValueError(f"malformed parameter {value!r} in skeleton (the file holds {len(tensors)} tensors)")
+        return torch.nn.Parameter(tensors[value[0]], requires_grad=value[1])
     if tag == "F":
         if value not in ("nan", "inf", "-inf"):
             raise ValueError(f"malformed float {value!r} in skeleton")

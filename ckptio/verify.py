@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import FileCheck, verify_file
-from .layout import index_record, scan, update_index
+from .layout import INDEX_NAME, index_record, scan, update_index
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -36,8 +36,9 @@ class VerifyReport:
 def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport:
     """Verify one checkpoint file, or every checkpoint file in a directory (newest first).
 
-    With ``record``, each outcome is written to the directory's index so that ``ckptio list`` can show it.
-    Raises ``FileNotFoundError`` for a path that does not exist.
+    With ``record``, each outcome is written to the directory's index so that ``ckptio list`` can show it; only
+    where ckptio keeps an index already (a folder a manager wrote into), so that verifying someone else's folder
+    leaves no file in it. Raises ``FileNotFoundError`` for a path that does not exist.
     """
     path = Path(path)
     if not path.exists():
@@ -54,7 +55,7 @@ def verify(path: str | os.PathLike[str], *, record: bool = True) -> VerifyReport
         if seen is not None and check.status in ("verified", "corrupt"):
             changes[file.name] = index_record(seen[0], seen[1], check.status, check.digest, check.meta,
                                               check.reason if check.status == "corrupt" else "")
-    if record and changes:
+    if record and changes and (directory / INDEX_NAME).exists():
         record_in_index(directory, changes)
     return VerifyReport(path=path, files=checks)
 

@@ -25,6 +25,7 @@ from .config import CheckpointOptions
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
 from .layout import (
+    WRITTEN_NOW,
     CheckpointEntry,
     delete_checkpoint,
     file_name,
@@ -35,7 +36,7 @@ from .layout import (
     shard_file_name,
     update_index,
 )
-from .retention import newest_owned, owned_by_retention, plan_retention
+from .retention import newest_owned, periodic_newest_first, plan_retention
 from .slim import slim_older_checkpoints
 from .snapshot import Snapshot
 
@@ -183,7 +184,8 @@ class JobRunner:
     def _record(self, saved: SavedCheckpoint) -> None:
         try:
             info = saved.path.stat()
-            record = index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest, saved.meta)
+            record = index_record(info.st_size, info.st_mtime_ns, "verified", saved.digest, saved.meta,
+                                  written=WRITTEN_NOW)
             update_index(self.directory, {saved.path.name: record})
         except OSError as exc:  # the index is a cache; the file itself carries its digest
             log.warning("could not update the index of %s: %s", self.directory, exc)
@@ -265,10 +267,10 @@ class JobRunner:
         entries = [e for e in self.checkpoints() if e.path != path]
         newest_periodic = newest_owned(entries)
         victims = []
-        for entry in reversed(entries):
+        for entry in reversed(periodic_newest_first(entries)):  # oldest first, in written order
             if free >= needed:
                 break
-            if owned_by_retention(entry) and entry.path != newest_periodic:
+            if entry.path != newest_periodic:
                 victims.append(entry)
                 free += entry.total_size
         if free < needed:

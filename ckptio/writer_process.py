@@ -20,8 +20,11 @@ Lifecycle (what each side does, and what happens when either dies):
 * **Writer death.** The receiver sees EOF; every save it had not reported fails with
   :class:`~ckptio.CheckpointWriteError` naming it, raised by the next ``save()``/``wait()``/``close()``; the
   next save starts a new writer process.
+* **Directory lock.** The writer inherits the trainer's descriptor of the directory lock, so the lock is held
+  while either process lives: after a kill -9 of the trainer, a restarted run's manager waits (bounded, with a
+  message) until the orphaned writer has committed what it was given and exited.
 * **Leftovers.** Segments have no name in any filesystem: they vanish with the last process that maps them.
-  A killed writer's temporary files are removed as any crashed writer's are.
+  A killed writer's temporary files are removed as any crashed writer's are, once no writer holds the lock.
 """
 
 from __future__ import annotations
@@ -75,8 +78,10 @@ class _Generation:
 
 
 class ProcessWriter(WriterBackend):
-    def __init__(self, directory: Path, options: CheckpointOptions, on_report: Any, on_lost: Any) -> None:
+    def __init__(self, directory: Path, options: CheckpointOptions, on_report: Any, on_lost: Any,
+                 lock_fd: int | None = None) -> None:
         self._directory = directory
+        self._lock_fd = lock_fd
         self._options = options
         self._on_report = on_report
         self._on_lost = on_lost
@@ -99,17 +104,23 @@ class ProcessWriter(WriterBackend):
         return thread is None or thread.is_alive() or self._closing
 
     def submit(self, job: WriteJob) -> None:
+        """Hand ``job`` over; if this raises (no new writer process could start), the job was never taken."""
         with self._lock:
             if self._generation.dead:
                 self._generation = self._launch()
             self._generation.in_flight[job.ticket] = job.name
             generation = self._generation
-        copying = any(s is not None and s.copy_done is not None for s in (job.snapshot, job.shard))
-        if copying or self._handoff.unfinished_tasks:  # never let a later save overtake one still copying
-            self._start_handoff()
-            self._handoff.put((job, generation))
-        else:
-            self._send_job(generation, job)
+        try:
+            copying = any(s is not None and s.copy_done is not None for s in (job.snapshot, job.shard))
+            if copying or self._handoff.unfinished_tasks:  # never let a later save overtake one still copying
+                self._start_handoff()
+                self._handoff.put((job, generation))
+                return
+        except BaseException:  # e.g. no thread could start: the caller forgets the save
+            with self._lock:
+                generation.in_flight.pop(job.ticket, None)
+            raise
+        self._send_job(generation, job)
 
     def _refuse(self, generation: _Generation, job: WriteJob, exc: BaseException) -> None:
         """A job that could not be sent (e.g. metadata that cannot be pickled) fails like a failed write."""
@@ -140,10 +151,14 @@ class ProcessWriter(WriterBackend):
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # the writer only reads host memory: it must never create a context
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        # The writer shares the directory lock (the same open file, so the same flock): a trainer killed with
+        # saves still queued leaves the directory locked until its writer has committed them and exited, so a
+        # restarted run neither writes beside it nor sweeps its temporary files (CheckpointManager waits).
+        shared = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "ckptio.writer_process", str(child.fileno())],
-                pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                pass_fds=shared, env=env, stdin=subprocess.DEVNULL, close_fds=True,
             )
         except BaseException:
             parent.close()
@@ -152,10 +167,16 @@ class ProcessWriter(WriterBackend):
             child.close()
         generation = _Generation(process, Connection(parent.detach()))
         _trainer_sockets.add(generation.conn)
-        self._send(generation, ("start", str(self._directory), self._options, NICE, IO_CLASS))
-        generation.receiver = threading.Thread(target=self._receive, args=(generation,), daemon=True,
-                                               name=f"ckptio-writer-receiver:{process.pid}")
-        generation.receiver.start()
+        try:
+            self._send(generation, ("start", str(self._directory), self._options, NICE, IO_CLASS))
+            generation.receiver = threading.Thread(target=self._receive, args=(generation,), daemon=True,
+                                                   name=f"ckptio-writer-receiver:{process.pid}")
+            generation.receiver.start()
+        except BaseException:  # without a receiver nobody would hear of its saves: this writer must not live on
+            generation.conn.close()
+            process.kill()
+            process.wait()
+            raise
         return generation
 
     def _start_handoff(self) -> None:

@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 import ckptio
 
 from .config import TrainConfig
 from .train import train
 
-__all__ = ["DEMO", "main"]
+__all__ = ["CPU_SIZED", "DEMO", "cpu_advice", "cpu_cost", "main", "next_step"]
 
 # `make demo`: a CPU-friendly run of a few minutes on 2 cores, with several async saves and a best model.
 DEMO = {
@@ -20,9 +22,61 @@ DEMO = {
 }
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's default in ``--help`` (argparse's own formatter skips options without a help text), except
+    where it would mislead: an on/off switch (``--no-amp`` is off by default, not "True") or no default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+# What a step costs on a CPU, from one measurement: --image-size 512 --batch-size 16 took 74 s a step and 15.4 GB
+# on 2 cores. Time and the activations' memory grow with batch x pixels; about 1 GB is there at any size (the
+# model, Adam, the interpreter: 2.0 GB measured at 256 px, batch 4).
+_CPU_SECONDS_PER_STEP, _CPU_GB_PER_STEP, _BASE_GB, _MEASURED_AT = 74.0, 14.4, 1.0, 16 * 512 * 512
+CPU_SIZED = "python -m craft_train --image-size 256 --batch-size 4 --synthetic-size 200 --epochs 5"
+"""A first real run that a CPU finishes: 225 steps of about 5 s on 2 cores (about 20 minutes), 2 GB of memory."""
+
+
+def cpu_cost(config: TrainConfig) -> tuple[float, float, int | None]:
+    """Estimated seconds a step and GB of memory on 2 CPU cores, and the run's steps (None for --data-dir)."""
+    share = config.batch_size * config.image_size ** 2 / _MEASURED_AT
+    steps = None
+    if config.data_dir is None:
+        train_images = config.synthetic_size - int(config.synthetic_size * config.val_fraction)
+        steps = -(-train_images // config.batch_size) * config.epochs
+        if config.max_steps is not None:
+            steps = min(steps, config.max_steps)
+    return _CPU_SECONDS_PER_STEP * share, _BASE_GB + _CPU_GB_PER_STEP * share, steps
+
+
+def cpu_advice(config: TrainConfig) -> str | None:
+    """What this run costs without a GPU, and a CPU-sized command, when a step would take over 10 s; else None."""
+    seconds, gigabytes, steps = cpu_cost(config)
+    if seconds <= 10:
+        return None
+    total = f"; {steps} steps: about {seconds * steps / 3600:.0f} hours" if steps else ""
+    return (f"no GPU here: at --image-size {config.image_size} --batch-size {config.batch_size} a step takes about "
+            f"{seconds:.0f} s on 2 CPU cores and {gigabytes:.0f} GB of memory (estimated){total}. A CPU-sized "
+            f"first run (about 5 s a step, 20 minutes, 2 GB): {CPU_SIZED}")
+
+
+def next_step() -> str:
+    """The training command ``make demo`` suggests next: full size with a GPU, CPU-sized without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "python -m craft_train --epochs 50 --batch_size 16    # a real run, into checkpoints_improved"
+    return (f"{CPU_SIZED}    # no GPU here: a CPU-sized run, about 20 minutes on 2 cores;\n"
+            "  # (--epochs 50 --batch_size 16 at 512 px, the size for a GPU, takes ~74 s a step and 15 GB on 2 cores)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m craft_train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m craft_train", description=__doc__, allow_abbrev=False,
+                                formatter_class=_HelpWithDefaults)
     defaults = TrainConfig()
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", help="ICDAR2015-style directory; omit for the built-in synthetic dataset")
@@ -66,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--pretrained-backbone", help="torchvision-style VGG16-BN weights for the backbone")
     ck = p.add_argument_group("checkpoints")
     ck.add_argument("--save-dir", default=defaults.save_dir)
-    ck.add_argument("--save-freq", type=int, default=defaults.save_freq, help="batches between checkpoints")
+    ck.add_argument("--save-freq", type=int, default=defaults.save_freq,
+                    help="batches between checkpoints; 0 writes no batch checkpoints at all, not even a final "
+                         "one (best_model is still written after each validation that improves)")
     ck.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     ck.add_argument("--format", choices=("torch", "safetensors"), default=defaults.format)
     ck.add_argument("--compression", choices=("zstd",))
@@ -86,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--grace", type=float, default=defaults.grace,
                     help="seconds after SIGTERM/SIGINT/SIGUSR1 to make the last checkpoint durable (and mirrored)")
     p.add_argument("--demo", action="store_true", help="a short CPU run on synthetic data (what `make demo` runs)")
+    for action in p._actions:  # argparse prints no default for an option without a help text
+        if action.help is None and action.nargs != 0 and action.default is not None:
+            action.help = "(default: %(default)s)"
     return p
 
 
@@ -100,15 +159,30 @@ def _underscores_to_dashes(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The settings named on the command line (a flag given with its default value counts as given)."""
+    parser = _parser()
+    for action in parser._actions:  # argparse leaves out what has the SUPPRESS default and was not given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = vars(parser.parse_args(_underscores_to_dashes(sys.argv[1:] if argv is None else argv)))
+    typed = _underscores_to_dashes(sys.argv[1:] if argv is None else argv)
+    args = vars(parser.parse_args(typed))
+    given = _given(typed)
     if args.pop("demo"):
-        given = {k for k in args if parser.get_default(k) != args[k]}
         args.update({k: v for k, v in DEMO.items() if k not in given})
+        given |= set(DEMO)
+    given.discard("demo")
     try:
         config = TrainConfig(**args)
-        result = train(config)
+        if config.resume is None and config.device != "cuda" and not torch.cuda.is_available():
+            advice = cpu_advice(config)
+            if advice:
+                print(advice, flush=True)
+        result = train(config, given=given)
     except (ValueError, FileNotFoundError, ckptio.CheckpointDirectoryLockedError) as exc:
         print(f"craft_train: error: {exc}", file=sys.stderr)
         return 2

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ckptio import parse_size
 
-__all__ = ["RESUME_MUST_MATCH", "TrainConfig", "incompatible_changes"]
+__all__ = ["RESUME_MUST_MATCH", "RUN_LOCAL", "TrainConfig", "incompatible_changes", "resumed_config"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +83,8 @@ class TrainConfig:
     # -- checkpoints --
     save_dir: str = "checkpoints_improved"
     save_freq: int = 100
-    """Save ``checkpoint_epoch_{epoch}_batch_{batch}`` every this many batches (0 disables)."""
+    """Save ``checkpoint_epoch_{epoch}_batch_{batch}`` every this many batches, and once more at the end of the
+    run. 0 writes no batch checkpoint at all, not even the final one (``best_model`` is still written)."""
     async_save: bool = False
     """Write checkpoints in a background thread; training continues after the snapshot copy."""
     format: Literal["torch", "safetensors"] = "torch"
@@ -181,11 +183,12 @@ RESUME_MUST_MATCH = (
 )
 
 
-def incompatible_changes(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+def incompatible_changes(saved: dict[str, Any], current: TrainConfig, *, every: bool = False) -> list[str]:
     """Human-readable differences in :data:`RESUME_MUST_MATCH` between a checkpoint's config and this run's.
 
     A setting that the checkpoint's config lacks (it was written before the setting existed) counts as its
     default, which is what that run did: resuming it with, say, ``--mix-synthetic 5`` is a change like any other.
+    With ``every``, one entry per setting, ``""`` where it matches.
     """
     defaults = TrainConfig()
     changes = []
@@ -193,4 +196,40 @@ def incompatible_changes(saved: dict[str, Any], current: TrainConfig) -> list[st
         was = saved.get(name, getattr(defaults, name))
         if was != getattr(current, name):
             changes.append(f"{name}: checkpoint has {was!r}, this run has {getattr(current, name)!r}")
+        elif every:
+            changes.append("")
     return changes
+
+
+# Settings of this invocation, not of the run: a resume never takes them from the checkpoint. (Where the files
+# go, which device, and the weights a fresh run would start from, which a resume replaces with its own;
+# ``deterministic`` is set up before the checkpoint is read, and a resume that changes it says so.)
+RUN_LOCAL = ("resume", "save_dir", "reuse_save_dir", "device", "pretrained", "pretrained_backbone", "deterministic")
+
+
+def resumed_config(saved: dict[str, Any], current: TrainConfig,
+                   given: Collection[str] | None) -> tuple[TrainConfig, list[str]]:
+    """The config a resume runs with: the checkpoint's, with the settings in ``given`` taken from ``current``.
+
+    ``given`` names the settings the user gave explicitly (``None``: all of them, as a library caller passes a
+    whole config). A given setting of :data:`RESUME_MUST_MATCH` that differs from the checkpoint's would make
+    the resumed run another experiment: ``ValueError`` lists them all. Other given settings that differ (say
+    ``max_steps``, ``epochs``, ``save_freq``) are taken; the returned notes say what changed.
+    """
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    chosen = set(fields) if given is None else set(given) | set(RUN_LOCAL)
+    defaults = TrainConfig()
+    changes = [change for change, name in zip(incompatible_changes(saved, current, every=True), RESUME_MUST_MATCH,
+                                              strict=True) if change and name in chosen]
+    if changes:
+        raise ValueError("; ".join(changes))
+    values, notes = {}, []
+    for name in fields:
+        was = saved.get(name, getattr(defaults, name))
+        if name in chosen:
+            values[name] = getattr(current, name)
+            if name not in RUN_LOCAL and given is not None and was != values[name]:
+                notes.append(f"--{name.replace('_', '-')} {values[name]} (the checkpoint had {was})")
+        else:
+            values[name] = was
+    return TrainConfig(**values), notes

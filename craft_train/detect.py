@@ -4,8 +4,8 @@ Writes ``res_<stem>.txt`` (ICDAR2015 result format: ``x1,y1,x2,y2,x3,y3,x4,y4`` 
 and ``<stem>_det.jpg`` (the image with its boxes drawn) for every image; with ``--eval-gt DIR`` also scores
 the boxes against ``DIR/gt_<stem>.txt`` and prints precision, recall and H-mean.
 
-Weights come from a trainer checkpoint (``model_state_dict``, read with :func:`ckptio.load`), a bare state
-dict, or the official ``craft_mlt_25k.pth`` (``module.``-prefixed keys).
+Weights come from any checkpoint (its ``model_state_dict``), a bare state dict, or the official
+``craft_mlt_25k.pth`` (``module.``-prefixed keys, PyTorch's legacy format): read as ``--pretrained`` reads them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,16 @@ import cv2
 import numpy as np
 import torch
 
-import ckptio
-
 from .data import IMAGE_SUFFIXES
 from .evaluate import DetectionCounts, detect_words, format_scores, match_image, parse_gt_quads
 from .model import CRAFT, load_pretrained
 from .postprocess import DEFAULT_THRESHOLDS, Thresholds
+from .weights import Weights
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "format_result_lines", "load_detector", "main", "write_result_file"]
+__all__ = ["CANVAS_SIZE", "format_result_lines", "load_detector", "main", "network_size", "write_result_file"]
 
-DEFAULT_IMAGE_SIZE = 1280
-"""Used when neither ``--image-size`` nor the checkpoint's training config gives one (official canvas size)."""
+CANVAS_SIZE = 1280
+"""The largest side an image is given to the network at by default (the official demo's ``canvas_size``)."""
 _BOX_COLOUR = (0, 0, 255)  # BGR red, as the official demo draws
 GroundTruth = tuple[list[np.ndarray], list[np.ndarray]]
 
@@ -43,39 +43,26 @@ class DetectError(Exception):
 
 # ---- weights ----------------------------------------------------------------------------------------------------
 
-def _trainer_state(obj: Any) -> Mapping[str, Any] | None:
-    if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
-        return obj["model_state_dict"]
-    return None
-
-
 def load_detector(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRAFT, dict[str, Any]]:
     """A CRAFT in eval mode with the weights of ``path``, and the training config stored with them (or ``{}``).
 
-    Trainer checkpoints are read with :func:`ckptio.load` (digest checked); anything else goes to
-    :func:`craft_train.model.load_pretrained`, which takes bare and ``module.``-prefixed state dicts and names
-    any mismatch. Raises :class:`DetectError` for a missing, damaged or unfitting file.
+    The weights are read by :func:`craft_train.weights.read_weights`, as ``--pretrained`` reads them: any
+    checkpoint's ``model_state_dict``, a bare or ``module.``-prefixed state dict, the official release in
+    PyTorch's legacy format. Raises :class:`DetectError` for a missing, damaged or unfitting file.
     """
-    path = Path(path)
+    model, weights = _load(Path(path), device)
+    return model, weights.config
+
+
+def _load(path: Path, device: torch.device | str) -> tuple[CRAFT, Weights]:
     if not path.is_file():
         raise DetectError(f"--checkpoint {path}: no such file")
     model = CRAFT()
     try:
-        obj: Any = ckptio.load(path, map_location="cpu")
-    except ckptio.CorruptCheckpointError as exc:
-        raise DetectError(f"--checkpoint {path}: {exc}") from exc
-    except Exception:  # not a file ckptio reads: load_pretrained tries it and explains what is wrong
-        obj = None
-    state = _trainer_state(obj)
-    try:
-        if state is not None:
-            model.load_state_dict(state, strict=True)
-        else:
-            load_pretrained(model, path)
-    except (RuntimeError, ValueError) as exc:
+        weights = load_pretrained(model, path)
+    except ValueError as exc:
         raise DetectError(f"--checkpoint {path}: not usable CRAFT weights: {exc}") from exc
-    config = obj.get("config") if state is not None else None
-    return model.to(device).eval(), dict(config) if isinstance(config, Mapping) else {}
+    return model.to(device).eval(), weights
 
 
 # ---- result files -----------------------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ def _draw(image_rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m craft_train.detect", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m craft_train.detect", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="trainer checkpoint, bare state dict or craft_mlt_25k.pth")
     p.add_argument("--images", required=True, help="folder of .jpg/.jpeg/.png images")
@@ -111,10 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-threshold", type=float, default=DEFAULT_THRESHOLDS.link_threshold)
     p.add_argument("--low-text", type=float, default=DEFAULT_THRESHOLDS.low_text)
     p.add_argument("--image-size", type=int,
-                   help=f"longer image side for the network, a multiple of 32 (default: the checkpoint's training "
-                        f"image size, else {DEFAULT_IMAGE_SIZE})")
+                   help="longer image side for the network, a multiple of 32, for every image (default: each "
+                        "image's own longer side times --mag-ratio, rounded up to a multiple of 32, at most "
+                        "--canvas-size)")
+    p.add_argument("--canvas-size", type=int, default=CANVAS_SIZE,
+                   help="the largest side an image is run at without --image-size, a multiple of 32 (default: "
+                        "%(default)s, as the official demo)")
+    p.add_argument("--mag-ratio", type=float, default=1.0,
+                   help="magnify images by this before detection, up to --canvas-size (default: %(default)s; the "
+                        "official demo uses 1.5, which finds smaller words at more than twice the cost)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
+
+
+def network_size(image: np.ndarray, *, mag_ratio: float = 1.0, canvas_size: int = CANVAS_SIZE) -> int:
+    """The side at which ``image`` goes through the network by default: its longer side times ``mag_ratio``,
+    rounded up to a multiple of 32, at most ``canvas_size`` (the official demo's rule).
+
+    Not the training crop size: a model trained on 512 px crops of words finds the words of a 640 px photo at
+    640 px, while shrinking the photo to 512 px makes small words too small to find.
+    """
+    longer = max(image.shape[:2]) * mag_ratio
+    return max(32, min(canvas_size, -(-math.ceil(longer) // 32) * 32))
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -169,12 +174,15 @@ def _run(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.text_threshold, args.link_threshold, args.low_text)
     if args.image_size is not None:
         _check_image_size(args.image_size, "--image-size")
+    _check_image_size(args.canvas_size, "--canvas-size")
+    if not (0 < args.mag_ratio <= 8):
+        raise DetectError(f"--mag-ratio must be above 0 and at most 8, got {args.mag_ratio}")
     images = _list_images(Path(args.images))
     truth = _read_ground_truth(Path(args.eval_gt), images) if args.eval_gt else None
     device = _device(args.device)
-    model, config = load_detector(args.checkpoint, device)
-    size = args.image_size or _check_image_size(int(config.get("image_size", DEFAULT_IMAGE_SIZE)),
-                                                "the checkpoint's image_size")
+    model, weights = _load(Path(args.checkpoint), device)
+    print(f"--checkpoint {args.checkpoint}: {weights.source}")
+    sizes: set[int] = set()
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"warning: cannot decode {path}, skipped", file=sys.stderr)
             boxes = np.zeros((0, 4, 2), dtype=np.float32)  # its words still count, as missed
         else:
+            size = args.image_size or network_size(image, mag_ratio=args.mag_ratio, canvas_size=args.canvas_size)
+            sizes.add(size)
             boxes = detect_words(model, image, size, device, thresholds)
             total += len(boxes)
             write_result_file(out / f"res_{path.stem}.txt", boxes)
@@ -195,11 +205,15 @@ def _run(args: argparse.Namespace) -> int:
         if truth is not None:
             words, dont_care = truth[path.stem]
             counts.add(match_image(words, boxes, dont_care))
-    print(f"{len(images) - len(unreadable)} images, {total} words detected at image size {size}; results in {out}")
+    shown = (f"image size {min(sizes)}" if len(sizes) == 1 else
+             f"each image's own size ({min(sizes)} to {max(sizes)} px)" if sizes else "no image size")
+    print(f"{len(images) - len(unreadable)} images, {total} words detected at {shown}; results in {out}")
     if truth is not None:
         scores = counts.as_dict()
         print(format_scores(scores))
-        report = {**scores, "image_size": size, "thresholds": dataclasses.asdict(thresholds)}
+        report = {**scores, "image_size": args.image_size or "each image's own", "image_sizes": sorted(sizes),
+                  "canvas_size": args.canvas_size, "mag_ratio": args.mag_ratio,
+                  "thresholds": dataclasses.asdict(thresholds)}
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 1 if unreadable else 0
 

@@ -7,17 +7,15 @@ is built here instead of through torchvision, keeping torchvision's ``features``
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckptio.formats import check_torch_zip, torch_load_error
+from .weights import Weights, read_weights
 
 __all__ = [
     "CRAFT",
@@ -192,48 +190,6 @@ def _list(names: Iterable[str]) -> str:
     return shown + (f", ... ({len(items)} in total)" if len(items) > _MAX_LISTED else "")
 
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a bare ``{name: tensor}`` mapping, turning every failure into a ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist or is not a file")
-    try:
-        # O_NONBLOCK: a FIFO swapped in after the check above must not block the open.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as stream:
-            _check_zip_layout(path, stream)
-            obj = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a usable weights file"
-        raise ValueError(f"cannot read weights file {str(path)!r}: {type(exc).__name__}: {torch_load_error(exc)}"
-                         ) from exc
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"weights file {str(path)!r} holds a {type(obj).__name__}, expected a state dict")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(
-            f"weights file {str(path)!r} is not a bare state dict of tensors "
-            f"(non-tensor entries: {_list(map(str, bad))}); save model.state_dict() instead"
-        )
-    return dict(obj)
-
-
-def _check_zip_layout(path: Path, stream: BinaryIO) -> None:
-    """Refuse, before ``torch.load`` trusts a size in it, a zip no ``torch.save`` writes (a DEFLATE-compressed
-    record: a 1 MB file expanding to gigabytes), a special file, or a zip directory larger than the file; the
-    checks :func:`ckptio.load` makes. Legacy (pre-zip) files, such as the official release, pass unchecked."""
-    info = os.fstat(stream.fileno())
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError("it is not a regular file")
-    if os.pread(stream.fileno(), 4, 0) == b"PK\x03\x04":
-        check_torch_zip(path, info.st_size, lambda offset, length: os.pread(stream.fileno(), length, offset))
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    # DataParallel checkpoints (the official release among them) prefix every key.
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def _check_and_fill(
     target: Mapping[str, torch.Tensor], given: dict[str, torch.Tensor], path: str | Path
 ) -> dict[str, torch.Tensor]:
@@ -263,15 +219,17 @@ def _check_and_fill(
     return filled
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load full CRAFT weights (e.g. ``craft_mlt_25k.pth``) strictly into ``model``.
+def load_pretrained(model: nn.Module, path: str | Path) -> Weights:
+    """Load full CRAFT weights strictly into ``model`` and say what the file was.
 
-    Accepts keys with or without the ``module.`` prefix; only absent ``num_batches_tracked``
-    buffers are tolerated.  Raises ``ValueError`` naming the file and the mismatch otherwise.
+    Takes any file :func:`craft_train.weights.read_weights` reads: a checkpoint (its ``model_state_dict``), a
+    bare state dict, or the official ``craft_mlt_25k.pth`` (``module.`` prefix, legacy format). Only absent
+    ``num_batches_tracked`` buffers are tolerated. Raises ``ValueError`` naming the file and the mismatch otherwise.
     """
-    given = _strip_prefix(_read_state_dict(path), "module.")
-    state = _check_and_fill(model.state_dict(), given, path)
+    weights = read_weights(path)
+    state = _check_and_fill(model.state_dict(), weights.state_dict, path)
     model.load_state_dict(state, strict=True)
+    return weights
 
 
 def load_pretrained_backbone(model: CRAFT, path: str | Path) -> None:
@@ -280,7 +238,7 @@ def load_pretrained_backbone(model: CRAFT, path: str | Path) -> None:
     ``features.{i}.*`` for ``i < 39`` map to ``basenet.slice{k}.{i}.*``; the remaining
     features (conv5_3 onwards, unused by CRAFT) and ``classifier.*`` are ignored.
     """
-    given = _strip_prefix(_read_state_dict(path), "module.")
+    given = read_weights(path).state_dict
     slice_of = {i: n + 1 for n, (start, stop) in enumerate(_SLICES) for i in range(start, stop)}
     used: dict[str, torch.Tensor] = {}
     foreign = []

@@ -56,7 +56,8 @@ class EpochProgress:
         """One more batch done; ``label`` is the latest save's (e.g. `` [已保存: batch 100]``)."""
         self.n += 1
         if self.plain:
-            if self.n % self.every == 0 or self.n == self.total:
+            # the first line at once: on a CPU a batch can take a minute, and silence looks like a hang
+            if self.n == self.initial + 1 or self.n % self.every == 0 or self.n == self.total:
                 self.say(tqdm.format_meter(self.n, self.total, time.monotonic() - self.started,
                                            prefix=self.description(label), postfix=fields,
                                            bar_format=_PLAIN_FORMAT, initial=self.initial))

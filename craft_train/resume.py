@@ -114,26 +114,39 @@ def _progress_key(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> t
 def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
     """The newest checkpoint in ``save_dir`` (by training progress) whose digest verifies.
 
-    A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one.
+    A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one. The
+    writer of an earlier run that was killed commits the saves it was given first (ckptio waits for it): a save
+    that had returned is never passed over by an immediate restart. ``None`` (a fresh run, said so) only when the
+    directory is missing or holds no checkpoint at all: when it holds checkpoints and none can be resumed,
+    ``ValueError`` names each and why, and nothing is touched (a fresh run there would overwrite files the user
+    may still want to rescue).
     """
     directory = Path(save_dir)
     if not directory.is_dir():
         say(f"--resume auto: {directory} does not exist; starting a fresh run")
         return None
+    ckptio.wait_until_released(directory)
     index = read_index(directory)
     entries = scan(directory, ())
+    if not entries:
+        say(f"--resume auto: {directory} holds no checkpoint; starting a fresh run")
+        return None
     ranked = sorted(entries, key=lambda e: _progress_key(e, index), reverse=True)
+    refused = []
     for entry in ranked:
         check = ckptio.fileio.verify_file(entry.path)
         if check.status == "verified" and is_slim(check.meta):
-            say(f"--resume auto: skipping {entry.path.name}: it holds the model weights only (--keep-full); "
-                "trying the previous one")
-            continue
-        if check.status == "verified":
+            reason = "it holds the model weights only (--keep-full)"
+        elif check.status == "verified":
             return entry.path
-        say(f"--resume auto: skipping {entry.path.name}: {check.status} ({check.reason}); trying the previous one")
-    say(f"--resume auto: no usable checkpoint in {directory}; starting a fresh run")
-    return None
+        else:
+            reason = f"{check.status} ({check.reason})"
+        refused.append(f"{entry.path.name}: {reason}")
+        say(f"--resume auto: skipping {entry.path.name}: {reason}; trying the previous one")
+    raise ValueError(
+        f"--resume auto: none of the {len(refused)} checkpoint(s) in {directory} can be resumed: "
+        + "; ".join(refused) + ". Nothing was changed. Resume from a copy kept elsewhere with --resume FILE, "
+        "start from a checkpoint's weights with --pretrained FILE, or start a new run in another --save-dir")
 
 
 def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) -> None:

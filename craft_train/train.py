@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import ckptio
 from ckptio.layout import scan
 from ckptio.slim import is_slim
 
-from .config import TrainConfig, incompatible_changes
+from .config import TrainConfig, resumed_config
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
 from .determinism import deterministic_mode, resume_note
 from .distributed import World, setup_world
@@ -89,8 +89,14 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
 
-def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainResult:
-    """Train CRAFT as ``config`` says; under ``torchrun`` every process calls this and rank 0 saves."""
+def train(config: TrainConfig, *, say: Callable[[str], None] = print,
+          given: Collection[str] | None = None) -> TrainResult:
+    """Train CRAFT as ``config`` says; under ``torchrun`` every process calls this and rank 0 saves.
+
+    ``given`` names the settings the user gave explicitly (the command line's flags): a resume takes every other
+    one from the checkpoint's config (:func:`craft_train.config.resumed_config`). ``None`` counts every setting
+    as given, so that a resume with any other value of a setting that decides the experiment is refused.
+    """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
     _check_save_dir(config)  # before any model or data is set up
@@ -98,7 +104,7 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print) -> TrainRe
     with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards
         world = setup_world(device_kind)
         try:
-            return _train(config, world, say if world.is_main else _silent)
+            return _train(config, world, say if world.is_main else _silent, given)
         finally:
             world.close()
 
@@ -133,8 +139,15 @@ def _check_save_dir(config: TrainConfig) -> None:
                 "--save-dir; to start a new run beside those files anyway add --reuse-save-dir")
 
 
-def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> TrainResult:
+def _train(config: TrainConfig, world: World, say: Callable[[str], None],
+           given: Collection[str] | None) -> TrainResult:
     started = time.perf_counter()
+
+    # ---- the checkpoint to resume from: first, since its config decides the data and the model -------------
+    resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
+    state: dict[str, Any] = {}
+    if resume_path is not None:
+        state, config = _load_resume_state(resume_path, config, world, given, say)
 
     # ---- device -------------------------------------------------------------------------------------------
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -173,7 +186,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     # ---- model, optimizer, schedule -----------------------------------------------------------------------
     model = CRAFT().to(device)
     if config.pretrained:
-        load_pretrained(model, config.pretrained)
+        say(f"--pretrained {config.pretrained}: {load_pretrained(model, config.pretrained).source}")
     elif config.pretrained_backbone:
         load_pretrained_backbone(model, config.pretrained_backbone)
     sharded = config.zero and world.distributed
@@ -200,9 +213,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
     sums = {"train": 0.0, "cls": 0.0, "geo": 0.0, "batches": 0}
     resumed_permutation: torch.Tensor | None = None
     validated = False  # whether this epoch's validation has run (a best_model checkpoint is written after it)
-    resume_path = world.broadcast(_resume_path(config, say) if world.is_main else None)
     if resume_path is not None:
-        state = _load_resume_state(resume_path, config, world)
         try:
             model.load_state_dict(state["model_state_dict"])
         except (RuntimeError, TypeError) as exc:  # missing, misshapen or no weights: a damaged or foreign file
@@ -321,7 +332,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
                 say(line)
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    stop = False
+    stop = config.max_steps is not None and global_step >= config.max_steps  # resumed at its last step: done
     prepared = False  # whether the checkpoint buffers were prepared for the full training state
     last_saved_step = global_step
     # Every process of a distributed run would have to agree on the step to stop at; there the signals keep
@@ -408,7 +419,8 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None]) -> Tra
             # take part in a sharded best_model save)
             if not stop and val_indices and not validated:  # a resumed best_model holds this validation
                 result.last_validation = world.broadcast(
-                    _validate_all(model, val_set, val_indices, config, device, use_amp) if world.is_main else None)
+                    _validate_all(model, val_set, val_indices, config, device, use_amp, say)
+                    if world.is_main else None)
                 val_loss, val_hmean = result.last_validation["val_loss"], result.last_validation.get("val_hmean")
                 if config.best_metric == "hmean":
                     improved = val_hmean is not None and val_hmean > result.best_hmean
@@ -602,14 +614,22 @@ def _stand_in_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:
 
 
 def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
-              device: torch.device, use_amp: bool) -> float:
-    """Mean loss over the held-out images (no augmentation, fixed order): deterministic."""
+              device: torch.device, use_amp: bool, say: Callable[[str], None] = _silent) -> float:
+    """Mean loss over the held-out images (no augmentation, fixed order): deterministic.
+
+    An unreadable image is left out of the loss, counted and (the first few) named, as in training.
+    """
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=[(i, 0) for i in indices],
                         collate_fn=collate, num_workers=0)
     model.eval()
-    total, count = 0.0, 0
+    total, count, errors = 0.0, 0, 0
+    named: list[str] = []
     with torch.no_grad():
-        for batch in loader:
+        for number, batch in enumerate(loader):
+            if batch["errors"]:
+                errors += int(batch["errors"])
+                _name_bad_samples(dataset, indices[number * config.batch_size : (number + 1) * config.batch_size],
+                                  named, lambda _: None)
             if batch["size"] == 0:
                 continue
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -618,13 +638,16 @@ def _validate(model: torch.nn.Module, dataset: Any, indices: list[int], config: 
             total += loss.item() * batch["size"]
             count += batch["size"]
     model.train()
+    if errors:
+        say(f"validation left out {errors} unreadable image(s) of {len(indices)}: " + "; ".join(named)
+            + (" ..." if errors > len(named) else ""))
     return total / count if count else math.inf
 
 
 def _validate_all(model: torch.nn.Module, dataset: Any, indices: list[int], config: TrainConfig,
-                  device: torch.device, use_amp: bool) -> dict[str, float]:
+                  device: torch.device, use_amp: bool, say: Callable[[str], None] = _silent) -> dict[str, float]:
     """Validation loss and, with ``val_hmean``, the precision/recall/H-mean of the words the model detects."""
-    scores = {"val_loss": _validate(model, dataset, indices, config, device, use_amp)}
+    scores = {"val_loss": _validate(model, dataset, indices, config, device, use_amp, say)}
     if config.val_hmean:
         thresholds = Thresholds(config.text_threshold, config.link_threshold, config.low_text)
         found = evaluate_model(model, dataset, indices, device, image_size=config.image_size, thresholds=thresholds,
@@ -657,7 +680,9 @@ def _resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None
     return path
 
 
-def _load_resume_state(path: Path, config: TrainConfig, world: World) -> dict[str, Any]:
+def _load_resume_state(path: Path, config: TrainConfig, world: World, given: Collection[str] | None,
+                       say: Callable[[str], None]) -> tuple[dict[str, Any], TrainConfig]:
+    """The checkpoint's state and the config the resumed run has (see :func:`train`'s ``given``)."""
     seal, _ = ckptio.read_meta(path)
     if seal is not None and is_slim(seal.meta):
         raise ValueError(
@@ -670,14 +695,26 @@ def _load_resume_state(path: Path, config: TrainConfig, world: World) -> dict[st
             f"{path} is not a craft_train checkpoint (it lacks the training state); to start from its weights "
             "use --pretrained instead of --resume"
         )
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} lacks the training config a resume needs: the file is damaged; resume from "
+                         "another checkpoint")
+    try:
+        config, notes = resumed_config(saved, config, given)
+    except ValueError as exc:
+        raise ValueError(f"cannot resume from {path} with different settings: {exc}. Leave those flags out (a "
+                         "resume takes its settings from the checkpoint), or start a new run in another "
+                         "--save-dir") from None
+    if notes:
+        say("resuming with the checkpoint's settings, except " + ", ".join(notes))
+    step = state.get("global_step")
+    if config.max_steps is not None and type(step) is int and step >= config.max_steps:
+        say(f"the run already reached --max-steps {config.max_steps} (global step {step}): nothing to train; give a "
+            "larger --max-steps to go on")
     if state.get("sharded") and (not config.zero or state.get("world_size") != world.size):
         raise ValueError(
             f"{path} holds an optimizer sharded over {state.get('world_size')} processes (--zero); resume it with "
             f"--zero and --nproc-per-node {state.get('world_size')}")
     if not state.get("sharded") and config.zero and world.distributed:
         raise ValueError(f"{path} holds a whole optimizer state; resume it without --zero")
-    changes = incompatible_changes(state["config"], config)
-    if changes:
-        raise ValueError(f"cannot resume from {path} with different settings: " + "; ".join(changes)
-                         + ". Use the checkpoint's settings, or start a new run in another --save-dir")
-    return state
+    return state, config

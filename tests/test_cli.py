@@ -790,3 +790,58 @@ def test_python_m_ckptio_without_the_environments_packages_says_to_activate_it(t
     assert result.returncode == 1
     assert_no_traceback(result)
     assert ". .venv/bin/activate" in result.stderr
+
+
+# -- what a user of someone else's files sees ----------------------------------------------------------------
+
+
+def test_info_shows_an_infinite_best_loss_as_none_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with CheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save({**train_state(), "best_val_loss": float("inf")}, name="checkpoint_epoch_2_batch_8")
+    assert main(["info", str(tmp_path / "checkpoint_epoch_2_batch_8.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "best_val_loss: none yet" in out and ": inf" not in out
+
+
+def test_info_shows_epoch_batch_and_losses_of_a_checkpoint_the_guides_script_wrote(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "checkpoint_epoch_2_batch_8.pth"
+    torch.save(train_state(), path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "unsealed" in out
+    for line in ("epoch: 2", "batch: 8", "total_batches: 20", "train_loss: 0.75", "cls_loss: 0.5"):
+        assert f"  {line}\n" in out, line
+
+
+def test_load_says_digest_checked_only_for_a_file_with_a_digest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(train_state(), tmp_path / "plain.pth")
+    with CheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(train_state(), name="sealed")
+    assert main(["load", str(tmp_path / "plain.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "digest checked" not in out and "no digest to check" in out
+    assert main(["load", str(tmp_path / "sealed.pth")]) == 0
+    assert "(digest checked)" in capsys.readouterr().out
+
+
+def test_verify_of_a_folder_ckptio_never_wrote_into_leaves_no_index_there(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "ours", async_save=False) as manager:
+        manager.save(train_state(), name="checkpoint_epoch_1_batch_1")
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (tmp_path / "ours" / "checkpoint_epoch_1_batch_1.pth").rename(foreign / "checkpoint_epoch_1_batch_1.pth")
+    torch.save(train_state(), foreign / "checkpoint_epoch_1_batch_2.pth")
+    assert main(["verify", str(foreign)]) == 0
+    assert sorted(p.name for p in foreign.iterdir()) == ["checkpoint_epoch_1_batch_1.pth",
+                                                         "checkpoint_epoch_1_batch_2.pth"]
+
+
+def test_an_old_format_torch_save_file_is_unsealed_not_corrupt(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "craft_mlt_25k.pth"
+    torch.save({"module.w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    assert main(["verify", str(path)]) == 0
+    assert "unsealed" in capsys.readouterr().out
+    assert torch.equal(ckptio.load(path)["module.w"], torch.ones(3))

@@ -112,6 +112,30 @@ def test_bare_and_module_prefixed_state_dicts_load_like_the_official_weights(
         assert torch.equal(model.conv_cls[-1].bias, torch.tensor([1.0, 0.0]))
 
 
+def test_without_image_size_each_image_runs_at_its_own_size_bounded_by_the_canvas(
+        checkpoint: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from craft_train.detect import network_size
+
+    # the checkpoint was trained at 64 px: a 100 x 200 photo must not be shrunk to that
+    cv2.imwrite(str(images / "c.jpg"), np.full((100, 200, 3), 90, dtype=np.uint8))
+    assert main(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    assert "3 images, 3 words detected at each image's own size (64 to 224 px)" in capsys.readouterr().out
+    photo = np.zeros((480, 640, 3), dtype=np.uint8)
+    assert network_size(photo) == 640
+    assert network_size(photo, mag_ratio=1.5) == 960
+    assert network_size(np.zeros((2000, 3000, 3), dtype=np.uint8)) == 1280
+    assert network_size(photo, canvas_size=512) == 512
+
+
+def test_the_official_weights_in_the_legacy_format_load_in_detect(
+        weights: dict[str, torch.Tensor], images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    legacy = tmp_path / "craft_mlt_25k.pth"
+    torch.save({f"module.{k}": v for k, v in weights.items()}, legacy, _use_new_zipfile_serialization=False)
+    rc = main(["--checkpoint", str(legacy), "--images", str(images), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "module.-prefixed keys" in capsys.readouterr().out
+
+
 def test_a_trainer_checkpoint_brings_its_training_config(checkpoint: Path) -> None:
     _, config = load_detector(checkpoint)
     assert config == {"image_size": SIDE}

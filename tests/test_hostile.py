@@ -82,7 +82,7 @@ def test_an_unsealed_zstd_bomb_is_refused_with_bounded_memory(tmp_path: Path) ->
     path = tmp_path / "bomb.pth.zst"
     path.write_bytes(zstandard.ZstdCompressor(level=19).compress(b"\0" * (512 * 2**20)))
     before = psutil.Process().memory_info().rss
-    with pytest.raises(CorruptCheckpointError, match="beyond"):
+    with pytest.raises(CorruptCheckpointError, match="beyond|does not start a torch zip"):
         ckptio.load(path)
     assert psutil.Process().memory_info().rss - before < 128 * 2**20
 

@@ -356,6 +356,16 @@ def test_orphans_are_kept_while_another_rank_of_the_run_holds_its_lock(tmp_path)
         assert f"{periodic(7)}.shards" in visible(tmp_path)  # rank 1 may be writing it right now
 
 
+def test_a_shard_another_rank_is_writing_keeps_its_temporary_file_when_rank_0_opens_the_directory(tmp_path) -> None:
+    shards = plant_orphan(tmp_path, periodic(7))
+    writing = shards / ".rank00001-of-00002.pth.4242.0123456789abcdef.ckptio-tmp"
+    writing.write_bytes(b"half a shard")
+    with CheckpointManager(tmp_path, rank=1, world_size=2), CheckpointManager(tmp_path, rank=0, world_size=2):
+        assert writing.exists()  # rank 1 (or its writer process) is writing it right now
+    with CheckpointManager(tmp_path):  # nobody else holds a lock: a leftover of a crash, removed
+        assert not shards.exists()
+
+
 def test_retention_removes_orphans_older_than_the_committed_checkpoint_and_counts_newer_ones(tmp_path) -> None:
     with CheckpointManager(tmp_path, keep_count=5, disk_budget=400_000) as mgr:
         mgr.save(state(1), name=periodic(1))
@@ -525,9 +535,48 @@ def test_a_state_whose_safetensors_header_would_be_unreadable_is_refused_when_sa
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ckptio.formats
 
-    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 4096)  # 150,000 tensors would take minutes
-    many = {f"layer{i}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    # 200 tensors need at least 25,200 header bytes and take ~38,000: over 30,000 only the exact header tells
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 30_000)  # 150,000 tensors would take minutes
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
     with CheckpointManager(tmp_path, async_save=False, format="safetensors") as mgr:
         with pytest.raises(CheckpointWriteError, match="use format='torch'"):
             mgr.save(many, name="big")
+    assert not list(tmp_path.glob("big*"))
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_torch_state_whose_zip_directory_would_be_unreadable_is_refused_before_it_is_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str | None) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_ZIP_DIRECTORY", 4096)  # 500,000 tensors would take minutes
+    many = {f"layer{i:03}.weight": torch.zeros(1) for i in range(200)}  # ~60 bytes of directory each
+    with CheckpointManager(tmp_path, async_save=False, compression=compression) as mgr:
+        with pytest.raises(CheckpointWriteError, match="zip directory would be .* use format='safetensors'"):
+            mgr.save(many, name="big")
+        mgr.save({"w": torch.zeros(3)}, name="small")  # a state within the cap is still written
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "small.pth" + (".zst" if compression else "")]
+
+
+def test_metadata_whose_trailer_would_cost_too_much_to_parse_is_refused_before_it_is_committed(
+        tmp_path: Path) -> None:
+    nested = {"runs": [{}] * 1_500_000}  # 4.5 MB of JSON, within the trailer's length, ~230 MiB to parse
+    with CheckpointManager(tmp_path, async_save=False, compression="zstd", fsync=False) as mgr:
+        with pytest.raises(CheckpointWriteError, match="metadata= nests too many"):
+            mgr.save({"w": torch.zeros(3)}, name="meta", metadata=nested)
+    assert not list(tmp_path.glob("meta*"))
+
+
+def test_a_state_whose_safetensors_header_certainly_passes_the_cap_is_refused_in_save_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 20_000)
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    with CheckpointManager(tmp_path, format="safetensors") as mgr:
+        with pytest.raises(ValueError, match="use format='torch'") as refused:
+            mgr.save(many, name="big")  # asynchronous: only a check in save() itself can raise here
+        assert not isinstance(refused.value, CheckpointWriteError)
+        assert mgr.stats.requested == 0
     assert not list(tmp_path.glob("big*"))

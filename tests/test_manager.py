@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from helpers import assert_same
 
 import ckptio
+import ckptio.cli
 import ckptio.formats
 import ckptio.manager
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError
@@ -194,6 +196,28 @@ def test_mutation_after_save_does_not_leak_into_the_file(tmp_path, gated) -> Non
         state["epoch"] = 2
         gated.gate.set()
     assert_same(ckptio.load(mgr.path_for("c")), expected)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_a_parameter_loads_back_as_a_parameter_with_its_requires_grad_as_torch_save_keeps_it(
+        tmp_path, fmt, compression, writer) -> None:
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    state = {"params": list(model.parameters()), "plain": torch.ones(2)}
+    with CheckpointManager(tmp_path, format=fmt, compression=compression, writer=writer, fsync=False) as mgr:
+        path = mgr.save(state, name="p").result().path
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    reference.seek(0)
+    expected = torch.load(reference, weights_only=True)
+
+    loaded = ckptio.load(path)
+    assert [(type(t), t.requires_grad) for t in loaded["params"]] == [
+        (type(t), t.requires_grad) for t in expected["params"]] == [
+        (torch.nn.Parameter, True), (torch.nn.Parameter, False)]
+    assert type(loaded["plain"]) is torch.Tensor
+    assert all(torch.equal(a, b) for a, b in zip(loaded["params"], model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
@@ -771,3 +795,62 @@ def test_a_failed_construction_leaves_the_directory_unlocked(tmp_path) -> None:
     with pytest.raises((ValueError, TypeError)):
         CheckpointManager(tmp_path, max_pending=1.5)
     CheckpointManager(tmp_path).close()
+
+
+# -- the directory is fixed when the manager is created --------------------------------------------------------
+
+
+def test_a_relative_directory_keeps_meaning_the_same_place_after_chdir(tmp_path, monkeypatch, writer) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with CheckpointManager("runs", keep_count=1, fsync=False, writer=writer) as mgr:
+        mgr.save(small_state(1), name=periodic(1)).result(GATE_TIMEOUT)
+        os.chdir(tmp_path / "elsewhere")
+        mgr.save(small_state(2), name=periodic(2)).result(GATE_TIMEOUT)
+        if writer == "process":  # a writer process started after the chdir writes to the same place
+            pid = mgr._writer.pid  # type: ignore[union-attr]
+            os.kill(pid, 9)
+            deadline = time.monotonic() + 60
+            while not mgr._writer._generation.dead and time.monotonic() < deadline:  # type: ignore[union-attr]
+                time.sleep(0.01)
+        mgr.save(small_state(3), name=periodic(3)).result(GATE_TIMEOUT * 6)
+        assert mgr.path_for(periodic(3)) == tmp_path / "runs" / f"{periodic(3)}.pth"
+    assert visible(tmp_path / "runs") == {f"{periodic(3)}.pth"}
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def test_forked_dataloader_workers_do_not_keep_the_directory_locked(tmp_path) -> None:
+    first = CheckpointManager(tmp_path)
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork")
+    batches = iter(loader)
+    next(batches)  # both workers are forked now and live until the iterator goes
+    try:
+        first.close()  # what a kill -9 of the trainer does to its own descriptor; the workers still run
+        with CheckpointManager(tmp_path) as second:  # a restart is not refused because of the workers
+            second.save(small_state(), name="c")
+    finally:
+        del batches
+    assert visible(tmp_path) == {"c.pth"}
+
+
+def test_keep_count_and_clean_keep_the_newest_written_when_older_files_have_later_mtimes(tmp_path) -> None:
+    with CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        for i in (1, 2, 3):
+            mgr.save(small_state(i), name=periodic(i))
+    future = time.time_ns() + 3600 * 10**9  # the clock was stepped back after these were written
+    for i in (1, 2, 3):
+        os.utime(tmp_path / f"{periodic(i)}.pth", ns=(future - i, future - i))  # the oldest looks newest
+    assert ckptio.cli.main(["clean", str(tmp_path), "--keep-count", "2"]) == 0
+    assert visible(tmp_path) == {f"{periodic(2)}.pth", f"{periodic(3)}.pth"}
+    with CheckpointManager(tmp_path, keep_count=1, async_save=False, fsync=False) as mgr:
+        mgr.save(small_state(4), name=periodic(4))
+    assert visible(tmp_path) == {f"{periodic(4)}.pth"}

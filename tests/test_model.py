@@ -153,11 +153,44 @@ def test_missing_unexpected_and_misshapen_keys_are_reported(tmp_path: Path) -> N
     assert "conv_cls.8.weight: file (3, 16, 1, 1) vs model (2, 16, 1, 1)" in message
 
 
-def test_training_checkpoint_is_rejected_as_not_a_bare_state_dict(tmp_path: Path) -> None:
+def test_a_file_without_weights_or_model_state_dict_is_refused_naming_its_entries(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "step": 3}, path)
-    with pytest.raises(ValueError, match="not a bare state dict"):
+    with pytest.raises(ValueError, match=r"neither a state dict of tensors nor a checkpoint .*model, step"):
         load_pretrained(_model(), path)
+
+
+def test_pretrained_takes_the_guide_scripts_checkpoint_and_says_what_it_found(tmp_path: Path) -> None:
+    source = _model(seed=7)
+    path = tmp_path / "checkpoint_epoch_1_batch_100.pth"
+    torch.save({"epoch": 1, "batch": 100, "total_batches": 1250, "model_state_dict": source.state_dict(),
+                "optimizer_state_dict": {"state": {}, "param_groups": []}, "train_loss": 0.4}, path)
+    target = _model(seed=8)
+    found = load_pretrained(target, path)
+    assert torch.equal(target.conv_cls[8].weight, source.conv_cls[8].weight)
+    assert "a training checkpoint's model_state_dict (epoch 1, batch 100)" in found.source
+
+
+def test_pretrained_takes_a_ckptio_checkpoint_and_checks_its_digest(tmp_path: Path) -> None:
+    import ckptio
+
+    source = _model(seed=9)
+    with ckptio.CheckpointManager(tmp_path) as manager:
+        manager.save({"model_state_dict": source.state_dict(), "kind": "craft_train", "epoch": 2, "batch": 4,
+                      "config": {"image_size": 64}}, name="checkpoint_epoch_2_batch_4").result()
+    target = _model(seed=10)
+    found = load_pretrained(target, tmp_path / "checkpoint_epoch_2_batch_4.pth")
+    assert torch.equal(target.conv_cls[8].weight, source.conv_cls[8].weight)
+    assert found.source.startswith("a craft_train checkpoint's model_state_dict (epoch 2, batch 4)")
+    assert "digest checked" in found.source and found.config == {"image_size": 64}
+
+
+def test_pretrained_names_the_official_releases_legacy_prefixed_format(tmp_path: Path) -> None:
+    path = tmp_path / "craft_mlt_25k.pth"
+    torch.save({f"module.{k}": v for k, v in _model(seed=11).state_dict().items()}, path,
+               _use_new_zipfile_serialization=False)
+    found = load_pretrained(_model(), path)
+    assert "module.-prefixed" in found.source and "legacy format" in found.source
 
 
 def _torchvision_style_vgg(seed: int) -> dict[str, torch.Tensor]:

@@ -20,16 +20,17 @@ def test_progress_fields_keep_the_guides_order() -> None:
         "loss=0.4123, cls=0.2056, geo=0.2067, errors=0, avg_loss=0.4200")
 
 
-def test_without_a_terminal_the_progress_line_is_printed_ten_times_an_epoch_with_the_same_fields() -> None:
+def test_without_a_terminal_the_progress_line_is_printed_at_once_then_ten_times_an_epoch() -> None:
     lines: list[str] = []
     progress = EpochProgress(1, 20, 0, lines.append, show=True)  # pytest's stderr is not a terminal
     for _ in range(20):
         progress.update(" [已保存: batch 2]", progress_fields(0.5, 0.25, 0.25, 1, 0.5))
     progress.close()
-    assert len(lines) == 10
+    assert len(lines) == 11  # the first batch's line, then one every tenth of the epoch
     assert re.fullmatch(r"Epoch 1 - 训练 \[已保存: batch 2\]: 100% 20/20 \[\d\d:\d\d<00:00, .+/s, loss=0\.5000, "
                         r"cls=0\.2500, geo=0\.2500, errors=1, avg_loss=0\.5000\]", lines[-1]), lines[-1]
-    assert lines[0].startswith("Epoch 1 - 训练 [已保存: batch 2]:  10% 2/20 [")
+    assert lines[0].startswith("Epoch 1 - 训练 [已保存: batch 2]:   5% 1/20 [")
+    assert lines[1].startswith("Epoch 1 - 训练 [已保存: batch 2]:  10% 2/20 [")
 
 
 def test_a_resumed_epoch_counts_from_where_it_stopped() -> None:

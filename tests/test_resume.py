@@ -17,7 +17,7 @@ from ckptio.layout import file_name, scan
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import state_layout
 from craft_train.config import TrainConfig, incompatible_changes
-from craft_train.resume import checked_optimizer_state
+from craft_train.resume import checked_optimizer_state, find_resume_checkpoint
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs. On the CPU even on
@@ -198,10 +198,42 @@ def test_a_slim_checkpoint_is_refused_for_resume_and_skipped_by_resume_auto(tmp_
     messages: list[str] = []
     with pytest.raises(ValueError, match="already holds 2 checkpoint"):  # a fresh run would mix with them
         train(_config(**common, max_steps=3), say=messages.append)
-    result = train(_config(**common, max_steps=1, resume="auto"), say=messages.append)
+    with pytest.raises(ValueError, match=r"none of the 2 checkpoint\(s\).*weights only.*--pretrained"):
+        train(_config(**common, max_steps=1, resume="auto"), say=messages.append)
     assert sum("holds the model weights only (--keep-full)" in m for m in messages) == 2, messages
-    assert any("no usable checkpoint" in m for m in messages), messages
-    assert result.start_step == 0 and result.global_step == 1
+
+
+def test_resume_auto_stops_naming_the_damaged_checkpoints_and_leaves_them_as_they_were(
+        tmp_path: Path, six_steps: Path) -> None:
+    damaged = _copy([_at_step(six_steps, 1), _at_step(six_steps, 2)], tmp_path)
+    for path in damaged:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in damaged}
+    with pytest.raises(ValueError, match=r"checkpoint_epoch_1_batch_2\.pth: corrupt.*checkpoint_epoch_1_batch_1"):
+        train(_config(save_dir=str(tmp_path), workers=0, save_freq=1, max_steps=2, resume="auto"), say=_quiet)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix == ".pth"} == before
+
+
+def test_a_resume_from_the_command_line_takes_the_checkpoints_settings_and_reports_safe_changes(
+        tmp_path: Path, six_steps: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from craft_train.cli import main
+
+    (copy,) = _copy([_at_step(six_steps, 6)], tmp_path)
+    # the run stopped at its --max-steps 6: resumed as it was, it has nothing left to do, and says so
+    assert main(["--resume", str(copy), "--save-dir", str(tmp_path), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "already reached --max-steps 6" in out and "done: 0 steps" in out
+    # Neither --synthetic-size, --image-size nor --batch-size is typed: their defaults (1000, 512, 16) must not
+    # count as this run's choice.
+    assert main(["--resume", str(copy), "--save-dir", str(tmp_path), "--max-steps", "7", "--save_freq", "0",
+                 "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "global step 7" in out
+    assert "--max-steps 7 (the checkpoint had 6)" in out and "--save-freq 0 (the checkpoint had 1)" in out
+    assert main(["--resume", str(copy), "--save-dir", str(tmp_path), "--image-size", "96"]) == 2
+    assert "image_size: checkpoint has 64, this run has 96" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -350,3 +382,32 @@ def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_
           say=_quiet)
     assert len(saved) == 1 and prepared, "no save, or nothing prepared"
     assert prepared[-1] == saved[0], "the first save's layout (with Adam's moments) was never prepared"
+def test_a_run_resumed_at_its_last_step_trains_no_further_step(tmp_path: Path, six_steps: Path) -> None:
+    (last,) = _copy([_at_step(six_steps, 3)], tmp_path)
+    result = train(_config(save_dir=str(tmp_path), workers=0, save_freq=1, max_steps=3, resume="auto"), say=_quiet)
+    assert result.start_step == result.global_step == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [last.name]
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_resume_auto_picks_and_loads_a_zstd_checkpoint_of_fresh_zero_state_that_compresses_past_1024x(
+        tmp_path: Path, fmt: str) -> None:
+    state = {"epoch": 1, "batch": 2, "global_step": 2, "model_state_dict": {"w": torch.zeros(2**21)},
+             "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(2**21)}}, "param_groups": []}}
+    with ckptio.CheckpointManager(tmp_path, format=fmt, compression="zstd", async_save=False, fsync=False) as mgr:
+        mgr.save(state, name="checkpoint_epoch_1_batch_2")
+        newest = mgr.path_for("checkpoint_epoch_1_batch_2")
+    assert newest.stat().st_size * 1024 < 16 * 2**20
+
+    said: list[str] = []
+    assert find_resume_checkpoint(tmp_path, said.append) == newest and said == []
+    assert torch.equal(ckptio.load(newest)["optimizer_state_dict"]["state"][0]["exp_avg"], torch.zeros(2**21))
+def test_a_new_run_starts_from_the_weights_of_a_full_or_slimmed_checkpoint_with_pretrained(
+        tmp_path: Path, six_steps: Path) -> None:
+    full, slim = _copy([_at_step(six_steps, 2), _at_step(six_steps, 1)], tmp_path)
+    slim_checkpoint(slim)
+    for path, what in ((full, "epoch 1, batch 2), digest checked"), (slim, "slimmed to its weights")):
+        messages: list[str] = []
+        result = train(_config(workers=0, save_freq=0, max_steps=1, pretrained=str(path),
+                               save_dir=str(tmp_path / f"new_{path.stem}")), say=messages.append)
+        assert result.start_step == 0 and result.global_step == 1
+        assert any(m.startswith(f"--pretrained {path}: a craft_train checkpoint's model_state_dict") and what in m
+                   for m in messages), messages

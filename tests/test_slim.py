@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptio
+import ckptio.atomic
+import ckptio.slim
 from ckptio import cli as ckptio_cli
+from ckptio.integrity import seal_zip_file
 from ckptio.layout import CheckpointEntry, read_index, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from tests.helpers import assert_same
@@ -179,3 +185,157 @@ def test_a_checkpoint_the_writer_cannot_slim_stays_complete_and_the_others_and_t
 def test_keep_full_below_one_or_not_a_whole_number_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="keep_full"):
         ckptio.CheckpointOptions(keep_full=value)  # type: ignore[arg-type]
+
+
+def _step_the_clock_back(paths: list[Path]) -> None:
+    """Give the files written so far modification times in the future, as a clock stepped back leaves them."""
+    future = time.time_ns() + 3600 * 10**9
+    for offset, path in enumerate(paths):
+        os.utime(path, ns=(future + offset, future + offset))
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_keep_full_never_slims_the_checkpoint_just_written_when_older_files_have_later_mtimes(
+        tmp_path: Path, writer: str) -> None:
+    _step_the_clock_back(_save(tmp_path, [1, 2]))
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer) as mgr:
+        saved = mgr.save(_state(3), name="checkpoint_epoch_1_batch_3").result(timeout=60)
+    assert [done.path.name for done in saved.slimmed] == ["checkpoint_epoch_1_batch_2.pth",
+                                                          "checkpoint_epoch_1_batch_1.pth"]
+    slim = {e.name: is_slim(ckptio.read_meta(e.path)[0].meta) for e in scan(tmp_path)}
+    assert slim == {"checkpoint_epoch_1_batch_1": True, "checkpoint_epoch_1_batch_2": True,
+                    "checkpoint_epoch_1_batch_3": False}
+
+
+class _CleanDuringSlimming:
+    """Stands in for ``ckptio.slim.verify_file``: runs ``ckptio clean --keep-count 1`` once, while the slim copy of
+    the oldest checkpoint is written but not yet renamed over it (the interleaving is certain, not timed)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cleaned = False
+        self.real = ckptio.slim.verify_file
+
+    def __call__(self, path: Path) -> object:
+        if not self.cleaned:
+            self.cleaned = True
+            assert ckptio_cli.main(["clean", str(self.directory), "--keep-count", "1"]) == 0
+        return self.real(path)
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "unavailable"])
+def test_a_checkpoint_clean_deletes_while_it_is_slimmed_stays_deleted(tmp_path: Path, exchange: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if exchange == "unavailable":  # a filesystem or kernel that cannot exchange two names: checked, then renamed
+        monkeypatch.setattr(ckptio.atomic, "_exchange", lambda a, b: False)
+    older, newest = _save(tmp_path, [1, 2])
+    fake = _CleanDuringSlimming(tmp_path)
+    monkeypatch.setattr(ckptio.slim, "verify_file", fake)
+    assert ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1) == []
+    assert fake.cleaned
+    assert not older.exists(), "the slim copy brought back the file clean had deleted"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [newest.name]
+    assert not any(p.name.endswith(".ckptio-tmp") for p in tmp_path.iterdir())
+
+
+class _ReplaceDuringSlimming:
+    """Stands in for ``ckptio.slim.verify_file``: puts another file under the name being slimmed, once."""
+
+    def __init__(self, path: Path, replacement: Path) -> None:
+        self.path, self.replacement = path, replacement
+        self.real = ckptio.slim.verify_file
+
+    def __call__(self, path: Path) -> object:
+        if self.replacement.exists():
+            os.replace(self.replacement, self.path)
+        return self.real(path)
+
+
+def test_a_checkpoint_replaced_while_it_is_slimmed_keeps_the_newer_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (older,) = _save(tmp_path / "run", [1])
+    (replacement,) = _save(tmp_path / "other", [1])
+    expected = replacement.read_bytes()
+    monkeypatch.setattr(ckptio.slim, "verify_file", _ReplaceDuringSlimming(older, replacement))
+    with pytest.raises(FileExistsError, match="replaced while it was being rewritten"):
+        slim_checkpoint(older)
+    assert older.read_bytes() == expected
+    assert not any(p.name.endswith(".ckptio-tmp") for p in older.parent.iterdir())
+
+
+def test_the_written_order_survives_slimming_and_re_verification(tmp_path: Path) -> None:
+    paths = _save(tmp_path, [1, 2, 3])
+    order = [e.name for e in scan(tmp_path)]
+    slim_checkpoint(paths[1])
+    assert ckptio.verify(tmp_path).ok  # records every file again
+    for i, path in enumerate(paths):  # the clock says the reverse of the order they were written in
+        os.utime(path, ns=(10**18 - i, 10**18 - i))
+    assert [e.name for e in scan(tmp_path)] == order
+    assert [read_index(tmp_path)[p.name]["written"] for p in paths] == [1, 2, 3]
+def _planted_shared_references(path: Path, depth: int = 60) -> None:
+    """A sealed .pth whose state is ``{"model_state_dict": {...}, "a": [x, x]}`` nested ``depth`` times: a few KB
+    on disk (the pickler writes each level once), 2**depth paths to walk."""
+    level: object = []
+    for _ in range(depth):
+        level = [level, level]
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "batch": 0, "model_state_dict": {"w": torch.zeros(2)}, "a": level}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with open(path, "r+b") as file:
+        seal_zip_file(file.fileno(), {"name": path.stem, "user": {}})
+
+
+@pytest.mark.timeout(120)  # a guard only: before the fix the writer walked 2**60 paths and never returned
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_planted_checkpoint_of_shared_references_is_reported_unslimmable_and_the_save_still_succeeds(
+    tmp_path: Path, writer: str
+) -> None:
+    planted = tmp_path / "checkpoint_epoch_0_batch_0.pth"
+    _planted_shared_references(planted)
+    assert planted.stat().st_size < 4096
+    before = planted.read_bytes()
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=True, writer=writer, fsync=False) as mgr:
+        saved = mgr.save(_state(1), name="checkpoint_epoch_1_batch_1").result(timeout=100)
+
+    assert saved.slim_error is not None and "reached by two paths" in saved.slim_error
+    assert saved.slim_error.startswith("checkpoint_epoch_0_batch_0.pth")
+    assert planted.read_bytes() == before
+    assert ckptio.verify(saved.path).ok
+
+
+def test_a_checkpoint_without_model_weights_is_read_once_by_keep_full_not_at_every_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real_load = ckptio.slim.load
+
+    def counting_load(path: object, *args: object, **kwargs: object) -> object:
+        reads.append(Path(str(path)).name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckptio.slim, "load", counting_load)
+    errors = []
+    with ckptio.CheckpointManager(tmp_path, keep_full=1, async_save=False, fsync=False) as mgr:
+        for step in (1, 2, 3, 4):
+            state = {"epoch": 1, "batch": step, "weights": torch.full((4,), float(step))}  # no model_state_dict
+            errors.append(mgr.save(state, name=f"checkpoint_epoch_1_batch_{step}").result().slim_error)
+
+    # before: every save re-read every older checkpoint (1 + 2 + 3 loads); now each is read once
+    assert sorted(reads) == [f"checkpoint_epoch_1_batch_{step}.pth" for step in (1, 2, 3)]
+    assert [e is not None and "has no model_state_dict" in e for e in errors] == [False, True, True, True]
+    assert "model_state_dict" in read_index(tmp_path)["checkpoint_epoch_1_batch_1.pth"]["unslimmable"]
+
+
+def test_a_checkpoint_found_unslimmable_is_tried_again_once_it_changes(tmp_path: Path) -> None:
+    first = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    unslimmable = _state(1)
+    del unslimmable["model_state_dict"]
+    with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        mgr.save(unslimmable, name="checkpoint_epoch_1_batch_1")
+        mgr.save(_state(2), name="checkpoint_epoch_1_batch_2")
+    assert ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1, on_error=lambda path, exc: None) == []
+    assert "unslimmable" in read_index(tmp_path)[first.name]
+
+    (replacement,) = _save(tmp_path / "elsewhere", [1])  # the same name, now with weights, put in place
+    os.replace(replacement, first)
+    assert [done.path for done in ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1)] == [first]

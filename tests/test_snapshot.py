@@ -194,11 +194,14 @@ def test_distinct_empty_tensors_rebuild_with_their_own_shapes_and_dtypes() -> No
     assert_same(rebuilt, state)
 
 
-def test_parameters_requiring_grad_are_snapshotted_detached() -> None:
-    param = torch.nn.Parameter(torch.randn(3))
-    rebuilt, _ = json_roundtrip({"p": param})
-    assert not rebuilt["p"].requires_grad
+def test_parameters_are_snapshotted_as_copies_and_rebuilt_as_parameters_as_torch_save_keeps_them() -> None:
+    param, frozen = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    rebuilt, _ = json_roundtrip({"p": param, "f": frozen, "plain": torch.ones(1)})
+    assert type(rebuilt["p"]) is torch.nn.Parameter and rebuilt["p"].requires_grad
+    assert type(rebuilt["f"]) is torch.nn.Parameter and not rebuilt["f"].requires_grad
+    assert type(rebuilt["plain"]) is torch.Tensor
     assert torch.equal(rebuilt["p"], param.detach())
+    assert rebuilt["p"].untyped_storage().data_ptr() != param.untyped_storage().data_ptr()
 
 
 # -- caller safety ---------------------------------------------------------------------------------------------

@@ -23,9 +23,12 @@ import torch
 import zstandard
 
 import ckptio
+import ckptio.cli
 import ckptio.formats
 import ckptio.manager
+import ckptio.slim
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError, InsufficientSpaceError
+from ckptio.fileio import MAX_ZSTD_EXPANSION
 from ckptio.layout import scan
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
@@ -495,6 +498,51 @@ def test_zstd_files_get_a_zst_suffix_and_load_transparently(tmp_path, fmt) -> No
     seal, _ = ckptio.read_meta(path)
     assert seal is not None and seal.meta["compression"] == "zstd" and seal.meta["format"] == fmt
     assert ckptio.verify(path).ok
+
+
+def zero_state(batch: int) -> dict[str, Any]:
+    """What compresses past 1024x: zero-initialised weights (8 MiB), fresh optimizer moments, a sparse embedding."""
+    embedding = torch.zeros(512, 1024)
+    embedding[batch, :4] = 1.0
+    return {"epoch": 1, "batch": batch,
+            "model_state_dict": {"lora.weight": torch.zeros(2**21), "embedding": embedding},
+            "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(2**18), "step": torch.tensor(0.0)}}}}
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_a_state_of_zeros_that_compresses_past_1024x_saves_verifies_loads_and_slims(tmp_path, capsys, fmt,
+                                                                                    compression) -> None:
+    with manager(tmp_path, format=fmt, compression=compression, keep_full=1) as mgr:
+        for batch in (1, 2):
+            mgr.save(zero_state(batch), name=periodic(batch))
+            mgr.wait()
+        slimmed, newest = mgr.path_for(periodic(1)), mgr.path_for(periodic(2))
+    if compression == "zstd":
+        assert newest.stat().st_size * MAX_ZSTD_EXPANSION < 10 * MiB  # past the expansion limit of unsealed files
+
+    assert ckptio.verify(tmp_path).ok
+    assert ckptio.cli.main(["info", str(newest)]) == 0
+    loaded = ckptio.load(newest)
+    for key, tensor in zero_state(2)["model_state_dict"].items():
+        assert torch.equal(loaded["model_state_dict"][key], tensor)
+    assert torch.equal(loaded["optimizer_state_dict"]["state"][0]["exp_avg"], torch.zeros(2**18))
+    assert ckptio.slim.is_slim(ckptio.read_meta(slimmed)[0].meta)
+    assert set(ckptio.load(slimmed)) == {"epoch", "batch", "model_state_dict"}
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_safetensors_state_whose_header_passes_16_mib_is_written_and_loads_back(tmp_path, compression) -> None:
+    """20,000 tensors with 500-character names: a ~22 MB header, as 100,000 tensors with 100-character ones."""
+    prefix = "encoder." * 60
+    state = {"model_state_dict": {f"{prefix}{i:05}.weight": torch.full((1,), float(i)) for i in range(20_000)}}
+    with manager(tmp_path, format="safetensors", compression=compression) as mgr:
+        saved = mgr.save(state, name="big").result()
+
+    assert (saved.meta["raw_size"] or saved.size) > 16 * MiB  # almost all of it header
+    loaded = ckptio.load(saved.path)["model_state_dict"]
+    assert len(loaded) == 20_000 and torch.equal(loaded[f"{prefix}12345.weight"], torch.tensor([12345.0]))
+    assert ckptio.verify(saved.path).ok
 
 
 def test_zstd_files_are_counted_by_keep_count_and_the_disk_budget(tmp_path) -> None:

@@ -141,6 +141,41 @@ def test_training_on_icdar_data_skips_counts_and_names_a_corrupt_image(tmp_path:
     assert any("errors=2" in m for m in messages), messages
 
 
+def test_validation_counts_and_names_the_images_it_could_not_read(tmp_path: Path) -> None:
+    from craft_train.data import IcdarDataset
+    from craft_train.model import CRAFT
+    from craft_train.train import _validate
+
+    data = tmp_path / "icdar"
+    _write_icdar(data)
+    dataset = IcdarDataset(str(data), 64, augment=False)
+    config = TrainConfig(data_dir=str(data), image_size=64, batch_size=2, workers=0)
+    messages: list[str] = []
+    loss = _validate(CRAFT(), dataset, list(range(len(dataset))), config, torch.device("cpu"), False,
+                     messages.append)
+    assert np.isfinite(loss)
+    assert messages == [m for m in messages if m.startswith("validation left out 1 unreadable image(s) of 4: ")]
+    assert len(messages) == 1 and str(data / "img_9.jpg") in messages[0], messages
+
+
+def test_help_shows_every_default_and_no_default_for_switches(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--image-size IMAGE_SIZE", "512"), ("--batch-size BATCH_SIZE", "16"),
+                          ("--epochs EPOCHS", "50"), ("--save-dir SAVE_DIR", "checkpoints_improved")):
+        assert f"{flag} (default: {default})" in text, flag
+    assert "full precision on CUDA --deterministic" in text  # --no-amp: no "(default: True)"
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert "0 writes no batch checkpoints at all" in text
+
+
+def test_a_shortened_flag_is_refused_instead_of_taken_for_a_longer_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--epoch", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
 def test_icdar_data_with_mixed_in_synthetic_images_trains_on_both_and_still_names_the_corrupt_image(
     tmp_path: Path,
 ) -> None:
@@ -196,3 +231,20 @@ def test_ctrl_c_finishes_queued_saves_and_leaves_nothing_half_written(tmp_path: 
     assert leftovers == []
     assert ckptio.verify(tmp_path / "ck").ok
     assert os.listdir(tmp_path / "ck")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the advice is for machines without a GPU")
+def test_without_a_gpu_a_full_size_run_says_what_it_costs_and_suggests_a_cpu_sized_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from craft_train.cli import CPU_SIZED, _parser, cpu_advice, next_step
+
+    advice = cpu_advice(TrainConfig())
+    assert advice is not None and "about 74 s on 2 CPU cores" in advice and "about 59 hours" in advice
+    assert advice.endswith(CPU_SIZED)
+    sized = vars(_parser().parse_args(CPU_SIZED.split()[3:]))
+    sized.pop("demo")
+    assert cpu_advice(TrainConfig(**sized)) is None  # the suggestion does not warn about itself
+    assert next_step().startswith(CPU_SIZED)
+    # printed before anything is set up (here: before the missing data directory stops the run)
+    assert main(["--data-dir", str(tmp_path / "missing"), "--save-dir", str(tmp_path / "ck")]) == 2
+    assert capsys.readouterr().out.startswith("no GPU here: at --image-size 512 --batch-size 16")
