@@ -30,6 +30,8 @@ import cv2
 import numpy as np
 import torch
 
+from craft_train.geometry import apply_homography
+from craft_train.imaging import STRIDE, round_up_to_stride
 from craft_train.labels import gaussian_template, render_labels, split_word_quad
 
 __all__ = [
@@ -37,13 +39,12 @@ __all__ = [
     "MARKER_THRESHOLD",
     "MIN_PROMINENCE",
     "CropGeometry",
-    "PseudoLabelQuality",
     "WordCrop",
     "crop_geometry",
     "crop_word",
     "pseudo_char_quads",
-    "pseudo_label_quality",
     "pseudo_targets",
+    "region_scores",
     "split_region_score",
     "word_confidence",
 ]
@@ -57,7 +58,6 @@ MIN_PROMINENCE = 0.1
 # 6-18 % of the image side, so this keeps the crops at the scale it knows.
 _WORD_HEIGHT_SHARE = 1 / 8
 _MIN_WORD_HEIGHT = 16
-_STRIDE = 32
 # Crop batches go through the model in chunks of this many words to bound peak memory.
 _CHUNK = 64
 
@@ -78,8 +78,8 @@ def crop_geometry(image_size: int) -> CropGeometry:
     as the training image, both multiples of 32 as the model needs.
     """
     word_height = max(_MIN_WORD_HEIGHT, round(image_size * _WORD_HEIGHT_SHARE))
-    height = -(-2 * word_height // _STRIDE) * _STRIDE
-    width = max(-(-image_size // _STRIDE) * _STRIDE, 2 * _STRIDE)
+    height = round_up_to_stride(2 * word_height)
+    width = max(round_up_to_stride(image_size), 2 * STRIDE)
     return CropGeometry(height, width, word_height)
 
 
@@ -207,12 +207,6 @@ def split_region_score(region: np.ndarray, rect: Sequence[float], marker_thresho
     return np.clip(np.asarray(cuts, dtype=np.float64), x0, x1), len(peaks)
 
 
-def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    mapped = np.concatenate([p, np.ones((len(p), 1))], axis=1) @ matrix.T
-    return mapped[:, :2] / mapped[:, 2:3]
-
-
 def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target: np.ndarray, word_quad: np.ndarray,
                       length: int, marker_threshold: float = MARKER_THRESHOLD,
                       min_prominence: float = MIN_PROMINENCE) -> tuple[np.ndarray, float]:
@@ -230,12 +224,29 @@ def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target:
     _, y0, _, y1 = (float(v) for v in rect)
     top = np.stack([cuts, np.full_like(cuts, y0)], axis=1)
     bottom = np.stack([cuts, np.full_like(cuts, y1)], axis=1)
-    top, bottom = _apply_homography(crop_to_target, top), _apply_homography(crop_to_target, bottom)
+    top, bottom = apply_homography(crop_to_target, top), apply_homography(crop_to_target, bottom)
     quads = np.stack([top[:-1], top[1:], bottom[1:], bottom[:-1]], axis=1)
     return quads, confidence
 
 
 _TEMPLATE = gaussian_template()
+
+
+def region_scores(model: torch.nn.Module, crops: torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
+    """The model's half-resolution region scores ``(W, Hc/2, Wc/2)`` of normalised word crops ``(W, 3, Hc, Wc)``.
+
+    Runs ``model`` in eval mode without gradients (BatchNorm running statistics are left alone), in chunks that
+    bound peak memory, and restores its training mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [model(crops[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
+                     for i in range(0, crops.shape[0], _CHUNK)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts).numpy()
 
 
 def pseudo_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor | int],
@@ -249,15 +260,7 @@ def pseudo_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor | int],
     crops = batch.get("word_crops")
     if not isinstance(crops, torch.Tensor) or crops.shape[0] == 0:
         return batch
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            parts = [model(crops[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
-                     for i in range(0, crops.shape[0], _CHUNK)]
-    finally:
-        model.train(was_training)
-    scores = torch.cat(parts).numpy()
+    scores = region_scores(model, crops, device)
     region_t, affinity_t, mask_t = (batch[k] for k in ("region", "affinity", "mask"))
     assert isinstance(region_t, torch.Tensor) and isinstance(affinity_t, torch.Tensor)
     assert isinstance(mask_t, torch.Tensor)
@@ -287,74 +290,3 @@ def _tensor(batch: dict[str, torch.Tensor | int], key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
     return value
-
-
-@dataclass(frozen=True)
-class PseudoLabelQuality:
-    """How close pseudo character boxes come to the true ones, over the words of two or more characters."""
-
-    words: int
-    mean_iou: float
-    """Mean over true characters of the best IoU with a box of the method's labels (pseudo or fallback)."""
-    mean_iou_even_split: float
-    """The same for the even split of the word box (the labels without weak supervision)."""
-    count_matches: float
-    """Share of words where the number of characters found equals the transcription length."""
-    mean_confidence: float
-    """Mean confidence the loss gives the words (0.5 for every word of the even split)."""
-    mean_confidence_matched: float
-    """Mean confidence of the words whose count matches (1.0 by the formula; NaN when there are none)."""
-
-
-def pseudo_label_quality(model: torch.nn.Module, words: Sequence[tuple[np.ndarray, np.ndarray]],
-                         image_size: int, device: torch.device | str = "cpu", *,
-                         marker_threshold: float = MARKER_THRESHOLD,
-                         min_prominence: float = MIN_PROMINENCE) -> PseudoLabelQuality:
-    """Score pseudo-labels against the truth: ``words`` are ``(RGB image, true char quads (n, 4, 2))`` pairs.
-
-    Each word's box is :func:`craft_train.synthetic.word_box` of its true characters (what an annotator gives).
-    """
-    # Imported here: evaluate and data import this module.
-    from craft_train.data import IMAGENET_MEAN, IMAGENET_STD
-    from craft_train.evaluate import polygon_iou
-    from craft_train.synthetic import word_box
-
-    geometry = crop_geometry(image_size)
-    crops, items = [], []
-    for image, chars in words:
-        quad = word_box(chars)
-        crop = crop_word(image, quad, geometry)
-        if crop is None or len(chars) < 2:
-            continue
-        crops.append(crop)
-        items.append((quad, np.asarray(chars, dtype=np.float64)))
-    if not crops:
-        raise ValueError("no word of two or more characters to score")
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
-    batch = torch.from_numpy(np.stack([((c.pixels - mean) / std).transpose(2, 0, 1) for c in crops]).astype(np.float32))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            scores = torch.cat([model(batch[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
-                                for i in range(0, len(batch), _CHUNK)]).numpy()
-    finally:
-        model.train(was_training)
-    ious, even_ious, confidences, matched = [], [], [], []
-    for score, crop, (quad, chars) in zip(scores, crops, items, strict=True):
-        n = len(chars)
-        boxes, confidence = pseudo_char_quads(score, crop.rect, np.linalg.inv(crop.to_crop), quad, n,
-                                              marker_threshold, min_prominence)
-        even = split_word_quad(quad, n)
-        _, found = split_region_score(score, crop.rect, marker_threshold, min_prominence)
-        matched.append(found == n)
-        confidences.append(confidence)
-        for true in chars:
-            ious.append(max(polygon_iou(true, b) for b in boxes))
-            even_ious.append(max(polygon_iou(true, b) for b in even))
-    matched_conf = [c for c, m in zip(confidences, matched, strict=True) if m]
-    return PseudoLabelQuality(
-        words=len(items), mean_iou=float(np.mean(ious)), mean_iou_even_split=float(np.mean(even_ious)),
-        count_matches=float(np.mean(matched)), mean_confidence=float(np.mean(confidences)),
-        mean_confidence_matched=float(np.mean(matched_conf)) if matched_conf else float("nan"))

@@ -33,11 +33,11 @@ from craft_train.weak import (
     crop_geometry,
     crop_word,
     pseudo_char_quads,
-    pseudo_label_quality,
     pseudo_targets,
     split_region_score,
     word_confidence,
 )
+from craft_train.weak_quality import pseudo_label_quality
 
 
 class BrightPixelsModel(nn.Module):
