@@ -19,14 +19,15 @@ rectified crops instead, for the training step to label with the model (:mod:`cr
     word_quad      (W, 4, 2)       the word quad in the label map
     word_length    (W,)            transcription length
 
-Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`.
+Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`. Images are read and
+normalised by :mod:`craft_train.imaging`; the annotation types and the ICDAR parser live in
+:mod:`craft_train.annotations` (re-exported here).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ import cv2
 import numpy as np
 import torch
 
+from craft_train.annotations import Annotation, Word, as_word_level, parse_icdar_gt
 from craft_train.geometry import as_homography, transform_points
 from craft_train.imaging import (
     IMAGE_SUFFIXES,
@@ -45,9 +47,9 @@ from craft_train.imaging import (
     read_rgb,
     scale_image,
 )
-from craft_train.labels import gaussian_template, render_labels, split_word_quad
+from craft_train.labels import gaussian_template, render_labels
 from craft_train.resume import mix_in
-from craft_train.synthetic import render_scene, word_box
+from craft_train.synthetic import render_scene
 from craft_train.weak import crop_geometry, crop_word
 
 __all__ = [
@@ -66,8 +68,6 @@ __all__ = [
     "split_indices",
 ]
 
-DONT_CARE = "###"
-SPLIT_WORD_CONFIDENCE = 0.5
 _SAMPLE_KEYS = ("image", "region", "affinity", "mask")
 _WORD_KEYS = ("word_crops", "word_rect", "word_to_label", "word_quad", "word_length")
 SyntheticLabels = Literal["char", "word"]
@@ -75,29 +75,6 @@ SyntheticLabels = Literal["char", "word"]
 _CONTENT_STREAM = 1
 _AUGMENT_STREAM = 2
 _LAYOUT_HELP = "expected DIR/*.jpg with DIR/gt_<stem>.txt, or DIR/images/*.jpg with DIR/gt/gt_<stem>.txt"
-
-
-@dataclass(frozen=True)
-class Word:
-    """Character quads ``(n, 4, 2)`` of one word and how much the loss trusts them."""
-
-    char_quads: np.ndarray
-    confidence: float
-    word_level: bool = False
-    """Only the word box is known: ``char_quads`` is its even split into ``n`` = transcription length quads."""
-
-    def word_quad(self) -> np.ndarray:
-        """The word box of a word-level word (the outline of its even split), top-left first."""
-        q = np.asarray(self.char_quads, dtype=np.float64).reshape(-1, 4, 2)
-        return np.stack([q[0, 0], q[-1, 1], q[-1, 2], q[0, 3]])
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """Everything the labels are made of, in source-image pixel coordinates."""
-
-    words: tuple[Word, ...] = ()
-    dont_care: tuple[np.ndarray, ...] = field(default_factory=tuple)
 
 
 def _check_key(key: object, length: int) -> tuple[int, int]:
@@ -247,38 +224,6 @@ def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
     return sample
 
 
-def parse_icdar_gt(text: str) -> Annotation:
-    """Parse ICDAR2015 ``x1,y1,...,x4,y4,transcription`` lines.
-
-    The transcription may contain commas; ``###`` (or an empty transcription) marks a
-    don't-care region.  Words are split evenly into characters (confidence 0.5, ``word_level``,
-    so that weak supervision can replace the split); a one-character transcription is taken as an
-    exact character box (confidence 1.0).
-    Raises ``ValueError`` on a malformed line.
-    """
-    words: list[Word] = []
-    dont_care: list[np.ndarray] = []
-    for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        fields = line.split(",")
-        if len(fields) < 8:
-            raise ValueError(f"line {number}: expected 8 coordinates and a transcription, got {line!r}")
-        try:
-            quad = np.array([float(v) for v in fields[:8]], dtype=np.float64).reshape(4, 2)
-        except ValueError:
-            raise ValueError(f"line {number}: non-numeric coordinate in {line!r}") from None
-        transcription = ",".join(fields[8:]).strip()
-        if not transcription or transcription == DONT_CARE:
-            dont_care.append(quad)
-            continue
-        n = len(transcription)
-        confidence = 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE
-        words.append(Word(split_word_quad(quad, n), confidence, word_level=n > 1))
-    return Annotation(tuple(words), tuple(dont_care))
-
-
 class IcdarDataset:
     """ICDAR2015-style folder: images plus ``gt_<image stem>.txt`` files.
 
@@ -347,16 +292,6 @@ class IcdarDataset:
                            weak_supervision=self.weak_supervision)
 
 
-def _word_level(annotation: Annotation) -> Annotation:
-    """What an annotator gives: each word's box, evenly split by its length (one-character words are exact)."""
-    words = []
-    for word in annotation.words:
-        n = len(word.char_quads)
-        words.append(Word(split_word_quad(word_box(word.char_quads), n), 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE,
-                          word_level=n > 1))
-    return Annotation(tuple(words), annotation.dont_care)
-
-
 class SyntheticTextDataset:
     """``size`` OpenCV-rendered scenes; content depends only on ``(seed, index)``.
 
@@ -400,7 +335,7 @@ class SyntheticTextDataset:
     def render(self, index: int) -> tuple[np.ndarray, Annotation]:
         """The un-augmented RGB image of item ``index`` and its annotation (character- or word-level)."""
         image, annotation = self.render_chars(index)
-        return image, annotation if self.labels == "char" else _word_level(annotation)
+        return image, annotation if self.labels == "char" else as_word_level(annotation)
 
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for messages about it."""

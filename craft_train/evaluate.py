@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from craft_train.data import Annotation, parse_icdar_gt
+from craft_train.annotations import Annotation, parse_icdar_gt
 from craft_train.geometry import as_polygon, overlap, polygon_area, polygon_iou
 from craft_train.imaging import check_image_size, fit_longer_side, normalise, round_up_to_stride
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
