@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from craft_train.annotations import Annotation, Word, as_word_level, parse_icdar_gt
+from craft_train.crops import crop_geometry, crop_word
 from craft_train.geometry import as_homography, transform_points
 from craft_train.imaging import (
     IMAGE_SUFFIXES,
@@ -50,7 +51,6 @@ from craft_train.imaging import (
 from craft_train.labels import gaussian_template, render_labels
 from craft_train.resume import mix_in
 from craft_train.synthetic import render_scene
-from craft_train.weak import crop_geometry, crop_word
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from craft_train.crops import crop_geometry, crop_word
 from craft_train.geometry import polygon_iou
 from craft_train.imaging import normalise
 from craft_train.labels import split_word_quad
@@ -20,8 +21,6 @@ from craft_train.synthetic import word_box
 from craft_train.weak import (
     MARKER_THRESHOLD,
     MIN_PROMINENCE,
-    crop_geometry,
-    crop_word,
     pseudo_char_quads,
     region_scores,
     split_region_score,
