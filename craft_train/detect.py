@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .evaluate import DetectionCounts, detect_words, format_scores, match_image, parse_gt_quads
-from .imaging import IMAGE_SUFFIXES, check_image_size, read_rgb, round_up_to_stride
+from .imaging import IMAGE_SUFFIXES, STRIDE, check_image_size, read_rgb, round_up_to_stride
 from .model import CRAFT, load_pretrained
 from .postprocess import DEFAULT_THRESHOLDS, Thresholds
 from .weights import Weights
@@ -118,7 +118,7 @@ def network_size(image: np.ndarray, *, mag_ratio: float = 1.0, canvas_size: int 
     640 px, while shrinking the photo to 512 px makes small words too small to find.
     """
     longer = max(image.shape[:2]) * mag_ratio
-    return max(32, min(canvas_size, round_up_to_stride(longer)))
+    return max(STRIDE, min(canvas_size, round_up_to_stride(longer)))
 
 
 def _list_images(folder: Path) -> list[Path]:
