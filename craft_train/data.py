@@ -19,14 +19,15 @@ rectified crops instead, for the training step to label with the model (:mod:`cr
     word_quad      (W, 4, 2)       the word quad in the label map
     word_length    (W,)            transcription length
 
-Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`.
+Unreadable samples come back as ``None`` and are dropped (and counted) by :func:`collate`. Images are read and
+normalised by :mod:`craft_train.imaging`; the annotation types and the ICDAR parser live in
+:mod:`craft_train.annotations` (re-exported here).
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +35,22 @@ import cv2
 import numpy as np
 import torch
 
-from craft_train.labels import gaussian_template, render_labels, split_word_quad
+from craft_train.annotations import Annotation, Word, as_word_level, parse_icdar_gt
+from craft_train.crops import crop_geometry, crop_word
+from craft_train.geometry import as_homography, transform_points
+from craft_train.imaging import (
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_image_size,
+    fit_longer_side,
+    normalise,
+    read_rgb,
+    scale_image,
+)
+from craft_train.labels import gaussian_template, render_labels
 from craft_train.resume import mix_in
-from craft_train.synthetic import render_scene, word_box
-from craft_train.weak import crop_geometry, crop_word
+from craft_train.synthetic import render_scene
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -55,11 +68,6 @@ __all__ = [
     "split_indices",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-DONT_CARE = "###"
-SPLIT_WORD_CONFIDENCE = 0.5
 _SAMPLE_KEYS = ("image", "region", "affinity", "mask")
 _WORD_KEYS = ("word_crops", "word_rect", "word_to_label", "word_quad", "word_length")
 SyntheticLabels = Literal["char", "word"]
@@ -67,36 +75,6 @@ SyntheticLabels = Literal["char", "word"]
 _CONTENT_STREAM = 1
 _AUGMENT_STREAM = 2
 _LAYOUT_HELP = "expected DIR/*.jpg with DIR/gt_<stem>.txt, or DIR/images/*.jpg with DIR/gt/gt_<stem>.txt"
-
-
-@dataclass(frozen=True)
-class Word:
-    """Character quads ``(n, 4, 2)`` of one word and how much the loss trusts them."""
-
-    char_quads: np.ndarray
-    confidence: float
-    word_level: bool = False
-    """Only the word box is known: ``char_quads`` is its even split into ``n`` = transcription length quads."""
-
-    def word_quad(self) -> np.ndarray:
-        """The word box of a word-level word (the outline of its even split), top-left first."""
-        q = np.asarray(self.char_quads, dtype=np.float64).reshape(-1, 4, 2)
-        return np.stack([q[0, 0], q[-1, 1], q[-1, 2], q[0, 3]])
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """Everything the labels are made of, in source-image pixel coordinates."""
-
-    words: tuple[Word, ...] = ()
-    dont_care: tuple[np.ndarray, ...] = field(default_factory=tuple)
-
-
-def _check_image_size(image_size: int) -> int:
-    size = operator.index(image_size)
-    if size <= 0 or size % 32:
-        raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
-    return size
 
 
 def _check_key(key: object, length: int) -> tuple[int, int]:
@@ -113,10 +91,6 @@ def _check_key(key: object, length: int) -> tuple[int, int]:
 def _augment_rng(aug_seed: int, index: int) -> np.random.Generator:
     # The index is mixed in so one seed per epoch still gives every sample its own draw.
     return np.random.default_rng([aug_seed, index, _AUGMENT_STREAM])
-
-
-def _transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    return points @ matrix[:, :2].T + matrix[:, 2]
 
 
 def _crop_origin(rng: np.random.Generator, lo: float, hi: float, size: int, target: float | None) -> float:
@@ -136,25 +110,22 @@ def _geometry(rng: np.random.Generator | None, image: np.ndarray, annotation: An
     h, w = image.shape[:2]
     if rng is None:
         # Validation: whole image, aspect kept, top-left aligned and zero padded.
-        scale = size / max(h, w)
-        angle = 0.0
+        resized = fit_longer_side(image, size)
     else:
-        scale = size / min(h, w) * float(rng.uniform(0.7, 1.5))
-        angle = float(rng.uniform(-10.0, 10.0)) if rng.random() < 0.5 else 0.0
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+        resized = scale_image(image, size / min(h, w) * float(rng.uniform(0.7, 1.5)))
+    new_h, new_w = resized.shape[:2]
     to_resized = np.array([[new_w / w, 0.0, 0.0], [0.0, new_h / h, 0.0]])
     if rng is None:
         return resized, to_resized, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    angle = float(rng.uniform(-10.0, 10.0)) if rng.random() < 0.5 else 0.0
     rot = cv2.getRotationMatrix2D((new_w / 2.0, new_h / 2.0), angle, 1.0)
-    corners = _transform_points(np.array([[0, 0], [new_w, 0], [new_w, new_h], [0, new_h]], float), rot)
+    corners = transform_points(np.array([[0, 0], [new_w, 0], [new_w, new_h], [0, new_h]], float), rot)
     target = None
     if annotation.words and rng.random() < 0.9:
         word = annotation.words[int(rng.integers(len(annotation.words)))]
         centre = word.char_quads.reshape(-1, 2).mean(axis=0)
         if np.all(np.isfinite(centre)):
-            target = _transform_points(_transform_points(centre[None], to_resized), rot)[0]
+            target = transform_points(transform_points(centre[None], to_resized), rot)[0]
     ox = _crop_origin(rng, corners[:, 0].min(), corners[:, 0].max(), size,
                       None if target is None else float(target[0]))
     oy = _crop_origin(rng, corners[:, 1].min(), corners[:, 1].max(), size,
@@ -174,17 +145,6 @@ def _colour_jitter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
-def _normalise(pixels: np.ndarray) -> torch.Tensor:
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
-    normalised = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(normalised, dtype=np.float32))
-
-
-def _as_homography(affine: np.ndarray) -> np.ndarray:
-    return np.concatenate([affine, [[0.0, 0.0, 1.0]]], axis=0)
-
-
 def _word_crops(image: np.ndarray, words: Sequence[Word], to_label: np.ndarray,
                 image_size: int) -> dict[str, torch.Tensor]:
     """Rectified crops of the word-level words that reach the label map, and how to map back from them."""
@@ -193,14 +153,14 @@ def _word_crops(image: np.ndarray, words: Sequence[Word], to_label: np.ndarray,
     crops, rects, homographies, quads, lengths = [], [], [], [], []
     for word in words:
         quad = word.word_quad()
-        placed = _transform_points(quad, to_label[:2])
+        placed = transform_points(quad, to_label[:2])
         if (placed[:, 0].max() < 0 or placed[:, 1].max() < 0 or placed[:, 0].min() > half - 1
                 or placed[:, 1].min() > half - 1):
             continue  # augmentation cropped it away: nothing to label
         crop = crop_word(image, quad, geometry)
         if crop is None:
             continue
-        crops.append(_normalise(crop.pixels))
+        crops.append(normalise(crop.pixels))
         rects.append(crop.rect)
         homographies.append(to_label @ np.linalg.inv(crop.to_crop))
         quads.append(placed)
@@ -228,7 +188,7 @@ def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
     With ``weak_supervision`` the word-level words are not drawn into the maps (their even split would be)
     but come as ``word_*`` crops for :func:`craft_train.weak.pseudo_targets`.
     """
-    size = _check_image_size(image_size)
+    size = check_image_size(image_size)
     resized, to_resized, to_crop = _geometry(rng, image, annotation, size)
     canvas = cv2.warpAffine(resized, to_crop, (size, size), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
@@ -240,7 +200,7 @@ def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
         p = np.asarray(points, dtype=np.float64)
         flat = p.reshape(-1, 2)
         for m in (to_resized, to_crop, to_label):
-            flat = _transform_points(flat, m)
+            flat = transform_points(flat, m)
         return flat.reshape(p.shape)
 
     half = (size // 2, size // 2)
@@ -253,57 +213,15 @@ def make_sample(image: np.ndarray, annotation: Annotation, image_size: int,
         template,
     )
     sample = {
-        "image": _normalise(pixels),
+        "image": normalise(pixels),
         "region": torch.from_numpy(region),
         "affinity": torch.from_numpy(affinity),
         "mask": torch.from_numpy(mask),
     }
     if weak_supervision:
-        source_to_label = _as_homography(to_label) @ _as_homography(to_crop) @ _as_homography(to_resized)
+        source_to_label = as_homography(to_label) @ as_homography(to_crop) @ as_homography(to_resized)
         sample.update(_word_crops(image, [w for w in annotation.words if w.word_level], source_to_label, size))
     return sample
-
-
-def parse_icdar_gt(text: str) -> Annotation:
-    """Parse ICDAR2015 ``x1,y1,...,x4,y4,transcription`` lines.
-
-    The transcription may contain commas; ``###`` (or an empty transcription) marks a
-    don't-care region.  Words are split evenly into characters (confidence 0.5, ``word_level``,
-    so that weak supervision can replace the split); a one-character transcription is taken as an
-    exact character box (confidence 1.0).
-    Raises ``ValueError`` on a malformed line.
-    """
-    words: list[Word] = []
-    dont_care: list[np.ndarray] = []
-    for number, raw in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        fields = line.split(",")
-        if len(fields) < 8:
-            raise ValueError(f"line {number}: expected 8 coordinates and a transcription, got {line!r}")
-        try:
-            quad = np.array([float(v) for v in fields[:8]], dtype=np.float64).reshape(4, 2)
-        except ValueError:
-            raise ValueError(f"line {number}: non-numeric coordinate in {line!r}") from None
-        transcription = ",".join(fields[8:]).strip()
-        if not transcription or transcription == DONT_CARE:
-            dont_care.append(quad)
-            continue
-        n = len(transcription)
-        confidence = 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE
-        words.append(Word(split_word_quad(quad, n), confidence, word_level=n > 1))
-    return Annotation(tuple(words), tuple(dont_care))
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    data = np.fromfile(path, dtype=np.uint8)
-    # Annotations refer to the stored pixel grid, so EXIF rotation must not be applied.
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(data, flags) if data.size else None
-    if image is None:
-        raise ValueError(f"cannot decode image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 class IcdarDataset:
@@ -316,7 +234,7 @@ class IcdarDataset:
 
     def __init__(self, data_dir: str | Path, image_size: int, indices: Sequence[int] | None = None,
                  augment: bool = True, *, weak_supervision: bool = False) -> None:
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_image_size(image_size)
         self.augment = augment
         self.weak_supervision = weak_supervision
         root = Path(data_dir)
@@ -361,7 +279,7 @@ class IcdarDataset:
         if gt_path is None:
             raise ValueError(f"no ground truth for {image_path}")
         annotation = parse_icdar_gt(gt_path.read_text(encoding="utf-8-sig"))
-        return _read_rgb(image_path), annotation
+        return read_rgb(image_path), annotation
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor] | None:
         index, aug_seed = _check_key(key, len(self))
@@ -372,16 +290,6 @@ class IcdarDataset:
         rng = _augment_rng(aug_seed, index) if self.augment else None
         return make_sample(image, annotation, self.image_size, rng, self._template,
                            weak_supervision=self.weak_supervision)
-
-
-def _word_level(annotation: Annotation) -> Annotation:
-    """What an annotator gives: each word's box, evenly split by its length (one-character words are exact)."""
-    words = []
-    for word in annotation.words:
-        n = len(word.char_quads)
-        words.append(Word(split_word_quad(word_box(word.char_quads), n), 1.0 if n == 1 else SPLIT_WORD_CONFIDENCE,
-                          word_level=n > 1))
-    return Annotation(tuple(words), annotation.dont_care)
 
 
 class SyntheticTextDataset:
@@ -403,7 +311,7 @@ class SyntheticTextDataset:
             raise ValueError(f"synthetic labels must be 'char' or 'word', not {labels!r}")
         self.size = operator.index(size)
         self.seed = operator.index(seed)
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_image_size(image_size)
         self.augment = augment
         self.labels = labels
         self.weak_supervision = weak_supervision
@@ -427,7 +335,7 @@ class SyntheticTextDataset:
     def render(self, index: int) -> tuple[np.ndarray, Annotation]:
         """The un-augmented RGB image of item ``index`` and its annotation (character- or word-level)."""
         image, annotation = self.render_chars(index)
-        return image, annotation if self.labels == "char" else _word_level(annotation)
+        return image, annotation if self.labels == "char" else as_word_level(annotation)
 
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for messages about it."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,8 @@ import cv2
 import numpy as np
 import torch
 
-from .data import IMAGE_SUFFIXES
 from .evaluate import DetectionCounts, detect_words, format_scores, match_image, parse_gt_quads
+from .imaging import IMAGE_SUFFIXES, STRIDE, check_image_size, read_rgb, round_up_to_stride
 from .model import CRAFT, load_pretrained
 from .postprocess import DEFAULT_THRESHOLDS, Thresholds
 from .weights import Weights
@@ -119,7 +118,7 @@ def network_size(image: np.ndarray, *, mag_ratio: float = 1.0, canvas_size: int 
     640 px, while shrinking the photo to 512 px makes small words too small to find.
     """
     longer = max(image.shape[:2]) * mag_ratio
-    return max(32, min(canvas_size, -(-math.ceil(longer) // 32) * 32))
+    return max(STRIDE, min(canvas_size, round_up_to_stride(longer)))
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -155,26 +154,18 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def _check_image_size(size: int, source: str) -> int:
-    if size <= 0 or size % 32:
-        raise DetectError(f"{source} must be a positive multiple of 32 (CRAFT halves it 5 times), got {size}")
-    return size
-
-
 def _read_rgb(path: Path) -> np.ndarray | None:
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError:
+        return read_rgb(path)
+    except (OSError, ValueError, cv2.error):
         return None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _run(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.text_threshold, args.link_threshold, args.low_text)
     if args.image_size is not None:
-        _check_image_size(args.image_size, "--image-size")
-    _check_image_size(args.canvas_size, "--canvas-size")
+        check_image_size(args.image_size, "--image-size")
+    check_image_size(args.canvas_size, "--canvas-size")
     if not (0 < args.mag_ratio <= 8):
         raise DetectError(f"--mag-ratio must be above 0 and at most 8, got {args.mag_ratio}")
     images = _list_images(Path(args.images))

@@ -18,7 +18,9 @@ import cv2
 import numpy as np
 import torch
 
-from craft_train.data import IMAGENET_MEAN, IMAGENET_STD, Annotation, parse_icdar_gt
+from craft_train.annotations import Annotation, parse_icdar_gt
+from craft_train.geometry import as_polygon, overlap, polygon_area, polygon_iou
+from craft_train.imaging import check_image_size, fit_longer_side, normalise, round_up_to_stride
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
 
 __all__ = [
@@ -40,80 +42,9 @@ __all__ = [
 
 IOU_THRESHOLD = 0.5
 DONT_CARE_OVERLAP = 0.5
-_STRIDE = 32
-# Raster fallback for non-convex polygons: the longer side of their joint bounding box in raster pixels.
-_RASTER_SIDE = 512
-_RASTER_SHIFT = 4
 # Chars whose shared edges agree to this many pixels tile one word quad (split from an ICDAR quad).
 _TILE_TOLERANCE = 1e-3
 _LOAD_ERRORS = (OSError, ValueError, UnicodeDecodeError, cv2.error)
-
-
-# ---- polygons ---------------------------------------------------------------------------------------------------
-
-def _as_polygon(poly: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
-    return np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-
-
-def polygon_area(poly: np.ndarray | Sequence[Sequence[float]]) -> float:
-    """Absolute shoelace area; 0 for fewer than 3 points or non-finite coordinates."""
-    p = _as_polygon(poly)
-    if len(p) < 3 or not np.all(np.isfinite(p)):
-        return 0.0
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def _is_convex(p: np.ndarray) -> bool:
-    return bool(cv2.isContourConvex(p.astype(np.float32).reshape(-1, 1, 2)))
-
-
-def _has_area(p: np.ndarray) -> bool:
-    # The hull, not the shoelace: a bow-tie's signed lobes cancel to zero yet it covers pixels.
-    if len(p) < 3 or not np.all(np.isfinite(p)):
-        return False
-    return polygon_area(cv2.convexHull(p.astype(np.float32)).reshape(-1, 2)) > 0.0
-
-
-def _raster_overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """(intersection, area a, area b) by filling both polygons on a common grid: exact enough for any shape."""
-    both = np.concatenate([a, b])
-    origin = both.min(axis=0)
-    extent = float((both.max(axis=0) - origin).max())
-    if not extent > 0.0:
-        return 0.0, 0.0, 0.0
-    scale = _RASTER_SIDE / extent
-    side = _RASTER_SIDE + 2
-    masks = []
-    for p in (a, b):
-        mask = np.zeros((side, side), dtype=np.uint8)
-        pts = np.round((p - origin) * scale * (1 << _RASTER_SHIFT)).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=_RASTER_SHIFT)
-        masks.append(mask.astype(bool))
-    unit = 1.0 / (scale * scale)
-    inter = float(np.count_nonzero(masks[0] & masks[1])) * unit
-    return inter, float(np.count_nonzero(masks[0])) * unit, float(np.count_nonzero(masks[1])) * unit
-
-
-def _overlap(a_in: np.ndarray, b_in: np.ndarray) -> tuple[float, float, float]:
-    """(intersection area, area of a, area of b); zeros for polygons with no area or non-finite corners."""
-    a, b = _as_polygon(a_in), _as_polygon(b_in)
-    if not (_has_area(a) and _has_area(b)):
-        return 0.0, polygon_area(a), polygon_area(b)
-    if _is_convex(a) and _is_convex(b):
-        area_a, area_b = polygon_area(a), polygon_area(b)
-        inter, _ = cv2.intersectConvexConvex(a.astype(np.float32), b.astype(np.float32))
-        return max(float(inter), 0.0), area_a, area_b
-    # Non-convex or self-intersecting quads (rare, annotation slips): the shoelace area is wrong for a bow-tie
-    # too, so every area comes from the same raster.
-    return _raster_overlap(a, b)
-
-
-def polygon_iou(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> float:
-    """Intersection over union of two polygons (0 when either has no area)."""
-    inter, area_a, area_b = _overlap(np.asarray(a), np.asarray(b))
-    union = area_a + area_b - inter
-    return inter / union if union > 0.0 and inter > 0.0 else 0.0
 
 
 # ---- matching ---------------------------------------------------------------------------------------------------
@@ -136,7 +67,7 @@ def _ignored_detections(dets: Sequence[np.ndarray], dont_care: Sequence[np.ndarr
     ignored = set()
     for j, det in enumerate(dets):
         for region in dont_care:
-            inter, det_area, _ = _overlap(det, region)
+            inter, det_area, _ = overlap(det, region)
             if det_area > 0.0 and inter / det_area > min_overlap:
                 ignored.add(j)
                 break
@@ -162,9 +93,9 @@ def match_image(gt_quads: Sequence[np.ndarray], det_quads: Sequence[np.ndarray] 
     ``gt_quads`` are the words that count; ``dont_care`` the ``###`` regions, which only serve to ignore the
     detections that cover them by more than ``dont_care_overlap`` of their own area.
     """
-    gts = [_as_polygon(g) for g in gt_quads]
-    dets = [_as_polygon(d) for d in det_quads]
-    ignored = _ignored_detections(dets, [_as_polygon(r) for r in dont_care], dont_care_overlap)
+    gts = [as_polygon(g) for g in gt_quads]
+    dets = [as_polygon(d) for d in det_quads]
+    ignored = _ignored_detections(dets, [as_polygon(r) for r in dont_care], dont_care_overlap)
     gt_boxes, det_boxes = _bounds(gts), _bounds(dets)
     candidates = []
     for i, gt in enumerate(gts):
@@ -268,26 +199,17 @@ def parse_gt_quads(text: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
 def prepare_image(image: np.ndarray, image_size: int) -> tuple[torch.Tensor, float, float]:
     """Resize an RGB uint8 image so its longer side is ``image_size``, zero-pad to multiples of 32, normalise.
 
-    Returns ``(tensor (3, H, W), ratio_w, ratio_h)`` with the ratios original over resized size. The resize
-    (scale, rounding, interpolation) is the trainer's validation resize in :func:`craft_train.data.make_sample`.
+    Returns ``(tensor (3, H, W), ratio_w, ratio_h)`` with the ratios original over resized size. The resize is
+    the trainer's validation resize (:func:`craft_train.imaging.fit_longer_side`).
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
-    size = operator.index(image_size)
-    if size <= 0 or size % _STRIDE:
-        raise ValueError(f"image_size must be a positive multiple of {_STRIDE}, got {image_size}")
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    pad_h, pad_w = -(-new_h // _STRIDE) * _STRIDE, -(-new_w // _STRIDE) * _STRIDE
-    canvas = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
+    size = check_image_size(image_size)
+    resized = fit_longer_side(image, size)
+    (h, w), (new_h, new_w) = image.shape[:2], resized.shape[:2]
+    canvas = np.zeros((round_up_to_stride(new_h), round_up_to_stride(new_w), 3), dtype=np.float32)
     canvas[:new_h, :new_w] = resized
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
-    normalised = ((canvas - mean) / std).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(normalised)), w / new_w, h / new_h
+    return normalise(canvas), w / new_w, h / new_h
 
 
 def predict_maps(model: torch.nn.Module, image: np.ndarray, image_size: int, device: torch.device | str,

@@ -4,7 +4,7 @@ Real annotations give word boxes and transcriptions, not character boxes. The in
 the characters of each word:
 
 1. the word quad is cropped out of the source image and rectified (a homography onto a horizontal rectangle of
-   fixed height, :func:`crop_word`; done in the DataLoader workers, so loading stays parallel);
+   fixed height, :func:`craft_train.crops.crop_word`; done in the DataLoader workers, so loading stays parallel);
 2. the model being trained runs on the batch's crops in eval mode without gradients (:func:`pseudo_targets`,
    in the training step, so the labels follow the weights and an exact resume replays them);
 3. the region score inside the rectified word is split into characters by a watershed on its column profile
@@ -24,26 +24,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
+from craft_train.geometry import apply_homography
 from craft_train.labels import gaussian_template, render_labels, split_word_quad
 
 __all__ = [
     "EVEN_SPLIT_CONFIDENCE",
     "MARKER_THRESHOLD",
     "MIN_PROMINENCE",
-    "CropGeometry",
-    "PseudoLabelQuality",
-    "WordCrop",
-    "crop_geometry",
-    "crop_word",
     "pseudo_char_quads",
-    "pseudo_label_quality",
     "pseudo_targets",
+    "region_scores",
     "split_region_score",
     "word_confidence",
 ]
@@ -53,81 +47,8 @@ MARKER_THRESHOLD = 0.2
 """Region score a character's peak in the rectified word must exceed."""
 MIN_PROMINENCE = 0.1
 """How far a character's peak must rise above the valleys that separate it from its neighbours."""
-# The word's height in the crop, as a share of the training image side: the interim model saw words of roughly
-# 6-18 % of the image side, so this keeps the crops at the scale it knows.
-_WORD_HEIGHT_SHARE = 1 / 8
-_MIN_WORD_HEIGHT = 16
-_STRIDE = 32
 # Crop batches go through the model in chunks of this many words to bound peak memory.
 _CHUNK = 64
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """The fixed canvas every word crop is drawn into, and the word's height inside it."""
-
-    height: int
-    width: int
-    word_height: int
-
-
-def crop_geometry(image_size: int) -> CropGeometry:
-    """Canvas for training images of side ``image_size``: the word is ``image_size / 8`` px high, centred.
-
-    The canvas is twice the word height (the Gaussians of the first and last characters need room) and as wide
-    as the training image, both multiples of 32 as the model needs.
-    """
-    word_height = max(_MIN_WORD_HEIGHT, round(image_size * _WORD_HEIGHT_SHARE))
-    height = -(-2 * word_height // _STRIDE) * _STRIDE
-    width = max(-(-image_size // _STRIDE) * _STRIDE, 2 * _STRIDE)
-    return CropGeometry(height, width, word_height)
-
-
-@dataclass(frozen=True)
-class WordCrop:
-    """A rectified word: the crop, where the word lies in it, and the homography from source pixels to it."""
-
-    pixels: np.ndarray
-    """``(height, width, 3)`` RGB uint8 canvas."""
-    rect: tuple[float, float, float, float]
-    """The word quad's corners in the canvas, ``(x0, y0, x1, y1)`` (OpenCV pixel-centre coordinates)."""
-    to_crop: np.ndarray
-    """``(3, 3)`` homography from source-image pixels to canvas pixels."""
-
-
-def _side_lengths(quad: np.ndarray) -> tuple[float, float]:
-    width = 0.5 * (np.linalg.norm(quad[1] - quad[0]) + np.linalg.norm(quad[2] - quad[3]))
-    height = 0.5 * (np.linalg.norm(quad[3] - quad[0]) + np.linalg.norm(quad[2] - quad[1]))
-    return float(width), float(height)
-
-
-def crop_word(image: np.ndarray, quad: np.ndarray, geometry: CropGeometry) -> WordCrop | None:
-    """Rectify the word ``quad`` (source pixels, top-left first, clockwise) into the crop canvas.
-
-    The word keeps its aspect ratio at ``geometry.word_height`` px (smaller when it would not fit the width)
-    and is centred; the rest of the canvas shows the word's surroundings. ``None`` for a degenerate quad.
-    """
-    q = np.asarray(quad, dtype=np.float64).reshape(4, 2)
-    if not np.all(np.isfinite(q)):
-        return None
-    width, height = _side_lengths(q)
-    if width < 1e-3 or height < 1e-3:
-        return None
-    word_h = float(geometry.word_height)
-    word_w = word_h * width / height
-    room = geometry.width - word_h  # half a word height of margin on each side
-    if word_w > room:
-        word_h, word_w = word_h * room / word_w, room
-    x0, y0 = (geometry.width - word_w) / 2.0, (geometry.height - word_h) / 2.0
-    x1, y1 = x0 + word_w, y0 + word_h
-    dst = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float32)
-    src = q.astype(np.float32)
-    to_crop = cv2.getPerspectiveTransform(src, dst).astype(np.float64)
-    if not np.all(np.isfinite(to_crop)):
-        return None
-    pixels = cv2.warpPerspective(image, to_crop, (geometry.width, geometry.height), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REPLICATE)
-    return WordCrop(pixels, (x0, y0, x1, y1), to_crop)
 
 
 def word_confidence(length: int, found: int) -> float:
@@ -207,12 +128,6 @@ def split_region_score(region: np.ndarray, rect: Sequence[float], marker_thresho
     return np.clip(np.asarray(cuts, dtype=np.float64), x0, x1), len(peaks)
 
 
-def _apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    mapped = np.concatenate([p, np.ones((len(p), 1))], axis=1) @ matrix.T
-    return mapped[:, :2] / mapped[:, 2:3]
-
-
 def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target: np.ndarray, word_quad: np.ndarray,
                       length: int, marker_threshold: float = MARKER_THRESHOLD,
                       min_prominence: float = MIN_PROMINENCE) -> tuple[np.ndarray, float]:
@@ -230,12 +145,29 @@ def pseudo_char_quads(region: np.ndarray, rect: Sequence[float], crop_to_target:
     _, y0, _, y1 = (float(v) for v in rect)
     top = np.stack([cuts, np.full_like(cuts, y0)], axis=1)
     bottom = np.stack([cuts, np.full_like(cuts, y1)], axis=1)
-    top, bottom = _apply_homography(crop_to_target, top), _apply_homography(crop_to_target, bottom)
+    top, bottom = apply_homography(crop_to_target, top), apply_homography(crop_to_target, bottom)
     quads = np.stack([top[:-1], top[1:], bottom[1:], bottom[:-1]], axis=1)
     return quads, confidence
 
 
 _TEMPLATE = gaussian_template()
+
+
+def region_scores(model: torch.nn.Module, crops: torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
+    """The model's half-resolution region scores ``(W, Hc/2, Wc/2)`` of normalised word crops ``(W, 3, Hc, Wc)``.
+
+    Runs ``model`` in eval mode without gradients (BatchNorm running statistics are left alone), in chunks that
+    bound peak memory, and restores its training mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parts = [model(crops[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
+                     for i in range(0, crops.shape[0], _CHUNK)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts).numpy()
 
 
 def pseudo_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor | int],
@@ -249,15 +181,7 @@ def pseudo_targets(model: torch.nn.Module, batch: dict[str, torch.Tensor | int],
     crops = batch.get("word_crops")
     if not isinstance(crops, torch.Tensor) or crops.shape[0] == 0:
         return batch
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            parts = [model(crops[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
-                     for i in range(0, crops.shape[0], _CHUNK)]
-    finally:
-        model.train(was_training)
-    scores = torch.cat(parts).numpy()
+    scores = region_scores(model, crops, device)
     region_t, affinity_t, mask_t = (batch[k] for k in ("region", "affinity", "mask"))
     assert isinstance(region_t, torch.Tensor) and isinstance(affinity_t, torch.Tensor)
     assert isinstance(mask_t, torch.Tensor)
@@ -287,74 +211,3 @@ def _tensor(batch: dict[str, torch.Tensor | int], key: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
     return value
-
-
-@dataclass(frozen=True)
-class PseudoLabelQuality:
-    """How close pseudo character boxes come to the true ones, over the words of two or more characters."""
-
-    words: int
-    mean_iou: float
-    """Mean over true characters of the best IoU with a box of the method's labels (pseudo or fallback)."""
-    mean_iou_even_split: float
-    """The same for the even split of the word box (the labels without weak supervision)."""
-    count_matches: float
-    """Share of words where the number of characters found equals the transcription length."""
-    mean_confidence: float
-    """Mean confidence the loss gives the words (0.5 for every word of the even split)."""
-    mean_confidence_matched: float
-    """Mean confidence of the words whose count matches (1.0 by the formula; NaN when there are none)."""
-
-
-def pseudo_label_quality(model: torch.nn.Module, words: Sequence[tuple[np.ndarray, np.ndarray]],
-                         image_size: int, device: torch.device | str = "cpu", *,
-                         marker_threshold: float = MARKER_THRESHOLD,
-                         min_prominence: float = MIN_PROMINENCE) -> PseudoLabelQuality:
-    """Score pseudo-labels against the truth: ``words`` are ``(RGB image, true char quads (n, 4, 2))`` pairs.
-
-    Each word's box is :func:`craft_train.synthetic.word_box` of its true characters (what an annotator gives).
-    """
-    # Imported here: evaluate and data import this module.
-    from craft_train.data import IMAGENET_MEAN, IMAGENET_STD
-    from craft_train.evaluate import polygon_iou
-    from craft_train.synthetic import word_box
-
-    geometry = crop_geometry(image_size)
-    crops, items = [], []
-    for image, chars in words:
-        quad = word_box(chars)
-        crop = crop_word(image, quad, geometry)
-        if crop is None or len(chars) < 2:
-            continue
-        crops.append(crop)
-        items.append((quad, np.asarray(chars, dtype=np.float64)))
-    if not crops:
-        raise ValueError("no word of two or more characters to score")
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.array(IMAGENET_STD, dtype=np.float32) * 255.0
-    batch = torch.from_numpy(np.stack([((c.pixels - mean) / std).transpose(2, 0, 1) for c in crops]).astype(np.float32))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            scores = torch.cat([model(batch[i:i + _CHUNK].to(device))[0][..., 0].float().cpu()
-                                for i in range(0, len(batch), _CHUNK)]).numpy()
-    finally:
-        model.train(was_training)
-    ious, even_ious, confidences, matched = [], [], [], []
-    for score, crop, (quad, chars) in zip(scores, crops, items, strict=True):
-        n = len(chars)
-        boxes, confidence = pseudo_char_quads(score, crop.rect, np.linalg.inv(crop.to_crop), quad, n,
-                                              marker_threshold, min_prominence)
-        even = split_word_quad(quad, n)
-        _, found = split_region_score(score, crop.rect, marker_threshold, min_prominence)
-        matched.append(found == n)
-        confidences.append(confidence)
-        for true in chars:
-            ious.append(max(polygon_iou(true, b) for b in boxes))
-            even_ious.append(max(polygon_iou(true, b) for b in even))
-    matched_conf = [c for c, m in zip(confidences, matched, strict=True) if m]
-    return PseudoLabelQuality(
-        words=len(items), mean_iou=float(np.mean(ious)), mean_iou_even_split=float(np.mean(even_ious)),
-        count_matches=float(np.mean(matched)), mean_confidence=float(np.mean(confidences)),
-        mean_confidence_matched=float(np.mean(matched_conf)) if matched_conf else float("nan"))

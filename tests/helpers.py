@@ -170,3 +170,21 @@ class FakeCuda:
         event = FakeCuda.Event(self, kwargs)
         self.events.append(event)
         return event
+
+
+def jpeg_with_exif_orientation(image_rgb: Any, orientation: int) -> bytes:
+    """``image_rgb`` as JPEG bytes whose EXIF orientation tag is ``orientation`` (6: "rotate 90 clockwise").
+
+    Written by hand (an APP1 segment holding one little-endian TIFF IFD entry) so that no EXIF library is needed.
+    """
+    import struct
+
+    import cv2
+
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\x00\x00" + tiff
+    data = encoded.tobytes()
+    return data[:2] + app1 + data[2:]  # right after the SOI marker

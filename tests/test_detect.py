@@ -10,8 +10,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import jpeg_with_exif_orientation
 
 import ckptio
+from craft_train.data import IcdarDataset
 from craft_train.detect import format_result_lines, load_detector, main, write_result_file
 from craft_train.model import CRAFT
 
@@ -89,6 +91,29 @@ def test_eval_gt_prints_precision_recall_and_hmean(checkpoint: Path, images: Pat
     assert rc == 0
     assert "precision=1.000 recall=1.000 hmean=1.000 (matched 1 of 1 gt, 1 det)" in capsys.readouterr().out
     assert '"hmean": 1.0' in (out / "eval.json").read_text()
+
+
+def test_a_rotated_jpeg_is_trained_on_and_scored_on_the_same_pixel_grid(
+        checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A camera photo 96 px wide, 48 px high as stored, whose EXIF tag says "rotate 90 degrees clockwise".
+    stored = np.full((48, 96, 3), 90, dtype=np.uint8)
+    stored[:, :48] = 200
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "r.jpg").write_bytes(jpeg_with_exif_orientation(stored, orientation=6))
+    gt = _gt(tmp_path / "gt", "r", text="0,0,95,0,95,47,0,47,WORD\n")  # drawn on the stored grid
+    trained_on, _ = IcdarDataset(tmp_path, image_size=64, augment=False).load(0)
+    assert trained_on.shape == (48, 96, 3)
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "images"), "--out", str(out),
+               "--eval-gt", str(gt)])
+    assert rc == 0
+    # The whole-image box of the detector matches the word only on the grid the ground truth was drawn on.
+    assert "(matched 1 of 1 gt, 1 det)" in capsys.readouterr().out
+    drawn = cv2.imread(str(out / "r_det.jpg"), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert drawn.shape == trained_on.shape
+    inside = (slice(8, 40), slice(8, 88))
+    difference = np.abs(cv2.cvtColor(drawn, cv2.COLOR_BGR2RGB)[inside].astype(int) - trained_on[inside].astype(int))
+    assert np.median(difference) <= 4  # the same pixels, up to JPEG re-encoding
 
 
 def test_thresholds_and_image_size_flags_reach_the_detector(checkpoint: Path, images: Path, tmp_path: Path,

@@ -14,6 +14,7 @@ from torch import nn
 
 from craft_train.cli import main as craft_train_main
 from craft_train.config import TrainConfig
+from craft_train.crops import crop_geometry, crop_word
 from craft_train.data import (
     Annotation,
     MixedDataset,
@@ -30,14 +31,12 @@ from craft_train.resume import epoch_permutation, mix_in
 from craft_train.synthetic import word_box
 from craft_train.weak import (
     EVEN_SPLIT_CONFIDENCE,
-    crop_geometry,
-    crop_word,
     pseudo_char_quads,
-    pseudo_label_quality,
     pseudo_targets,
     split_region_score,
     word_confidence,
 )
+from craft_train.weak_quality import pseudo_label_quality
 
 
 class BrightPixelsModel(nn.Module):
