@@ -104,6 +104,10 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print,
     with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards
         world = setup_world(device_kind)
         try:
+            if config.fsdp:  # FSDP2 hook: sharded model and DCP checkpoints, a loop of its own (craft_train.fsdp)
+                from .fsdp import train_fsdp
+
+                return train_fsdp(config, world, say if world.is_main else _silent, given)
             return _train(config, world, say if world.is_main else _silent, given)
         finally:
             world.close()
