@@ -91,6 +91,11 @@ def shard_model(model: CRAFT, world: World, device: torch.device) -> torch.nn.Mo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # A block's input passes through FSDP2's backward hook as a view; a block that begins with an in-place ReLU
+    # (torchvision's VGG slices do) would modify that view, which autograd forbids. Same values either way.
+    for module in model.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
     mesh = init_device_mesh(device.type, (world.size,))
     blocks = [*(getattr(model.basenet, f"slice{i}") for i in range(1, 6)),
               model.upconv1, model.upconv2, model.upconv3, model.upconv4, model.conv_cls]
