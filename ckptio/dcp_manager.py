@@ -210,7 +210,7 @@ class ShardedCheckpointManager:
     def _free_up(self, save_bytes: int) -> str | None:
         assert self.min_free is not None
         needed = save_bytes + self.min_free
-        free = shutil.disk_usage(self.directory).free
+        free = _free_bytes(self.directory)
         entries = checkpoint_entries(self.directory)
         periodic = [e for e in entries if PERIODIC.fullmatch(e.name)]
         victims = []
@@ -221,7 +221,7 @@ class ShardedCheckpointManager:
             free += entry.size
         if free < needed:
             return (f"{self.directory}: a save needs about {save_bytes} bytes and min_free keeps {self.min_free}, "
-                    f"but only {shutil.disk_usage(self.directory).free} bytes are free even after deleting every "
+                    f"but only {_free_bytes(self.directory)} bytes are free even after deleting every "
                     "periodic checkpoint but the newest; free space or lower min_free")
         for entry in victims:
             delete_dcp_directory(entry.path)
@@ -260,6 +260,10 @@ def _swap_into_place(new: Path, final: Path) -> None:
             os.rename(new, final)
             shutil.rmtree(aside, ignore_errors=True)
     fsync_directory(final.parent)
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
 
 
 def _tensor_bytes(state: Any) -> int:
