@@ -718,7 +718,8 @@ def _load_resume_state(path: Path, config: TrainConfig, world: World, given: Col
     if state.get("sharded") and (not config.zero or state.get("world_size") != world.size):
         raise ValueError(
             f"{path} holds an optimizer sharded over {state.get('world_size')} processes (--zero); resume it with "
-            f"--zero and --nproc-per-node {state.get('world_size')}")
+            f"--zero and --nproc-per-node {state.get('world_size')}. (--zero checkpoints are tied to their process "
+            "count; runs started with --fsdp instead resume at any count)")
     if not state.get("sharded") and config.zero and world.distributed:
         raise ValueError(f"{path} holds a whole optimizer state; resume it without --zero")
     return state, config

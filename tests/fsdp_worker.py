@@ -3,8 +3,8 @@
 Run as ``python tests/fsdp_worker.py RANK WORLD RENDEZVOUS_FILE SAVE_DIR MAX_STEPS OUT``. The processes meet
 through a file (no port is ever taken), then train with ``--resume auto --max-steps MAX_STEPS`` as
 ``craft_train.train`` does under torchrun. Afterwards rank 0 writes the model's and optimizer's full (unsharded)
-state, gathered from every process, to ``OUT``: a resume given the step it resumes at trains no step, so ``OUT``
-then holds the state exactly as the resume loaded it.
+state, gathered from every process, to ``OUT``, and whether every process holds the same BatchNorm statistics.
+A resume given the step it resumes at trains no step, so ``OUT`` then holds the state exactly as loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import datetime
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,8 +43,17 @@ def main() -> int:
     assert result.model is not None and result.optimizer is not None
     model_state, optimizer_state = get_state_dict(result.model, result.optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Every process must hold the same BatchNorm statistics (rank 0's): otherwise which copy a checkpoint
+    # stores would depend on which rank DCP lets write it.
+    buffers = torch.cat([b.detach().float().reshape(-1) for b in result.model.buffers()])
+    gathered = [torch.empty_like(buffers) for _ in range(int(world))]
+    if dist.is_initialized():
+        dist.all_gather(gathered, buffers)
+    else:
+        gathered = [buffers]
     if int(rank) == 0:
-        torch.save({"model": model_state, "optim": optimizer_state, "global_step": result.global_step}, out)
+        torch.save({"model": model_state, "optim": optimizer_state, "global_step": result.global_step,
+                    "buffers_agree": all(torch.equal(g, buffers) for g in gathered)}, out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -72,7 +72,7 @@ def test_a_run_saved_at_two_processes_resumes_at_one_and_three_exactly_as_saved_
     # 6 training images, 1 a process a step: 3 steps an epoch at 2 processes, then best_model, then step 4.
     _run_group(2, save_dir, 4, tmp_path / "saved.pt", "save")
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
-    assert saved["global_step"] == 4
+    assert saved["global_step"] == 4 and saved["buffers_agree"]
     newest = latest(save_dir)
     assert newest is not None and newest.name == "checkpoint_epoch_2_batch_1"
     assert {p.name for p in save_dir.iterdir()} >= {"best_model", "checkpoint_epoch_1_batch_3", newest.name}
