@@ -53,8 +53,15 @@ from .preemption import ignore_stop_signals
 from .resume import augmentation_seed, epoch_permutation
 
 __all__ = [
-    "CHECKPOINT_KIND", "find_resume_directory", "get_train_state", "load_train_state", "read_progress", "shard_model",
-    "sync_buffers", "train_fsdp",
+    "CHECKPOINT_KIND",
+    "find_resume_directory",
+    "get_train_state",
+    "load_train_state",
+    "read_progress",
+    "refuse_sharded_checkpoints",
+    "shard_model",
+    "sync_buffers",
+    "train_fsdp",
 ]
 
 CHECKPOINT_KIND = "craft_train_fsdp"
@@ -162,6 +169,19 @@ def load_train_state(manager: ShardedCheckpointManager, path: Path, model: torch
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         manager.load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def refuse_sharded_checkpoints(config: TrainConfig) -> None:
+    """For a run without ``--fsdp``: ``ValueError`` saying to add ``--fsdp`` when it would resume from, or write
+    beside, the checkpoint directories of a ``--fsdp`` run (which a run without it neither sees nor loads)."""
+    if config.resume not in (None, "auto") and Path(config.resume).is_dir():
+        raise ValueError(f"--resume {config.resume} is a checkpoint directory of a --fsdp run; add --fsdp")
+    directory = Path(config.save_dir)
+    if directory.is_dir() and not scan(directory):
+        sharded = checkpoint_entries(directory)
+        if sharded:
+            raise ValueError(f"--save-dir {directory} holds checkpoint directories of a --fsdp run (newest: "
+                             f"{sharded[0].name}); add --fsdp to continue it, or use another --save-dir")
 
 
 def find_resume_directory(config: TrainConfig, say: Callable[[str], None]) -> Path | None:

@@ -99,6 +99,10 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print,
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    if not config.fsdp:  # FSDP2 hook: a --fsdp run's checkpoint directories need --fsdp (craft_train.fsdp)
+        from .fsdp import refuse_sharded_checkpoints
+
+        refuse_sharded_checkpoints(config)
     _check_save_dir(config)  # before any model or data is set up
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards

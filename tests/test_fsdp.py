@@ -23,7 +23,7 @@ from helpers import assert_same
 import ckptio.dcp
 from ckptio.dcp_manager import latest
 from craft_train.config import TrainConfig
-from craft_train.fsdp import check_config, read_progress
+from craft_train.fsdp import check_config, read_progress, refuse_sharded_checkpoints
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 ROOT = WORKER.parent.parent
@@ -105,6 +105,11 @@ def test_a_run_saved_at_two_processes_resumes_at_one_and_three_exactly_as_saved_
     assert (progress["global_step"], progress["position"]) == (6, 6)
     assert ckptio.dcp.verify_directory(final).ok
 
+    # At the same process count the resumed run is the uninterrupted one, bit for bit.
+    _run_group(2, tmp_path / "straight", 6, tmp_path / "straight.pt", "straight")
+    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
+    assert_same(_saved_state(final, straight), {"model": straight["model"], "optim": straight["optim"]})
+
 
 def test_fsdp_refuses_settings_it_does_not_support_and_says_what_to_drop() -> None:
     for options, words in [({"zero": True}, "drop --zero"), ({"keep_full": 2}, "--keep-full"),
@@ -121,3 +126,14 @@ def test_a_progress_document_that_is_not_a_craft_train_fsdp_one_is_refused_with_
                  storage_writer=ckptio.dcp.Writer(tmp_path / "foreign"), no_dist=True)
     with pytest.raises(ValueError, match="not a craft_train --fsdp checkpoint"):
         read_progress(tmp_path / "foreign")
+
+
+def test_a_run_without_fsdp_is_told_to_add_it_for_the_checkpoint_directories_of_a_fsdp_run(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2)}, storage_writer=ckptio.dcp.Writer(tmp_path / "checkpoint_epoch_1_batch_1"),
+                 no_dist=True)
+    for resume in (None, "auto", str(tmp_path / "checkpoint_epoch_1_batch_1")):
+        with pytest.raises(ValueError, match="add --fsdp"):
+            refuse_sharded_checkpoints(TrainConfig(save_dir=str(tmp_path), resume=resume))
+    refuse_sharded_checkpoints(TrainConfig(save_dir=str(tmp_path / "elsewhere")))  # a fresh directory: fine
