@@ -35,10 +35,10 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
-def _run_group(world: int, save_dir: Path, max_steps: int, out: Path, tag: str) -> None:
+def _run_group(world: int, save_dir: Path, max_steps: int, out: Path, tag: str, *extra: str) -> None:
     rendezvous = save_dir.parent / f"rendezvous-{tag}"
     ranks = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), str(rendezvous), str(save_dir),
-                               str(max_steps), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               str(max_steps), str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=_env()) for rank in range(world)]
     results = []
     try:
