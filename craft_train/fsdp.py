@@ -235,6 +235,8 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             say("resuming with the checkpoint's settings, except " + ", ".join(notes))
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     device = torch.device(device_kind, world.local_rank) if device_kind == "cuda" else torch.device("cpu")
+    if device.type == "cuda" and config.amp:
+        say("--fsdp trains in full precision: AMP is not used")
     manager = ShardedCheckpointManager(config.save_dir, keep_count=config.keep_count,
                                        disk_budget=config.disk_budget, min_free=config.min_free,
                                        async_save=config.async_save, compression=config.compression)
