@@ -5,6 +5,8 @@ Each save is one ``ckptio.dcp`` checkpoint directory ``DIRECTORY/NAME``, written
 coordinator (rank 0) applies ``keep_count`` and ``disk_budget`` over the DCP directories, with the rules of
 :mod:`ckptio.retention`: only periodic checkpoints (``checkpoint_epoch_E_batch_B``) are deleted, never the newest
 committed one, and never a save in flight (it is a hidden staging directory until its commit, not a checkpoint).
+With ``min_free`` it makes room before each save the same way. A name that is not periodic (``best_model``) is
+saved again by committing the new directory under a hidden name and swapping the two in one rename.
 
 A failed save raises :class:`~ckptio.CheckpointWriteError` on the next ``save()``, ``wait()`` or ``close()`` on
 every rank alike: DCP broadcasts the coordinator's commit outcome, so ranks never disagree on whether a
