@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="deterministic CUDA kernels: a resumed run is bit-identical to an uninterrupted one")
     opt.add_argument("--zero", action="store_true",
                      help="under torchrun, shard the optimizer state across processes (each saves its shard)")
+    opt.add_argument("--fsdp", action="store_true",  # FSDP2 hook (craft_train.fsdp)
+                     help="under torchrun, shard model and optimizer with FSDP2; checkpoints are directories that "
+                          "resume at any number of processes")
     opt.add_argument("--pretrained", help="CRAFT weights to fine-tune (e.g. craft_mlt_25k.pth)")
     opt.add_argument("--pretrained-backbone", help="torchvision-style VGG16-BN weights for the backbone")
     ck = p.add_argument_group("checkpoints")

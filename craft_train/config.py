@@ -75,6 +75,9 @@ class TrainConfig:
     zero: bool = False
     """Under torchrun, shard the Adam state across processes (ZeroRedundancyOptimizer); each process writes
     its shard of every checkpoint."""
+    fsdp: bool = False
+    """Under torchrun, shard the model and the Adam state with FSDP2 (``craft_train.fsdp``); checkpoints are
+    DCP directories that resume at any number of processes. Excludes ``zero``."""
     pretrained: str | None = None
     """Full CRAFT weights to fine-tune from (e.g. ``craft_mlt_25k.pth``)."""
     pretrained_backbone: str | None = None

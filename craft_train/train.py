@@ -99,11 +99,19 @@ def train(config: TrainConfig, *, say: Callable[[str], None] = print,
     """
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    if not config.fsdp:  # FSDP2 hook: a --fsdp run's checkpoint directories need --fsdp (craft_train.fsdp)
+        from .fsdp import refuse_sharded_checkpoints
+
+        refuse_sharded_checkpoints(config)
     _check_save_dir(config)  # before any model or data is set up
     device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     with deterministic_mode(config.deterministic):  # before CUDA, cuBLAS or the model exist; undone afterwards
         world = setup_world(device_kind)
         try:
+            if config.fsdp:  # FSDP2 hook: sharded model and DCP checkpoints, a loop of its own (craft_train.fsdp)
+                from .fsdp import train_fsdp
+
+                return train_fsdp(config, world, say if world.is_main else _silent, given)
             return _train(config, world, say if world.is_main else _silent, given)
         finally:
             world.close()
@@ -220,12 +228,18 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
             reason = " ".join(str(exc).split())[:300]
             raise ValueError(f"{resume_path}: its model weights do not fit CRAFT ({reason}); resume from another "
                              "checkpoint") from None
-        if sharded:
+        if state.get("sharded") and not (sharded and state.get("world_size") == world.size):
+            # --zero hook: shards written at another process count (or resumed without --zero), made whole
+            from .zero import whole_optimizer_state
+
+            optimizer.load_state_dict(whole_optimizer_state(resume_path, state["world_size"], model))
+            checked_optimizer_state(getattr(optimizer, "optim", optimizer), resume_path)
+        elif sharded and state.get("sharded"):
             optimizer.optim.load_state_dict(ckptio.load_shard(resume_path, world.rank)["optimizer_shard"])
             checked_optimizer_state(optimizer.optim, resume_path)
-        else:
+        else:  # a whole Adam state: ZeroRedundancyOptimizer keeps its own process's part of it
             optimizer.load_state_dict(state["optimizer_state_dict"])
-            checked_optimizer_state(optimizer, resume_path)
+            checked_optimizer_state(getattr(optimizer, "optim", optimizer), resume_path)
         scheduler.load_state_dict(state["scheduler_state_dict"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
@@ -711,10 +725,7 @@ def _load_resume_state(path: Path, config: TrainConfig, world: World, given: Col
     if config.max_steps is not None and type(step) is int and step >= config.max_steps:
         say(f"the run already reached --max-steps {config.max_steps} (global step {step}): nothing to train; give a "
             "larger --max-steps to go on")
-    if state.get("sharded") and (not config.zero or state.get("world_size") != world.size):
-        raise ValueError(
-            f"{path} holds an optimizer sharded over {state.get('world_size')} processes (--zero); resume it with "
-            f"--zero and --nproc-per-node {state.get('world_size')}")
-    if not state.get("sharded") and config.zero and world.distributed:
-        raise ValueError(f"{path} holds a whole optimizer state; resume it without --zero")
+    if state.get("sharded") and type(state.get("world_size")) is not int:
+        raise ValueError(f"{path} holds an optimizer sharded with --zero but not over how many processes: the file "
+                         "is damaged; resume from another checkpoint")
     return state, config
