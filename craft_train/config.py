@@ -10,7 +10,14 @@ from typing import Any, Literal
 
 from ckptio import parse_size
 
-__all__ = ["RESUME_MUST_MATCH", "RUN_LOCAL", "TrainConfig", "incompatible_changes", "resumed_config"]
+__all__ = ["RESUME_MUST_MATCH", "RUN_LOCAL", "ConfigError", "TrainConfig", "incompatible_changes", "resumed_config"]
+
+
+class ConfigError(ValueError):
+    """A setting, file or directory the user gave cannot be used; the message names it and what to do.
+
+    The CLI reports these in one line (exit 2); any other exception is a bug and keeps its traceback.
+    """
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,56 +119,59 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % 32:
-            raise ValueError(f"--image-size must be a positive multiple of 32 (CRAFT halves it 5 times), "
+            raise ConfigError(f"--image-size must be a positive multiple of 32 (CRAFT halves it 5 times), "
                              f"got {self.image_size}")
         for name in ("epochs", "batch_size", "lr_decay_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.save_freq < 0:
-            raise ValueError(f"--save-freq must be 0 (off) or a number of batches, got {self.save_freq}")
+            raise ConfigError(f"--save-freq must be 0 (off) or a number of batches, got {self.save_freq}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if isinstance(self.mix_synthetic, bool) or not isinstance(self.mix_synthetic, int) or self.mix_synthetic < 0:
-            raise ValueError(f"--mix-synthetic must be 0 (off) or a number of training images per synthetic "
+            raise ConfigError(f"--mix-synthetic must be 0 (off) or a number of training images per synthetic "
                              f"one (the CRAFT paper uses 5), got {self.mix_synthetic!r}")
         if self.mix_synthetic and self.data_dir is None and self.synthetic_labels == "char":
-            raise ValueError("--mix-synthetic mixes character-level synthetic images into word-level data; the "
+            raise ConfigError("--mix-synthetic mixes character-level synthetic images into word-level data; the "
                              "character-level synthetic data needs none: drop it, or train on --data-dir or "
                              "--synthetic-labels word")
         if (self.data_dir is None or self.mix_synthetic) and self.synthetic_size < 1:
-            raise ValueError(f"--synthetic-size must be at least 1, got {self.synthetic_size}")
+            raise ConfigError(f"--synthetic-size must be at least 1, got {self.synthetic_size}")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.synthetic_labels not in ("char", "word"):
-            raise ValueError(f"--synthetic-labels must be char or word, not {self.synthetic_labels!r}")
+            raise ConfigError(f"--synthetic-labels must be char or word, not {self.synthetic_labels!r}")
         if self.weak_supervision not in ("auto", "on", "off"):
-            raise ValueError(f"--weak-supervision must be auto, on or off, not {self.weak_supervision!r}")
+            raise ConfigError(f"--weak-supervision must be auto, on or off, not {self.weak_supervision!r}")
         if self.best_metric not in ("val_loss", "hmean"):
-            raise ValueError(f"--best-metric must be val_loss or hmean, not {self.best_metric!r}")
+            raise ConfigError(f"--best-metric must be val_loss or hmean, not {self.best_metric!r}")
         if self.best_metric == "hmean" and not self.val_hmean:
-            raise ValueError("--best-metric hmean needs the validation H-mean; drop --no-val-hmean")
+            raise ConfigError("--best-metric hmean needs the validation H-mean; drop --no-val-hmean")
         for name in ("text_threshold", "link_threshold", "low_text"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         for name in ("keep_count", "keep_full"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (the newest checkpoint is what a "
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (the newest checkpoint is what a "
                                  f"resume needs), got {value}; leave it out to keep every checkpoint")
         if not (isinstance(self.grace, int | float) and math.isfinite(self.grace) and self.grace > 0):
-            raise ValueError(f"--grace must be a positive number of seconds, got {self.grace!r}")
+            raise ConfigError(f"--grace must be a positive number of seconds, got {self.grace!r}")
         if self.mirror_keep is not None and (isinstance(self.mirror_keep, bool) or self.mirror_keep < 1):
-            raise ValueError(f"--mirror-keep must be at least 1, got {self.mirror_keep}; leave it out to keep all")
+            raise ConfigError(f"--mirror-keep must be at least 1, got {self.mirror_keep}; leave it out to keep all")
         if self.mirror_keep is not None and self.mirror is None:
-            raise ValueError("--mirror-keep needs --mirror URL")
-        parse_size(self.disk_budget, what="--disk-budget")
-        parse_size(self.min_free, what="--min-free")
+            raise ConfigError("--mirror-keep needs --mirror URL")
+        try:
+            parse_size(self.disk_budget, what="--disk-budget")
+            parse_size(self.min_free, what="--min-free")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def uses_weak_supervision(self) -> bool:
@@ -213,7 +223,7 @@ def resumed_config(saved: dict[str, Any], current: TrainConfig,
 
     ``given`` names the settings the user gave explicitly (``None``: all of them, as a library caller passes a
     whole config). A given setting of :data:`RESUME_MUST_MATCH` that differs from the checkpoint's would make
-    the resumed run another experiment: ``ValueError`` lists them all. Other given settings that differ (say
+    the resumed run another experiment: :class:`ConfigError` lists them all. Other given settings that differ (say
     ``max_steps``, ``epochs``, ``save_freq``) are taken; the returned notes say what changed.
     """
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -222,7 +232,7 @@ def resumed_config(saved: dict[str, Any], current: TrainConfig,
     changes = [change for change, name in zip(incompatible_changes(saved, current, every=True), RESUME_MUST_MATCH,
                                               strict=True) if change and name in chosen]
     if changes:
-        raise ValueError("; ".join(changes))
+        raise ConfigError("; ".join(changes))
     values, notes = {}, []
     for name in fields:
         was = saved.get(name, getattr(defaults, name))
