@@ -183,10 +183,13 @@ def build(config: TrainConfig, world: World, *, say: Callable[[str], None] = pri
     if total_batches == 0:
         raise ConfigError("no training images left after the validation split; lower --val-fraction")
     model = CRAFT().to(device)
-    if config.pretrained:
-        say(f"--pretrained {config.pretrained}: {load_pretrained(model, config.pretrained).source}")
-    elif config.pretrained_backbone:
-        load_pretrained_backbone(model, config.pretrained_backbone)
+    try:
+        if config.pretrained:
+            say(f"--pretrained {config.pretrained}: {load_pretrained(model, config.pretrained).source}")
+        elif config.pretrained_backbone:
+            load_pretrained_backbone(model, config.pretrained_backbone)
+    except ValueError as exc:  # a missing, unreadable or foreign weights file
+        raise ConfigError(str(exc)) from exc
     sharded = config.zero and world.distributed
     if config.zero and not world.distributed:
         say("--zero shards the optimizer across processes; with one process it has no effect")

@@ -206,7 +206,11 @@ def resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
             return local
         from ckptio.mirror import newer_from_mirror, open_target
 
-        return newer_from_mirror(local, open_target(config.mirror), Path(config.save_dir), say)
+        try:
+            target = open_target(config.mirror)
+        except ValueError as exc:  # not a directory or a URL it can use
+            raise ConfigError(str(exc)) from exc
+        return newer_from_mirror(local, target, Path(config.save_dir), say)
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint file (or use --resume auto)")

@@ -15,7 +15,7 @@ from typing import Any
 import ckptio
 
 from .build import Run
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import World
 from .preemption import Preemption, wait_durable
 from .progress import SaveReport
@@ -29,19 +29,29 @@ def checkpoint(run: Run, state: TrainState) -> dict[str, Any]:
     return state.state_dict(run.state_dict(), run.run_fields())
 
 
+def _manager(config: TrainConfig, world: World, sharded: bool) -> ckptio.CheckpointManager | None:
+    """This process's checkpoint manager; ``None`` on the ranks that write nothing (replicated state is rank 0's)."""
+    if not (world.is_main or sharded):
+        return None
+    return ckptio.CheckpointManager(
+        config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
+        writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
+        keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
+        min_free=config.min_free,  # with async_save, keep_full's slimming runs in the writer process
+        mirror=config.mirror, mirror_keep=config.mirror_keep, mirror_timeout=config.grace,
+        rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
+    )
+
+
 class Checkpoints:
     """The checkpoint manager of this process (``None`` on ranks that write nothing) and the report of its saves."""
 
     def __init__(self, config: TrainConfig, world: World, sharded: bool) -> None:
         self.config, self.world, self.sharded = config, world, sharded
-        self.manager = ckptio.CheckpointManager(
-            config.save_dir, format=config.format, compression=config.compression, async_save=config.async_save,
-            writer="process",  # leaves the GIL to training (README, "Writer process"); used with async_save only
-            keep_count=config.keep_count, keep_full=config.keep_full, disk_budget=config.disk_budget,
-            min_free=config.min_free,  # with async_save, keep_full's slimming runs in the writer process
-            mirror=config.mirror, mirror_keep=config.mirror_keep, mirror_timeout=config.grace,
-            rank=world.rank if sharded else 0, world_size=world.size if sharded else 1,
-        ) if world.is_main or sharded else None
+        try:
+            self.manager = _manager(config, world, sharded)
+        except ValueError as exc:  # a setting the manager refuses (say, a mirror URL it cannot use)
+            raise ConfigError(str(exc)) from exc
         self.run_id = world.broadcast(uuid.uuid4().hex)
         self.report = SaveReport(keep_full=config.keep_full)
         self.latest: Any = None
