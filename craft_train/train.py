@@ -97,10 +97,6 @@ def _silent(_: str) -> None:
     pass
 
 
-def _silent(_: str) -> None:
-    pass
-
-
 def _train(config: TrainConfig, world: World, say: Callable[[str], None],
            given: Collection[str] | None) -> TrainResult:
     started = time.perf_counter()
