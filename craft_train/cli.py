@@ -105,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                 options["metavar"] = meta["metavar"]
         group.add_argument(name, **options)
     p.add_argument("--demo", action="store_true", help="a short CPU run on synthetic data (what `make demo` runs)")
-    p.add_argument("--debug", action="store_true",
-                   help="print the traceback of any error, not only of an unexpected one")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # absent unless given, as the
+                   help="print the traceback of any error, not only of an unexpected one")  # config has no field
     for action in p._actions:  # argparse prints no default for an option without a help text
         if action.help is None and action.nargs != 0 and action.default is not None:
             action.help = "(default: %(default)s)"
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     typed = _underscores_to_dashes(sys.argv[1:] if argv is None else argv)
     args = vars(parser.parse_args(typed))
     given = _given(typed)
-    debug = args.pop("debug")
+    debug = args.pop("debug", False)
     if args.pop("demo"):
         args.update({k: v for k, v in DEMO.items() if k not in given})
         given |= set(DEMO)
