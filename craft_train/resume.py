@@ -130,7 +130,7 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
     writer of an earlier run that was killed commits the saves it was given first (ckptio waits for it): a save
     that had returned is never passed over by an immediate restart. ``None`` (a fresh run, said so) only when the
     directory is missing or holds no checkpoint at all: when it holds checkpoints and none can be resumed,
-    ``ValueError`` names each and why, and nothing is touched (a fresh run there would overwrite files the user
+    :class:`ConfigError` names each and why, and nothing is touched (a fresh run there would overwrite files the user
     may still want to rescue).
     """
     directory = Path(save_dir)
