@@ -22,6 +22,7 @@ import shutil
 import stat
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return int((remote_command(args) or args.run)(args))  # type: ignore[operator]
     except UsageError as exc:
+        _trace(args)
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
@@ -126,20 +128,30 @@ def _main(argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except CorruptCheckpointError as exc:
+        _trace(args)
         print(f"ckptio: {exc}", file=sys.stderr)
         return EXIT_BAD
     except (ValueError, FileNotFoundError, IsADirectoryError) as exc:
+        _trace(args)
         print(f"ckptio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
+        _trace(args)
         print(f"ckptio: {'error: ' if exc.errno in _PATH_ERRNOS else ''}{exc}", file=sys.stderr)
         return EXIT_USAGE if exc.errno in _PATH_ERRNOS else EXIT_BAD
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug of ours: still no traceback for the user, but say it plainly
-        print(f"ckptio: unexpected error, please report it: {type(exc).__name__}: {_SHORT.repr(str(exc))}",
-              file=sys.stderr)
+    except Exception as exc:  # a bug of ours: the traceback is what a report needs, then one plain line
+        traceback.print_exc()
+        print(f"ckptio: unexpected error, please report it with the traceback above: {type(exc).__name__}: "
+              f"{_SHORT.repr(str(exc))}", file=sys.stderr)
         return EXIT_BAD
+
+
+def _trace(args: argparse.Namespace) -> None:
+    """With ``--debug``, the traceback of an error that is otherwise told in one line."""
+    if args.debug:
+        traceback.print_exc()
 
 
 def _guide_spelling(argv: list[str]) -> list[str]:
@@ -164,6 +176,8 @@ def _guide_spelling(argv: list[str]) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckptio", description="Inspect and manage checkpoint files.",
                                      allow_abbrev=False)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of any error, not only of an unexpected one (before the command)")
     sub = parser.add_subparsers(dest="command")
 
     def directory_arg(p: argparse.ArgumentParser) -> None:

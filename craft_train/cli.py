@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import traceback
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 import ckptio
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, field_docs
 from .train import train
 
 __all__ = ["CPU_SIZED", "DEMO", "cpu_advice", "cpu_cost", "main", "next_step"]
@@ -75,80 +79,55 @@ def next_step() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field, made from its type, default, docstring and ``flag`` metadata."""
     p = argparse.ArgumentParser(prog="python -m craft_train", description=__doc__, allow_abbrev=False,
                                 formatter_class=_HelpWithDefaults)
-    defaults = TrainConfig()
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", help="ICDAR2015-style directory; omit for the built-in synthetic dataset")
-    data.add_argument("--synthetic-size", type=int, default=defaults.synthetic_size)
-    data.add_argument("--synthetic-labels", choices=("char", "word"), default=defaults.synthetic_labels,
-                      help="synthetic annotations: exact character boxes, or word boxes only (as real data)")
-    data.add_argument("--weak-supervision", choices=("auto", "on", "off"), default=defaults.weak_supervision,
-                      help="character boxes of word-level annotations proposed by the model being trained "
-                           "(CRAFT paper 3.2) instead of an even split; auto: on for word-level data")
-    data.add_argument("--mix-synthetic", type=int, default=defaults.mix_synthetic, metavar="N",
-                      help="after every N training images of word-level data, one character-level synthetic image "
-                           "(the CRAFT paper: 5); keeps weak supervision from drifting toward merged characters")
-    data.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    data.add_argument("--image-size", type=int, default=defaults.image_size)
-    data.add_argument("--no-augment", dest="augment", action="store_false")
-    data.add_argument("--workers", type=int, default=defaults.workers)
-    val = p.add_argument_group("validation")
-    val.add_argument("--no-val-hmean", dest="val_hmean", action="store_false",
-                     help="validation loss only: skip detecting words and scoring precision/recall/H-mean")
-    val.add_argument("--best-metric", choices=("val_loss", "hmean"), default=defaults.best_metric,
-                     help="what best_model tracks")
-    val.add_argument("--text-threshold", type=float, default=defaults.text_threshold)
-    val.add_argument("--link-threshold", type=float, default=defaults.link_threshold)
-    val.add_argument("--low-text", type=float, default=defaults.low_text)
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=defaults.epochs)
-    opt.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    opt.add_argument("--lr", type=float, default=defaults.lr)
-    opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    opt.add_argument("--lr-decay-steps", type=int, default=defaults.lr_decay_steps)
-    opt.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
-    opt.add_argument("--max-steps", type=int)
-    opt.add_argument("--seed", type=int, default=defaults.seed)
-    opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults.device)
-    opt.add_argument("--no-amp", dest="amp", action="store_false", help="full precision on CUDA")
-    opt.add_argument("--deterministic", action="store_true",
-                     help="deterministic CUDA kernels: a resumed run is bit-identical to an uninterrupted one")
-    opt.add_argument("--zero", action="store_true",
-                     help="under torchrun, shard the optimizer state across processes (each saves its shard)")
-    opt.add_argument("--fsdp", action="store_true",  # FSDP2 hook (craft_train.fsdp)
-                     help="under torchrun, shard model and optimizer with FSDP2; checkpoints are directories that "
-                          "resume at any number of processes")
-    opt.add_argument("--pretrained", help="CRAFT weights to fine-tune (e.g. craft_mlt_25k.pth)")
-    opt.add_argument("--pretrained-backbone", help="torchvision-style VGG16-BN weights for the backbone")
-    ck = p.add_argument_group("checkpoints")
-    ck.add_argument("--save-dir", default=defaults.save_dir)
-    ck.add_argument("--save-freq", type=int, default=defaults.save_freq,
-                    help="batches between checkpoints; 0 writes no batch checkpoints at all, not even a final "
-                         "one (best_model is still written after each validation that improves)")
-    ck.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
-    ck.add_argument("--format", choices=("torch", "safetensors"), default=defaults.format)
-    ck.add_argument("--compression", choices=("zstd",))
-    ck.add_argument("--keep-count", type=int, help="keep only the newest N batch checkpoints")
-    ck.add_argument("--keep-full", type=int,
-                    help="keep the newest N batch checkpoints complete (resumable); slim older ones to the model "
-                         "weights (about a third of the size)")
-    ck.add_argument("--reuse-save-dir", action="store_true",
-                    help="start a fresh run even though --save-dir holds another run's checkpoints")
-    ck.add_argument("--disk-budget", help="cap on the checkpoints' total size, e.g. 2GB")
-    ck.add_argument("--min-free", help="free space to keep on the volume, e.g. 5GB")
-    ck.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest valid one")
-    ck.add_argument("--mirror", metavar="URL",
-                    help="also copy each checkpoint, verified, to a directory or s3://bucket/prefix; "
-                         "--resume auto looks there too")
-    ck.add_argument("--mirror-keep", type=int, help="keep only the newest N batch checkpoints on the mirror")
-    ck.add_argument("--grace", type=float, default=defaults.grace,
-                    help="seconds after SIGTERM/SIGINT/SIGUSR1 to make the last checkpoint durable (and mirrored)")
+    hints, docs = typing.get_type_hints(TrainConfig), field_docs(TrainConfig)
+    group: Any = p
+    for spec in dataclasses.fields(TrainConfig):
+        meta = {"name": None, "help": None, "metavar": None, "group": None, **spec.metadata.get("flag", {})}
+        if meta["group"]:
+            group = p.add_argument_group(meta["group"])
+        text = docs.get(spec.name, "") if meta["help"] is None else meta["help"]
+        options: dict[str, Any] = {"dest": spec.name, "help": _help_text(text) or None}
+        kind = _plain_type(hints[spec.name])
+        if kind is bool:
+            options["action"] = "store_false" if spec.default else "store_true"
+            name = meta["name"] or f"--{'no-' if spec.default else ''}{spec.name.replace('_', '-')}"
+        else:
+            name = meta["name"] or f"--{spec.name.replace('_', '-')}"
+            options["default"] = spec.default
+            if isinstance(kind, tuple):
+                options["choices"] = kind
+            elif kind is not str:
+                options["type"] = kind
+            if meta["metavar"]:
+                options["metavar"] = meta["metavar"]
+        group.add_argument(name, **options)
     p.add_argument("--demo", action="store_true", help="a short CPU run on synthetic data (what `make demo` runs)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # absent unless given, as the
+                   help="print the traceback of any error, not only of an unexpected one")  # config has no field
     for action in p._actions:  # argparse prints no default for an option without a help text
         if action.help is None and action.nargs != 0 and action.default is not None:
             action.help = "(default: %(default)s)"
     return p
+
+
+def _plain_type(hint: Any) -> Any:
+    """``int`` for ``int | None``, the values of a ``Literal`` as a tuple, else the type itself."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return tuple(args)
+    if args:  # an Optional
+        return _plain_type(args[0])
+    return hint
+
+
+def _help_text(doc: str) -> str:
+    """A docstring as a flag's help: one paragraph, a field named as its flag, without reStructuredText's quotes."""
+    for name in (spec.name for spec in dataclasses.fields(TrainConfig)):
+        doc = doc.replace(f"``{name}``", f"--{name.replace('_', '-')}")
+    return " ".join(doc.replace("``", "").split()).replace("%", "%%")
 
 
 def _underscores_to_dashes(argv: Sequence[str]) -> list[str]:
@@ -175,10 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     typed = _underscores_to_dashes(sys.argv[1:] if argv is None else argv)
     args = vars(parser.parse_args(typed))
     given = _given(typed)
+    debug = args.pop("debug", False)
     if args.pop("demo"):
         args.update({k: v for k, v in DEMO.items() if k not in given})
         given |= set(DEMO)
-    given.discard("demo")
+    given -= {"demo", "debug"}
     try:
         config = TrainConfig(**args)
         if config.resume is None and config.device != "cuda" and not torch.cuda.is_available():
@@ -186,19 +166,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if advice:
                 print(advice, flush=True)
         result = train(config, given=given)
-    except (ValueError, FileNotFoundError, ckptio.CheckpointDirectoryLockedError) as exc:
-        print(f"craft_train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, ckptio.CorruptCheckpointError, FileNotFoundError,
+            ckptio.CheckpointDirectoryLockedError) as exc:  # the user's settings or files: say which, and the fix
+        return _tell(f"craft_train: error: {exc}", 2, debug)
     except ckptio.CheckpointWriteError as exc:
-        print(f"craft_train: a checkpoint could not be written: {exc}", file=sys.stderr)
-        return 1
+        return _tell(f"craft_train: a checkpoint could not be written: {exc}", 1, debug)
     except KeyboardInterrupt:  # during start-up, or a second Ctrl-C while queued saves were finishing
-        print("craft_train: interrupted; checkpoints already written are intact (a save cut short leaves only a "
-              "hidden temporary file, removed at the next start)", file=sys.stderr)
-        return 130
+        return _tell("craft_train: interrupted; checkpoints already written are intact (a save cut short leaves only "
+                     "a hidden temporary file, removed at the next start)", 130, debug)
     except OSError as exc:  # e.g. unreadable data, a disk error outside a checkpoint write
-        print(f"craft_train: error: {exc}", file=sys.stderr)
-        return 1
+        return _tell(f"craft_train: error: {exc}", 1, debug)
+    # Anything else is a bug of ours: it keeps its traceback, which a report needs.
     if result.stopped_by is not None:
         return result.exit_code
     return 130 if result.interrupted else 0
+
+
+def _tell(message: str, code: int, debug: bool) -> int:
+    """One line for an error the user can act on; with ``--debug`` its traceback first."""
+    if debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+    return code

@@ -217,7 +217,8 @@ def find_resume_directory(config: TrainConfig, say: Callable[[str], None]) -> Pa
 def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                given: Collection[str] | None) -> Any:
     """The training loop of ``--fsdp`` (called by :func:`craft_train.train.train` on every process)."""
-    from .train import TrainResult, _share, _validate_all  # late: train.py calls this module
+    from .train import TrainResult, _share  # late: train.py calls this module
+    from .validation import validate_all
 
     check_config(config)
     started = time.perf_counter()
@@ -349,7 +350,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 f"train_loss={sums['train'] / max(sums['batches'], 1):.4f}")
             if not stop and val_indices and not validated:
                 # Every process runs the same validation: each sharded forward pass needs all of them.
-                scores = _validate_all(model, val_set, val_indices, config, device, False)
+                scores = validate_all(model, val_set, val_indices, config, device, False)
                 result.last_validation = scores
                 improved = scores["val_loss"] < result.best_val_loss
                 result.best_val_loss = min(result.best_val_loss, scores["val_loss"])

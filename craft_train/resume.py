@@ -1,4 +1,5 @@
-"""What makes a resume exact: the data order, the RNG states, and finding the checkpoint to resume from.
+"""What makes a resume exact: the data order, the RNG states, finding the checkpoint to resume from, and
+restoring a run from it (:func:`resume_path`, :func:`load_checkpoint`, :func:`restore`).
 
 The data order of epoch ``e`` is a pure function of ``(seed, e)`` and each sample's augmentation a pure
 function of ``(seed, e, index)``, so a resumed run feeds the model exactly the batches an uninterrupted run
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,14 +22,25 @@ import ckptio
 from ckptio.layout import CheckpointEntry, integrity_state, read_index, scan
 from ckptio.slim import is_slim
 
+from .config import ConfigError, TrainConfig, resumed_config
+from .determinism import resume_note
+from .distributed import World
+
+if TYPE_CHECKING:
+    from .build import Run
+    from .state import TrainState
+
 __all__ = [
     "augmentation_seed",
     "capture_rng",
     "checked_optimizer_state",
     "epoch_permutation",
     "find_resume_checkpoint",
+    "load_checkpoint",
     "mix_in",
+    "restore",
     "restore_rng",
+    "resume_path",
 ]
 
 
@@ -118,7 +130,7 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
     writer of an earlier run that was killed commits the saves it was given first (ckptio waits for it): a save
     that had returned is never passed over by an immediate restart. ``None`` (a fresh run, said so) only when the
     directory is missing or holds no checkpoint at all: when it holds checkpoints and none can be resumed,
-    ``ValueError`` names each and why, and nothing is touched (a fresh run there would overwrite files the user
+    :class:`ConfigError` names each and why, and nothing is touched (a fresh run there would overwrite files the user
     may still want to rescue).
     """
     directory = Path(save_dir)
@@ -143,7 +155,7 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
             reason = f"{check.status} ({check.reason})"
         refused.append(f"{entry.path.name}: {reason}")
         say(f"--resume auto: skipping {entry.path.name}: {reason}; trying the previous one")
-    raise ValueError(
+    raise ConfigError(
         f"--resume auto: none of the {len(refused)} checkpoint(s) in {directory} can be resumed: "
         + "; ".join(refused) + ". Nothing was changed. Resume from a copy kept elsewhere with --resume FILE, "
         "start from a checkpoint's weights with --pretrained FILE, or start a new run in another --save-dir")
@@ -155,7 +167,7 @@ def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) 
     A file's tensors are only what it declares: a per-parameter state (Adam's moments) that is missing, not a
     tensor, or of another shape than its parameter would fail inside the first step with a traceback, and one
     whose elements overlap in memory (a zero or odd stride, built with ``expand`` or ``as_strided``) would be
-    updated in place wrongly. The first are refused with ``ValueError`` naming the file; the second is replaced
+    updated in place wrongly. The first are refused with :class:`ConfigError` naming the file; the second is replaced
     by a dense copy of the same values.
     """
     required = {"exp_avg", "exp_avg_sq"} if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else set()
@@ -167,18 +179,98 @@ def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) 
             where = f"{path}: the optimizer state of parameter {param_index} (group {group_index})"
             missing = sorted(required - set(slots))
             if missing:
-                raise ValueError(f"{where} lacks {', '.join(missing)}: the file is damaged; resume from another "
+                raise ConfigError(f"{where} lacks {', '.join(missing)}: the file is damaged; resume from another "
                                  "checkpoint")
             for name, value in list(slots.items()):
                 if name == "step":
                     if not (isinstance(value, int | float) or (isinstance(value, torch.Tensor) and value.numel() == 1)):
-                        raise ValueError(f"{where} has a step counter that is not a number: the file is damaged; "
+                        raise ConfigError(f"{where} has a step counter that is not a number: the file is damaged; "
                                          "resume from another checkpoint")
                     continue
                 if not isinstance(value, torch.Tensor) or value.shape != param.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: {name!r} is {shape}, the model's parameter {tuple(param.shape)}: the file is "
                         "damaged or belongs to another model; resume from another checkpoint")
                 if not value.is_contiguous():
                     slots[name] = value.contiguous()
+
+
+def resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint ``config.resume`` names (``auto``: the newest that verifies, here or on the mirror)."""
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        local = find_resume_checkpoint(config.save_dir, say)
+        if config.mirror is None:
+            return local
+        from ckptio.mirror import newer_from_mirror, open_target
+
+        try:
+            target = open_target(config.mirror)
+        except ValueError as exc:  # not a directory or a URL it can use
+            raise ConfigError(str(exc)) from exc
+        return newer_from_mirror(local, target, Path(config.save_dir), say)
+    path = Path(config.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint file (or use --resume auto)")
+    return path
+
+
+def load_checkpoint(path: Path, config: TrainConfig, world: World, given: Collection[str] | None,
+                    say: Callable[[str], None]) -> tuple[dict[str, Any], TrainConfig]:
+    """The checkpoint's state and the config the resumed run has (see :func:`craft_train.train.train`'s
+    ``given``), once the file is known to be a complete trainer checkpoint that this run can continue."""
+    from .state import CHECKPOINT_KIND
+
+    seal, _ = ckptio.read_meta(path)
+    if seal is not None and is_slim(seal.meta):
+        raise ConfigError(
+            f"{path} holds the model weights only (slimmed by --keep-full), not the optimizer and data order a "
+            "resume needs; resume from one of the newest checkpoints (kept complete), or start a new run from "
+            "these weights with --pretrained")
+    state = ckptio.load(path, map_location="cpu")
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise ConfigError(
+            f"{path} is not a craft_train checkpoint (it lacks the training state); to start from its weights "
+            "use --pretrained instead of --resume"
+        )
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} lacks the training config a resume needs: the file is damaged; resume from "
+                          "another checkpoint")
+    try:
+        config, notes = resumed_config(saved, config, given)
+    except ValueError as exc:
+        raise ConfigError(f"cannot resume from {path} with different settings: {exc}. Leave those flags out (a "
+                          "resume takes its settings from the checkpoint), or start a new run in another "
+                          "--save-dir") from None
+    if notes:
+        say("resuming with the checkpoint's settings, except " + ", ".join(notes))
+    step = state.get("global_step")
+    if config.max_steps is not None and type(step) is int and step >= config.max_steps:
+        say(f"the run already reached --max-steps {config.max_steps} (global step {step}): nothing to train; give a "
+            "larger --max-steps to go on")
+    if state.get("sharded") and type(state.get("world_size")) is not int:
+        raise ConfigError(f"{path} holds an optimizer sharded with --zero but not over how many processes: the file "
+                          "is damaged; resume from another checkpoint")
+    return state, config
+
+
+def restore(run: Run, state: TrainState, checkpoint: dict[str, Any], path: Path,
+            say: Callable[[str], None]) -> None:
+    """Put ``run``'s objects and the loop's ``state`` where ``checkpoint`` (read from ``path``) left them."""
+    world = run.world
+    run.load_state_dict(checkpoint, path, say, lambda: ckptio.load_shard(path, world.rank))
+    state.load_state_dict(checkpoint)
+    say(f"resumed from {path}: epoch {state.epoch}, batch {state.batch}/{checkpoint['total_batches']}, "
+        f"global step {state.global_step}")
+    note = resume_note(checkpoint["config"], run.config.deterministic)
+    if note:
+        say(note)
+    if state.saved_world_size != world.size:
+        assert state.resumed_permutation is not None
+        say(f"the checkpoint was written by {state.saved_world_size} process(es), this run has {world.size}: a step "
+            f"now takes {run.step_samples} samples instead of {run.config.batch_size * state.saved_world_size}; the "
+            f"epoch continues at sample {state.position} of {len(state.resumed_permutation)}, so no sample is "
+            "skipped or repeated")

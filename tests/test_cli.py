@@ -845,3 +845,23 @@ def test_an_old_format_torch_save_file_is_unsealed_not_corrupt(
     assert main(["verify", str(path)]) == 0
     assert "unsealed" in capsys.readouterr().out
     assert torch.equal(ckptio.load(path)["module.w"], torch.ones(3))
+
+
+def test_an_unexpected_error_prints_its_traceback_and_asks_for_a_report(tmp_path, cli, monkeypatch) -> None:
+    import ckptio.cli as ckptio_cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(ckptio_cli, "_cmd_list", broken)
+    code, _, err = cli("list", str(tmp_path))
+    assert code == 1
+    assert "Traceback" in err and "RuntimeError: a bug of ours" in err
+    assert "unexpected error, please report it with the traceback above" in err
+
+
+def test_debug_prints_the_traceback_of_an_error_otherwise_told_in_one_line(tmp_path, cli) -> None:
+    code, _, err = cli("info", str(tmp_path / "missing.pth"))
+    assert code == 2 and "Traceback" not in err
+    code, _, err = cli("--debug", "info", str(tmp_path / "missing.pth"))
+    assert code == 2 and "Traceback" in err
