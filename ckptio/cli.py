@@ -12,13 +12,11 @@ is formatted, and printing a loaded state walks it with a visited set and a node
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import math
 import os
 import reprlib
-import shutil
 import stat
 import sys
 import time
@@ -29,21 +27,22 @@ from typing import Any
 from . import cli_dcp
 from .atomic import is_temporary
 from .errors import CorruptCheckpointError
-from .fileio import load, read_meta, verify_file
+from .fileio import load, read_meta
 from .layout import (
     CheckpointEntry,
-    OrphanShards,
     delete_checkpoint,
     integrity_state,
-    live_ranks,
-    orphan_shards,
     parse_checkpoint_name,
     read_index,
+    remove_orphan,
     scan,
     split_suffix,
+    stale_orphan_shards,
 )
-from .retention import beyond_newest, periodic_newest_first
+from .newest import latest
+from .retention import periodic_newest_first, plan_retention
 from .slim import is_slim
+from .suffixes import format_of
 from .verify import record_in_index, verify
 
 __all__ = ["main"]
@@ -422,8 +421,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "file": str(path),
         "size": size,
         "modified": info.st_mtime,
-        "format": meta.get("format", "torch" if ".pth" in path.name else "safetensors"),
-        "compression": meta.get("compression", "zstd" if path.name.endswith(".zst") else None),
+        "format": meta.get("format", format_of(path)[0]),
+        "compression": meta.get("compression", format_of(path)[1]),
         "digest": f"xxh3_128:{seal.digest}" if seal else None,
         "integrity": integrity_state(entry, index) if seal else "unsealed (no digest recorded)",
         "resume_point": {k: summary.get(k) for k in ("epoch", "batch", "global_step") if k in summary},
@@ -572,8 +571,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if cli_dcp.has_dcp(directory):  # DCP checkpoint directories follow the same rule as files
         listing += cli_dcp.dcp_entries(directory)
     entries = periodic_newest_first(listing)  # in written order: an mtime may lie (a clock stepped back)
-    newest_valid = _newest_valid(entries)
-    victims = beyond_newest(entries, args.keep_count, newest_valid)
+    newest_valid = latest(directory, entries=entries)  # what a resume needs is never deleted
+    victims = plan_retention(entries, keep_count=args.keep_count, must_keep=newest_valid).delete
     verb = "would delete" if args.dry_run else "deleted"
     freed = 0
     forgotten: dict[str, dict[str, Any] | None] = {}
@@ -587,9 +586,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         print(f"  {verb}: {_one_line(entry.path.name)} - {_mb(entry.total_size)}")
     if forgotten:
         record_in_index(directory, forgotten)  # gives up after 2 s if another process holds the index lock
-    for orphan in _stale_orphans(directory):
+    for orphan in stale_orphan_shards(directory):
         if not args.dry_run:
-            _remove_orphan(orphan.path)
+            remove_orphan(orphan)
         print(f"  {verb}: {_one_line(orphan.path.name)} (shards of a save never committed) - {_mb(orphan.size)}")
     for staging in cli_dcp.sweep(directory, dry_run=args.dry_run) if cli_dcp.has_dcp(directory) else []:
         print(f"  {verb}: {_one_line(staging.name)} (a DCP save that never committed)")
@@ -599,36 +598,6 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     print(f"🧹 {verb} {len(victims)} checkpoint(s), {_mb(freed)}; kept {kept}"
           + (f" (newest valid: {_one_line(newest_valid.name)})" if newest_valid else ""))
     return EXIT_OK
-
-
-def _stale_orphans(directory: Path) -> list[OrphanShards]:
-    """The orphan shard directories ``clean`` removes (see :func:`ckptio.layout.remove_stale_orphan_shards`):
-    older than the newest committed periodic checkpoint, or any when no manager has the directory open. Only
-    directories holding nothing but ckptio's files are orphans, so a user's own ``data.shards/`` is kept."""
-    positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
-    newest = max(positions, default=None)
-    idle = not live_ranks(directory)
-    return [orphan for orphan in orphan_shards(directory)
-            if idle or (newest is not None and orphan.epoch_batch is not None and orphan.epoch_batch < newest)]
-
-
-def _remove_orphan(path: Path) -> None:
-    """Remove an orphan shard directory (``rmtree`` never follows a symlink inside it), or a symlink in its place
-    as a link."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path, ignore_errors=True)
-        elif stat.S_ISLNK(os.lstat(path).st_mode):
-            path.unlink()
-
-
-def _newest_valid(entries: list[CheckpointEntry]) -> Path | None:
-    for entry in entries:
-        if entry.protected:
-            continue
-        if cli_dcp.valid(entry) if entry.suffix == "/" else verify_file(entry.path).status in ("verified", "unsealed"):
-            return entry.path
-    return None
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from . import formats
 from .atomic import atomic_write, write_all_at
@@ -27,10 +27,9 @@ from .integrity import (
     seal_zip_file,
     zstd_trailer,
 )
+from .records import SavedCheckpoint
 from .snapshot import Snapshot
-
-if TYPE_CHECKING:
-    from .slim import SlimResult
+from .suffixes import format_of
 
 __all__ = [
     "MAX_ZSTD_EXPANSION",
@@ -45,22 +44,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """A committed checkpoint: durable under ``path``, with the digest recorded inside it."""
-
-    path: Path
-    name: str
-    digest: str
-    size: int
-    meta: dict[str, Any]
-    seconds: float
-    slimmed: tuple[SlimResult, ...] = ()
-    """Older checkpoints slimmed to their weights after this one was committed (``keep_full``)."""
-    slim_error: str | None = None
-    """Why slimming an older checkpoint failed, if it did: that one stays complete (the next save tries again)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +64,8 @@ class FileCheck:
 
 
 def inner_format(path: Path) -> str:
-    name = path.name[:-4] if path.name.endswith(".zst") else path.name
-    return "safetensors" if name.endswith(".safetensors") else "torch"
+    """``torch`` or ``safetensors``: the format inside the file, compressed or not."""
+    return format_of(path)[0]
 
 
 def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, compression: str | None,

@@ -397,6 +397,15 @@ def read_torch(source: bytes | bytearray | BinaryIO, path: Any, map_location: An
         raise CorruptCheckpointError(path, f"not a loadable torch file ({torch_load_error(exc)})") from None
 
 
+def is_legacy_torch(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at ``path`` was written by ``torch.save`` in its legacy (pre-1.6, pre-zip) format."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC
+    except OSError:
+        return False
+
+
 def _is_legacy(source: bytes | bytearray | BinaryIO) -> bool:
     """Whether ``source`` holds torch.save's legacy (pre-zip) format."""
     if isinstance(source, (bytes, bytearray)):

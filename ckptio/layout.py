@@ -24,6 +24,7 @@ from typing import Any
 from .atomic import TEMP_NAME_OVERHEAD, create_new, is_temporary, open_lock, remove_leftovers, temp_name
 from .errors import CorruptCheckpointError
 from .formats import check_json_cost
+from .suffixes import file_name, split_suffix
 
 __all__ = [
     "INDEX_NAME",
@@ -38,14 +39,17 @@ __all__ = [
     "make_shard_directory",
     "orphan_shards",
     "parse_checkpoint_name",
+    "plan_orphan_removal",
     "prune_orphan_shards",
     "read_index",
+    "remove_orphan",
     "remove_orphan_shards",
     "remove_stale_orphan_shards",
     "scan",
     "shard_directory",
     "shard_file_name",
     "split_suffix",
+    "stale_orphan_shards",
     "sweep_leftovers",
     "update_index",
     "validate_name",
@@ -55,15 +59,9 @@ INDEX_NAME = ".ckptio-index.json"
 SHARDS_SUFFIX = ".shards"
 LOCK_NAME = ".ckptio.lock"
 _INDEX_LOCK_NAME = ".ckptio-index.lock"
-_SUFFIXES = (".pth.zst", ".safetensors.zst", ".pth", ".safetensors")
 # fullmatch with [0-9]: "$" would also match before a trailing newline, and \d any Unicode digit ("١" is 1)
 _BATCH_NAME = re.compile(r"checkpoint_epoch_([0-9]+)_batch_([0-9]+)")
-_LONGEST_SUFFIX = max(len(s) for s in _SUFFIXES)
 _NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs (os.pathconf's PC_NAME_MAX)
-
-
-def file_name(name: str, fmt: str, compression: str | None) -> str:
-    return name + (".pth" if fmt == "torch" else ".safetensors") + (".zst" if compression else "")
 
 
 def shard_directory(checkpoint: Path) -> Path:
@@ -150,14 +148,6 @@ def validate_name(name: str, fmt: str = "safetensors", compression: str | None =
             f"writing it, a {fmt}{'+' + compression if compression else ''} checkpoint name may be at most {limit} "
             f"bytes (file names are limited to {_NAME_MAX}); choose a shorter name"
         )
-
-
-def split_suffix(filename: str) -> tuple[str, str] | None:
-    """``("best_model", ".pth.zst")`` for a checkpoint file name, ``None`` for anything else."""
-    for suffix in _SUFFIXES:
-        if filename.endswith(suffix) and len(filename) > len(suffix):
-            return filename[: -len(suffix)], suffix
-    return None
 
 
 def parse_checkpoint_name(stem: str) -> tuple[int, int] | None:
@@ -416,9 +406,10 @@ def holds_only_shards(path: Path) -> bool:
         return False
 
 
-def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
-                         holding_lock: bool = False) -> list[OrphanShards]:
-    """Delete orphan shard directories that no rank can still be writing; return what was deleted.
+def plan_orphan_removal(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
+                        holding_lock: bool = False) -> list[OrphanShards]:
+    """The orphan shard directories that no rank can still be writing: what :func:`remove_orphan_shards`
+    deletes, and what a dry run reports.
 
     A rank that runs ahead writes its shards of a save before rank 0 commits the manifest, so an orphan is
     deleted only if one of these holds:
@@ -430,20 +421,37 @@ def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None 
       ``ckptio clean`` remove.
     """
     idle = when_idle and not [n for n in live_ranks(directory) if not (holding_lock and n == LOCK_NAME)]
-    removed = []
-    for orphan in orphan_shards(directory):
-        older = older_than is not None and orphan.epoch_batch is not None and orphan.epoch_batch < older_than
-        if older or idle:
-            _remove_shard_directory(orphan.path)
-            removed.append(orphan)
+    return [orphan for orphan in orphan_shards(directory)
+            if idle or (older_than is not None and orphan.epoch_batch is not None and orphan.epoch_batch < older_than)]
+
+
+def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
+                         holding_lock: bool = False) -> list[OrphanShards]:
+    """Delete the orphans :func:`plan_orphan_removal` chooses; return them."""
+    removed = plan_orphan_removal(directory, older_than=older_than, when_idle=when_idle, holding_lock=holding_lock)
+    for orphan in removed:
+        remove_orphan(orphan)
     return removed
 
 
-def remove_stale_orphan_shards(directory: Path) -> list[OrphanShards]:
+def remove_orphan(orphan: OrphanShards) -> None:
+    """Delete one orphan shard directory (nothing but ckptio's files: checked again right before)."""
+    _remove_shard_directory(orphan.path)
+
+
+def stale_orphan_shards(directory: Path) -> list[OrphanShards]:
     """What ``ckptio clean`` removes: orphans older than the newest committed periodic checkpoint, and every
     orphan when no manager of any rank has the directory open."""
     positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
-    return remove_orphan_shards(directory, older_than=max(positions, default=None), when_idle=True)
+    return plan_orphan_removal(directory, older_than=max(positions, default=None), when_idle=True)
+
+
+def remove_stale_orphan_shards(directory: Path) -> list[OrphanShards]:
+    """Delete what :func:`stale_orphan_shards` plans; return it."""
+    removed = stale_orphan_shards(directory)
+    for orphan in removed:
+        remove_orphan(orphan)
+    return removed
 
 
 def prune_orphan_shards(directory: Path, committed: str) -> int:

@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import ckptio
-from ckptio.layout import scan
-from ckptio.slim import is_slim
+from ckptio import is_slim, scan
 
 from .config import TrainConfig, resumed_config
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
