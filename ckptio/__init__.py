@@ -20,8 +20,8 @@ try:
     )
     from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
     from .formats import is_legacy_torch
-    from .layout import CheckpointEntry, parse_checkpoint_name, scan
     from .manager import CheckpointManager, SaveStats, wait_until_released
+    from .naming import CheckpointEntry, parse_checkpoint_name, scan
     from .newest import Skipped, latest
     from .slim import is_slim
     from .verify import VerifyReport, verify

@@ -28,7 +28,7 @@ from . import cli_dcp
 from .atomic import is_temporary
 from .errors import CorruptCheckpointError
 from .fileio import load, read_meta
-from .layout import (
+from .naming import (
     CheckpointEntry,
     delete_checkpoint,
     integrity_state,

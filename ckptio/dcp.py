@@ -63,7 +63,7 @@ from .atomic import create_new, fsync_directory, is_temporary, open_lock, temp_n
 from .errors import CorruptCheckpointError
 from .fileio import _file_kind, _physical_memory, _zstandard
 from .formats import check_json_cost, torch_load_error
-from .layout import CheckpointEntry
+from .naming import CheckpointEntry
 
 __all__ = [
     "METADATA_NAME",

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .config import parse_size
 from .dcp import Reader, Writer, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
 from .errors import CheckpointWriteError
-from .layout import validate_name
+from .naming import validate_name
 from .retention import plan_retention
 
 __all__ = ["ShardedCheckpointManager"]

@@ -32,8 +32,8 @@ from .config import CheckpointOptions
 from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
 from .fileio import SavedCheckpoint
 from .formats import check_supported
-from .layout import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
-from .snapshot import BufferSlot, Layout, heap_staging, state_layout, walk_tensors
+from .naming import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
+from .snapshot import BufferSlot, StateShape, heap_staging, state_shape, walk_tensors
 from .writer import JobRunner, Report, WriteJob, WriterBackend
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class CheckpointManager:
                 shard_snapshot = slot.shard.take(shard) if shard is not None else None
                 for part, buffers, source in (("main", slot.main, state), ("shard", slot.shard, shard)):
                     if buffers.needs_prepare and buffers.staging is not None:  # pinned for the next saves, off-thread
-                        self._stage(part, buffers.staging.layout, _cuda_device(source))
+                        self._stage(part, buffers.staging.shape, _cuda_device(source))
                 job = WriteJob(number, name, snapshot, dict(metadata) if metadata else None, shard_snapshot, token)
                 with self._idle:
                     self._tickets[number] = ticket
@@ -221,16 +221,16 @@ class CheckpointManager:
         """Allocate every slot's buffers for ``state`` (and ``shard``, this process's part of a sharded
         checkpoint) in the background, pinned for CUDA tensors; returns at once.
 
-        Call it before the first step, and again when the state's layout changes (it is also done for you after
-        a save whose layout was new). A save that comes before the buffers are ready allocates pageable
+        Call it before the first step, and again when the state's tensors change (it is also done for you after
+        a save whose state shape was new). A save that comes before the buffers are ready allocates pageable
         buffers for itself instead of waiting. Host memory: up to one more copy of the state per slot while
-        buffers of an old layout are still in use. Ranks other than 0 of a sharded checkpoint pass
+        buffers of an old state shape are still in use. Ranks other than 0 of a sharded checkpoint pass
         ``state=None``.
         """
         self._check_open()
         for part, source in (("main", state), ("shard", shard)):
             if source is not None:
-                self._stage(part, state_layout(source), _cuda_device(source))
+                self._stage(part, state_shape(source), _cuda_device(source))
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise the first background error, if any."""
@@ -309,10 +309,10 @@ class CheckpointManager:
                 if self._writer is not None and not self._writer.alive():
                     raise CheckpointWriteError("the checkpoint writer thread died; see the log") from None
 
-    def _stage(self, part: str, layout: Layout, device: int | None) -> None:
+    def _stage(self, part: str, spec: StateShape, device: int | None) -> None:
         if self._stager is None:
             self._stager = _Stager(self._slots)
-        self._stager.request(part, layout, device)
+        self._stager.request(part, spec, device)
 
     def _on_report(self, report: Report) -> None:
         """Apply one report from the writer (its thread, or the receiver of the writer process)."""
@@ -408,29 +408,29 @@ def _cuda_device(state: Any) -> int | None:
 
 
 class _Stager:
-    """Allocates (and pins) buffers for a layout in a background thread and offers them to every slot.
+    """Allocates (and pins) buffers for a state shape in a background thread and offers them to every slot.
 
-    Each part of a slot (``"main"``, ``"shard"``) has its own wanted, busy and done layout."""
+    Each part of a slot (``"main"``, ``"shard"``) has its own wanted, busy and done state shape."""
 
     def __init__(self, slots: list[_Slot]) -> None:
         self._slots = slots
         self._changed = threading.Condition()
-        self._wanted: dict[str, tuple[Layout, int | None]] = {}
-        self._busy: dict[str, Layout] = {}
-        self._done: dict[str, Layout] = {}
+        self._wanted: dict[str, tuple[StateShape, int | None]] = {}
+        self._busy: dict[str, StateShape] = {}
+        self._done: dict[str, StateShape] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ckptio-stager", daemon=True)
         self._thread.start()
 
-    def request(self, part: str, layout: Layout, device: int | None = None) -> None:
+    def request(self, part: str, spec: StateShape, device: int | None = None) -> None:
         with self._changed:
-            if part not in self._wanted and layout in (self._busy.get(part), self._done.get(part)):
+            if part not in self._wanted and spec in (self._busy.get(part), self._done.get(part)):
                 return
-            self._wanted[part] = (layout, device)
+            self._wanted[part] = (spec, device)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """For tests: wait until every requested layout is staged."""
+        """For tests: wait until every requested state shape is staged."""
         with self._changed:
             return self._changed.wait_for(lambda: not self._wanted and not self._busy, timeout)
 
@@ -447,20 +447,20 @@ class _Stager:
                 if self._stopping:
                     return
                 part = next(iter(self._wanted))
-                layout, device = self._wanted.pop(part)
-                self._busy[part] = layout
+                spec, device = self._wanted.pop(part)
+                self._busy[part] = spec
             try:
                 if device is not None:
                     torch.cuda.set_device(device)
                 for slot in self._slots:
                     buffers = slot.main if part == "main" else slot.shard
                     allocate = buffers.allocator or heap_staging
-                    buffers.offer(allocate(layout, True))
+                    buffers.offer(allocate(spec, True))
             except Exception as exc:  # saves still work (they allocate for themselves); say why they may stall
                 log.warning("could not prepare checkpoint buffers in the background: %s", exc)
             with self._changed:
                 del self._busy[part]
-                self._done[part] = layout
+                self._done[part] = spec
                 self._changed.notify_all()
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from .atomic import atomic_write, remove_leftovers
 from .fileio import FileCheck, SavedCheckpoint, read_meta, verify_file
-from .layout import parse_checkpoint_name, split_suffix
+from .naming import parse_checkpoint_name, split_suffix
 from .slim import is_slim
 
 __all__ = [

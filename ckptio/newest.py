@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .fileio import read_meta, verify_file
-from .layout import CheckpointEntry, integrity_state, read_index, scan
+from .naming import CheckpointEntry, integrity_state, read_index, scan
 from .retention import owned_by_retention
 from .slim import is_slim
 

@@ -21,7 +21,7 @@ import torch
 
 from .atomic import TEMP_SUFFIX, fsync_directory, replace_if_unchanged
 from .fileio import load, read_meta, verify_file, write_checkpoint
-from .layout import CheckpointEntry, index_record, read_index, scan, update_index
+from .naming import CheckpointEntry, index_record, read_index, scan, update_index
 from .records import SlimResult
 from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors
@@ -54,7 +54,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
                   keep_count: int | None = None) -> list[CheckpointEntry]:
     """The periodic checkpoints to slim: all but the newest ``keep_full`` of them, except those already slim.
 
-    ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Only periodic checkpoints
+    ``entries`` newest first (as :func:`ckptio.naming.scan` returns them). Only periodic checkpoints
     (``checkpoint_epoch_E_batch_B``) are slimmed; protected ones (``best_model``) and sharded ones (their
     optimizer state lives in separate shard files) never are. With retention's ``keep_count`` the oldest kept
     checkpoint is left alone: the next save's retention deletes it, so rewriting it would be wasted work.

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import FileCheck, verify_file
-from .layout import INDEX_NAME, index_record, scan, update_index
+from .naming import INDEX_NAME, index_record, scan, update_index
 
 __all__ = ["VerifyReport", "verify"]
 

@@ -24,7 +24,7 @@ import psutil
 from .config import CheckpointOptions
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
-from .layout import (
+from .naming import (
     WRITTEN_NOW,
     CheckpointEntry,
     delete_checkpoint,

@@ -35,7 +35,7 @@ from ckptio.integrity import (
     seal_zip_file,
     zstd_trailer,
 )
-from ckptio.layout import INDEX_NAME, parse_checkpoint_name
+from ckptio.naming import INDEX_NAME, parse_checkpoint_name
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import BufferSlot
 from craft_train.model import load_pretrained

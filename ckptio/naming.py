@@ -1,4 +1,4 @@
-"""File names in a checkpoint directory, listing them cheaply, and the directory's integrity index.
+"""File names in a checkpoint directory (naming, listing, shard directories) and the directory's integrity index.
 
 The index (``.ckptio-index.json``) caches, per file, the size and mtime it had when its digest was last
 checked and the outcome, so that listing a directory shows each file's integrity state without reading any
