@@ -61,9 +61,10 @@ from torch.futures import Future
 
 from .atomic import create_new, fsync_directory, is_temporary, open_lock, temp_name, write_all_at
 from .errors import CorruptCheckpointError
-from .fileio import _file_kind, _physical_memory, _zstandard
+from .fileio import _file_kind
 from .formats import check_json_cost, torch_load_error
 from .naming import CheckpointEntry
+from .zstd_body import physical_memory, zstandard_module
 
 __all__ = [
     "METADATA_NAME",
@@ -142,7 +143,7 @@ class Writer(BlockingAsyncStager, StorageWriter):
         if compression not in (None, "zstd"):
             raise ValueError(f"compression={compression!r}: use None or 'zstd'")
         if compression == "zstd":
-            zstandard = _zstandard()
+            zstandard = zstandard_module()
             if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
                 raise ValueError(f"level={level}: a zstd level is 1..{zstandard.MAX_COMPRESSION_LEVEL}")
         StorageWriter.__init__(self)
@@ -333,7 +334,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _write_items(path: Path, file_name: str, items: list[WriteItem], planner: SavePlanner, *,
                  compression: str | None, level: int, sync: bool) -> list[WriteResult]:
-    compressor = _zstandard().ZstdCompressor(level=level) if compression == "zstd" else None
+    compressor = zstandard_module().ZstdCompressor(level=level) if compression == "zstd" else None
     results = []
     fd = create_new(path)
     try:
@@ -634,9 +635,9 @@ def _pread_exactly(fd: int, length: int, offset: int) -> bytearray | None:
 
 
 def _decompress_item(path: Path, name: str, stored: bytes | bytearray, raw_length: int) -> bytes:
-    if raw_length > _physical_memory():
+    if raw_length > physical_memory():
         raise CorruptCheckpointError(path, f"item {name} claims {raw_length} bytes, more than physical memory")
-    zstandard = _zstandard()
+    zstandard = zstandard_module()
     try:
         raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_length)
     except zstandard.ZstdError as exc:

@@ -544,11 +544,11 @@ def test_a_restart_right_after_kill_9_waits_for_the_old_writer_and_loses_no_retu
         wait_for(lambda: (gate / "entered").exists(), "the writer to be mid-write")
         trainer.kill()  # SIGKILL: the save had returned; its writer still holds the temporary file
         trainer.wait(TIMEOUT)
-        monkeypatch.setattr(ckptio.manager, "EARLIER_WRITER_WAIT", 0.2)
+        monkeypatch.setattr(ckptio.dirlock, "EARLIER_WRITER_WAIT", 0.2)
         with pytest.raises(CheckpointDirectoryLockedError, match="writer of an earlier run"):
             CheckpointManager(directory)  # bounded: gives up with a message that says what holds it
         assert any(is_temporary(p.name) for p in directory.iterdir()), "a live writer's file was swept"
-        monkeypatch.setattr(ckptio.manager, "EARLIER_WRITER_WAIT", TIMEOUT)
+        monkeypatch.setattr(ckptio.dirlock, "EARLIER_WRITER_WAIT", TIMEOUT)
         restart.start()
         assert waiting.seen.wait(TIMEOUT), "the restarted manager did not wait for the old writer"
         assert any(is_temporary(p.name) for p in directory.iterdir()), "a live writer's file was swept"
