@@ -35,6 +35,7 @@ __all__ = [
     "MAX_ZSTD_EXPANSION",
     "FileCheck",
     "SavedCheckpoint",
+    "file_kind_of",
     "inner_format",
     "load",
     "load_shard",
@@ -173,10 +174,10 @@ def _open_for_reading(path: Path) -> int:
     os.close(fd)
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it")
-    raise CorruptCheckpointError(path, f"it is {_file_kind(mode)}, not a regular file; only regular files are read")
+    raise CorruptCheckpointError(path, f"it is {file_kind_of(mode)}, not a regular file; only regular files are read")
 
 
-def _file_kind(mode: int) -> str:
+def file_kind_of(mode: int) -> str:
     kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "a special file")
