@@ -29,6 +29,7 @@ from .cli_output import (
     one_line,
     shown,
 )
+from .dir_index import read_index
 from .errors import CorruptCheckpointError
 from .fileio import load, read_meta
 from .naming import (
@@ -36,7 +37,6 @@ from .naming import (
     delete_checkpoint,
     integrity_state,
     parse_checkpoint_name,
-    read_index,
     remove_orphan,
     scan,
     split_suffix,

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .dir_index import read_index
 from .fileio import read_meta, verify_file
-from .naming import CheckpointEntry, integrity_state, read_index, scan
+from .naming import CheckpointEntry, integrity_state, scan
 from .retention import owned_by_retention
 from .slim import is_slim
 

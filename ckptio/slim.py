@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from .atomic import TEMP_SUFFIX, fsync_directory, replace_if_unchanged
+from .dir_index import index_record, read_index, update_index
 from .fileio import load, read_meta, verify_file, write_checkpoint
-from .naming import CheckpointEntry, index_record, read_index, scan, update_index
+from .naming import CheckpointEntry, scan
 from .records import SlimResult
 from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors

@@ -22,19 +22,17 @@ from typing import Any, Literal
 import psutil
 
 from .config import CheckpointOptions
+from .dir_index import WRITTEN_NOW, index_record, update_index
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
 from .naming import (
-    WRITTEN_NOW,
     CheckpointEntry,
     delete_checkpoint,
     file_name,
-    index_record,
     make_shard_directory,
     prune_orphan_shards,
     scan,
     shard_file_name,
-    update_index,
 )
 from .retention import newest_owned, periodic_newest_first, plan_retention
 from .slim import slim_older_checkpoints

@@ -21,6 +21,7 @@ import torch
 
 import ckptio
 import ckptio.atomic
+import ckptio.dir_index
 import ckptio.naming
 from ckptio import CheckpointManager, CheckpointWriteError
 from ckptio.atomic import TEMP_SUFFIX
@@ -486,7 +487,7 @@ def test_an_index_lock_held_forever_by_another_process_never_hangs_a_save(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
-    monkeypatch.setattr(ckptio.naming, "INDEX_LOCK_SECONDS", 0.2)
+    monkeypatch.setattr(ckptio.dir_index, "INDEX_LOCK_SECONDS", 0.2)
     holder = os.open(tmp_path / ".ckptio-index.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: conflicts as another process would
@@ -521,10 +522,10 @@ def test_an_index_built_to_be_expensive_to_parse_is_a_cache_miss_without_parsing
     import tracemalloc
 
     payload = b'{"version":1,"files":{"x":[' + b"{}," * 2_000_000 + b"{}]}}"  # 6 MB: ~2M dicts if parsed
-    (tmp_path / ckptio.naming.INDEX_NAME).write_bytes(payload)
+    (tmp_path / ckptio.dir_index.INDEX_NAME).write_bytes(payload)
     tracemalloc.start()
     try:
-        assert ckptio.naming.read_index(tmp_path) == {}
+        assert ckptio.dir_index.read_index(tmp_path) == {}
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
