@@ -19,11 +19,11 @@ try:
         InsufficientSpaceError,
     )
     from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
-    from .formats import is_legacy_torch
     from .manager import CheckpointManager, SaveStats, wait_until_released
     from .naming import CheckpointEntry, parse_checkpoint_name, scan
     from .newest import Skipped, latest
     from .slim import is_slim
+    from .torch_read import is_legacy_torch
     from .verify import VerifyReport, verify
 except ModuleNotFoundError as _missing:  # typically: the project's virtual environment is not active
     _message = (f"ckptio needs the package {_missing.name!r}, which {sys.executable} lacks: run "

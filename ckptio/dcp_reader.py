@@ -30,7 +30,8 @@ from torch.futures import Future
 from .dcp_format import DIGEST_ALGORITHM, MAX_METADATA_BYTES, MAX_SEAL_BYTES, METADATA_NAME, SEAL_NAME, is_ours
 from .errors import CorruptCheckpointError
 from .fileio import file_kind_of
-from .formats import check_json_cost, torch_load_error
+from .formats import check_json_cost
+from .torch_read import torch_load_error
 from .zstd_body import physical_memory, zstandard_module
 
 __all__ = [

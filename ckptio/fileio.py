@@ -29,6 +29,7 @@ from .integrity import (
 from .records import SavedCheckpoint
 from .snapshot import Snapshot
 from .suffixes import format_of
+from .torch_read import read_torch
 from .zstd_body import MAX_ZSTD_EXPANSION, decompress, zstandard_module
 
 __all__ = [
@@ -354,7 +355,7 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
             data = bytes(raw)  # safetensors reads only bytes; free the other copy before it parses
             del raw
             return formats.read_safetensors(data, path, map_location)
-        return formats.read_torch(raw, path, map_location)
+        return read_torch(raw, path, map_location)
     if container == "safetensors":
         formats.check_safetensors_layout(path, size, read_at)  # before the file is read whole
         return formats.read_safetensors(_read_all(fd, size), path, map_location)
@@ -362,7 +363,7 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
     stream = open(fd, "rb", closefd=False)
     try:
         stream.seek(0)
-        return formats.read_torch(stream, path, map_location)
+        return read_torch(stream, path, map_location)
     finally:
         stream.close()
 

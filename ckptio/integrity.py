@@ -31,7 +31,6 @@ import xxhash
 from .atomic import write_all_at
 from .errors import CorruptCheckpointError
 from .formats import (
-    LEGACY_TORCH_MAGIC,
     SAFETENSORS_DIGEST_KEY,
     SAFETENSORS_META_KEY,
     ZIP_END_SIGNATURE,
@@ -42,6 +41,7 @@ from .formats import (
     read_safetensors_header,
 )
 from .suffixes import container_of
+from .torch_read import LEGACY_TORCH_MAGIC
 
 __all__ = [
     "DIGEST_PLACEHOLDER",
