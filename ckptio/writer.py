@@ -25,6 +25,7 @@ from .config import CheckpointOptions
 from .dir_index import WRITTEN_NOW, index_record, update_index
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
+from .mirror_pending import mark_pending, pending, plan_local_retention
 from .naming import (
     CheckpointEntry,
     delete_checkpoint,
@@ -129,8 +130,6 @@ class JobRunner:
             return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted)
         try:
             if options.mirror is not None:  # before retention: a checkpoint not yet mirrored is kept
-                from .mirror import mark_pending
-
                 mark_pending(self.directory, saved.path.name)
             self._record(saved)
             deleted += self._apply_retention(saved)
@@ -201,8 +200,6 @@ class JobRunner:
         newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
         in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
         if options.mirror is not None:
-            from .mirror import pending, plan_local_retention
-
             plan, forced = plan_local_retention(entries, pending(self.directory), keep_count=options.keep_count,
                                                 budget=options.budget_bytes, must_keep=newest, reserve=in_progress)
             if forced:
