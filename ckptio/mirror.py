@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from .atomic import atomic_write, remove_leftovers
 from .fileio import FileCheck, SavedCheckpoint, read_meta, verify_file
 from .mirror_pending import clear_pending, pending
+from .mirror_target import MirrorError, MirrorTarget
 from .naming import parse_checkpoint_name, split_suffix
 from .slim import is_slim
 
@@ -56,49 +56,6 @@ log = logging.getLogger("ckptio")
 MANIFEST_SUFFIX = ".mirror.json"
 _COPY_CHUNK = 8 * 2**20
 _STOP_WAIT = 180.0
-
-
-class MirrorError(OSError):
-    """The mirror could not be reached or refused an operation; the message says what to change."""
-
-
-class MirrorTarget(ABC):
-    """Where mirrored files live: four verbs on whole files named by key (a file name, no directories)."""
-
-    url: str
-
-    @abstractmethod
-    def put_file(self, key: str, source: Path) -> None:
-        """Store ``source``'s bytes under ``key``, visible only once complete."""
-
-    @abstractmethod
-    def get_file(self, key: str, destination: Path) -> None:
-        """Write the bytes stored under ``key`` into ``destination`` (a new file)."""
-
-    @abstractmethod
-    def list_keys(self) -> list[str]: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        with tempfile.TemporaryDirectory(prefix="ckptio-mirror-") as scratch:
-            path = Path(scratch) / key
-            path.write_bytes(data)
-            self.put_file(key, path)
-
-    def get_bytes(self, key: str) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="ckptio-mirror-") as scratch:
-            path = Path(scratch) / key
-            self.get_file(key, path)
-            return path.read_bytes()
-
-    def check_copy(self, key: str) -> FileCheck:
-        """Verify the bytes stored under ``key`` against the digest sealed in them (downloaded to a scratch file)."""
-        with tempfile.TemporaryDirectory(prefix="ckptio-verify-") as scratch:
-            path = Path(scratch) / key
-            self.get_file(key, path)
-            return verify_file(path)
 
 
 class LocalTarget(MirrorTarget):
