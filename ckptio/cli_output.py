@@ -13,7 +13,7 @@ import stat
 import time
 from typing import Any
 
-from .layout import CheckpointEntry, integrity_state
+from .naming import CheckpointEntry, integrity_state
 from .slim import is_slim
 
 __all__ = [

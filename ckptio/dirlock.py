@@ -16,7 +16,7 @@ import psutil
 
 from .atomic import lock_exclusive, open_lock
 from .errors import CheckpointDirectoryLockedError
-from .layout import LOCK_NAME
+from .naming import LOCK_NAME
 
 __all__ = ["EARLIER_WRITER_WAIT", "lock_directory", "release_lock", "wait_until_released"]
 
