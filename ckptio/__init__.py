@@ -12,6 +12,7 @@ import sys
 
 try:
     from .config import CheckpointOptions, parse_size
+    from .dirlock import wait_until_released
     from .errors import (
         CheckpointDirectoryLockedError,
         CheckpointWriteError,
@@ -19,7 +20,7 @@ try:
         InsufficientSpaceError,
     )
     from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
-    from .manager import CheckpointManager, SaveStats, wait_until_released
+    from .manager import CheckpointManager, SaveStats
     from .naming import CheckpointEntry, parse_checkpoint_name, scan
     from .newest import Skipped, latest
     from .slim import is_slim

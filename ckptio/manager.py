@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import CheckpointOptions
-from .dirlock import lock_directory, release_lock, wait_until_released
+from .dirlock import lock_directory, release_lock
 from .errors import CheckpointWriteError
 from .fileio import SavedCheckpoint
 from .formats import check_supported
@@ -37,7 +37,7 @@ from .writer import JobRunner, Report, WriteJob, WriterBackend
 if TYPE_CHECKING:
     from .mirror import Mirror
 
-__all__ = ["CheckpointManager", "SaveStats", "wait_until_released"]
+__all__ = ["CheckpointManager", "SaveStats"]
 
 log = logging.getLogger("ckptio")
 
