@@ -27,7 +27,7 @@ This module imports ``torch.distributed.checkpoint`` and is therefore not import
 
 from __future__ import annotations
 
-from .dcp_format import METADATA_NAME, SEAL_NAME
+from .dcp_format import METADATA_NAME, SEAL_NAME, WRITING_LOCK_NAME
 from .dcp_inspect import (
     DcpEntry,
     DirectoryCheck,
@@ -45,6 +45,7 @@ from .dcp_writer import Writer
 __all__ = [
     "METADATA_NAME",
     "SEAL_NAME",
+    "WRITING_LOCK_NAME",
     "DcpEntry",
     "DirectoryCheck",
     "Reader",

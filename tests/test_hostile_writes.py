@@ -324,7 +324,7 @@ def test_a_disk_filling_while_the_index_is_written_leaves_no_temporary_file(tmp_
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with CheckpointManager(tmp_path) as mgr:
-        monkeypatch.setattr(ckptio.naming.json, "dump", disk_full)
+        monkeypatch.setattr(ckptio.dir_index.json, "dump", disk_full)
         future = mgr.save(state(1), name=periodic(1))
         mgr.wait()
         assert future is not None and future.result() is not None  # the checkpoint itself is committed
