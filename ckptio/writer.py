@@ -35,7 +35,7 @@ from .naming import (
     scan,
     shard_file_name,
 )
-from .retention import newest_owned, periodic_newest_first, plan_retention
+from .retention import newest_owned, plan_retention
 from .slim import slim_older_checkpoints
 from .snapshot import Snapshot
 
@@ -264,14 +264,11 @@ class JobRunner:
         if free >= needed:
             return 0
         entries = [e for e in self.checkpoints() if e.path != path]
-        newest_periodic = newest_owned(entries)
-        victims = []
-        for entry in reversed(periodic_newest_first(entries)):  # oldest first, in written order
-            if free >= needed:
-                break
-            if entry.path != newest_periodic:
-                victims.append(entry)
-                free += entry.total_size
+        # The retention planner with a byte budget that frees the shortfall: oldest periodic checkpoints first, never
+        # the newest one (what a resume needs).
+        budget = sum(e.total_size for e in entries) - (needed - free)
+        victims = plan_retention(entries, budget=budget, must_keep=newest_owned(entries)).delete
+        free += sum(e.total_size for e in victims)
         if free < needed:
             raise InsufficientSpaceError(
                 errno.ENOSPC,
