@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ckptio.layout import scan
+from ckptio import scan
 
 from .config import ConfigError, TrainConfig
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, split_indices

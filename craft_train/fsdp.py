@@ -40,9 +40,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ckptio import scan
 from ckptio.dcp import checkpoint_entries
 from ckptio.dcp_manager import ShardedCheckpointManager, latest
-from ckptio.layout import scan
 
 from .config import TrainConfig, resumed_config
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices

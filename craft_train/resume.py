@@ -19,8 +19,6 @@ import numpy as np
 import torch
 
 import ckptio
-from ckptio.layout import CheckpointEntry, integrity_state, read_index, scan
-from ckptio.slim import is_slim
 
 from .config import ConfigError, TrainConfig, resumed_config
 from .determinism import resume_note
@@ -102,27 +100,6 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
-def _progress_key(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> tuple[int, int]:
-    """(global_step, mtime) from the directory index, or from the file's own trailer.
-
-    The index is a cache: its record counts only for the exact file it was made for (same size and mtime), so
-    a stale or planted record cannot make an older checkpoint look newest. Whatever the file's metadata holds
-    (a ``summary`` that is not a dict included) ranks it, never raises.
-    """
-    path = entry.path
-    summary = None
-    if integrity_state(entry, index) != "unverified":
-        summary = index[path.name].get("meta", {}).get("summary")
-    if summary is None:
-        try:
-            seal, _ = ckptio.read_meta(path)
-            summary = seal.meta.get("summary", {}) if seal else {}
-        except (ValueError, OSError):
-            summary = {}
-    step = summary.get("global_step") if isinstance(summary, dict) else None
-    return (step if type(step) is int else -1, entry.mtime_ns)
-
-
 def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
     """The newest checkpoint in ``save_dir`` (by training progress) whose digest verifies.
 
@@ -138,23 +115,22 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
         say(f"--resume auto: {directory} does not exist; starting a fresh run")
         return None
     ckptio.wait_until_released(directory)
-    index = read_index(directory)
-    entries = scan(directory, ())
+    entries = ckptio.scan(directory, ())
     if not entries:
         say(f"--resume auto: {directory} holds no checkpoint; starting a fresh run")
         return None
-    ranked = sorted(entries, key=lambda e: _progress_key(e, index), reverse=True)
     refused = []
-    for entry in ranked:
-        check = ckptio.fileio.verify_file(entry.path)
-        if check.status == "verified" and is_slim(check.meta):
-            reason = "it holds the model weights only (--keep-full)"
-        elif check.status == "verified":
-            return entry.path
-        else:
-            reason = f"{check.status} ({check.reason})"
-        refused.append(f"{entry.path.name}: {reason}")
-        say(f"--resume auto: skipping {entry.path.name}: {reason}; trying the previous one")
+
+    def skip(skipped: ckptio.Skipped) -> None:
+        reason = ("it holds the model weights only (--keep-full)" if skipped.status == "slim"
+                  else f"{skipped.status} ({skipped.reason})")
+        refused.append(f"{skipped.path.name}: {reason}")
+        say(f"--resume auto: skipping {skipped.path.name}: {reason}; trying the previous one")
+
+    found = ckptio.latest(directory, order="progress", periodic_only=False, sealed_only=True, full_only=True,
+                          entries=entries, on_skip=skip)
+    if found is not None:
+        return found
     raise ConfigError(
         f"--resume auto: none of the {len(refused)} checkpoint(s) in {directory} can be resumed: "
         + "; ".join(refused) + ". Nothing was changed. Resume from a copy kept elsewhere with --resume FILE, "
@@ -224,7 +200,7 @@ def load_checkpoint(path: Path, config: TrainConfig, world: World, given: Collec
     from .state import CHECKPOINT_KIND
 
     seal, _ = ckptio.read_meta(path)
-    if seal is not None and is_slim(seal.meta):
+    if seal is not None and ckptio.is_slim(seal.meta):
         raise ConfigError(
             f"{path} holds the model weights only (slimmed by --keep-full), not the optimizer and data order a "
             "resume needs; resume from one of the newest checkpoints (kept complete), or start a new run from "
