@@ -49,8 +49,9 @@ from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, spl
 from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
+from .order import augmentation_seed, epoch_permutation, share
 from .preemption import ignore_stop_signals
-from .resume import augmentation_seed, epoch_permutation
+from .state import TrainResult
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -217,7 +218,6 @@ def find_resume_directory(config: TrainConfig, say: Callable[[str], None]) -> Pa
 def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                given: Collection[str] | None) -> Any:
     """The training loop of ``--fsdp`` (called by :func:`craft_train.train.train` on every process)."""
-    from .train import TrainResult, _share  # late: train.py calls this module
     from .validation import validate_all
 
     check_config(config)
@@ -312,7 +312,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             if batch_in_epoch == 0:
                 sums, position = {"train": 0.0, "batches": 0}, 0
             order, resumed_order = (resumed_order, None) if resumed_order is not None else (epoch_order(epoch), None)
-            mine = _share(order, position, config.batch_size, world)
+            mine = share(order, position, config.batch_size, world)
             keys = [(i, augmentation_seed(config.seed, epoch, i)) for i in mine]
             loader = DataLoader(train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
                                 num_workers=config.workers, pin_memory=device.type == "cuda",

@@ -16,8 +16,9 @@ from ckptio import cli as ckptio_cli
 from ckptio.naming import file_name, scan
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import state_shape
+from craft_train.build import checked_optimizer_state
 from craft_train.config import TrainConfig, incompatible_changes
-from craft_train.resume import checked_optimizer_state, find_resume_checkpoint
+from craft_train.resume import find_resume_checkpoint
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs. On the CPU even on
