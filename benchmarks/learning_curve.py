@@ -39,8 +39,8 @@ from craft_train.data import MixedDataset, SyntheticTextDataset, collate, make_s
 from craft_train.evaluate import DetectionCounts, evaluate_model, match_image, word_quads
 from craft_train.loss import craft_loss
 from craft_train.model import CRAFT
+from craft_train.order import augmentation_seed, epoch_permutation
 from craft_train.postprocess import DEFAULT_THRESHOLDS, Thresholds, detect_boxes, to_image_coordinates
-from craft_train.resume import augmentation_seed, epoch_permutation
 from craft_train.weak import pseudo_targets
 from craft_train.weak_quality import pseudo_label_quality
 

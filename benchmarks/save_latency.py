@@ -173,7 +173,7 @@ def craft_state() -> BenchState:
     from craft_train.config import TrainConfig
     from craft_train.loss import craft_loss
     from craft_train.model import CRAFT
-    from craft_train.resume import capture_rng
+    from craft_train.state import capture_rng
 
     torch.manual_seed(0)
     model = CRAFT()

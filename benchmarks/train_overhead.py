@@ -352,7 +352,7 @@ class Trainer:
         from torch.utils.data import DataLoader
 
         from craft_train.data import collate
-        from craft_train.resume import augmentation_seed, epoch_permutation
+        from craft_train.order import augmentation_seed, epoch_permutation
 
         config = self.config
         while True:
@@ -397,7 +397,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The dict ``craft_train.train`` saves (same keys, same objects)."""
-        from craft_train.resume import capture_rng
+        from craft_train.state import capture_rng
 
         batches = max(self.sums["batches"], 1)
         return {

@@ -12,6 +12,7 @@ import sys
 
 try:
     from .config import CheckpointOptions, parse_size
+    from .dirlock import wait_until_released
     from .errors import (
         CheckpointDirectoryLockedError,
         CheckpointWriteError,
@@ -19,8 +20,11 @@ try:
         InsufficientSpaceError,
     )
     from .fileio import FileCheck, SavedCheckpoint, load, load_shard, read_meta
-    from .layout import CheckpointEntry
-    from .manager import CheckpointManager, SaveStats, wait_until_released
+    from .manager import CheckpointManager, SaveStats
+    from .naming import CheckpointEntry, parse_checkpoint_name, scan
+    from .newest import Skipped, latest
+    from .slim import is_slim
+    from .torch_read import is_legacy_torch
     from .verify import VerifyReport, verify
 except ModuleNotFoundError as _missing:  # typically: the project's virtual environment is not active
     _message = (f"ckptio needs the package {_missing.name!r}, which {sys.executable} lacks: run "
@@ -40,11 +44,17 @@ __all__ = [
     "InsufficientSpaceError",
     "SaveStats",
     "SavedCheckpoint",
+    "Skipped",
     "VerifyReport",
+    "is_legacy_torch",
+    "is_slim",
+    "latest",
     "load",
     "load_shard",
+    "parse_checkpoint_name",
     "parse_size",
     "read_meta",
+    "scan",
     "verify",
     "wait_until_released",
 ]

@@ -4,7 +4,7 @@ A reader never sees a partly written file under its final name: until the rename
 hidden temporary name that :func:`remove_leftovers` deletes when a writer next opens the directory.
 
 The checkpoint directory may hold anything (a planted symlink, a FIFO, a hard link to someone else's file),
-so every file this package creates is created here or in ``layout``: new names only (``O_EXCL``), never
+so every file this package creates is created here or in ``naming``: new names only (``O_EXCL``), never
 through a symlink (``O_NOFOLLOW``), and a write either puts every byte down or raises the OS's own error
 (``ENOSPC`` stays ``ENOSPC``, whatever a serializer turns it into).
 """
@@ -89,7 +89,7 @@ def open_lock(path: Path) -> int:
 
 def lock_exclusive(fd: int) -> None:
     """Take ``fd``'s lock without waiting for a holder (``BlockingIOError``), yet not fail on a mere probe:
-    :func:`ckptio.layout.live_ranks` holds a shared lock for microseconds to see whether a rank is running."""
+    :func:`ckptio.naming.live_ranks` holds a shared lock for microseconds to see whether a rank is running."""
     for attempt in range(5):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .layout import CheckpointEntry, integrity_state, parse_checkpoint_name
+from .naming import CheckpointEntry, integrity_state, parse_checkpoint_name
 from .verify import record_in_index
 
 __all__ = ["dcp_entries", "delete", "has_dcp", "info", "is_dcp_directory", "list_lines", "sweep", "verify_lines"]

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import re
 import shutil
 import warnings
 from concurrent.futures import Future
@@ -35,13 +34,10 @@ from .atomic import fsync_directory, temp_name
 from .config import parse_size
 from .dcp import Reader, Writer, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
 from .errors import CheckpointWriteError, InsufficientSpaceError
-from .layout import validate_name
+from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
 
 __all__ = ["ShardedCheckpointManager", "latest"]
-
-PERIODIC = re.compile(r"checkpoint_epoch_\d+_batch_\d+")
-"""The names retention may delete; any other name (``best_model``) is replaced by its next save instead."""
 
 
 def latest(directory: str | os.PathLike[str]) -> Path | None:
@@ -112,7 +108,7 @@ class ShardedCheckpointManager:
         if self.min_free is not None:
             self._make_room(state)
         target = self.directory / name
-        if not PERIODIC.fullmatch(name):
+        if not parse_checkpoint_name(name):
             target = self.directory / f".{name}{_NEXT_SUFFIX}"
         self._writer.reset(target)
         with warnings.catch_warnings():
@@ -180,7 +176,7 @@ class ShardedCheckpointManager:
         return target
 
     def _after_commit(self, name: str) -> None:
-        if not PERIODIC.fullmatch(name):
+        if not parse_checkpoint_name(name):
             if _rank() == 0:
                 _swap_into_place(self.directory / f".{name}{_NEXT_SUFFIX}", self.directory / name)
             _barrier(self._group)
@@ -214,7 +210,7 @@ class ShardedCheckpointManager:
         needed = save_bytes + self.min_free
         free = _free_bytes(self.directory)
         entries = checkpoint_entries(self.directory)
-        periodic = [e for e in entries if PERIODIC.fullmatch(e.name)]
+        periodic = [e for e in entries if parse_checkpoint_name(e.name)]
         victims = []
         for entry in reversed(periodic[1:]):  # oldest first; the newest periodic one is what a resume needs
             if free >= needed:

@@ -8,7 +8,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from . import formats
 from .atomic import atomic_write, write_all_at
@@ -18,7 +18,6 @@ from .integrity import (
     ZSTD_LEADING_FRAME,
     DigestingReader,
     HashingWriter,
-    ReadAt,
     Seal,
     container_of,
     file_digest,
@@ -27,15 +26,17 @@ from .integrity import (
     seal_zip_file,
     zstd_trailer,
 )
+from .records import SavedCheckpoint
 from .snapshot import Snapshot
-
-if TYPE_CHECKING:
-    from .slim import SlimResult
+from .suffixes import format_of
+from .torch_read import read_torch
+from .zstd_body import MAX_ZSTD_EXPANSION, decompress, zstandard_module
 
 __all__ = [
     "MAX_ZSTD_EXPANSION",
     "FileCheck",
     "SavedCheckpoint",
+    "file_kind_of",
     "inner_format",
     "load",
     "load_shard",
@@ -45,22 +46,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SavedCheckpoint:
-    """A committed checkpoint: durable under ``path``, with the digest recorded inside it."""
-
-    path: Path
-    name: str
-    digest: str
-    size: int
-    meta: dict[str, Any]
-    seconds: float
-    slimmed: tuple[SlimResult, ...] = ()
-    """Older checkpoints slimmed to their weights after this one was committed (``keep_full``)."""
-    slim_error: str | None = None
-    """Why slimming an older checkpoint failed, if it did: that one stays complete (the next save tries again)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +66,8 @@ class FileCheck:
 
 
 def inner_format(path: Path) -> str:
-    name = path.name[:-4] if path.name.endswith(".zst") else path.name
-    return "safetensors" if name.endswith(".safetensors") else "torch"
+    """``torch`` or ``safetensors``: the format inside the file, compressed or not."""
+    return format_of(path)[0]
 
 
 def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, compression: str | None,
@@ -109,7 +94,7 @@ def write_checkpoint(path: Path, snapshot: Snapshot, *, name: str, fmt: str, com
     with atomic_write(path, fsync=fsync, drop_page_cache=drop_page_cache) as file:
         sink = HashingWriter(file)
         if compression == "zstd":
-            compressor = _zstandard().ZstdCompressor(level=level, threads=threads, write_checksum=True)
+            compressor = zstandard_module().ZstdCompressor(level=level, threads=threads, write_checksum=True)
             counter = _CountingWriter()
             sink.write(ZSTD_LEADING_FRAME)
             with compressor.stream_writer(sink, closefd=False, write_size=2**20) as zstd_stream:
@@ -190,10 +175,10 @@ def _open_for_reading(path: Path) -> int:
     os.close(fd)
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; name a checkpoint file inside it")
-    raise CorruptCheckpointError(path, f"it is {_file_kind(mode)}, not a regular file; only regular files are read")
+    raise CorruptCheckpointError(path, f"it is {file_kind_of(mode)}, not a regular file; only regular files are read")
 
 
-def _file_kind(mode: int) -> str:
+def file_kind_of(mode: int) -> str:
     kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "a special file")
@@ -363,14 +348,14 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
     if seal is not None:
         _check_shard(path, seal, as_shard)
     if container == "zstd":
-        raw = _decompress(path, read_at, size, seal)
+        raw = decompress(path, read_at, size, seal)
         if inner_format(path) == "safetensors":
             # Its layout first: a second copy of bytes its tensors do not cover would double a bomb's cost.
             formats.check_safetensors_layout(path, len(raw), lambda offset, size: bytes(raw[offset : offset + size]))
             data = bytes(raw)  # safetensors reads only bytes; free the other copy before it parses
             del raw
             return formats.read_safetensors(data, path, map_location)
-        return formats.read_torch(raw, path, map_location)
+        return read_torch(raw, path, map_location)
     if container == "safetensors":
         formats.check_safetensors_layout(path, size, read_at)  # before the file is read whole
         return formats.read_safetensors(_read_all(fd, size), path, map_location)
@@ -378,7 +363,7 @@ def _load_open(path: Path, fd: int, map_location: Any, *, verify: bool, as_shard
     stream = open(fd, "rb", closefd=False)
     try:
         stream.seek(0)
-        return formats.read_torch(stream, path, map_location)
+        return read_torch(stream, path, map_location)
     finally:
         stream.close()
 
@@ -428,107 +413,3 @@ def _read_all(fd: int, size: int) -> bytes:
     with open(fd, "rb", buffering=0, closefd=False) as raw:
         raw.seek(0)
         return raw.read(size)
-
-
-# An unsealed .zst file (or one whose seal records no raw size) may expand to at most this many times its
-# compressed size (plus 1 MiB). zstd level 1 reaches ~1.1x on trained fp32 weights and optimizer state, but
-# zero-initialised weights, fresh optimizer moments or LoRA adapters pass 1024x: a sealed file ckptio wrote records
-# its raw size, and that size (at most physical memory) bounds it instead, checked as the bytes come out, after
-# their first bytes proved to start the container the name says.
-MAX_ZSTD_EXPANSION = 1024
-
-
-def _decompress(path: Path, read_at: ReadAt, size: int, seal: Seal | None) -> bytearray:
-    """Stream-decompress the file's zstd body into one buffer whose size is bounded before any byte is read.
-
-    A raw size recorded in the seal is a claim, as is everything in the file: it allows that many bytes (never
-    more than physical memory), so a forged claim costs what a real state of that size would. What stops a bomb
-    that claims its true size is that its output must start as the container says (a torch zip's first record, a
-    safetensors header within the caps), checked on the first bytes out, before the rest is decompressed.
-    """
-    start, end = (seal.body_start, seal.body_length) if seal else (0, size)
-    limit = allowed = min(MAX_ZSTD_EXPANSION * (end - start) + 2**20, _physical_memory())
-    declared = seal.meta.get("raw_size") if seal else None
-    if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
-        if declared > _physical_memory():
-            raise CorruptCheckpointError(
-                path, f"it records a raw size of {declared} bytes, more than this machine's physical memory "
-                f"({_physical_memory()} bytes); refusing to decompress it")
-        limit = allowed = declared
-    else:
-        declared = None
-    out = bytearray()
-    prefix_checked = False
-    zstandard = _zstandard()
-    decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
-    in_frame = False  # the current decoder has taken bytes of a frame that has not ended yet
-    position = start
-    try:
-        while position < end:
-            # zstd expands one input byte to at most ~32 KiB: near the allowed size, feed small pieces so that one
-            # call cannot overshoot it by much. The first pieces are small too: the prefix check comes early.
-            step = max(512, min(2**20, (allowed - len(out)) // 32768, 512 if not prefix_checked else 2**20))
-            piece = read_at(position, min(step, end - position))
-            if not piece:
-                raise CorruptCheckpointError(path, "the file became shorter while it was read")
-            position += len(piece)
-            while piece:
-                out += decoder.decompress(piece)
-                in_frame = True
-                if len(out) > limit:
-                    raise CorruptCheckpointError(
-                        path, f"zstd data expands beyond the {limit} bytes allowed for it; refusing to decompress "
-                        "further")
-                if not prefix_checked and len(out) >= _PREFIX:
-                    _check_prefix(path, bytes(out[:_PREFIX]), limit)
-                    prefix_checked = True
-                if not decoder.eof:
-                    break
-                piece = decoder.unused_data  # the next frame starts inside this piece
-                decoder = zstandard.ZstdDecompressor().decompressobj(write_size=2**20)
-                in_frame = False
-    except zstandard.ZstdError as exc:
-        raise CorruptCheckpointError(path, f"zstd data is broken ({exc})") from None
-    if in_frame or position == start:
-        raise CorruptCheckpointError(path, "the zstd stream ends early: the file is truncated")
-    if declared is not None and len(out) != declared:
-        raise CorruptCheckpointError(path, f"zstd data expands to {len(out)} bytes, {declared} were recorded")
-    if not prefix_checked:
-        _check_prefix(path, bytes(out[:_PREFIX]), limit)
-    return out
-
-
-_PREFIX = 9  # a zip's local header signature; a safetensors header's length and its opening brace
-
-
-def _check_prefix(path: Path, head: bytes, limit: int) -> None:
-    """Refuse decompressed bytes that do not start the container the file's name says."""
-    if inner_format(path) == "torch":
-        if not head.startswith(b"PK\x03\x04"):
-            raise CorruptCheckpointError(path, "its zstd data does not start a torch zip file: damaged or not a "
-                                               "checkpoint; refusing to decompress further")
-        return
-    if len(head) < _PREFIX or head[8:9] != b"{":
-        raise CorruptCheckpointError(path, "its zstd data does not start a safetensors header: damaged or not a "
-                                           "checkpoint; refusing to decompress further")
-    (length,) = struct.unpack("<Q", head[:8])
-    formats.check_safetensors_header_length(length, limit, path)
-
-
-def _zstandard() -> Any:
-    """The zstandard module, imported on first use: only .zst files need it."""
-    try:
-        import zstandard
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            "reading or writing .zst checkpoints needs the 'zstandard' package: run `. .venv/bin/activate` "
-            "first (after `make install`), or use format/compression settings without zstd", name="zstandard",
-        ) from None
-    return zstandard
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 2**40

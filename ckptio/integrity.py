@@ -31,7 +31,6 @@ import xxhash
 from .atomic import write_all_at
 from .errors import CorruptCheckpointError
 from .formats import (
-    LEGACY_TORCH_MAGIC,
     SAFETENSORS_DIGEST_KEY,
     SAFETENSORS_META_KEY,
     ZIP_END_SIGNATURE,
@@ -41,6 +40,8 @@ from .formats import (
     find_zip_end,
     read_safetensors_header,
 )
+from .suffixes import container_of
+from .torch_read import LEGACY_TORCH_MAGIC
 
 __all__ = [
     "DIGEST_PLACEHOLDER",
@@ -179,20 +180,6 @@ def _parse_trailer(raw: bytes, path: Path, offset: int, size: int, body_length: 
     start = offset + at
     return Seal(digest=doc["digest"], meta=doc["meta"], hashed_length=size,
                 zeroed=(start, start + len(DIGEST_PLACEHOLDER)), body_length=body_length)
-
-
-def container_of(path: Path) -> str:
-    """``zstd``, ``torch`` or ``safetensors``: how the file's bytes are laid out, from its suffix."""
-    name = path.name
-    if name.endswith(".zst"):
-        return "zstd"
-    if name.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        return "torch"
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    raise ValueError(
-        f"{path}: unknown checkpoint suffix; expected .pth, .safetensors, or either followed by .zst"
-    )
 
 
 def read_seal(path: Path, size: int, read_at: ReadAt) -> Seal | None:

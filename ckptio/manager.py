@@ -10,7 +10,6 @@ the next ``save()``, ``wait()`` or ``close()``.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import itertools
 import logging
@@ -24,22 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import torch
 
-from .atomic import lock_exclusive, open_lock
 from .config import CheckpointOptions
-from .errors import CheckpointDirectoryLockedError, CheckpointWriteError
+from .dirlock import lock_directory, release_lock
+from .errors import CheckpointWriteError
 from .fileio import SavedCheckpoint
 from .formats import check_supported
-from .layout import LOCK_NAME, CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
-from .snapshot import BufferSlot, Layout, heap_staging, state_layout, walk_tensors
+from .naming import CheckpointEntry, file_name, scan, sweep_leftovers, validate_name
+from .snapshot import BufferSlot, StateShape, heap_staging, state_shape, walk_tensors
 from .writer import JobRunner, Report, WriteJob, WriterBackend
 
 if TYPE_CHECKING:
     from .mirror import Mirror
 
-__all__ = ["EARLIER_WRITER_WAIT", "CheckpointManager", "SaveStats", "wait_until_released"]
+__all__ = ["CheckpointManager", "SaveStats"]
 
 log = logging.getLogger("ckptio")
 
@@ -101,12 +99,11 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             raise NotADirectoryError(f"{self.directory} exists and is not a directory; choose another path") from None
-        self._lock_fd = _lock_directory(self.directory, self.options.rank)
+        self._lock_fd = lock_directory(self.directory, self.options.rank)
         try:
             self._start()
         except BaseException:
-            _held_locks.discard(self._lock_fd)
-            os.close(self._lock_fd)
+            release_lock(self._lock_fd)
             raise
 
     def _start(self) -> None:
@@ -193,7 +190,7 @@ class CheckpointManager:
                 shard_snapshot = slot.shard.take(shard) if shard is not None else None
                 for part, buffers, source in (("main", slot.main, state), ("shard", slot.shard, shard)):
                     if buffers.needs_prepare and buffers.staging is not None:  # pinned for the next saves, off-thread
-                        self._stage(part, buffers.staging.layout, _cuda_device(source))
+                        self._stage(part, buffers.staging.shape, _cuda_device(source))
                 job = WriteJob(number, name, snapshot, dict(metadata) if metadata else None, shard_snapshot, token)
                 with self._idle:
                     self._tickets[number] = ticket
@@ -221,16 +218,16 @@ class CheckpointManager:
         """Allocate every slot's buffers for ``state`` (and ``shard``, this process's part of a sharded
         checkpoint) in the background, pinned for CUDA tensors; returns at once.
 
-        Call it before the first step, and again when the state's layout changes (it is also done for you after
-        a save whose layout was new). A save that comes before the buffers are ready allocates pageable
+        Call it before the first step, and again when the state's tensors change (it is also done for you after
+        a save whose state shape was new). A save that comes before the buffers are ready allocates pageable
         buffers for itself instead of waiting. Host memory: up to one more copy of the state per slot while
-        buffers of an old layout are still in use. Ranks other than 0 of a sharded checkpoint pass
+        buffers of an old state shape are still in use. Ranks other than 0 of a sharded checkpoint pass
         ``state=None``.
         """
         self._check_open()
         for part, source in (("main", state), ("shard", shard)):
             if source is not None:
-                self._stage(part, state_layout(source), _cuda_device(source))
+                self._stage(part, state_shape(source), _cuda_device(source))
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise the first background error, if any."""
@@ -262,8 +259,7 @@ class CheckpointManager:
                 slot.main.release()
                 slot.shard.release()
             _open_managers.discard(self)
-            _held_locks.discard(self._lock_fd)
-            os.close(self._lock_fd)
+            release_lock(self._lock_fd)
         self._raise_background_error()
 
     def __enter__(self) -> CheckpointManager:
@@ -309,10 +305,10 @@ class CheckpointManager:
                 if self._writer is not None and not self._writer.alive():
                     raise CheckpointWriteError("the checkpoint writer thread died; see the log") from None
 
-    def _stage(self, part: str, layout: Layout, device: int | None) -> None:
+    def _stage(self, part: str, spec: StateShape, device: int | None) -> None:
         if self._stager is None:
             self._stager = _Stager(self._slots)
-        self._stager.request(part, layout, device)
+        self._stager.request(part, spec, device)
 
     def _on_report(self, report: Report) -> None:
         """Apply one report from the writer (its thread, or the receiver of the writer process)."""
@@ -408,29 +404,29 @@ def _cuda_device(state: Any) -> int | None:
 
 
 class _Stager:
-    """Allocates (and pins) buffers for a layout in a background thread and offers them to every slot.
+    """Allocates (and pins) buffers for a state shape in a background thread and offers them to every slot.
 
-    Each part of a slot (``"main"``, ``"shard"``) has its own wanted, busy and done layout."""
+    Each part of a slot (``"main"``, ``"shard"``) has its own wanted, busy and done state shape."""
 
     def __init__(self, slots: list[_Slot]) -> None:
         self._slots = slots
         self._changed = threading.Condition()
-        self._wanted: dict[str, tuple[Layout, int | None]] = {}
-        self._busy: dict[str, Layout] = {}
-        self._done: dict[str, Layout] = {}
+        self._wanted: dict[str, tuple[StateShape, int | None]] = {}
+        self._busy: dict[str, StateShape] = {}
+        self._done: dict[str, StateShape] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ckptio-stager", daemon=True)
         self._thread.start()
 
-    def request(self, part: str, layout: Layout, device: int | None = None) -> None:
+    def request(self, part: str, spec: StateShape, device: int | None = None) -> None:
         with self._changed:
-            if part not in self._wanted and layout in (self._busy.get(part), self._done.get(part)):
+            if part not in self._wanted and spec in (self._busy.get(part), self._done.get(part)):
                 return
-            self._wanted[part] = (layout, device)
+            self._wanted[part] = (spec, device)
             self._changed.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """For tests: wait until every requested layout is staged."""
+        """For tests: wait until every requested state shape is staged."""
         with self._changed:
             return self._changed.wait_for(lambda: not self._wanted and not self._busy, timeout)
 
@@ -447,111 +443,22 @@ class _Stager:
                 if self._stopping:
                     return
                 part = next(iter(self._wanted))
-                layout, device = self._wanted.pop(part)
-                self._busy[part] = layout
+                spec, device = self._wanted.pop(part)
+                self._busy[part] = spec
             try:
                 if device is not None:
                     torch.cuda.set_device(device)
                 for slot in self._slots:
                     buffers = slot.main if part == "main" else slot.shard
                     allocate = buffers.allocator or heap_staging
-                    buffers.offer(allocate(layout, True))
+                    buffers.offer(allocate(spec, True))
             except Exception as exc:  # saves still work (they allocate for themselves); say why they may stall
                 log.warning("could not prepare checkpoint buffers in the background: %s", exc)
             with self._changed:
                 del self._busy[part]
-                self._done[part] = layout
+                self._done[part] = spec
                 self._changed.notify_all()
 
-
-EARLIER_WRITER_WAIT = 600.0
-"""Seconds a new manager waits for the writer process of an earlier run whose trainer is gone (killed) to commit
-the saves it was given and release the directory; a lock held by a running process is refused at once."""
-
-
-def wait_until_released(directory: str | os.PathLike[str], *, rank: int = 0) -> None:
-    """Return once no writer of an earlier, killed run still works in ``directory`` (waiting up to
-    :data:`EARLIER_WRITER_WAIT` seconds); raise :class:`~ckptio.CheckpointDirectoryLockedError` if a running
-    manager holds it. Call it before choosing a checkpoint to resume from: the saves an earlier run's ``save()``
-    had returned are then all committed (``CheckpointManager`` itself waits the same way)."""
-    directory = Path(directory).absolute()
-    if directory.is_dir():
-        os.close(_lock_directory(directory, rank, register=False))
-
-
-def _lock_directory(directory: Path, rank: int, register: bool = True) -> int:
-    # Ranks of a sharded checkpoint share the directory, each with its own lock; rank 0 owns the directory.
-    lock_path = directory / (LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}")
-    fd = open_lock(lock_path)  # never through a symlink: it would truncate the file it points to
-    try:
-        _wait_for_lock(fd, directory)
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    if register:
-        _held_locks.add(fd)
-    return fd
-
-
-def _wait_for_lock(fd: int, directory: Path) -> None:
-    """Take the lock. A holder whose recorded process is gone is the writer process of a killed trainer, still
-    committing the saves it was given: wait for it (bounded), never share the directory with it."""
-    deadline = None
-    while True:
-        try:
-            lock_exclusive(fd)
-            return
-        except BlockingIOError:
-            pass
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        if _is_running(holder):
-            raise CheckpointDirectoryLockedError(
-                f"{directory} is already being written by another checkpoint manager (process {holder}); "
-                "stop that run or choose another directory")
-        if deadline is None:
-            deadline = time.monotonic() + EARLIER_WRITER_WAIT
-            log.warning("%s is still locked by the writer of an earlier run (its trainer, process %s, is gone): "
-                        "waiting up to %gs for it to commit the saves it was given", directory, holder,
-                        EARLIER_WRITER_WAIT)
-        if time.monotonic() > deadline:
-            raise CheckpointDirectoryLockedError(
-                f"{directory} is still locked by the writer of an earlier run (its trainer, process {holder}, is "
-                f"gone) after {EARLIER_WRITER_WAIT:g}s; wait for it to finish, or stop the ckptio.writer_process "
-                "that holds it, and start again")
-        time.sleep(0.05)
-
-
-def _is_running(pid: str) -> bool:
-    """Whether ``pid`` (read from a lock file) names a live process; anything unreadable counts as live."""
-    if not pid.isdigit():
-        return True
-    try:
-        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
-
-
-# A forked child (a DataLoader worker) shares the lock's open file, and with it the flock: after a kill -9 of the
-# trainer, its workers would keep the directory locked until they notice and exit (seconds). In the child the
-# descriptor is pointed at /dev/null (not closed: the inherited manager would later close whatever file reused
-# the number), which drops the child's hold on the lock and leaves the parent's untouched.
-_held_locks: set[int] = set()
-
-
-def _release_locks_in_fork() -> None:
-    for fd in list(_held_locks):
-        with contextlib.suppress(OSError):
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            os.dup2(null, fd)
-            os.close(null)
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_release_locks_in_fork)
 
 _open_managers: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 

@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ from typing import Any
 
 from .atomic import atomic_write, remove_leftovers
 from .fileio import FileCheck, SavedCheckpoint, read_meta, verify_file
-from .layout import parse_checkpoint_name, split_suffix
+from .mirror_pending import clear_pending, pending
+from .mirror_target import MirrorError, MirrorTarget
+from .naming import parse_checkpoint_name, split_suffix
 from .slim import is_slim
 
 __all__ = [
@@ -55,49 +56,6 @@ log = logging.getLogger("ckptio")
 MANIFEST_SUFFIX = ".mirror.json"
 _COPY_CHUNK = 8 * 2**20
 _STOP_WAIT = 180.0
-
-
-class MirrorError(OSError):
-    """The mirror could not be reached or refused an operation; the message says what to change."""
-
-
-class MirrorTarget(ABC):
-    """Where mirrored files live: four verbs on whole files named by key (a file name, no directories)."""
-
-    url: str
-
-    @abstractmethod
-    def put_file(self, key: str, source: Path) -> None:
-        """Store ``source``'s bytes under ``key``, visible only once complete."""
-
-    @abstractmethod
-    def get_file(self, key: str, destination: Path) -> None:
-        """Write the bytes stored under ``key`` into ``destination`` (a new file)."""
-
-    @abstractmethod
-    def list_keys(self) -> list[str]: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        with tempfile.TemporaryDirectory(prefix="ckptio-mirror-") as scratch:
-            path = Path(scratch) / key
-            path.write_bytes(data)
-            self.put_file(key, path)
-
-    def get_bytes(self, key: str) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="ckptio-mirror-") as scratch:
-            path = Path(scratch) / key
-            self.get_file(key, path)
-            return path.read_bytes()
-
-    def check_copy(self, key: str) -> FileCheck:
-        """Verify the bytes stored under ``key`` against the digest sealed in them (downloaded to a scratch file)."""
-        with tempfile.TemporaryDirectory(prefix="ckptio-verify-") as scratch:
-            path = Path(scratch) / key
-            self.get_file(key, path)
-            return verify_file(path)
 
 
 class LocalTarget(MirrorTarget):
@@ -467,44 +425,3 @@ def newer_from_mirror(local: Path | None, target: MirrorTarget, directory: Path,
 # retention; the mirror clears the mark once the copy is verified. An empty file per checkpoint, created and
 # unlinked atomically, needs no lock between the processes. Marks left by a run that ended first are copied by the
 # next run with the same mirror.
-PENDING_DIRECTORY = ".ckptio-mirror-pending"
-
-
-def mark_pending(directory: Path, file_name: str) -> None:
-    marks = directory / PENDING_DIRECTORY
-    marks.mkdir(exist_ok=True)
-    (marks / file_name).touch()
-
-
-def clear_pending(directory: Path, file_name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (directory / PENDING_DIRECTORY / file_name).unlink()
-
-
-def pending(directory: Path) -> set[str]:
-    """File names of local checkpoints not yet mirrored."""
-    try:
-        return {entry.name for entry in os.scandir(directory / PENDING_DIRECTORY) if not entry.name.startswith(".")}
-    except FileNotFoundError:
-        return set()
-
-
-def plan_local_retention(entries: list[Any], waiting: set[str], *, keep_count: int | None, budget: int | None,
-                         must_keep: Path | None, reserve: int) -> tuple[Any, list[Any]]:
-    """Local retention with a mirror: checkpoints not yet mirrored are kept beyond ``keep_count``; the disk
-    budget still applies to them, oldest first, only when deleting every mirrored one was not enough.
-    Returns the plan and the unmirrored entries the budget forced out (to be named in a warning)."""
-    from .retention import RetentionPlan, over_budget, plan_retention
-
-    held = [e for e in entries if e.path.name in waiting and e.path != must_keep]
-    others = [e for e in entries if e not in held]
-    plan = plan_retention(others, keep_count=keep_count, budget=budget, must_keep=must_keep,
-                          reserve=reserve + sum(e.total_size for e in held))
-    if not plan.bytes_over_budget or budget is None:
-        return RetentionPlan(plan.delete, plan.keep + held, plan.bytes_over_budget), []
-    kept = [e for e in entries if e not in plan.delete]
-    forced = over_budget(kept, budget, must_keep, reserve)
-    forced = [e for e in forced if e in held]
-    remaining = [e for e in kept if e not in forced]
-    excess = max(0, sum(e.total_size for e in remaining) + reserve - budget)
-    return RetentionPlan(plan.delete + forced, remaining, excess), forced

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from .fileio import FileCheck
-from .layout import split_suffix
 from .mirror import MirrorTarget, RemoteEntry, is_remote_url, open_target, pull, remote_checkpoints, verify_remote
+from .naming import split_suffix
 
 __all__ = ["cmd_pull", "remote_command"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .mirror import MirrorError, MirrorTarget
+from .mirror_target import MirrorError, MirrorTarget
 
 __all__ = ["S3Target"]
 

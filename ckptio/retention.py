@@ -4,7 +4,7 @@ Nothing here touches the disk. The manager and ``ckptio clean`` apply the plan, 
 checkpoint is durable, so a crash at any point leaves a loadable newest checkpoint.
 
 The one rule for what may be deleted (:func:`owned_by_retention`): retention owns exactly the periodic
-checkpoints, named ``checkpoint_epoch_{E}_batch_{B}`` (:func:`ckptio.layout.parse_checkpoint_name`), less any
+checkpoints, named ``checkpoint_epoch_{E}_batch_{B}`` (:func:`ckptio.naming.parse_checkpoint_name`), less any
 name in ``protected_names``. Everything else in the directory - ``best_model``, a hand-saved ``final``,
 pretrained weights copied there - is never deleted by ``keep_count``, ``disk_budget``, ``min_free`` or
 ``ckptio clean``, though it counts towards the budget.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layout import CheckpointEntry
+from .naming import CheckpointEntry
 
 __all__ = ["RetentionPlan", "beyond_newest", "newest_owned", "over_budget", "owned_by_retention",
            "periodic_newest_first", "plan_retention"]
@@ -36,7 +36,7 @@ def owned_by_retention(entry: CheckpointEntry) -> bool:
 
 
 def periodic_newest_first(entries: Sequence[CheckpointEntry]) -> list[CheckpointEntry]:
-    """The periodic checkpoints of a listing, newest first (:attr:`ckptio.layout.CheckpointEntry.order_key`).
+    """The periodic checkpoints of a listing, newest first (:attr:`ckptio.naming.CheckpointEntry.order_key`).
 
     Newest means written last, as the directory's index records it, never by modification time alone: after the
     clock was stepped back, older files have later mtimes, and ordering by them would delete or slim the

@@ -14,17 +14,19 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .atomic import TEMP_SUFFIX, fsync_directory, replace_if_unchanged
-from .fileio import inner_format, load, read_meta, verify_file, write_checkpoint
-from .layout import CheckpointEntry, index_record, read_index, scan, update_index
+from .dir_index import index_record, read_index, update_index
+from .fileio import load, read_meta, verify_file, write_checkpoint
+from .naming import CheckpointEntry, scan
+from .records import SlimResult
 from .retention import periodic_newest_first
 from .snapshot import BufferSlot, walk_tensors
+from .suffixes import format_of
 
 __all__ = ["SlimResult", "UnslimmableError", "is_slim", "plan_slimming", "slim_checkpoint", "slim_older_checkpoints"]
 
@@ -42,20 +44,6 @@ UNSLIMMABLE_KEY = "unslimmable"
 """Key of an index record holding why that file (at that size and mtime) cannot be slimmed."""
 
 
-@dataclass(frozen=True)
-class SlimResult:
-    """One slimmed checkpoint: its size before and after, and the top-level entries that were dropped."""
-
-    path: Path
-    bytes_before: int
-    bytes_after: int
-    dropped: tuple[str, ...]
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
-
-
 def is_slim(meta: dict[str, Any] | None) -> bool:
     """Whether a checkpoint's seal metadata (``read_meta(path)[0].meta`` or an index record's ``meta``) marks
     it slim."""
@@ -67,7 +55,7 @@ def plan_slimming(entries: Sequence[CheckpointEntry], keep_full: int, slim_names
                   keep_count: int | None = None) -> list[CheckpointEntry]:
     """The periodic checkpoints to slim: all but the newest ``keep_full`` of them, except those already slim.
 
-    ``entries`` newest first (as :func:`ckptio.layout.scan` returns them). Only periodic checkpoints
+    ``entries`` newest first (as :func:`ckptio.naming.scan` returns them). Only periodic checkpoints
     (``checkpoint_epoch_E_batch_B``) are slimmed; protected ones (``best_model``) and sharded ones (their
     optimizer state lives in separate shard files) never are. With retention's ``keep_count`` the oldest kept
     checkpoint is left alone: the next save's retention deletes it, so rewriting it would be wasted work.
@@ -125,10 +113,9 @@ def slim_checkpoint(path: str | os.PathLike[str], *, keep: Sequence[str] = ("mod
     workspace.mkdir(mode=0o700)
     try:
         candidate = workspace / path.name
+        fmt, compression = format_of(path)
         saved = write_checkpoint(candidate, BufferSlot().take(kept), name=meta.get("name", path.stem),
-                                 fmt=inner_format(path), compression="zstd" if path.name.endswith(".zst") else None,
-                                 fsync=fsync,
-                                 user_meta=user)
+                                 fmt=fmt, compression=compression, fsync=fsync, user_meta=user)
         check = verify_file(candidate)
         if check.status != "verified" or check.digest != saved.digest:
             raise ValueError(f"the slimmed copy of {path} does not verify ({check.status}: {check.reason}); "

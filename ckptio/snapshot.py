@@ -27,13 +27,13 @@ import torch
 __all__ = [
     "Allocator",
     "BufferSlot",
-    "Layout",
     "Snapshot",
     "Staging",
+    "StateShape",
     "heap_staging",
-    "layout_of",
     "rebuild",
-    "state_layout",
+    "shape_of",
+    "state_shape",
     "walk_tensors",
 ]
 
@@ -67,25 +67,25 @@ class Snapshot:
 
 
 # Per tensor: shape, dtype, and whether it is copied from a CUDA device (its buffer should then be pinned).
-Layout = tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
+StateShape = tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]
 
 
-def layout_of(tensors: list[torch.Tensor]) -> Layout:
+def shape_of(tensors: list[torch.Tensor]) -> StateShape:
     return tuple((tuple(t.shape), t.dtype, t.is_cuda) for t in tensors)
 
 
-def state_layout(state: Any) -> Layout:
-    """The layout the buffers for a snapshot of ``state`` need (the state is read, never changed)."""
+def state_shape(state: Any) -> StateShape:
+    """The shapes and dtypes the buffers for a snapshot of ``state`` need (the state is read, never changed)."""
     sources: list[torch.Tensor] = []
     _flatten(state, "", sources, [], {})
-    return layout_of(sources)
+    return shape_of(sources)
 
 
 @dataclass
 class Staging:
-    """Host buffers laid out for one :data:`Layout`, ready to take a snapshot without allocating."""
+    """Host buffers laid out for one :data:`StateShape`, ready to take a snapshot without allocating."""
 
-    layout: Layout
+    shape: StateShape
     buffers: list[torch.Tensor]
     segment: Any = None
     """A :class:`ckptio.shm.Segment` when the buffers are views into shared memory."""
@@ -96,21 +96,21 @@ class Staging:
             self.segment.release()
 
 
-Allocator = Callable[[Layout, bool], Staging]
-"""``allocator(layout, prepared)``: buffers for ``layout``; ``prepared=True`` (off the training thread) also
+Allocator = Callable[[StateShape, bool], Staging]
+"""``allocator(spec, prepared)``: buffers for ``spec``; ``prepared=True`` (off the training thread) also
 pins them for CUDA sources and faults their pages in."""
 
 
-def heap_staging(layout: Layout, prepared: bool) -> Staging:
+def heap_staging(spec: StateShape, prepared: bool) -> Staging:
     """One tensor per entry; pinned for CUDA sources when ``prepared`` (in the background), else pageable."""
     pin = prepared and torch.cuda.is_available()
     buffers = []
-    for shape, dtype, cuda in layout:
+    for shape, dtype, cuda in spec:
         buffer = torch.empty(shape, dtype=dtype, pin_memory=pin and cuda)
         if prepared and not cuda:
             buffer.zero_()  # fault the pages in now rather than during the first snapshot copy
         buffers.append(buffer)
-    return Staging(layout, buffers, pinned=pin and any(cuda for _, _, cuda in layout))
+    return Staging(spec, buffers, pinned=pin and any(cuda for _, _, cuda in spec))
 
 
 @dataclass
@@ -119,7 +119,7 @@ class BufferSlot:
 
     buffers: list[torch.Tensor] = field(default_factory=list)
     allocator: Allocator | None = None
-    """Makes buffers for a whole layout (e.g. in one shared segment); ``None``: one heap tensor each, reused
+    """Makes buffers for a whole state shape (e.g. in one shared segment); ``None``: one heap tensor each, reused
     one by one."""
     staging: Staging | None = None
     prepared: Staging | None = None
@@ -157,7 +157,7 @@ class BufferSlot:
         )
 
     def offer(self, staging: Staging) -> None:
-        """Buffers prepared in the background for a layout; the next snapshot of that layout adopts them."""
+        """Buffers prepared in the background for a state shape; the next snapshot of that shape adopts them."""
         with self._lock:
             old, self.prepared = self.prepared, staging
         if old is not None and old is not staging:
@@ -168,7 +168,7 @@ class BufferSlot:
         """The current buffers take device copies but are not pinned (allocated in a hurry inside ``take``)."""
         staging = self.staging
         return (staging is not None and not staging.pinned and torch.cuda.is_available()
-                and any(cuda for _, _, cuda in staging.layout))
+                and any(cuda for _, _, cuda in staging.shape))
 
     def release(self) -> None:
         """Give back shared segments and pinned registrations (the manager is closing)."""
@@ -181,18 +181,18 @@ class BufferSlot:
         self.buffers = []
 
     def _fit_buffers(self, sources: list[torch.Tensor]) -> None:
-        layout = layout_of(sources)
+        spec = shape_of(sources)
         with self._lock:
             prepared = self.prepared
-            if prepared is not None and prepared.layout == layout:
+            if prepared is not None and prepared.shape == spec:
                 self.prepared = None
-        if prepared is not None and prepared.layout == layout:
+        if prepared is not None and prepared.shape == spec:
             self._install(prepared)
             return
-        if self.staging is not None and self.staging.layout == layout:
+        if self.staging is not None and self.staging.shape == spec:
             return
-        if self.allocator is not None:  # a shared segment holds the whole layout: any change is a new one
-            self._install(self.allocator(layout, False))
+        if self.allocator is not None:  # a shared segment holds the whole state shape: any change is a new one
+            self._install(self.allocator(spec, False))
             return
         # Pageable memory only: pinning here would block the caller for ~0.7 s/GB; prepare() pins off-thread.
         for i, source in enumerate(sources):
@@ -206,8 +206,8 @@ class BufferSlot:
             else:
                 self.buffers.append(fresh)
         del self.buffers[len(sources):]
-        kept_pinned = all(b.is_pinned() for b, (_, _, cuda) in zip(self.buffers, layout, strict=True) if cuda)
-        self.staging = Staging(layout, list(self.buffers), pinned=kept_pinned and bool(self.buffers))
+        kept_pinned = all(b.is_pinned() for b, (_, _, cuda) in zip(self.buffers, spec, strict=True) if cuda)
+        self.staging = Staging(spec, list(self.buffers), pinned=kept_pinned and bool(self.buffers))
 
     def _install(self, staging: Staging) -> None:
         old, self.staging = self.staging, staging
@@ -242,7 +242,7 @@ class BufferSlot:
 
 
 def _copy_from_host(buffer: torch.Tensor, source: torch.Tensor) -> None:
-    """A plain memcpy where the layout allows: ``Tensor.copy_`` enters the intra-op thread pool for every tensor,
+    """A plain memcpy where the memory layout allows: ``Tensor.copy_`` enters the intra-op thread pool for every tensor,
     which cost 440 ms instead of 16 ms for CRAFT's 436 tensors while another core was busy (as in training)."""
     if source.is_contiguous() and not source.is_conj() and not source.is_neg():
         nbytes = source.numel() * source.element_size()

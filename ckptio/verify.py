@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .dir_index import INDEX_NAME, index_record, update_index
 from .fileio import FileCheck, verify_file
-from .layout import INDEX_NAME, index_record, scan, update_index
+from .naming import scan
 
 __all__ = ["VerifyReport", "verify"]
 

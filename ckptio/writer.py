@@ -22,21 +22,20 @@ from typing import Any, Literal
 import psutil
 
 from .config import CheckpointOptions
+from .dir_index import WRITTEN_NOW, index_record, update_index
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .fileio import SavedCheckpoint, read_meta, write_checkpoint
-from .layout import (
-    WRITTEN_NOW,
+from .mirror_pending import mark_pending, pending, plan_local_retention
+from .naming import (
     CheckpointEntry,
     delete_checkpoint,
     file_name,
-    index_record,
     make_shard_directory,
     prune_orphan_shards,
     scan,
     shard_file_name,
-    update_index,
 )
-from .retention import newest_owned, periodic_newest_first, plan_retention
+from .retention import newest_owned, plan_retention
 from .slim import slim_older_checkpoints
 from .snapshot import Snapshot
 
@@ -107,17 +106,17 @@ class JobRunner:
     def run(self, job: WriteJob) -> Report:
         options = self.options
         path = self.path_for(job.name)
-        deleted = [0]
+        deleted = 0
         try:
             job_bytes = sum(s.tensor_bytes for s in (job.snapshot, job.shard) if s is not None)
             if options.min_free_bytes is not None:
-                self._make_room(job.name, path, job_bytes, deleted)
+                deleted += self._make_room(job.name, path, job_bytes)
             shards = None
             if job.shard is not None:
                 self._write(self._shard_path(job.name, options.rank), job.shard, f"{job.name} shard {options.rank}",
                             {"token": job.token, "rank": options.rank, "world_size": options.world_size})
                 if options.rank != 0:
-                    return Report(job.ticket, "shard_written", path=path, deleted=deleted[0])
+                    return Report(job.ticket, "shard_written", path=path, deleted=deleted)
                 shards = self._await_shards(job.name, job.token)
             assert job.snapshot is not None
             saved = self._write(path, job.snapshot, job.name, job.metadata, shards)
@@ -125,20 +124,18 @@ class JobRunner:
             if exc.errno in NO_SPACE_ERRNOS and options.on_no_space == "skip":
                 log.warning("skipped saving %s: %s; earlier checkpoints are intact, training continues",
                             path, exc.strerror or exc)
-                return Report(job.ticket, "skipped_no_space", path=path, deleted=deleted[0])
-            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
+                return Report(job.ticket, "skipped_no_space", path=path, deleted=deleted)
+            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted)
         except BaseException as exc:  # the caller must hear of every failure; the writer itself goes on
-            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted[0])
+            return Report(job.ticket, "failed", error=exc, path=path, deleted=deleted)
         try:
             if options.mirror is not None:  # before retention: a checkpoint not yet mirrored is kept
-                from .mirror import mark_pending
-
                 mark_pending(self.directory, saved.path.name)
             self._record(saved)
-            self._apply_retention(saved, deleted)
+            deleted += self._apply_retention(saved)
         except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
-            return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted[0])
-        return Report(job.ticket, "committed", saved=self._slim_older(saved), path=path, deleted=deleted[0])
+            return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted)
+        return Report(job.ticket, "committed", saved=self._slim_older(saved), path=path, deleted=deleted)
 
     def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
                shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:
@@ -193,17 +190,16 @@ class JobRunner:
     def checkpoints(self) -> list[CheckpointEntry]:
         return scan(self.directory, self.options.protected_names)
 
-    def _apply_retention(self, saved: SavedCheckpoint, deleted: list[int]) -> None:
+    def _apply_retention(self, saved: SavedCheckpoint) -> int:
+        """Delete what the retention plan drops after ``saved`` was committed; return how many were deleted."""
         options = self.options
         if options.keep_count is None and options.budget_bytes is None:
-            return
+            return 0
         entries = self.checkpoints()
         # The newest periodic checkpoint is what a resume needs; saving best_model must not cost it.
         newest = saved.path if saved.name not in options.protected_names else newest_owned(entries)
         in_progress = prune_orphan_shards(self.directory, saved.name)  # shards of uncommitted saves count too
         if options.mirror is not None:
-            from .mirror import pending, plan_local_retention
-
             plan, forced = plan_local_retention(entries, pending(self.directory), keep_count=options.keep_count,
                                                 budget=options.budget_bytes, must_keep=newest, reserve=in_progress)
             if forced:
@@ -212,11 +208,12 @@ class JobRunner:
         else:
             plan = plan_retention(entries, keep_count=options.keep_count, budget=options.budget_bytes,
                                   must_keep=newest, reserve=in_progress)
-        self._delete(plan.delete, "retention", deleted)
+        deleted = self._delete(plan.delete, "retention")
         if plan.bytes_over_budget:
             log.warning("%s holds %d bytes more than disk_budget=%d even after deleting every periodic checkpoint "
                         "but the newest; raise disk_budget", self.directory, plan.bytes_over_budget,
                         options.budget_bytes)
+        return deleted
 
     def _slim_older(self, saved: SavedCheckpoint) -> SavedCheckpoint:
         """``keep_full``: slim the periodic checkpoints older than the newest ``keep_full`` (after retention, so
@@ -243,7 +240,8 @@ class JobRunner:
                      done.bytes_after)
         return replace(saved, slimmed=tuple(slimmed), slim_error="; ".join(failures) or None)
 
-    def _delete(self, entries: list[CheckpointEntry], why: str, deleted: list[int]) -> None:
+    def _delete(self, entries: list[CheckpointEntry], why: str) -> int:
+        """Delete ``entries``; return how many went (a failed delete is logged and retried by the next pass)."""
         forgotten: dict[str, dict[str, Any] | None] = {}
         for entry in entries:
             try:
@@ -251,28 +249,26 @@ class JobRunner:
             except OSError as exc:  # a failed delete must not stop training; the next pass retries
                 log.warning("could not delete %s (%s): %s", entry.path, why, exc)
                 continue
-            deleted[0] += 1
             forgotten[entry.path.name] = None
             log.info("deleted %s (%s)", entry.path.name, why)
         try:
             update_index(self.directory, forgotten)
         except OSError as exc:
             log.warning("could not update the index of %s: %s", self.directory, exc)
+        return len(forgotten)
 
-    def _make_room(self, name: str, path: Path, job_bytes: int, deleted: list[int]) -> None:
+    def _make_room(self, name: str, path: Path, job_bytes: int) -> int:
+        """Delete the oldest periodic checkpoints until ``min_free`` holds after this save; return how many."""
         needed = job_bytes + _FRAMING_BYTES + (self.options.min_free_bytes or 0)
         free = psutil.disk_usage(str(self.directory)).free
         if free >= needed:
-            return
+            return 0
         entries = [e for e in self.checkpoints() if e.path != path]
-        newest_periodic = newest_owned(entries)
-        victims = []
-        for entry in reversed(periodic_newest_first(entries)):  # oldest first, in written order
-            if free >= needed:
-                break
-            if entry.path != newest_periodic:
-                victims.append(entry)
-                free += entry.total_size
+        # The retention planner with a byte budget that frees the shortfall: oldest periodic checkpoints first, never
+        # the newest one (what a resume needs).
+        budget = sum(e.total_size for e in entries) - (needed - free)
+        victims = plan_retention(entries, budget=budget, must_keep=newest_owned(entries)).delete
+        free += sum(e.total_size for e in victims)
         if free < needed:
             raise InsufficientSpaceError(
                 errno.ENOSPC,
@@ -280,4 +276,4 @@ class JobRunner:
                 f"needs about {job_bytes + _FRAMING_BYTES} and min_free keeps "
                 f"{self.options.min_free_bytes} (free space, or lower min_free)",
             )
-        self._delete(victims, "min_free", deleted)
+        return self._delete(victims, "min_free")

@@ -223,7 +223,7 @@ class ProcessWriter(WriterBackend):
                         continue
                     segment = snapshot.segment
                     if generation.announced.get(segment.key) != segment.serial:
-                        generation.conn.send(("map", segment.key, segment.serial, segment.size, segment.layout))
+                        generation.conn.send(("map", segment.key, segment.serial, segment.size, segment.tensor_map))
                         send_handle(generation.conn, segment.fd, generation.process.pid)
                         generation.announced[segment.key] = segment.serial
                 generation.conn.send_bytes(wire)
@@ -342,7 +342,7 @@ class _Child:
         if segment.serial != wire["serial"]:
             raise RuntimeError(f"slot {wire['key']} holds segment {segment.serial}, the job expects {wire['serial']}")
         if views is None:
-            views = tensor_views(segment.buffer, segment.layout)
+            views = tensor_views(segment.buffer, segment.tensor_map)
             self.segments[wire["key"]] = (segment, views)
         return Snapshot(
             skeleton=wire["skeleton"], tensors=views[: wire["count"]], names=wire["names"], summary=wire["summary"],
@@ -358,9 +358,9 @@ class _Child:
             if message is None:
                 return
             if message[0] == "map":
-                _, key, serial, size, layout, fd = message
+                _, key, serial, size, tensor_map, fd = message
                 self.segments.pop(key, None)  # the old mapping goes with its last view
-                self.segments[key] = (Segment.attach(fd, size, key=key, serial=serial, layout=layout), None)
+                self.segments[key] = (Segment.attach(fd, size, key=key, serial=serial, tensor_map=tensor_map), None)
                 continue
             wire = message[1]
             try:

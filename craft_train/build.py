@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from ckptio.layout import scan
+from ckptio import scan
 
 from .config import ConfigError, TrainConfig
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, split_indices
 from .distributed import World
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
-from .resume import checked_optimizer_state, epoch_permutation
+from .order import epoch_permutation
 from .state import CHECKPOINT_KIND
 
-__all__ = ["Run", "build", "check_save_dir", "device_kind"]
+__all__ = ["Run", "build", "check_save_dir", "checked_optimizer_state", "device_kind"]
 
 
 def device_kind(config: TrainConfig) -> str:
@@ -217,3 +217,38 @@ def build(config: TrainConfig, world: World, *, say: Callable[[str], None] = pri
                train_indices=train_indices, val_indices=val_indices, step_samples=step_samples,
                total_batches=total_batches, model=model, trained=trained, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, sharded=sharded)
+
+
+def checked_optimizer_state(optimizer: torch.optim.Optimizer, path: Path | str) -> None:
+    """Check the optimizer state just loaded from ``path`` against the parameters it belongs to.
+
+    A file's tensors are only what it declares: a per-parameter state (Adam's moments) that is missing, not a
+    tensor, or of another shape than its parameter would fail inside the first step with a traceback, and one
+    whose elements overlap in memory (a zero or odd stride, built with ``expand`` or ``as_strided``) would be
+    updated in place wrongly. The first are refused with :class:`ConfigError` naming the file; the second is replaced
+    by a dense copy of the same values.
+    """
+    required = {"exp_avg", "exp_avg_sq"} if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else set()
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            slots = optimizer.state.get(param)
+            if not slots:
+                continue
+            where = f"{path}: the optimizer state of parameter {param_index} (group {group_index})"
+            missing = sorted(required - set(slots))
+            if missing:
+                raise ConfigError(f"{where} lacks {', '.join(missing)}: the file is damaged; resume from another "
+                                 "checkpoint")
+            for name, value in list(slots.items()):
+                if name == "step":
+                    if not (isinstance(value, int | float) or (isinstance(value, torch.Tensor) and value.numel() == 1)):
+                        raise ConfigError(f"{where} has a step counter that is not a number: the file is damaged; "
+                                         "resume from another checkpoint")
+                    continue
+                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ConfigError(
+                        f"{where}: {name!r} is {shape}, the model's parameter {tuple(param.shape)}: the file is "
+                        "damaged or belongs to another model; resume from another checkpoint")
+                if not value.is_contiguous():
+                    slots[name] = value.contiguous()

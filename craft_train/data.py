@@ -49,8 +49,9 @@ from craft_train.imaging import (
     scale_image,
 )
 from craft_train.labels import gaussian_template, render_labels
-from craft_train.resume import mix_in
 from craft_train.synthetic import render_scene
+
+from .order import mix_in
 
 __all__ = [
     "IMAGENET_MEAN",

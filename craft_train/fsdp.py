@@ -40,17 +40,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ckptio import scan
 from ckptio.dcp import checkpoint_entries
 from ckptio.dcp_manager import ShardedCheckpointManager, latest
-from ckptio.layout import scan
 
+from .build import device_kind
 from .config import TrainConfig, resumed_config
 from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
 from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
+from .order import augmentation_seed, epoch_permutation, share
 from .preemption import ignore_stop_signals
-from .resume import augmentation_seed, epoch_permutation
+from .state import TrainResult
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -217,7 +219,6 @@ def find_resume_directory(config: TrainConfig, say: Callable[[str], None]) -> Pa
 def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                given: Collection[str] | None) -> Any:
     """The training loop of ``--fsdp`` (called by :func:`craft_train.train.train` on every process)."""
-    from .train import TrainResult, _share  # late: train.py calls this module
     from .validation import validate_all
 
     check_config(config)
@@ -225,17 +226,8 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
     resume_path: Path | None = world.broadcast(find_resume_directory(config, say) if world.is_main else None)
     progress: dict[str, Any] = {}
     if resume_path is not None:  # its config decides the model, the data and the checkpoint options
-        progress = read_progress(resume_path)
-        try:
-            config, notes = resumed_config(progress["config"], config, given)
-        except ValueError as exc:
-            raise ValueError(f"cannot resume from {resume_path} with different settings: {exc}. Leave those "
-                             "flags out, or start a new run in another --save-dir") from None
-        check_config(config)
-        if notes:
-            say("resuming with the checkpoint's settings, except " + ", ".join(notes))
-    device_kind = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-    device = torch.device(device_kind, world.local_rank) if device_kind == "cuda" else torch.device("cpu")
+        progress, config = _resumed_settings(resume_path, config, given, say)
+    device = torch.device("cuda", world.local_rank) if device_kind(config) == "cuda" else torch.device("cpu")
     if device.type == "cuda" and config.amp:
         say("--fsdp trains in full precision: AMP is not used")
     manager = ShardedCheckpointManager(config.save_dir, keep_count=config.keep_count,
@@ -274,25 +266,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             scheduler.load_state_dict(progress["scheduler"])
         result.start_step = global_step
 
-        if config.data_dir is not None:
-            train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment)
-            val_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=False)
-        else:
-            train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed,
-                                             config.augment, labels=config.synthetic_labels)
-            val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False,
-                                           labels=config.synthetic_labels)
-        train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
-        if config.mix_synthetic:
-            train_set = MixedDataset.with_synthetic(train_set, every=config.mix_synthetic,
-                                                    count=config.synthetic_size, seed=config.seed,
-                                                    augment=config.augment)
-
-        def epoch_order(number: int) -> list[int]:
-            order = epoch_permutation(config.seed, number, train_indices)
-            if config.mix_synthetic:
-                order = train_set.epoch_order(order, seed=config.seed, epoch=number)
-            return [int(i) for i in order.tolist()]
+        train_set, val_set, train_indices, val_indices = _datasets(config)
 
         step_samples = config.batch_size * world.size
 
@@ -311,31 +285,19 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
         while epoch <= config.epochs and not stop:
             if batch_in_epoch == 0:
                 sums, position = {"train": 0.0, "batches": 0}, 0
-            order, resumed_order = (resumed_order, None) if resumed_order is not None else (epoch_order(epoch), None)
-            mine = _share(order, position, config.batch_size, world)
+            order = (resumed_order if resumed_order is not None
+                     else _epoch_order(config, train_set, train_indices, epoch))
+            resumed_order = None
+            mine = share(order, position, config.batch_size, world)
             keys = [(i, augmentation_seed(config.seed, epoch, i)) for i in mine]
             loader = DataLoader(train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
                                 num_workers=config.workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(config.seed + epoch),
                                 worker_init_fn=ignore_stop_signals)
             for batch in loader:
-                model.train()
-                # A process whose samples all failed to load still joins the sharded passes, with no weight.
-                weight = 1.0 if batch["size"] > 0 else 0.0
-                if batch["size"] == 0:
-                    batch = {**_blank_batch(config.image_size), "errors": batch["errors"]}
-                images = batch["image"].to(device, non_blocking=True)
-                targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
-                prediction, _ = model(images)
-                loss, _, _ = craft_loss(prediction.float(), *targets)
-                optimizer.zero_grad(set_to_none=True)
-                (loss * weight).backward()
-                optimizer.step()
-                scheduler.step()
-                sync_buffers(model, world)
-                losses, errors = world.step_totals([loss.item() if weight else 0.0], int(batch["errors"]), device)
+                loss_total, errors = _train_step(model, optimizer, scheduler, batch, config, world, device)
                 result.errors += errors
-                sums["train"] += losses[0]
+                sums["train"] += loss_total
                 sums["batches"] += 1
                 batch_in_epoch += 1
                 global_step += 1
@@ -372,6 +334,68 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
     say(f"done: {global_step - result.start_step} steps in {result.seconds:.1f}s (global step {global_step}); "
         f"{result.saves} sharded checkpoint(s) in {config.save_dir}")
     return result
+
+
+def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[str] | None,
+                      say: Callable[[str], None]) -> tuple[dict[str, Any], TrainConfig]:
+    """The saved progress record of ``resume_path`` and the run's config taken from it (typed flags compared)."""
+    progress = read_progress(resume_path)
+    try:
+        config, notes = resumed_config(progress["config"], config, given)
+    except ValueError as exc:
+        raise ValueError(f"cannot resume from {resume_path} with different settings: {exc}. Leave those "
+                         "flags out, or start a new run in another --save-dir") from None
+    check_config(config)
+    if notes:
+        say("resuming with the checkpoint's settings, except " + ", ".join(notes))
+    return progress, config
+
+
+def _datasets(config: TrainConfig) -> tuple[Any, Any, list[int], list[int]]:
+    """Training and validation sets (the run's own data or the synthetic default) and their split."""
+    if config.data_dir is not None:
+        train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment)
+        val_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=False)
+    else:
+        train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed,
+                                         config.augment, labels=config.synthetic_labels)
+        val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False,
+                                       labels=config.synthetic_labels)
+    train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
+    if config.mix_synthetic:
+        train_set = MixedDataset.with_synthetic(train_set, every=config.mix_synthetic,
+                                                count=config.synthetic_size, seed=config.seed,
+                                                augment=config.augment)
+    return train_set, val_set, train_indices, val_indices
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: dict[str, Any],
+                config: TrainConfig, world: World, device: torch.device) -> tuple[float, int]:
+    """One optimizer step on every process; returns the step's loss summed over processes and its load errors."""
+    model.train()
+    # A process whose samples all failed to load still joins the sharded passes, with no weight.
+    weight = 1.0 if batch["size"] > 0 else 0.0
+    if batch["size"] == 0:
+        batch = {**_blank_batch(config.image_size), "errors": batch["errors"]}
+    images = batch["image"].to(device, non_blocking=True)
+    targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
+    prediction, _ = model(images)
+    loss, _, _ = craft_loss(prediction.float(), *targets)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    optimizer.step()
+    scheduler.step()
+    sync_buffers(model, world)
+    losses, errors = world.step_totals([loss.item() if weight else 0.0], int(batch["errors"]), device)
+    return losses[0], errors
+
+
+def _epoch_order(config: TrainConfig, train_set: Any, train_indices: list[int], number: int) -> list[int]:
+    """The samples epoch ``number`` visits, in order (the same for any number of processes)."""
+    order = epoch_permutation(config.seed, number, train_indices)
+    if config.mix_synthetic:
+        order = train_set.epoch_order(order, seed=config.seed, epoch=number)
+    return [int(i) for i in order.tolist()]
 
 
 def _blank_batch(image_size: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ckptio.layout import parse_checkpoint_name
+from ckptio import parse_checkpoint_name
 
 __all__ = ["EpochProgress", "SaveReport", "progress_fields"]
 

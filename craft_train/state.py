@@ -9,15 +9,16 @@ are the one place that names the checkpoint's fields.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .resume import capture_rng, restore_rng
-
-__all__ = ["CHECKPOINT_KIND", "VALIDATION_FIELDS", "TrainState"]
+__all__ = ["CHECKPOINT_KIND", "VALIDATION_FIELDS", "TrainResult", "TrainState", "capture_rng", "restore_rng"]
 
 CHECKPOINT_KIND = "craft_train"
 """The ``kind`` field of a trainer checkpoint: a resume refuses any other file."""
@@ -128,3 +129,64 @@ class TrainState:
         self.position = state["data_order"]["position"]
         self.validated = bool(state.get("epoch_validated", False))
         self.saved_world_size = state.get("world_size", 1)
+
+
+@dataclass
+class TrainResult:
+    """What a run did; the CLI prints it, tests inspect it."""
+
+    global_step: int = 0
+    start_step: int = 0
+    """The global step this run started from (0, or the resumed checkpoint's)."""
+    epoch: int = 1
+    batch: int = 0
+    seconds: float = 0.0
+    saves: int = 0
+    """Checkpoints written and durable in this run (skipped and failed saves not counted)."""
+    skipped_saves: int = 0
+    failed_saves: int = 0
+    slimmed: int = 0
+    """Older checkpoints slimmed to their weights (``keep_full``)."""
+    bad_samples: list[str] = field(default_factory=list)
+    """The first unreadable samples, ``"path: reason"``."""
+    save_blocked_seconds: float = 0.0
+    best_val_loss: float = math.inf
+    best_hmean: float = -1.0
+    """Highest validation H-mean so far; -1 before the first one."""
+    last_validation: dict[str, float] = field(default_factory=dict)
+    """The latest validation's ``val_loss`` and, unless ``val_hmean`` is off, ``val_precision/recall/hmean``."""
+    interrupted: bool = False
+    stopped_by: str | None = None
+    """The signal (``SIGTERM``, ``SIGINT``, ``SIGUSR1``) that ended the run after saving, if one did."""
+    exit_code: int = 0
+    errors: int = 0
+    saved_paths: list[Path] = field(default_factory=list)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and every CUDA device's RNG state, as tensors and scalars only."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        for i, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)

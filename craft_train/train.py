@@ -16,8 +16,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,50 +27,17 @@ from .data import collate
 from .determinism import deterministic_mode
 from .distributed import World, setup_world
 from .loss import craft_loss
+from .order import augmentation_seed, share
 from .preemption import Preemption, ignore_stop_signals
 from .progress import EpochProgress, progress_fields
-from .resume import augmentation_seed, load_checkpoint, restore, resume_path
+from .resume import load_checkpoint, restore, resume_path
 from .saving import Checkpoints, finish_preemption, mirror_summary
-from .state import TrainState
+from .state import TrainResult, TrainState
 from .validation import NAMED_BAD_SAMPLES, describe, name_bad_samples, validate_all
 from .validation import validate as _validate  # noqa: F401 (the tests reach the validation loss here)
 from .weak import pseudo_targets
 
 __all__ = ["TrainResult", "train"]
-
-@dataclass
-class TrainResult:
-    """What a run did; the CLI prints it, tests inspect it."""
-
-    global_step: int = 0
-    start_step: int = 0
-    """The global step this run started from (0, or the resumed checkpoint's)."""
-    epoch: int = 1
-    batch: int = 0
-    seconds: float = 0.0
-    saves: int = 0
-    """Checkpoints written and durable in this run (skipped and failed saves not counted)."""
-    skipped_saves: int = 0
-    failed_saves: int = 0
-    slimmed: int = 0
-    """Older checkpoints slimmed to their weights (``keep_full``)."""
-    bad_samples: list[str] = field(default_factory=list)
-    """The first unreadable samples, ``"path: reason"``."""
-    save_blocked_seconds: float = 0.0
-    best_val_loss: float = math.inf
-    best_hmean: float = -1.0
-    """Highest validation H-mean so far; -1 before the first one."""
-    last_validation: dict[str, float] = field(default_factory=dict)
-    """The latest validation's ``val_loss`` and, unless ``val_hmean`` is off, ``val_precision/recall/hmean``."""
-    interrupted: bool = False
-    stopped_by: str | None = None
-    """The signal (``SIGTERM``, ``SIGINT``, ``SIGUSR1``) that ended the run after saving, if one did."""
-    exit_code: int = 0
-    errors: int = 0
-    saved_paths: list[Path] = field(default_factory=list)
-    model: torch.nn.Module | None = field(default=None, repr=False)
-    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
-
 
 def train(config: TrainConfig, *, say: Callable[[str], None] = print,
           given: Collection[str] | None = None) -> TrainResult:
@@ -235,7 +200,7 @@ def _epoch_loader(run: Run, state: TrainState) -> tuple[list[tuple[int, int]], D
     """This process's (index, augmentation seed) keys for the rest of the epoch, and the loader over them."""
     config = run.config
     assert state.permutation is not None
-    order = _share(state.permutation.tolist(), state.position, config.batch_size, run.world)
+    order = share(state.permutation.tolist(), state.position, config.batch_size, run.world)
     keys = [(i, augmentation_seed(config.seed, state.epoch, i)) for i in order]
     loader = DataLoader(
         run.train_set, batch_size=config.batch_size, sampler=keys, collate_fn=collate,
@@ -291,23 +256,6 @@ def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     if stepped:
         scheduler.step()
     return bool(stepped)
-
-
-def _share(permutation: list[int], position: int, batch_size: int, world: World) -> list[int]:
-    """This process's samples for the rest of the epoch, step by step from ``position``.
-
-    Step ``s`` takes the next ``batch_size x world.size`` samples of the epoch's order and gives process ``r``
-    the ``r``-th slice, so the order is the same for any number of processes. A process left without samples
-    in a short final step gets one sample from the epoch's start (as DistributedSampler pads).
-    """
-    if world.size == 1:
-        return permutation[position:]
-    step = batch_size * world.size
-    mine: list[int] = []
-    for start in range(position, len(permutation), step):
-        part = permutation[start : start + step][world.rank * batch_size : (world.rank + 1) * batch_size]
-        mine.extend(part or permutation[world.rank % len(permutation) : world.rank % len(permutation) + 1])
-    return mine
 
 
 def _stand_in_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 
 import ckptio
-from ckptio.formats import LEGACY_TORCH_MAGIC
-from ckptio.slim import is_slim
 
 __all__ = ["Weights", "read_weights"]
 
@@ -55,10 +53,10 @@ def read_weights(path: str | Path) -> Weights:
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot read weights file {str(path)!r}: {exc}") from None
     notes = []
-    if _is_legacy(path):
+    if ckptio.is_legacy_torch(path):
         notes.append("PyTorch's legacy format")
     notes.append("digest checked" if seal is not None else "no ckptio digest to check")
-    if seal is not None and is_slim(seal.meta):
+    if seal is not None and ckptio.is_slim(seal.meta):
         notes.insert(0, "slimmed to its weights")
 
     if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
@@ -96,9 +94,3 @@ def _strip_module(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return state, False
 
 
-def _is_legacy(path: Path) -> bool:
-    try:
-        with open(path, "rb") as stream:
-            return stream.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC
-    except OSError:
-        return False

@@ -23,6 +23,7 @@ import zstandard
 import ckptio
 from ckptio import CorruptCheckpointError, fileio
 from ckptio.cli import main
+from ckptio.dir_index import INDEX_NAME
 from ckptio.fileio import verify_file, write_checkpoint
 from ckptio.formats import MAX_ZIP_DIRECTORY
 from ckptio.integrity import (
@@ -35,7 +36,7 @@ from ckptio.integrity import (
     seal_zip_file,
     zstd_trailer,
 )
-from ckptio.layout import INDEX_NAME, parse_checkpoint_name
+from ckptio.naming import parse_checkpoint_name
 from ckptio.slim import slim_checkpoint
 from ckptio.snapshot import BufferSlot
 from craft_train.model import load_pretrained

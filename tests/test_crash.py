@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import ckptio
-import ckptio.layout
+import ckptio.naming
 from ckptio.atomic import HOLD_ENV, TEMP_SUFFIX
-from ckptio.layout import scan
+from ckptio.naming import scan
 
 STEPS = 8
 TRAIN = ["--synthetic-size", "8", "--image-size", "64", "--batch-size", "2", "--workers", "0",
@@ -191,7 +191,7 @@ def _returned(log: Path) -> list[str]:
 
 
 def _position(name: str) -> tuple[int, int]:
-    position = ckptio.layout.parse_checkpoint_name(name.split(".")[0])
+    position = ckptio.naming.parse_checkpoint_name(name.split(".")[0])
     assert position is not None, name
     return position
 

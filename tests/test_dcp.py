@@ -430,7 +430,7 @@ def test_a_directory_created_under_the_name_during_the_save_is_never_replaced(tm
     # the commit itself refuses too (plain rename would replace an empty directory made after the last check)
     (tmp_path / "source").mkdir()
     with pytest.raises(FileExistsError):
-        ckptio.dcp._rename_no_replace(tmp_path / "source", tmp_path / "ckpt")
+        ckptio.dcp_writer._rename_no_replace(tmp_path / "source", tmp_path / "ckpt")
     assert (tmp_path / "source").is_dir() and list((tmp_path / "ckpt").iterdir()) == []
 
 

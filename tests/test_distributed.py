@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio.layout import scan
+from ckptio.naming import scan
 
 TINY = ["--synthetic-size", "10", "--image-size", "64", "--batch-size", "2", "--workers", "0",
         "--val-fraction", "0.2", "--save-freq", "1", "--device", "cpu"]  # gloo on CPUs, even on a GPU machine

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio.layout import scan
+from ckptio.naming import scan
 
 
 def test_thousands_of_saves_with_retention_keep_memory_descriptors_and_files_flat(tmp_path: Path) -> None:

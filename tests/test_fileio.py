@@ -23,7 +23,7 @@ from safetensors import safe_open
 import ckptio
 from ckptio import CorruptCheckpointError
 from ckptio.fileio import load, read_meta, verify_file, write_checkpoint
-from ckptio.layout import file_name
+from ckptio.naming import file_name
 from ckptio.snapshot import BufferSlot
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]

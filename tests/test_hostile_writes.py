@@ -21,10 +21,11 @@ import torch
 
 import ckptio
 import ckptio.atomic
-import ckptio.layout
+import ckptio.dir_index
+import ckptio.naming
 from ckptio import CheckpointManager, CheckpointWriteError
 from ckptio.atomic import TEMP_SUFFIX
-from ckptio.layout import LOCK_NAME
+from ckptio.naming import LOCK_NAME
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
 COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]
@@ -323,7 +324,7 @@ def test_a_disk_filling_while_the_index_is_written_leaves_no_temporary_file(tmp_
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with CheckpointManager(tmp_path) as mgr:
-        monkeypatch.setattr(ckptio.layout.json, "dump", disk_full)
+        monkeypatch.setattr(ckptio.dir_index.json, "dump", disk_full)
         future = mgr.save(state(1), name=periodic(1))
         mgr.wait()
         assert future is not None and future.result() is not None  # the checkpoint itself is committed
@@ -389,11 +390,11 @@ def test_orphan_listing_skips_committed_sharded_checkpoints_and_removal_needs_no
     for manager in managers:
         manager.wait()
     plant_orphan(tmp_path, periodic(2))
-    assert [o.name for o in ckptio.layout.orphan_shards(tmp_path)] == [periodic(2)]
-    assert ckptio.layout.remove_orphan_shards(tmp_path, when_idle=True) == []  # managers are open: someone may write it
+    assert [o.name for o in ckptio.naming.orphan_shards(tmp_path)] == [periodic(2)]
+    assert ckptio.naming.remove_orphan_shards(tmp_path, when_idle=True) == []  # managers are open: someone may write it
     for manager in reversed(managers):
         manager.close()
-    assert [o.name for o in ckptio.layout.remove_orphan_shards(tmp_path, when_idle=True)] == [periodic(2)]
+    assert [o.name for o in ckptio.naming.remove_orphan_shards(tmp_path, when_idle=True)] == [periodic(2)]
     assert ckptio.verify(tmp_path).ok
 
 
@@ -486,7 +487,7 @@ def test_an_index_lock_held_forever_by_another_process_never_hangs_a_save(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
-    monkeypatch.setattr(ckptio.layout, "INDEX_LOCK_SECONDS", 0.2)
+    monkeypatch.setattr(ckptio.dir_index, "INDEX_LOCK_SECONDS", 0.2)
     holder = os.open(tmp_path / ".ckptio-index.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: conflicts as another process would
@@ -521,10 +522,10 @@ def test_an_index_built_to_be_expensive_to_parse_is_a_cache_miss_without_parsing
     import tracemalloc
 
     payload = b'{"version":1,"files":{"x":[' + b"{}," * 2_000_000 + b"{}]}}"  # 6 MB: ~2M dicts if parsed
-    (tmp_path / ckptio.layout.INDEX_NAME).write_bytes(payload)
+    (tmp_path / ckptio.dir_index.INDEX_NAME).write_bytes(payload)
     tracemalloc.start()
     try:
-        assert ckptio.layout.read_index(tmp_path) == {}
+        assert ckptio.dir_index.read_index(tmp_path) == {}
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -13,11 +13,12 @@ import torch
 import ckptio
 import craft_train.train as train_module
 from ckptio import cli as ckptio_cli
-from ckptio.layout import file_name, scan
+from ckptio.naming import file_name, scan
 from ckptio.slim import slim_checkpoint
-from ckptio.snapshot import state_layout
+from ckptio.snapshot import state_shape
+from craft_train.build import checked_optimizer_state
 from craft_train.config import TrainConfig, incompatible_changes
-from craft_train.resume import checked_optimizer_state, find_resume_checkpoint
+from craft_train.resume import find_resume_checkpoint
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch, so 10 steps span three epochs. On the CPU even on
@@ -368,11 +369,11 @@ def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_
     real_prepare, real_save = ckptio.CheckpointManager.prepare, ckptio.CheckpointManager.save
 
     def prepare(self: Any, state: Any, **kwargs: Any) -> None:
-        prepared.append(state_layout(state))
+        prepared.append(state_shape(state))
         real_prepare(self, state, **kwargs)
 
     def save(self: Any, state: Any, **kwargs: Any) -> Any:
-        saved.append(state_layout(state))
+        saved.append(state_shape(state))
         return real_save(self, state, **kwargs)
 
     monkeypatch.setattr(train_module, "_step_optimizer", skips_the_first_two)

@@ -15,8 +15,9 @@ import ckptio
 import ckptio.atomic
 import ckptio.slim
 from ckptio import cli as ckptio_cli
+from ckptio.dir_index import read_index
 from ckptio.integrity import seal_zip_file
-from ckptio.layout import CheckpointEntry, read_index, scan
+from ckptio.naming import CheckpointEntry, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from tests.helpers import assert_same
 

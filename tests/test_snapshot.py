@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptio.shm import ALIGNMENT, Segment, shared_staging, tensor_views
-from ckptio.snapshot import BufferSlot, heap_staging, rebuild, state_layout, walk_tensors
+from ckptio.snapshot import BufferSlot, heap_staging, rebuild, state_shape, walk_tensors
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -275,10 +275,10 @@ def test_a_smaller_state_shrinks_the_slot() -> None:
 def test_a_slot_adopts_buffers_prepared_for_its_layout_and_ignores_others() -> None:
     state = {"a": torch.randn(6, 2), "b": [torch.arange(4)]}
     slot = BufferSlot()
-    slot.offer(heap_staging(state_layout({"x": torch.zeros(3)}), True))  # another layout: not used
+    slot.offer(heap_staging(state_shape({"x": torch.zeros(3)}), True))  # another layout: not used
     first = slot.take(state)
     assert slot.prepared is not None and all(t.data_ptr() != 0 for t in first.tensors)
-    prepared = heap_staging(state_layout(state), True)
+    prepared = heap_staging(state_shape(state), True)
     slot.offer(prepared)
     second = slot.take(state)
     assert slot.prepared is None and slot.staging is prepared
@@ -295,14 +295,15 @@ def test_a_shared_segment_holds_every_tensor_of_a_slot_aligned_and_the_snapshot_
     segment = snapshot.segment
     assert segment is not None and segment.fd >= 0 and segment.key == "t"
     base = segment.address()
-    for tensor, (offset, _, shape) in zip(snapshot.tensors, segment.layout, strict=True):
+    for tensor, (offset, _, shape) in zip(snapshot.tensors, segment.tensor_map, strict=True):
         assert tuple(tensor.shape) == shape and offset % ALIGNMENT == 0
         if tensor.numel():
             assert tensor.data_ptr() == base + offset
     assert_same(rebuild(snapshot.skeleton, snapshot.tensors), state)
     # what the writer process does with the descriptor it receives: the same bytes, through its own mapping
-    other = Segment.attach(os.dup(segment.fd), segment.size, key="t", serial=segment.serial, layout=segment.layout)
-    assert_same(rebuild(snapshot.skeleton, tensor_views(other.buffer, other.layout)), state)
+    other = Segment.attach(os.dup(segment.fd), segment.size, key="t", serial=segment.serial,
+                           tensor_map=segment.tensor_map)
+    assert_same(rebuild(snapshot.skeleton, tensor_views(other.buffer, other.tensor_map)), state)
     again = slot.take(state)
     assert again.segment is segment  # the same layout reuses the segment
     slot.take({"w": torch.randn(2)})

@@ -29,7 +29,7 @@ import ckptio.manager
 import ckptio.slim
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError, InsufficientSpaceError
 from ckptio.fileio import MAX_ZSTD_EXPANSION
-from ckptio.layout import scan
+from ckptio.naming import scan
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
 COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]

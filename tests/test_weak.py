@@ -27,7 +27,7 @@ from craft_train.data import (
 from craft_train.evaluate import polygon_iou
 from craft_train.labels import split_word_quad
 from craft_train.model import CRAFT
-from craft_train.resume import epoch_permutation, mix_in
+from craft_train.order import epoch_permutation, mix_in
 from craft_train.synthetic import word_box
 from craft_train.weak import (
     EVEN_SPLIT_CONFIDENCE,

@@ -29,7 +29,7 @@ import ckptio.writer_process
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError
 from ckptio.atomic import is_temporary
 from ckptio.fileio import read_meta
-from ckptio.snapshot import state_layout
+from ckptio.snapshot import state_shape
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
 COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]
@@ -229,7 +229,7 @@ def test_prepare_allocates_in_the_background_and_the_next_save_uses_those_buffer
         mgr.prepare(bigger)
         assert mgr._stager.wait_idle(TIMEOUT)
         assert len(threads) == calls + 2
-        assert all(slot.main.prepared is not None and slot.main.prepared.layout == state_layout(bigger)
+        assert all(slot.main.prepared is not None and slot.main.prepared.shape == state_shape(bigger)
                    for slot in mgr._slots)
         mgr.save(bigger, name="b").result(timeout=TIMEOUT)
     assert_same(ckptio.load(tmp_path / "b.pth"), bigger)
@@ -451,7 +451,7 @@ def test_prepare_also_stages_this_ranks_shard_and_the_shard_save_uses_those_buff
         mgr.prepare(None, shard=shard)
         assert mgr._stager is not None and mgr._stager.wait_idle(TIMEOUT)
         prepared = [slot.shard.prepared for slot in mgr._slots]
-        assert all(p is not None and p.layout == state_layout(shard) for p in prepared)
+        assert all(p is not None and p.shape == state_shape(shard) for p in prepared)
         assert all(slot.main.prepared is None for slot in mgr._slots)
         mgr.save(None, name="step_1", shard=shard, token="run:1").result(timeout=TIMEOUT)
         used = [slot.shard.staging for slot in mgr._slots if slot.shard.staging is not None]
@@ -544,11 +544,11 @@ def test_a_restart_right_after_kill_9_waits_for_the_old_writer_and_loses_no_retu
         wait_for(lambda: (gate / "entered").exists(), "the writer to be mid-write")
         trainer.kill()  # SIGKILL: the save had returned; its writer still holds the temporary file
         trainer.wait(TIMEOUT)
-        monkeypatch.setattr(ckptio.manager, "EARLIER_WRITER_WAIT", 0.2)
+        monkeypatch.setattr(ckptio.dirlock, "EARLIER_WRITER_WAIT", 0.2)
         with pytest.raises(CheckpointDirectoryLockedError, match="writer of an earlier run"):
             CheckpointManager(directory)  # bounded: gives up with a message that says what holds it
         assert any(is_temporary(p.name) for p in directory.iterdir()), "a live writer's file was swept"
-        monkeypatch.setattr(ckptio.manager, "EARLIER_WRITER_WAIT", TIMEOUT)
+        monkeypatch.setattr(ckptio.dirlock, "EARLIER_WRITER_WAIT", TIMEOUT)
         restart.start()
         assert waiting.seen.wait(TIMEOUT), "the restarted manager did not wait for the old writer"
         assert any(is_temporary(p.name) for p in directory.iterdir()), "a live writer's file was swept"

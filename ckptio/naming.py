@@ -1,8 +1,7 @@
-"""File names in a checkpoint directory, listing them cheaply, and the directory's integrity index.
+"""A checkpoint directory's files: their names, listing them cheaply (newest first), shard directories, and the
+leftovers of interrupted saves (orphan shards, temporary files) with the rule for when they may go.
 
-The index (``.ckptio-index.json``) caches, per file, the size and mtime it had when its digest was last
-checked and the outcome, so that listing a directory shows each file's integrity state without reading any
-checkpoint. It is only a cache: deleting it loses nothing but that state.
+Each file's integrity state comes from the directory index (:mod:`ckptio.dir_index`), never from reading it.
 """
 
 from __future__ import annotations
@@ -10,26 +9,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
 import stat
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import TEMP_NAME_OVERHEAD, create_new, is_temporary, open_lock, remove_leftovers, temp_name
-from .errors import CorruptCheckpointError
-from .formats import check_json_cost
+from .atomic import TEMP_NAME_OVERHEAD, is_temporary, remove_leftovers
+from .dir_index import read_index
+from .suffixes import file_name, split_suffix
 
 __all__ = [
-    "INDEX_NAME",
     "LOCK_NAME",
     "SHARDS_SUFFIX",
-    "WRITTEN_NOW",
     "CheckpointEntry",
     "OrphanShards",
     "delete_checkpoint",
@@ -38,32 +32,25 @@ __all__ = [
     "make_shard_directory",
     "orphan_shards",
     "parse_checkpoint_name",
+    "plan_orphan_removal",
     "prune_orphan_shards",
-    "read_index",
+    "remove_orphan",
     "remove_orphan_shards",
     "remove_stale_orphan_shards",
     "scan",
     "shard_directory",
     "shard_file_name",
     "split_suffix",
+    "stale_orphan_shards",
     "sweep_leftovers",
-    "update_index",
     "validate_name",
 ]
 
-INDEX_NAME = ".ckptio-index.json"
 SHARDS_SUFFIX = ".shards"
 LOCK_NAME = ".ckptio.lock"
-_INDEX_LOCK_NAME = ".ckptio-index.lock"
-_SUFFIXES = (".pth.zst", ".safetensors.zst", ".pth", ".safetensors")
 # fullmatch with [0-9]: "$" would also match before a trailing newline, and \d any Unicode digit ("١" is 1)
 _BATCH_NAME = re.compile(r"checkpoint_epoch_([0-9]+)_batch_([0-9]+)")
-_LONGEST_SUFFIX = max(len(s) for s in _SUFFIXES)
 _NAME_MAX = 255  # bytes in one file name on ext4, xfs, btrfs, tmpfs (os.pathconf's PC_NAME_MAX)
-
-
-def file_name(name: str, fmt: str, compression: str | None) -> str:
-    return name + (".pth" if fmt == "torch" else ".safetensors") + (".zst" if compression else "")
 
 
 def shard_directory(checkpoint: Path) -> Path:
@@ -152,14 +139,6 @@ def validate_name(name: str, fmt: str = "safetensors", compression: str | None =
         )
 
 
-def split_suffix(filename: str) -> tuple[str, str] | None:
-    """``("best_model", ".pth.zst")`` for a checkpoint file name, ``None`` for anything else."""
-    for suffix in _SUFFIXES:
-        if filename.endswith(suffix) and len(filename) > len(suffix):
-            return filename[: -len(suffix)], suffix
-    return None
-
-
 def parse_checkpoint_name(stem: str) -> tuple[int, int] | None:
     """``(epoch, batch)`` for ``checkpoint_epoch_{epoch}_batch_{batch}``."""
     match = _BATCH_NAME.fullmatch(stem)
@@ -221,132 +200,6 @@ def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) ->
             ))
     entries.sort(key=lambda e: e.order_key, reverse=True)
     return entries
-
-
-INDEX_LOCK_SECONDS = 5.0
-"""How long an index update waits for another process's update before it gives up (the index is a cache)."""
-
-
-@contextlib.contextmanager
-def _index_lock(directory: Path, wait: float | None = None) -> Iterator[None]:
-    # Bounded: a process that holds the lock forever (hung, or hostile) must not hang a writer on a mere cache.
-    wait = INDEX_LOCK_SECONDS if wait is None else wait
-    fd = open_lock(directory / _INDEX_LOCK_NAME)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise OSError(errno.EWOULDBLOCK, f"{directory / _INDEX_LOCK_NAME} stayed locked for "
-                                  f"{wait:g}s; the index (a cache) was not updated") from None
-                time.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)
-
-
-# The index holds a few KB per checkpoint; a larger one is damage (or not ours): it reads as empty and the next
-# update rewrites it, instead of being parsed at any cost.
-MAX_INDEX_BYTES = 16 * 2**20
-
-
-def read_index(directory: Path) -> dict[str, dict[str, Any]]:
-    """The index's well-formed records. Anything doubtful (not a regular file, too large, not JSON, a record of
-    the wrong shape) is a cache miss, never an error: the index is only a cache, rebuilt by the next update."""
-    try:
-        # O_NONBLOCK and O_NOFOLLOW: a FIFO or a symlink planted under the index's name must not block or redirect.
-        fd = os.open(directory / INDEX_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return {}
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_INDEX_BYTES:
-            return {}
-        raw = os.read(fd, MAX_INDEX_BYTES + 1)
-    except OSError:
-        return {}
-    finally:
-        os.close(fd)
-    try:
-        check_json_cost(raw, directory / INDEX_NAME, "the index")  # 16 MiB of "{}," would cost GBs to parse
-        doc = json.loads(raw)
-    except (ValueError, RecursionError, CorruptCheckpointError):
-        return {}
-    files = doc.get("files") if isinstance(doc, dict) else None
-    if not isinstance(files, dict):
-        return {}
-    return {name: record for name, record in files.items() if isinstance(name, str) and _valid_record(record)}
-
-
-def _valid_record(record: Any) -> bool:
-    """The shape ``index_record`` writes: every reader may then use the fields without checking them again."""
-    if not isinstance(record, dict):
-        return False
-    meta = record.get("meta", {})
-    return (type(record.get("size")) is int and type(record.get("mtime_ns")) is int
-            and type(record.get("written", 0)) is int
-            and isinstance(record.get("status"), str) and isinstance(record.get("digest"), (str, type(None)))
-            and isinstance(meta, dict) and isinstance(meta.get("summary", {}), dict)
-            and isinstance(meta.get("user", {}), dict))
-
-
-def update_index(directory: Path, changes: dict[str, dict[str, Any] | None], *, wait: float | None = None) -> None:
-    """Apply ``changes`` (file name -> record, or ``None`` to forget it) to the index, atomically; ``OSError``
-    if another process holds the index lock for longer than ``wait`` seconds (default :data:`INDEX_LOCK_SECONDS`).
-
-    Not fsynced: the index is a cache. After a power loss it may be stale or gone, which only turns states
-    into "unverified" until the next ``verify``; two more fsyncs per save would buy nothing.
-    """
-    if not changes:
-        return
-    with _index_lock(directory, wait):
-        try:
-            files = read_index(directory)
-        except Exception:  # any doubt about a cache means rebuilding it, never a failed save
-            files = {}
-        last = max((record.get("written", 0) for record in files.values()), default=0)
-        for filename, record in changes.items():
-            if record is None:
-                files.pop(filename, None)
-                continue
-            record = dict(record)
-            if record.get("written") == WRITTEN_NOW:  # a new save: after every file written so far
-                last += 1
-                record["written"] = last
-            elif "written" not in record and "written" in files.get(filename, {}):
-                record["written"] = files[filename]["written"]  # re-verified or slimmed: keeps its place
-            files[filename] = record
-        existing = {e.name for e in os.scandir(directory)}
-        files = {k: v for k, v in files.items() if k in existing}
-        # An unpredictable new name, never through a symlink: a planted file cannot redirect the write.
-        tmp = directory / temp_name(INDEX_NAME)
-        try:
-            with os.fdopen(create_new(tmp), "w") as out:
-                json.dump({"version": 1, "files": files}, out, separators=(",", ":"))
-            try:
-                os.replace(tmp, directory / INDEX_NAME)
-            except FileNotFoundError:  # a writer opening the directory swept it as a leftover; only a cache
-                return
-        except BaseException:  # a full disk (or anything else): the temporary file goes at once, not at next start
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-
-WRITTEN_NOW = "now"
-"""``index_record(..., written=WRITTEN_NOW)``: the record of a checkpoint just written, placed after all others."""
-
-
-def index_record(size: int, mtime_ns: int, status: str, digest: str | None, meta: dict[str, Any] | None,
-                 reason: str = "", *, written: str | None = None) -> dict[str, Any]:
-    record = {"size": size, "mtime_ns": mtime_ns, "status": status, "digest": digest, "meta": meta or {},
-              "reason": reason}
-    if written is not None:
-        record["written"] = written
-    return record
 
 
 def integrity_state(entry: CheckpointEntry, index: dict[str, dict[str, Any]]) -> str:
@@ -416,9 +269,10 @@ def holds_only_shards(path: Path) -> bool:
         return False
 
 
-def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
-                         holding_lock: bool = False) -> list[OrphanShards]:
-    """Delete orphan shard directories that no rank can still be writing; return what was deleted.
+def plan_orphan_removal(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
+                        holding_lock: bool = False) -> list[OrphanShards]:
+    """The orphan shard directories that no rank can still be writing: what :func:`remove_orphan_shards`
+    deletes, and what a dry run reports.
 
     A rank that runs ahead writes its shards of a save before rank 0 commits the manifest, so an orphan is
     deleted only if one of these holds:
@@ -430,20 +284,37 @@ def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None 
       ``ckptio clean`` remove.
     """
     idle = when_idle and not [n for n in live_ranks(directory) if not (holding_lock and n == LOCK_NAME)]
-    removed = []
-    for orphan in orphan_shards(directory):
-        older = older_than is not None and orphan.epoch_batch is not None and orphan.epoch_batch < older_than
-        if older or idle:
-            _remove_shard_directory(orphan.path)
-            removed.append(orphan)
+    return [orphan for orphan in orphan_shards(directory)
+            if idle or (older_than is not None and orphan.epoch_batch is not None and orphan.epoch_batch < older_than)]
+
+
+def remove_orphan_shards(directory: Path, *, older_than: tuple[int, int] | None = None, when_idle: bool = False,
+                         holding_lock: bool = False) -> list[OrphanShards]:
+    """Delete the orphans :func:`plan_orphan_removal` chooses; return them."""
+    removed = plan_orphan_removal(directory, older_than=older_than, when_idle=when_idle, holding_lock=holding_lock)
+    for orphan in removed:
+        remove_orphan(orphan)
     return removed
 
 
-def remove_stale_orphan_shards(directory: Path) -> list[OrphanShards]:
+def remove_orphan(orphan: OrphanShards) -> None:
+    """Delete one orphan shard directory (nothing but ckptio's files: checked again right before)."""
+    _remove_shard_directory(orphan.path)
+
+
+def stale_orphan_shards(directory: Path) -> list[OrphanShards]:
     """What ``ckptio clean`` removes: orphans older than the newest committed periodic checkpoint, and every
     orphan when no manager of any rank has the directory open."""
     positions = [e.epoch_batch for e in scan(directory, ()) if e.epoch_batch is not None]
-    return remove_orphan_shards(directory, older_than=max(positions, default=None), when_idle=True)
+    return plan_orphan_removal(directory, older_than=max(positions, default=None), when_idle=True)
+
+
+def remove_stale_orphan_shards(directory: Path) -> list[OrphanShards]:
+    """Delete what :func:`stale_orphan_shards` plans; return it."""
+    removed = stale_orphan_shards(directory)
+    for orphan in removed:
+        remove_orphan(orphan)
+    return removed
 
 
 def prune_orphan_shards(directory: Path, committed: str) -> int:
