@@ -175,9 +175,11 @@ class CheckpointEntry:
         return (self.written is not None, self.written or 0, self.mtime_ns, self.epoch_batch or (-1, -1), self.name)
 
 
-def scan(directory: Path, protected_names: tuple[str, ...] = ("best_model",)) -> list[CheckpointEntry]:
+def scan(directory: str | os.PathLike[str],
+         protected_names: tuple[str, ...] = ("best_model",)) -> list[CheckpointEntry]:
     """Checkpoint files in ``directory``, newest first (temporary files of writers in progress excluded): in the
     order ckptio wrote them, as its index records it, then files it did not record, by mtime."""
+    directory = Path(directory)
     index = read_index(directory)
     entries = []
     with os.scandir(directory) as it:

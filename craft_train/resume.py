@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 
-def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> Path | None:
+def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None], *,
+                           otherwise: str = "starting a fresh run") -> Path | None:
     """The newest checkpoint in ``save_dir`` (by training progress) whose digest verifies.
 
     A newer checkpoint that is corrupt or incomplete is reported and skipped in favour of the previous one. The
@@ -43,12 +44,12 @@ def find_resume_checkpoint(save_dir: str | Path, say: Callable[[str], None]) -> 
     """
     directory = Path(save_dir)
     if not directory.is_dir():
-        say(f"--resume auto: {directory} does not exist; starting a fresh run")
+        say(f"--resume auto: {directory} does not exist; {otherwise}")
         return None
     ckptio.wait_until_released(directory)
     entries = ckptio.scan(directory, ())
     if not entries:
-        say(f"--resume auto: {directory} holds no checkpoint; starting a fresh run")
+        say(f"--resume auto: {directory} holds no checkpoint; {otherwise}")
         return None
     refused = []
 
@@ -73,16 +74,19 @@ def resume_path(config: TrainConfig, say: Callable[[str], None]) -> Path | None:
     if config.resume is None:
         return None
     if config.resume == "auto":
-        local = find_resume_checkpoint(config.save_dir, say)
         if config.mirror is None:
-            return local
+            return find_resume_checkpoint(config.save_dir, say)
+        local = find_resume_checkpoint(config.save_dir, say, otherwise=f"looking on the mirror {config.mirror}")
         from ckptio.mirror import newer_from_mirror, open_target
 
         try:
             target = open_target(config.mirror)
         except ValueError as exc:  # not a directory or a URL it can use
             raise ConfigError(str(exc)) from exc
-        return newer_from_mirror(local, target, Path(config.save_dir), say)
+        found = newer_from_mirror(local, target, Path(config.save_dir), say)
+        if found is None:
+            say(f"--resume auto: no checkpoint on the mirror {config.mirror} either; starting a fresh run")
+        return found
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint file (or use --resume auto)")

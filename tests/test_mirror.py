@@ -234,3 +234,14 @@ def test_checkpoints_a_run_left_unmirrored_are_copied_by_the_next_run_with_the_m
         assert again.mirror is not None and again.mirror.wait(timeout=60)
     assert [e.key for e in remote_checkpoints(open_target(str(tmp_path / "mirror")))] == [
         "checkpoint_epoch_1_batch_1.pth"]
+
+
+def test_resume_auto_with_a_mirror_says_it_looks_there_when_the_local_directory_is_gone(tmp_path: Path) -> None:
+    from craft_train.resume import resume_path
+
+    said: list[str] = []
+    config = TrainConfig(save_dir=str(tmp_path / "lost"), resume="auto", mirror=str(tmp_path / "backup"))
+    assert resume_path(config, said.append) is None
+    assert said[0].endswith(f"does not exist; looking on the mirror {tmp_path / 'backup'}"), said
+    assert "starting a fresh run" not in said[0]
+    assert said[-1].endswith("either; starting a fresh run"), said

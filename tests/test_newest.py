@@ -50,3 +50,9 @@ def test_the_public_api_names_what_a_trainer_needs_to_find_and_describe_checkpoi
         assert name in ckptio.__all__
     assert ckptio.parse_checkpoint_name("checkpoint_epoch_3_batch_40") == (3, 40)
     assert ckptio.parse_checkpoint_name("best_model") is None
+
+
+def test_scan_takes_a_directory_given_as_a_string(tmp_path: Path) -> None:
+    with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
+        mgr.save({"w": torch.zeros(2)}, name="checkpoint_epoch_1_batch_1")
+    assert [e.name for e in ckptio.scan(str(tmp_path))] == [e.name for e in ckptio.scan(tmp_path)] != []
