@@ -853,7 +853,7 @@ def test_an_unexpected_error_prints_its_traceback_and_asks_for_a_report(tmp_path
     def broken(args: object) -> int:
         raise RuntimeError("a bug of ours")
 
-    monkeypatch.setattr(ckptio_cli, "_cmd_list", broken)
+    monkeypatch.setattr(ckptio_cli, "cmd_list", broken)
     code, _, err = cli("list", str(tmp_path))
     assert code == 1
     assert "Traceback" in err and "RuntimeError: a bug of ours" in err
