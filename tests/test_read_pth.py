@@ -19,9 +19,7 @@ from ckptio import CorruptCheckpointError
 from ckptio.cli import main
 from ckptio.fileio import verify_file
 from ckptio.formats import MAX_ZIP_DIRECTORY
-from ckptio.integrity import (
-    seal_zip_file,
-)
+from ckptio.integrity import seal_zip_file
 from craft_train.model import load_pretrained
 
 

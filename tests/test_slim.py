@@ -18,9 +18,7 @@ import ckptio.slim
 from ckptio import cli as ckptio_cli
 from ckptio.dir_index import read_index
 from ckptio.fileio import write_checkpoint
-from ckptio.integrity import (
-    seal_zip_file,
-)
+from ckptio.integrity import seal_zip_file
 from ckptio.naming import CheckpointEntry, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
 from ckptio.snapshot import BufferSlot
