@@ -740,7 +740,7 @@ def test_list_shows_the_validation_scores_recorded_with_a_checkpoint(tmp_path) -
     assert "best_model.pth" in out and "val_loss=0.2500 - val_hmean=0.8125" in out
 
 
-# -- what a new user trips over --------------------------------------------------------------
+# -- what a new user trips over --------------------------------------------------------------------------------
 
 
 def test_verify_of_a_directory_without_checkpoints_says_so_and_exits_1(tmp_path, cli) -> None:
@@ -805,7 +805,7 @@ def test_python_m_ckptio_without_the_environments_packages_says_to_activate_it(t
     assert ". .venv/bin/activate" in result.stderr
 
 
-# -- what a user of someone else's files sees ----------------------------------------------------------------
+# -- what a user of someone else's files sees ------------------------------------------------------------------
 
 
 def test_info_shows_an_infinite_best_loss_as_none_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -878,6 +878,9 @@ def test_debug_prints_the_traceback_of_an_error_otherwise_told_in_one_line(tmp_p
     assert code == 2 and "Traceback" not in err
     code, _, err = cli("--debug", "info", str(tmp_path / "missing.pth"))
     assert code == 2 and "Traceback" in err
+
+
+# -- hostile names, odd metadata and files that change while they are read -------------------------------------
 
 
 def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_escapes(

@@ -479,6 +479,9 @@ def test_a_sealed_safetensors_checkpoint_is_read_once_to_load_and_verify(tmp_pat
     assert read[0] <= size + 3 * header, f"read {read[0]} bytes of a {size}-byte file"
 
 
+# -- what a reader could not read back is refused when it is saved ---------------------------------------------
+
+
 @pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
 def test_thirty_emoji_strings_of_199_characters_fit_in_every_format(tmp_path, fmt, compression) -> None:
     emoji = {f"note{i}": "\N{GRINNING FACE}" * 199 for i in range(30)}

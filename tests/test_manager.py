@@ -860,6 +860,9 @@ def test_keep_count_and_clean_keep_the_newest_written_when_older_files_have_late
     assert visible(tmp_path) == {f"{periodic(4)}.pth"}
 
 
+# -- signals during a save -------------------------------------------------------------------------------------
+
+
 def test_signals_arriving_all_through_a_save_do_not_lose_or_damage_it(tmp_path) -> None:
     ticks = []
     previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))

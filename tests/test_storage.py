@@ -563,6 +563,9 @@ def test_zstd_files_are_counted_by_keep_count_and_the_disk_budget(tmp_path) -> N
     assert files(tmp_path) == {"best_model.pth.zst", f"{periodic(3)}.pth.zst", f"{periodic(4)}.pth.zst"}
 
 
+# -- a full disk in every format, and what retention may delete ------------------------------------------------
+
+
 def open_temp_files() -> list[str]:
     """Targets of this process's descriptors that are (or were) ckptio temporary files."""
     found = []
