@@ -9,6 +9,8 @@ from its checkpoint: a run with ``--learning`` trains 200 steps in all. They are
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TrainedOnSynthetic
@@ -74,3 +76,11 @@ def trained_on_synthetic(tmp_path_factory: pytest.TempPathFactory,
     result = train(config, say=lambda _: None)
     assert result.start_step == EARLY_STEPS and result.global_step == TRAINED_STEPS and result.model is not None
     return TrainedOnSynthetic(config, early_on_synthetic.untrained, result.model.eval(), TRAINED_STEPS)
+
+
+@pytest.fixture
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory elsewhere holding a file that must never change."""
+    directory = tmp_path_factory.mktemp("outside")
+    (directory / "precious.txt").write_text("precious")
+    return directory

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,22 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import (
+    _assert_clear,
+    _cli,
+    _deep_dict_pickle,
+    _safetensors_with_meta,
+    _sealed_safetensors,
+    _shared_references_pickle,
+    _torch_zip_with,
+    _write_real,
+)
 
 import ckptio
 from ckptio import CheckpointManager
 from ckptio.cli import main
+from ckptio.fileio import write_checkpoint
+from ckptio.snapshot import BufferSlot
 
 COMBOS = [("torch", None), ("torch", "zstd"), ("safetensors", None), ("safetensors", "zstd")]
 COMBO_IDS = ["pth", "pth.zst", "safetensors", "safetensors.zst"]
@@ -727,7 +740,7 @@ def test_list_shows_the_validation_scores_recorded_with_a_checkpoint(tmp_path) -
     assert "best_model.pth" in out and "val_loss=0.2500 - val_hmean=0.8125" in out
 
 
-# -- what a new user trips over --------------------------------------------------------------
+# -- what a new user trips over --------------------------------------------------------------------------------
 
 
 def test_verify_of_a_directory_without_checkpoints_says_so_and_exits_1(tmp_path, cli) -> None:
@@ -792,7 +805,7 @@ def test_python_m_ckptio_without_the_environments_packages_says_to_activate_it(t
     assert ". .venv/bin/activate" in result.stderr
 
 
-# -- what a user of someone else's files sees ----------------------------------------------------------------
+# -- what a user of someone else's files sees ------------------------------------------------------------------
 
 
 def test_info_shows_an_infinite_best_loss_as_none_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -865,3 +878,179 @@ def test_debug_prints_the_traceback_of_an_error_otherwise_told_in_one_line(tmp_p
     assert code == 2 and "Traceback" not in err
     code, _, err = cli("--debug", "info", str(tmp_path / "missing.pth"))
     assert code == 2 and "Traceback" in err
+
+
+# -- hostile names, odd metadata and files that change while they are read -------------------------------------
+
+
+def test_names_and_metadata_that_carry_terminal_escapes_are_printed_as_visible_escapes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a planted name or a summary key holding ESC sequences cleared the screen or retitled the terminal
+    # of whoever ran `ckptio list` / `info` / `verify`.
+    evil = "\x1b]0;pwned\x07\x1b[2J\u202e"
+    path = tmp_path / f"checkpoint_{evil}.safetensors"
+    _sealed_safetensors(path, {"summary": {f"loss{evil}": 1.0}, "user": {"note": evil}})
+    for command in (["list", str(tmp_path)], ["info", str(path)], ["verify", str(tmp_path)]):
+        assert main(command) == 0
+        out, err = capsys.readouterr()
+        assert not any(c in out + err for c in "\x1b\x07\u202e"), command
+        assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, command
+
+
+def test_a_name_with_a_newline_cannot_forge_a_line_in_list_clean_verify_or_info(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a planted file named "x\n✅ checkpoint_epoch_9_batch_900.pth: verified ..." printed a second line
+    # that looked like a verified checkpoint the directory does not hold; so did a shard name inside a manifest
+    # (quoted by verify's reason) and a summary value (printed by info).
+    line = "\u2705 checkpoint_epoch_9_batch_900.pth: verified - digest matches"
+    _sealed_safetensors(tmp_path / f"x\n{line}\tend.safetensors", {"summary": {"loss": f"1\n{line}"}})
+    # a name that is a batch checkpoint's but for a trailing newline is another (named) checkpoint: list shows it
+    # escaped, and clean leaves it alone (its pattern's "$" once matched before the newline)
+    older = tmp_path / "checkpoint_epoch_1_batch_1\n.safetensors"
+    _sealed_safetensors(older, {"summary": {"loss": 1.0}})
+    os.utime(older, (1_000_000_000, 1_000_000_000))
+    _sealed_safetensors(tmp_path / "checkpoint_epoch_1_batch_2.safetensors", {"summary": {"loss": 1.0}})
+    write_checkpoint(tmp_path / "manifest.pth", BufferSlot().take({"x": torch.zeros(1)}), name="m", fmt="torch",
+                     compression=None, fsync=False,
+                     shards=[{"rank": 0, "file": f"manifest.shards/r\n{line}", "digest": "0" * 32}])
+    planted = str(tmp_path / f"x\n{line}\tend.safetensors")
+    for command in (["list", str(tmp_path)], ["verify", str(tmp_path)], ["info", planted],
+                    ["clean", str(tmp_path), "--keep-count", "1", "--dry-run"]):
+        main(command)
+        out, _ = capsys.readouterr()
+        assert not any(row.startswith("\u2705 checkpoint_epoch_9") for row in out.splitlines()), (command, out)
+        assert f"\\n{line}" in out or command[0] == "clean", (command, out)
+        if command[0] == "list":
+            assert "checkpoint_epoch_1_batch_1\\n.safetensors" in out, out
+        if command[0] == "clean":
+            assert "checkpoint_epoch_1_batch_1\\n" not in out, out
+    assert older.exists()
+
+
+@pytest.mark.parametrize("meta", [{"summary": {"epoch": 1}}, {"summary": "text", "user": 5},
+                                  {"summary": [1], "user": "x", "tensors": "many", "model_elements": 1.5}])
+def test_info_on_sealed_metadata_of_any_shape_prints_what_it_can(tmp_path: Path, capsys, meta: dict) -> None:
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(_safetensors_with_meta(meta))
+
+    for args in (("info", str(path)), ("info", str(path), "--json")):
+        code, _, err = _cli(capsys, tmp_path, *args)
+        assert code == 0, err
+
+
+def test_info_shows_none_yet_for_the_trainers_placeholders(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "best_model.safetensors"
+    path.write_bytes(_safetensors_with_meta({"summary": {
+        "epoch": 1, "best_val_loss": float("inf"), "best_hmean": -1.0, "val_loss": None, "val_hmean": 0.5}}))
+
+    code, out, err = _cli(capsys, tmp_path, "info", str(path))
+
+    assert code == 0, err
+    for line in ("best_val_loss: none yet", "best_hmean: none yet", "val_loss: none yet", "val_hmean: 0.5"):
+        assert line in out, out
+    assert ": inf" not in out and ": -1.0" not in out and ": None" not in out
+
+
+def test_load_of_a_deeply_nested_pickle_gives_a_clear_result_not_a_traceback(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "deep.pth"
+    path.write_bytes(_torch_zip_with(data_pkl=_deep_dict_pickle(100_000)))
+
+    code, out, err = _cli(capsys, tmp_path, "load", str(path))
+
+    _assert_clear(code, err, "load")
+    assert code == 0, err  # the unpickler and the printing are both iterative
+    assert "a: dict with 1 entries" in out
+
+
+def test_load_prints_a_state_of_shared_references_without_walking_every_path(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "shared.pth"
+    path.write_bytes(_torch_zip_with(data_pkl=_shared_references_pickle(60)))  # 2**60 paths
+
+    code, out, err = _cli(capsys, tmp_path, "load", str(path))
+
+    assert code == 0, err
+    assert "a: list of 2" in out
+
+
+def test_one_file_with_odd_metadata_never_breaks_list_for_the_directory(tmp_path: Path, capsys) -> None:
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    good = _write_real(directory / "checkpoint_epoch_1_batch_1.pth")
+    (directory / "checkpoint_epoch_1_batch_2.safetensors").write_bytes(_safetensors_with_meta({"summary": "x"}))
+    os.mkfifo(directory / "checkpoint_epoch_1_batch_3.pth")
+
+    assert ckptio.verify(directory).ok  # the odd summary verifies: the digest is right
+    code, out, err = _cli(capsys, directory, "list", str(directory))
+
+    assert code == 0, err
+    assert good.name in out and "checkpoint_epoch_1_batch_2.safetensors" in out
+    assert "checkpoint_epoch_1_batch_3.pth - unreadable: a FIFO" in out
+    code, out, err = _cli(capsys, directory, "list", str(directory), "--json")
+    assert code == 0, err
+    assert json.loads(out)["unreadable"] == [{"file": "checkpoint_epoch_1_batch_3.pth",
+                                              "reason": "a FIFO (named pipe)"}]
+
+
+def test_a_file_removed_between_listing_and_reading_is_reported_removed_not_corrupt(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    kept = _write_real(directory / "checkpoint_epoch_1_batch_2.pth")
+    doomed = _write_real(directory / "checkpoint_epoch_1_batch_1.pth", seed=1)
+    real_scan = ckptio.verify.__globals__["scan"]
+
+    def scan_then_retention_deletes(path: Path, protected: tuple[str, ...] = ()) -> list:
+        entries = real_scan(path, protected)
+        doomed.unlink()  # retention of a live writer, between the listing and the read
+        return entries
+
+    monkeypatch.setitem(ckptio.verify.__globals__, "scan", scan_then_retention_deletes)
+    report = ckptio.verify(directory)
+
+    assert report.ok
+    assert {check.path.name: check.status for check in report.files} == {kept.name: "verified",
+                                                                         doomed.name: "removed"}
+
+
+def test_verify_beside_a_live_writer_with_retention_never_reports_false_corruption(tmp_path: Path) -> None:
+    """The real mechanism: a manager saving with keep_count=2 in a thread while verify runs again and again."""
+    directory = tmp_path / "ckpts"
+    stop, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            with CheckpointManager(directory, keep_count=2, async_save=True, fsync=False) as manager:
+                step = 0
+                while not stop.is_set():
+                    # 4 MiB per file: verifying one takes long enough for retention to delete the next
+                    # (a verify that trusts its listing reports a deleted file as corrupt in about half the passes).
+                    manager.save({"w": torch.full((2**20,), float(step))}, name=f"checkpoint_epoch_1_batch_{step}")
+                    step += 1
+                    if step == 3:
+                        started.set()
+                    stop.wait(0.01)  # ~100 saves a second at most: bounded I/O, still a live race
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+            started.set()
+
+    writer = threading.Thread(target=train)
+    writer.start()
+    try:
+        assert started.wait(120)
+        reports = [ckptio.verify(directory) for _ in range(40)]
+    finally:
+        stop.set()
+        writer.join(120)
+
+    assert not errors, errors
+    assert all(report.files for report in reports)
+    assert [check for report in reports for check in report.corrupt] == []
+
+
+def test_verify_of_an_over_long_path_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    for args in (("verify", "x" * 300), ("verify", str(tmp_path / ("y" * 300) / "z.pth")), ("list", "d" * 300),
+                 ("info", "i" * 300 + ".pth"), ("load", "l" * 300 + ".pth")):
+        code, _, err = _cli(capsys, tmp_path, *args)
+        assert code == 2, (args, err)
+        assert "too long" in err

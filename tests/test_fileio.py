@@ -15,13 +15,16 @@ import pytest
 import safetensors.torch
 import torch
 import zstandard
-from helpers import assert_same
+from helpers import assert_same, state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
 import ckptio
-from ckptio import CorruptCheckpointError
+import ckptio.atomic
+import ckptio.dir_index
+import ckptio.naming
+from ckptio import CheckpointManager, CheckpointWriteError, CorruptCheckpointError
 from ckptio.fileio import load, read_meta, verify_file, write_checkpoint
 from ckptio.naming import file_name
 from ckptio.snapshot import BufferSlot
@@ -474,3 +477,104 @@ def test_a_sealed_safetensors_checkpoint_is_read_once_to_load_and_verify(tmp_pat
     size = saved.path.stat().st_size
     header = size - sum(t.numel() * t.element_size() for t in state.values())
     assert read[0] <= size + 3 * header, f"read {read[0]} bytes of a {size}-byte file"
+
+
+# -- what a reader could not read back is refused when it is saved ---------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_thirty_emoji_strings_of_199_characters_fit_in_every_format(tmp_path, fmt, compression) -> None:
+    emoji = {f"note{i}": "\N{GRINNING FACE}" * 199 for i in range(30)}
+    with CheckpointManager(tmp_path, format=fmt, compression=compression) as mgr:
+        mgr.save({**state(1), **emoji}, name="c")
+    loaded = ckptio.load(mgr.path_for("c"))
+    assert {k: loaded[k] for k in emoji} == emoji
+    summary = ckptio.read_meta(mgr.path_for("c"))[0].meta["summary"]
+    assert len(json.dumps(summary)) <= 8192
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_a_name_too_long_for_its_temporary_file_is_refused_in_save_naming_the_limit(tmp_path, fmt,
+                                                                                   compression) -> None:
+    with CheckpointManager(tmp_path, format=fmt, compression=compression) as mgr:
+        with pytest.raises(ValueError, match=r"may be at most \d+ bytes"):
+            mgr.save(state(1), name="n" * 230)
+        with pytest.raises(ValueError) as refused:
+            mgr.save(state(1), name="n" * 300)
+        longest = int(str(refused.value).split("at most ")[1].split()[0])
+        mgr.save(state(1), name="n" * longest)  # the limit itself works, in the background too
+        mgr.wait()
+    assert ckptio.verify(tmp_path).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float8_e8m0fnu, torch.float4_e2m1fn_x2])
+def test_dtypes_safetensors_cannot_store_are_refused_in_save_pointing_to_the_torch_format(tmp_path, dtype) -> None:
+    with CheckpointManager(tmp_path, format="safetensors") as mgr:
+        with pytest.raises(ValueError, match="format='torch'"):
+            mgr.save({"w": torch.zeros(16, dtype=torch.uint8).view(dtype)}, name="c")
+        assert mgr.pending == 0
+    with CheckpointManager(tmp_path / "torch", format="torch") as mgr:
+        mgr.save({"w": torch.zeros(16, dtype=torch.uint8).view(dtype)}, name="c")
+    assert ckptio.load(mgr.path_for("c"))["w"].dtype == dtype
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_two_distinct_empty_tensors_load_as_two_objects_and_one_shared_stays_shared(tmp_path, fmt,
+                                                                                   compression) -> None:
+    a, b = torch.zeros(0), torch.empty(0)
+    with CheckpointManager(tmp_path, format=fmt, compression=compression) as mgr:
+        mgr.save({"a": a, "b": b, "again": a}, name="c")
+    loaded = ckptio.load(mgr.path_for("c"))
+    assert loaded["a"] is not loaded["b"]
+    assert loaded["a"] is loaded["again"]
+
+
+def test_a_state_whose_safetensors_header_would_be_unreadable_is_refused_when_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptio.formats
+
+    # 200 tensors need at least 25,200 header bytes and take ~38,000: over 30,000 only the exact header tells
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 30_000)  # 150,000 tensors would take minutes
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    with CheckpointManager(tmp_path, async_save=False, format="safetensors") as mgr:
+        with pytest.raises(CheckpointWriteError, match="use format='torch'"):
+            mgr.save(many, name="big")
+    assert not list(tmp_path.glob("big*"))
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_torch_state_whose_zip_directory_would_be_unreadable_is_refused_before_it_is_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str | None) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_ZIP_DIRECTORY", 4096)  # 500,000 tensors would take minutes
+    many = {f"layer{i:03}.weight": torch.zeros(1) for i in range(200)}  # ~60 bytes of directory each
+    with CheckpointManager(tmp_path, async_save=False, compression=compression) as mgr:
+        with pytest.raises(CheckpointWriteError, match="zip directory would be .* use format='safetensors'"):
+            mgr.save(many, name="big")
+        mgr.save({"w": torch.zeros(3)}, name="small")  # a state within the cap is still written
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "small.pth" + (".zst" if compression else "")]
+
+
+def test_metadata_whose_trailer_would_cost_too_much_to_parse_is_refused_before_it_is_committed(
+        tmp_path: Path) -> None:
+    nested = {"runs": [{}] * 1_500_000}  # 4.5 MB of JSON, within the trailer's length, ~230 MiB to parse
+    with CheckpointManager(tmp_path, async_save=False, compression="zstd", fsync=False) as mgr:
+        with pytest.raises(CheckpointWriteError, match="metadata= nests too many"):
+            mgr.save({"w": torch.zeros(3)}, name="meta", metadata=nested)
+    assert not list(tmp_path.glob("meta*"))
+
+
+def test_a_state_whose_safetensors_header_certainly_passes_the_cap_is_refused_in_save_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptio.formats
+
+    monkeypatch.setattr(ckptio.formats, "MAX_SAFETENSORS_HEADER", 20_000)
+    many = {f"layer{i:03}.weight_with_a_long_name": torch.zeros(1) for i in range(200)}
+    with CheckpointManager(tmp_path, format="safetensors") as mgr:
+        with pytest.raises(ValueError, match="use format='torch'") as refused:
+            mgr.save(many, name="big")  # asynchronous: only a check in save() itself can raise here
+        assert not isinstance(refused.value, CheckpointWriteError)
+        assert mgr.stats.requested == 0
+    assert not list(tmp_path.glob("big*"))

@@ -8,6 +8,7 @@ import gc
 import io
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -20,12 +21,15 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same
+from helpers import MiB, assert_same, state
 
 import ckptio
+import ckptio.atomic
 import ckptio.cli
+import ckptio.dir_index
 import ckptio.formats
 import ckptio.manager
+import ckptio.naming
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError
 from ckptio.fileio import read_meta, write_checkpoint
 
@@ -854,3 +858,23 @@ def test_keep_count_and_clean_keep_the_newest_written_when_older_files_have_late
     with CheckpointManager(tmp_path, keep_count=1, async_save=False, fsync=False) as mgr:
         mgr.save(small_state(4), name=periodic(4))
     assert visible(tmp_path) == {f"{periodic(4)}.pth"}
+
+
+# -- signals during a save -------------------------------------------------------------------------------------
+
+
+def test_signals_arriving_all_through_a_save_do_not_lose_or_damage_it(tmp_path) -> None:
+    ticks = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+    try:
+        for fmt, compression in COMBOS:
+            with CheckpointManager(tmp_path / f"{fmt}-{compression}", format=fmt, compression=compression,
+                                   async_save=False) as mgr:
+                mgr.save(state(1, elements=4 * MiB), name=periodic(1))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ticks, "no signal arrived during the saves"
+    for fmt, compression in COMBOS:
+        assert ckptio.verify(tmp_path / f"{fmt}-{compression}").ok

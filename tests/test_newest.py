@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
+from helpers import _periodic
 
 import ckptio
+from ckptio.dir_index import INDEX_NAME
+from ckptio.naming import parse_checkpoint_name
+from craft_train.resume import find_resume_checkpoint
 
 
 def _save(directory: Path, name: str, step: int) -> Path:
@@ -56,3 +62,30 @@ def test_scan_takes_a_directory_given_as_a_string(tmp_path: Path) -> None:
     with ckptio.CheckpointManager(tmp_path, async_save=False, fsync=False) as mgr:
         mgr.save({"w": torch.zeros(2)}, name="checkpoint_epoch_1_batch_1")
     assert [e.name for e in ckptio.scan(str(tmp_path))] == [e.name for e in ckptio.scan(tmp_path)] != []
+
+
+def test_resume_auto_ranks_a_checkpoint_whose_summary_is_not_a_dict_instead_of_crashing(tmp_path: Path) -> None:
+    good = _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    _periodic(tmp_path, 6, 2_000_000_000_000_000_000, summary_override="not a dict")
+    said: list[str] = []
+    assert find_resume_checkpoint(tmp_path, said.append) in (good, tmp_path / "checkpoint_epoch_1_batch_6.safetensors")
+
+
+def test_resume_auto_ignores_an_index_record_made_for_another_file(tmp_path: Path) -> None:
+    # A record claiming global_step 999 for the older file (its size and mtime do not match it) must not make
+    # --resume auto pick the older checkpoint over the newer one.
+    older = _periodic(tmp_path, 5, 1_000_000_000_000_000_000)
+    newer = _periodic(tmp_path, 10, 2_000_000_000_000_000_000)
+    record = {"size": 1, "mtime_ns": 1, "status": "verified", "digest": None,
+              "meta": {"summary": {"global_step": 999}}, "reason": ""}
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"version": 1, "files": {older.name: record}}))
+    assert find_resume_checkpoint(tmp_path, lambda _: None) == newer
+
+
+@pytest.mark.parametrize("stem", ["checkpoint_epoch_1_batch_1\n", "checkpoint_epoch_\u0661_batch_1",
+                                  "checkpoint_epoch_1_batch_\uff11", "checkpoint_epoch_1_batch_1x"])
+def test_only_plain_ascii_digits_make_a_batch_checkpoint_name(stem: str) -> None:
+    # "\u0661" (Arabic-Indic one) and "\uff11" (fullwidth one) are digits to \d and to int(): such a planted name
+    # would pass for checkpoint_epoch_1_batch_1 in retention and in --resume auto's order
+    assert parse_checkpoint_name(stem) is None
+    assert parse_checkpoint_name("checkpoint_epoch_12_batch_340") == (12, 340)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ import ckptio.atomic
 import ckptio.slim
 from ckptio import cli as ckptio_cli
 from ckptio.dir_index import read_index
+from ckptio.fileio import write_checkpoint
 from ckptio.integrity import seal_zip_file
 from ckptio.naming import CheckpointEntry, scan
 from ckptio.slim import is_slim, plan_slimming, slim_checkpoint
+from ckptio.snapshot import BufferSlot
 from tests.helpers import assert_same
 
 
@@ -286,7 +289,7 @@ def _planted_shared_references(path: Path, depth: int = 60) -> None:
         seal_zip_file(file.fileno(), {"name": path.stem, "user": {}})
 
 
-@pytest.mark.timeout(120)  # a guard only: before the fix the writer walked 2**60 paths and never returned
+@pytest.mark.timeout(120)  # a guard only: a writer that walks every path of shared references never returns
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_a_planted_checkpoint_of_shared_references_is_reported_unslimmable_and_the_save_still_succeeds(
     tmp_path: Path, writer: str
@@ -340,3 +343,52 @@ def test_a_checkpoint_found_unslimmable_is_tried_again_once_it_changes(tmp_path:
     (replacement,) = _save(tmp_path / "elsewhere", [1])  # the same name, now with weights, put in place
     os.replace(replacement, first)
     assert [done.path for done in ckptio.slim.slim_older_checkpoints(tmp_path, keep_full=1)] == [first]
+
+
+def _sealed_torch(path: Path, state: Any, meta: dict[str, Any]) -> None:
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        seal_zip_file(fd, meta)
+    finally:
+        os.close(fd)
+
+
+def test_slim_refuses_a_checkpoint_whose_tensor_elements_overlap_instead_of_expanding_it(tmp_path: Path) -> None:
+    # Before: a 2 KB sealed file holding zeros(1).expand(250_000_000) was rewritten as a 1 GB file (2.1 GB RSS,
+    # 8 s) by the trainer's own slim pass; a larger count fills the disk or memory.
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    _sealed_torch(path, {"model_state_dict": {"w": torch.zeros(1).expand(10**12)}, "opt": torch.zeros(2)},
+                  {"summary": {}, "name": "x"})
+    with pytest.raises(ValueError, match="elements overlap"):
+        slim_checkpoint(path, fsync=False)
+    assert path.stat().st_size < 10_000
+
+
+def test_slim_of_a_checkpoint_whose_user_metadata_is_not_a_dict_slims_it(tmp_path: Path) -> None:
+    # Before: ValueError("dictionary update sequence element #0 has length 1; 2 is required").
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    _sealed_torch(path, {"model_state_dict": {"w": torch.ones(3)}, "opt": torch.zeros(2)},
+                  {"summary": {}, "name": "x", "user": "not a dict", "compression": "zstd"})
+    result = slim_checkpoint(path, fsync=False)
+    assert result.dropped == ("opt",)
+    assert torch.equal(ckptio.load(path)["model_state_dict"]["w"], torch.ones(3))
+
+
+def test_slim_refuses_shifted_views_of_one_storage_instead_of_copying_each(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    base = torch.zeros(1000)
+    _sealed_torch(path, {"model_state_dict": {f"w{i}": base[i:] for i in range(500)}, "opt": torch.zeros(2)},
+                  {"summary": {}, "name": "x"})
+    with pytest.raises(ValueError, match="elements overlap"):
+        slim_checkpoint(path, fsync=False)
+
+
+def test_slim_keeps_working_for_tied_weights_and_slices(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint_epoch_1_batch_1.pth"
+    shared = torch.arange(6.0)
+    state = {"model_state_dict": {"a": shared, "tied": shared, "head": shared[:2], "tail": shared[2:]},
+             "opt": torch.zeros(2)}
+    write_checkpoint(path, BufferSlot().take(state), name="x", fmt="torch", compression=None, fsync=False)
+    assert slim_checkpoint(path, fsync=False).dropped == ("opt",)
+    assert torch.equal(ckptio.load(path)["model_state_dict"]["tail"], shared[2:])

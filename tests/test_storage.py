@@ -7,13 +7,17 @@ that a write fails with EFBIG exactly as on a full volume).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +25,18 @@ from typing import Any
 import pytest
 import torch
 import zstandard
+from helpers import state, visible
 
 import ckptio
+import ckptio.atomic
 import ckptio.cli
+import ckptio.dir_index
 import ckptio.formats
 import ckptio.manager
+import ckptio.naming
 import ckptio.slim
 from ckptio import CheckpointDirectoryLockedError, CheckpointManager, CheckpointWriteError, InsufficientSpaceError
+from ckptio.atomic import TEMP_SUFFIX
 from ckptio.fileio import MAX_ZSTD_EXPANSION
 from ckptio.naming import scan
 
@@ -552,3 +561,144 @@ def test_zstd_files_are_counted_by_keep_count_and_the_disk_budget(tmp_path) -> N
             mgr.save(train_state(batch), name=periodic(batch))
         mgr.wait()
     assert files(tmp_path) == {"best_model.pth.zst", f"{periodic(3)}.pth.zst", f"{periodic(4)}.pth.zst"}
+
+
+# -- a full disk in every format, and what retention may delete ------------------------------------------------
+
+
+def open_temp_files() -> list[str]:
+    """Targets of this process's descriptors that are (or were) ckptio temporary files."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if TEMP_SUFFIX in target:
+                found.append(target)
+    return found
+
+
+class FillingFileIO(io.FileIO):
+    """A file on a volume with ``room`` bytes left: a write beyond it fails with ENOSPC, as the kernel's does."""
+
+    room = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size > FillingFileIO.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        FillingFileIO.room -= size
+        return super().write(data)
+
+
+@pytest.fixture
+def small_volume(monkeypatch) -> Iterator[None]:
+    """Every file ckptio opens for writing behaves as if the volume had 64 KiB left."""
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, mode: str = "r", buffering: int = -1, **kwargs: Any) -> Any:
+        if mode != "wb":
+            return real_fdopen(fd, mode, buffering, **kwargs)
+        FillingFileIO.room = 64 * 1024
+        return io.BufferedWriter(FillingFileIO(fd, "w"), buffering if buffering > 0 else io.DEFAULT_BUFFER_SIZE)
+
+    monkeypatch.setattr(ckptio.atomic.os, "fdopen", fdopen)
+    yield
+
+
+@pytest.fixture
+def ext4_volume(tmp_path) -> Iterator[Path]:
+    """A real 32 MiB ext4 volume (a loop mount: needs root), where a full disk behaves as on a training node."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("a loop-mounted ext4 volume needs root and mkfs.ext4")
+    image, mount = tmp_path / "volume.img", tmp_path / "volume"
+    with open(image, "wb") as out:
+        out.truncate(32 * MiB)
+    mount.mkdir()
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False, timeout=60)
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mount)],
+                                                      capture_output=True, check=False, timeout=60).returncode == 0
+    if not mounted:
+        pytest.skip("could not mount a loop ext4 volume here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False, timeout=60)
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_a_full_disk_is_reported_as_enospc_in_every_format_and_skipped(tmp_path, small_volume, fmt,
+                                                                      compression) -> None:
+    with CheckpointManager(tmp_path, format=fmt, compression=compression) as mgr:
+        future = mgr.save(state(1, elements=MiB), name=periodic(1))
+        mgr.wait()
+        assert future is not None and future.result() is None
+        assert mgr.stats.skipped_no_space == 1 and mgr.stats.failed == 0
+    assert visible(tmp_path) == set() and temp_names(tmp_path) == []
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_with_on_no_space_raise_the_error_is_enospc_and_the_failed_file_is_closed_at_once(tmp_path, small_volume,
+                                                                                         fmt, compression) -> None:
+    with CheckpointManager(tmp_path, format=fmt, compression=compression, on_no_space="raise") as mgr:
+        mgr.save(state(1, elements=MiB), name=periodic(1))
+        with pytest.raises(CheckpointWriteError) as raised:
+            mgr.wait()
+        assert isinstance(raised.value.__cause__, OSError) and raised.value.__cause__.errno == errno.ENOSPC
+        assert open_temp_files() == []  # its blocks are freed now, not when the error is collected
+    assert temp_names(tmp_path) == []
+
+
+def test_positioned_writes_put_every_byte_down_even_when_the_os_writes_part_of_them(tmp_path,
+                                                                                   monkeypatch) -> None:
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(ckptio.atomic.os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data)[:3], offset))
+    for fmt in ("torch", "safetensors"):
+        with CheckpointManager(tmp_path / fmt, format=fmt, async_save=False) as mgr:
+            mgr.save(state(1), name=periodic(1))
+        assert ckptio.verify(tmp_path / fmt).ok
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        ckptio.atomic.write_all_at(fd, b"0123456789", 0)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"0123456789"
+
+
+@pytest.mark.parametrize(("fmt", "compression"), COMBOS, ids=COMBO_IDS)
+def test_on_a_real_ext4_volume_a_full_disk_skips_the_save_in_every_format(ext4_volume, fmt, compression) -> None:
+    directory = ext4_volume / "ck"
+    with CheckpointManager(directory, format=fmt, compression=compression, fsync=False) as mgr:
+        results = []
+        for batch in range(1, 5):  # 12 MB each (random floats do not compress): the third cannot fit
+            results.append(mgr.save(state(batch, elements=3_000_000), name=periodic(batch)))
+            mgr.wait()
+        assert mgr.stats.failed == 0 and mgr.stats.skipped_no_space >= 2
+    assert [f.result() is not None for f in results][:2] == [True, True]
+    assert temp_names(directory) == []
+    assert ckptio.verify(directory).ok
+
+
+def test_on_a_real_ext4_volume_on_no_space_raise_frees_the_failed_files_blocks_at_once(ext4_volume) -> None:
+    directory = ext4_volume / "ck"
+    with CheckpointManager(directory, on_no_space="raise", fsync=False) as mgr:
+        mgr.save(state(1, elements=3_000_000), name=periodic(1))
+        mgr.save(state(2, elements=3_000_000), name=periodic(2))
+        mgr.wait()
+        free_before = shutil.disk_usage(ext4_volume).free
+        mgr.save(state(3, elements=3_000_000), name=periodic(3))
+        with pytest.raises(CheckpointWriteError) as raised:
+            mgr.wait()
+        assert raised.value.__cause__.errno == errno.ENOSPC
+        assert open_temp_files() == []
+        assert shutil.disk_usage(ext4_volume).free >= free_before - 64 * 1024
+
+
+@pytest.mark.parametrize("policy", [{"keep_count": 1}, {"disk_budget": 1}])
+def test_retention_never_deletes_pretrained_weights_or_a_hand_saved_final(tmp_path, policy) -> None:
+    torch.save({"w": torch.ones(3)}, tmp_path / "vgg16_pretrained.pth")
+    with CheckpointManager(tmp_path, **policy) as mgr:
+        mgr.save(state(1), name="final")
+        for batch in (1, 2, 3):
+            mgr.save(state(batch), name=periodic(batch))
+            mgr.wait()
+    assert visible(tmp_path) == {"vgg16_pretrained.pth", "final.pth", f"{periodic(3)}.pth"}
