@@ -182,7 +182,8 @@ def _save(self, state, *, name, **kwargs):
 
 ckptio.manager.CheckpointManager.save = _save
 """
-LOOP_STEPS = 12  # each kill right after a save lets the run advance one step: 11 or more kills
+KILLS = 10
+LOOP_STEPS = 24  # every killed round ends by its first new save at the latest: 10 kills come before the end
 LOOP_TRAIN = [*TRAIN[: TRAIN.index("--max-steps")], "--max-steps", str(LOOP_STEPS)]
 
 
@@ -211,24 +212,29 @@ def test_a_trainer_killed_and_restarted_at_once_again_and_again_loses_no_returne
     command = [sys.executable, "-m", "craft_train", *LOOP_TRAIN, "--save-dir", str(crash_dir), "--resume", "auto"]
     kills, resumes, process = 0, [], None
     try:
-        for round_number in range(40):
+        for round_number in range(3 * KILLS):
             before = len(_returned(returned_log))
             newest_returned = max(map(_position, _returned(returned_log)), default=None)
             output = tmp_path / f"round{round_number}.log"
             with output.open("wb") as sink:
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-            # two of three kills come right after a save() returned (its file may not be written yet), the third
-            # at a random moment of the run: start-up, waiting for the old writer, resuming, training
+            # Two of three kills come right after a save() returned (its file may not be written yet), the third
+            # at a random moment of the run (start-up, waiting for the old writer, resuming, training) but no later
+            # than that: each killed round advances the run by about one step, so the kills happen for certain
+            # before the run could finish, however fast or slow this machine is. Once they have, the run finishes.
+            killing = kills < KILLS
             right_after_a_save = round_number % 3 != 2
             random_moment = time.monotonic() + rng.uniform(0.0, 12.0)
             deadline = time.monotonic() + 300
-            while process.poll() is None and time.monotonic() < deadline:
-                if right_after_a_save and len(_returned(returned_log)) > before:
-                    time.sleep(rng.uniform(0.0, 0.3))
+            while killing and process.poll() is None and time.monotonic() < deadline:
+                if len(_returned(returned_log)) > before:
+                    time.sleep(rng.uniform(0.0, 0.05))
                     break
                 if not right_after_a_save and time.monotonic() > random_moment:
                     break
                 time.sleep(0.005)
+            if not killing:
+                process.wait(timeout=600)
             finished = process.poll() is not None
             process.kill()  # SIGKILL, then at once the next round starts the run again
             process.wait(timeout=30)
@@ -248,7 +254,7 @@ def test_a_trainer_killed_and_restarted_at_once_again_and_again_loses_no_returne
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
-    assert kills >= 10, f"only {kills} kills before the run finished"
+    assert kills >= KILLS, f"only {kills} kills before the run finished"
     assert resumes, "no restart ever resumed"
     for newest_returned, resumed_at in resumes:  # a save that had returned is never passed over
         assert resumed_at >= newest_returned, (resumed_at, newest_returned)
