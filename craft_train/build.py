@@ -24,7 +24,7 @@ from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import epoch_permutation
 from .state import CHECKPOINT_KIND
 
-__all__ = ["Run", "build", "check_save_dir", "checked_optimizer_state", "device_kind"]
+__all__ = ["Run", "build", "check_save_dir", "checked_optimizer_state", "datasets", "device_kind", "epoch_order"]
 
 
 def device_kind(config: TrainConfig) -> str:
@@ -83,7 +83,7 @@ class Run:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The order in which epoch ``epoch`` visits the training samples (the same for any number of processes)."""
-        return _epoch_order(self.config, self.train_set, self.train_indices, epoch)
+        return epoch_order(self.config, self.train_set, self.train_indices, epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """The training objects' states (a sharded optimizer's go in each process's shard instead)."""
@@ -147,12 +147,13 @@ def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], say: Ca
     scaler.load_state_dict(saved)  # a scaler without AMP ignores a saved state
 
 
-def _epoch_order(config: TrainConfig, train_set: Any, train_indices: list[int], epoch: int) -> torch.Tensor:
+def epoch_order(config: TrainConfig, train_set: Any, train_indices: list[int], epoch: int) -> torch.Tensor:
+    """The dataset indices epoch ``epoch`` visits, in order (the same for any number of processes)."""
     order = epoch_permutation(config.seed, epoch, train_indices)
     return train_set.epoch_order(order, seed=config.seed, epoch=epoch) if config.mix_synthetic else order
 
 
-def _datasets(config: TrainConfig) -> tuple[Any, Any, list[int], list[int]]:
+def datasets(config: TrainConfig) -> tuple[Any, Any, list[int], list[int]]:
     """Training and validation sets and their indices. With weak supervision the training samples carry word
     crops that the training step labels with the model (craft_train.weak); the validation loss keeps the even
     split, which needs no model."""
@@ -181,11 +182,11 @@ def build(config: TrainConfig, world: World, *, say: Callable[[str], None] = pri
     use_amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
     try:
-        train_set, val_set, train_indices, val_indices = _datasets(config)
+        train_set, val_set, train_indices, val_indices = datasets(config)
     except ValueError as exc:  # a missing, empty or malformed data directory: the user's to fix
         raise ConfigError(str(exc)) from exc
     step_samples = config.batch_size * world.size  # one optimizer step consumes this many samples in all
-    total_batches = math.ceil(len(_epoch_order(config, train_set, train_indices, 1)) / step_samples)
+    total_batches = math.ceil(len(epoch_order(config, train_set, train_indices, 1)) / step_samples)
     if total_batches == 0:
         raise ConfigError("no training images left after the validation split; lower --val-fraction")
     model = CRAFT().to(device)

@@ -44,13 +44,13 @@ from ckptio import scan
 from ckptio.dcp import checkpoint_entries
 from ckptio.dcp_manager import ShardedCheckpointManager, latest
 
-from .build import device_kind
+from .build import datasets, device_kind, epoch_order
 from .config import TrainConfig, resumed_config
-from .data import IcdarDataset, MixedDataset, SyntheticTextDataset, collate, split_indices
+from .data import collate
 from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
-from .order import augmentation_seed, epoch_permutation, share
+from .order import augmentation_seed, share
 from .preemption import ignore_stop_signals
 from .state import TrainResult
 
@@ -266,7 +266,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             scheduler.load_state_dict(progress["scheduler"])
         result.start_step = global_step
 
-        train_set, val_set, train_indices, val_indices = _datasets(config)
+        train_set, val_set, train_indices, val_indices = datasets(config)
 
         step_samples = config.batch_size * world.size
 
@@ -286,7 +286,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             if batch_in_epoch == 0:
                 sums, position = {"train": 0.0, "batches": 0}, 0
             order = (resumed_order if resumed_order is not None
-                     else _epoch_order(config, train_set, train_indices, epoch))
+                     else [int(i) for i in epoch_order(config, train_set, train_indices, epoch).tolist()])
             resumed_order = None
             mine = share(order, position, config.batch_size, world)
             keys = [(i, augmentation_seed(config.seed, epoch, i)) for i in mine]
@@ -351,24 +351,6 @@ def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[
     return progress, config
 
 
-def _datasets(config: TrainConfig) -> tuple[Any, Any, list[int], list[int]]:
-    """Training and validation sets (the run's own data or the synthetic default) and their split."""
-    if config.data_dir is not None:
-        train_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=config.augment)
-        val_set: Any = IcdarDataset(config.data_dir, config.image_size, augment=False)
-    else:
-        train_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed,
-                                         config.augment, labels=config.synthetic_labels)
-        val_set = SyntheticTextDataset(config.synthetic_size, config.image_size, config.seed, augment=False,
-                                       labels=config.synthetic_labels)
-    train_indices, val_indices = split_indices(len(train_set), config.val_fraction, config.seed)
-    if config.mix_synthetic:
-        train_set = MixedDataset.with_synthetic(train_set, every=config.mix_synthetic,
-                                                count=config.synthetic_size, seed=config.seed,
-                                                augment=config.augment)
-    return train_set, val_set, train_indices, val_indices
-
-
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: dict[str, Any],
                 config: TrainConfig, world: World, device: torch.device) -> tuple[float, int]:
     """One optimizer step on every process; returns the step's loss summed over processes and its load errors."""
@@ -388,14 +370,6 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     sync_buffers(model, world)
     losses, errors = world.step_totals([loss.item() if weight else 0.0], int(batch["errors"]), device)
     return losses[0], errors
-
-
-def _epoch_order(config: TrainConfig, train_set: Any, train_indices: list[int], number: int) -> list[int]:
-    """The samples epoch ``number`` visits, in order (the same for any number of processes)."""
-    order = epoch_permutation(config.seed, number, train_indices)
-    if config.mix_synthetic:
-        order = train_set.epoch_order(order, seed=config.seed, epoch=number)
-    return [int(i) for i in order.tolist()]
 
 
 def _blank_batch(image_size: int) -> dict[str, Any]:
