@@ -14,6 +14,7 @@ __all__ = [
     "DIGEST_ALGORITHM",
     "MAX_METADATA_BYTES",
     "MAX_SEAL_BYTES",
+    "RESULTS_SUFFIX",
     "METADATA_NAME",
     "SEAL_NAME",
     "WRITING_LOCK_NAME",
@@ -26,6 +27,9 @@ SEAL_NAME = ".ckptio-seal.json"
 DATA_SUFFIX = ".distcp"
 WRITING_LOCK_NAME = ".ckptio-writing.lock"
 DIGEST_ALGORITHM = "xxh3_128"
+RESULTS_SUFFIX = ".ckptio-results"
+"""A rank's account of what it wrote into a staging directory (its items and their records), read by the
+coordinator of a :class:`~ckptio.dcp_manager.ShardedCheckpointManager` save; never part of a committed one."""
 # The metadata of a few million items is well under 1 GiB; the seal holds one line per data file.
 MAX_METADATA_BYTES = 2**30
 MAX_SEAL_BYTES = 16 * 2**20

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from .atomic import is_temporary, temp_name
-from .dcp_format import DATA_SUFFIX, METADATA_NAME, SEAL_NAME, WRITING_LOCK_NAME, is_ours
+from .dcp_format import DATA_SUFFIX, METADATA_NAME, RESULTS_SUFFIX, SEAL_NAME, WRITING_LOCK_NAME, is_ours
 from .dcp_reader import open_directory, open_regular, read_item
 from .errors import CorruptCheckpointError
 from .naming import CheckpointEntry
@@ -142,8 +142,8 @@ def _held(lock: Path) -> bool:
 
 def _looks_like_dcp_staging(path: str) -> bool:
     with contextlib.suppress(OSError), os.scandir(path) as it:
-        return all(e.name.endswith(DATA_SUFFIX) or e.name in (METADATA_NAME, SEAL_NAME, WRITING_LOCK_NAME)
-                   for e in it)
+        return all(e.name.endswith((DATA_SUFFIX, RESULTS_SUFFIX)) or is_temporary(e.name)
+                   or e.name in (METADATA_NAME, SEAL_NAME, WRITING_LOCK_NAME) for e in it)
     return False
 
 

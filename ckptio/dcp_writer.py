@@ -43,6 +43,7 @@ from .zstd_body import zstandard_module
 
 __all__ = [
     "Writer",
+    "seal_and_rename",
 ]
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -151,33 +152,14 @@ class Writer(BlockingAsyncStager, StorageWriter):
         if staging is None:
             raise RuntimeError("finish() before write_data(): DCP calls them in that order on the coordinator")
         storage: dict[MetadataIndex, Any] = {}
-        files: dict[str, int] = {}
         for rank_results in results:
             for result in rank_results:
                 storage[result.index] = result.storage_data
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
-        for entry in os.scandir(staging):
-            if entry.name != WRITING_LOCK_NAME:
-                files[entry.name] = entry.stat(follow_symlinks=False).st_size
-        raw = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
-        _write_file(staging / METADATA_NAME, raw, sync=self.sync_files)
-        seal = {"ckptio": 1, "format": _FORMAT, "algorithm": DIGEST_ALGORITHM,
-                "metadata": {"size": len(raw), "xxh3": xxhash.xxh3_128_hexdigest(raw)},
-                "files": dict(sorted(files.items())), "items": len(storage)}
-        _write_file(staging / SEAL_NAME, json.dumps(seal, indent=1).encode(), sync=self.sync_files)
-        if self.sync_files:
-            fsync_directory(staging)
-        if os.path.lexists(self.path):  # appeared while the ranks wrote: never replace it
-            raise FileExistsError(f"{self.path} appeared while this checkpoint was written; it was not replaced "
-                                  f"(the new one is left in {staging})")
-        _rename_no_replace(staging, self.path)
+        seal_and_rename(staging, self.path, metadata, sync=self.sync_files)
         self._staging = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.path / WRITING_LOCK_NAME)
         self._release_lock()
-        if self.sync_files:
-            fsync_directory(self.path.parent)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
@@ -200,6 +182,33 @@ class Writer(BlockingAsyncStager, StorageWriter):
             # Pinning needs CUDA; on a CPU-only machine plain buffers are what there is.
             self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
         return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+def seal_and_rename(staging: Path, final: Path, metadata: Metadata, *, sync: bool) -> None:
+    """The commit of a staging directory whose data files are complete: ``.metadata`` and the seal written
+    last, fsync'd with the directory, then renamed to ``final`` (never replacing it) and the parent fsync'd.
+
+    ``metadata.storage_data`` must already hold every item's record."""
+    files: dict[str, int] = {}
+    for entry in os.scandir(staging):
+        if entry.name != WRITING_LOCK_NAME:
+            files[entry.name] = entry.stat(follow_symlinks=False).st_size
+    raw = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_file(staging / METADATA_NAME, raw, sync=sync)
+    seal = {"ckptio": 1, "format": _FORMAT, "algorithm": DIGEST_ALGORITHM,
+            "metadata": {"size": len(raw), "xxh3": xxhash.xxh3_128_hexdigest(raw)},
+            "files": dict(sorted(files.items())), "items": len(metadata.storage_data)}
+    _write_file(staging / SEAL_NAME, json.dumps(seal, indent=1).encode(), sync=sync)
+    if sync:
+        fsync_directory(staging)
+    if os.path.lexists(final):  # appeared while the ranks wrote: never replace it
+        raise FileExistsError(f"{final} appeared while this checkpoint was written; it was not replaced "
+                              f"(the new one is left in {staging})")
+    _rename_no_replace(staging, final)
+    with contextlib.suppress(OSError):
+        os.unlink(final / WRITING_LOCK_NAME)
+    if sync:
+        fsync_directory(final.parent)
 
 
 _RENAME_NOREPLACE = 1
