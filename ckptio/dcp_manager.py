@@ -1,16 +1,30 @@
 """``ShardedCheckpointManager``: periodic sharded (DCP) checkpoints with ckptio's retention rules.
 
-Each save is one ``ckptio.dcp`` checkpoint directory ``DIRECTORY/NAME``, written by every rank through
-``dcp.async_save`` (or ``dcp.save``) and committed by the coordinator's rename. After a save is committed, the
-coordinator (rank 0) applies ``keep_count`` and ``disk_budget`` over the DCP directories, with the rules of
-:mod:`ckptio.retention`: only periodic checkpoints (``checkpoint_epoch_E_batch_B``) are deleted, never the newest
-committed one, and never a save in flight (it is a hidden staging directory until its commit, not a checkpoint).
-With ``min_free`` it makes room before each save the same way. A name that is not periodic (``best_model``) is
-saved again by committing the new directory under a hidden name and swapping the two in one rename.
+Each save is one ``ckptio.dcp`` checkpoint directory ``DIRECTORY/NAME`` (the format of :class:`ckptio.dcp.Writer`,
+loadable with :class:`ckptio.dcp.Reader` at any process count), written through ckptio's own staging slot and
+writer, with no collective once the manager exists:
+
+* ``save()`` plans locally with DCP's ``DefaultSavePlanner`` and copies the tensors this rank writes into one
+  reusable staging slot (with ``writer="process"``: one shared-memory segment, handed to the writer process
+  once). That copy, and pickling the few non-tensor values, is all the training thread pays.
+* The writer (a thread, or a helper process) writes this rank's data file into the save's hidden staging
+  directory; rank 0's writer waits for every rank's part, writes the metadata and the seal last, renames the
+  directory into place and applies retention (:mod:`ckptio.dcp_job`).
+
+Each rank writes the shards of its DTensors (a replicated DTensor's chunk: the ranks at coordinate 0 of its
+replicated mesh dimensions). Plain tensors and other values are written by rank 0 only: like DCP, the manager
+takes them to be equal on every rank.
+
+After a save is committed, rank 0 applies ``keep_count`` and ``disk_budget`` over the DCP directories, with the
+rules of :mod:`ckptio.retention`: only periodic checkpoints (``checkpoint_epoch_E_batch_B``) are deleted, never the
+newest committed one, and never a save in flight (it is a hidden staging directory until its commit, not a
+checkpoint). With ``min_free`` it makes room before each save the same way. A name that is not periodic
+(``best_model``) is saved again by committing the new directory under a hidden name and swapping the two in one
+rename.
 
 A failed save raises :class:`~ckptio.CheckpointWriteError` on the next ``save()``, ``wait()`` or ``close()`` on
-every rank alike: DCP broadcasts the coordinator's commit outcome, so ranks never disagree on whether a
-checkpoint was committed.
+every rank alike: the other ranks' writers wait for rank 0's verdict on the save (committed, or failed and
+why) and report it, so ranks never disagree on whether a checkpoint was committed.
 """
 
 from __future__ import annotations
@@ -18,24 +32,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import itertools
 import os
 import shutil
-import warnings
-from concurrent.futures import Future
+import threading
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
-from .atomic import fsync_directory, temp_name
-from .config import parse_size
-from .dcp import Reader, Writer, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
+from .atomic import TEMP_SUFFIX, fsync_directory, temp_name
+from .config import CheckpointOptions, parse_size
+from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
+from .dcp_job import OUTCOME_SUFFIX, DcpJob
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
+from .snapshot import BufferSlot
+from .writer import JobRunner, Report, WriteJob, WriterBackend
+from .zstd_body import zstandard_module
 
 __all__ = ["ShardedCheckpointManager", "latest"]
 
@@ -57,6 +80,9 @@ def latest(directory: str | os.PathLike[str]) -> Path | None:
 class ShardedCheckpointManager:
     """Sharded checkpoints in ``directory``, one DCP directory per save.
 
+    Created on every rank (it is a collective: the ranks agree on a run id); ``save()``, ``wait()`` and
+    ``close()`` are called by every rank in the same order.
+
     Args:
         directory: where the checkpoint directories live (created if needed).
         keep_count: periodic checkpoints to keep (``None``: all). Must be at least 1.
@@ -64,79 +90,129 @@ class ShardedCheckpointManager:
         min_free: bytes (or ``"5GB"``) the volume must keep free after a save: before each save, the oldest
             periodic checkpoints (never the newest) are deleted until the save fits; if it cannot, the save
             raises :class:`~ckptio.InsufficientSpaceError` on every rank and nothing is written.
-        async_save: save through ``dcp.async_save`` (returns after the copy into reused host buffers) or
-            ``dcp.save`` (returns when committed).
+        async_save: ``save()`` returns after the copy into the staging slot and the writer commits in the
+            background; ``False``: ``save()`` returns when the checkpoint is committed.
         compression: ``None`` or ``"zstd"``.
+        writer: where background writes run, as :attr:`ckptio.CheckpointOptions.writer`: ``"thread"`` (in this
+            process) or ``"process"`` (a helper process fed through one shared-memory segment).
+        timeout: seconds rank 0's writer waits for the other ranks' parts before the save fails (the other
+            ranks wait twice as long for rank 0's verdict).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, keep_count: int | None = None,
                  disk_budget: int | str | None = None, min_free: int | str | None = None, async_save: bool = True,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, writer: Literal["thread", "process"] = "thread",
+                 timeout: float = 600.0) -> None:
         if keep_count is not None and (type(keep_count) is not int or keep_count < 1):
             raise ValueError(f"keep_count={keep_count!r}: keep at least 1 checkpoint (the newest is what a resume "
                              "needs), or None to keep all")
-        self.directory = Path(directory)
+        if compression not in (None, "zstd"):
+            raise ValueError(f"compression={compression!r}: use None or 'zstd'")
+        if compression == "zstd":
+            zstandard_module()  # raises with the install hint if zstandard is missing
+        self.directory = Path(directory).absolute()
         self.keep_count = keep_count
         self.disk_budget = parse_size(disk_budget, what="disk_budget")
         self.min_free = parse_size(min_free, what="min_free")
         self.async_save = async_save
-        self._writer = Writer(self.directory / ".unused", compression=compression, cache_staged_state_dict=True)
-        self._future: Future[Any] | None = None
-        self._pending_name: str | None = None
+        self.compression = compression
+        self._rank = _rank()
+        self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # Validates writer and timeout, and is what the writer (thread or process) runs its jobs with.
+        self._options = CheckpointOptions(writer=writer, async_save=async_save, rank=self._rank,
+                                          world_size=self._world, shard_timeout=timeout)
+        self.timeout = timeout
         self._error: BaseException | None = None
         self._closed = False
-        # DCP's background save runs collectives (plan, commit) while training runs its own: on one process group
-        # they would interleave and mismatch, so saves get a group of their own (gloo: it carries CPU objects).
+        self._pending: tuple[int, str] | None = None
+        self._reports: dict[int, Report] = {}
+        self._reported = threading.Condition()
+        self._tickets = itertools.count()
+        # The collectives left (min_free's agreement, load, the barriers here) run on a group of their own, so
+        # that they never interleave with the training's own collectives.
         self._group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
-        if _rank() == 0:
+        run_id = [uuid.uuid4().hex[:16]]
+        if self._group is not None:
+            dist.broadcast_object_list(run_id, src=0, group=self._group)  # names every save's staging directory
+        self._run_id = run_id[0]
+        if self._rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_dcp_leftovers(self.directory)  # saves that crashed before this run: their locks are gone
             for stale in self.directory.glob(".*" + _NEXT_SUFFIX):  # a replacement that crashed before its swap
                 delete_dcp_directory(stale)
-        _barrier()
+            _remove_outcomes(self.directory)
+        _barrier(self._group)
+        in_process = async_save and writer == "process"
+        if in_process:
+            from .shm import shared_staging
+
+            self._slot = BufferSlot(allocator=functools.partial(shared_staging, key="dcp"))
+        else:
+            self._slot = BufferSlot()
+        self._runner = JobRunner(self.directory, self._options)
+        self._writer: WriterBackend | None = None
+        if in_process:
+            from .writer_process import ProcessWriter
+
+            self._writer = ProcessWriter(self.directory, self._options, self._on_report, self._on_lost)
+        elif async_save:
+            from .writer_thread import ThreadWriter
+
+            self._writer = ThreadWriter(self._runner, self._on_report, name=f"ckptio-dcp-writer:{self.directory}")
 
     def save(self, state: dict[str, Any], *, name: str) -> None:
         """Start saving ``state`` (a DCP state dict: DTensors, tensors, plain values) as ``directory/name``.
 
-        A periodic name (``checkpoint_epoch_E_batch_B``) must be new. Any other name (``best_model``) may exist:
-        the new directory is committed beside it and the two are swapped in one atomic rename, so that a crash
-        leaves either the old one or the new one under the name, never neither.
+        Returns once this rank's tensors are copied into the staging slot (``async_save``), or once the
+        checkpoint is committed. A periodic name (``checkpoint_epoch_E_batch_B``) must be new. Any other name
+        (``best_model``) may exist: the new directory is committed beside it and the two are swapped in one atomic
+        rename, so that a crash leaves either the old one or the new one under the name, never neither.
         """
         self._check_open()
         validate_name(name)
-        self.wait()  # one save in flight: the next copy would overwrite the host buffers it is written from
+        self.wait()  # one save in flight: the next copy would overwrite the slot it is written from
         if self.min_free is not None:
             self._make_room(state)
         target = self.directory / name
         if not parse_checkpoint_name(name):
             target = self.directory / f".{name}{_NEXT_SUFFIX}"
-        self._writer.reset(target)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
-            try:
-                # DCP plans in the caller (async_save included): a refused plan raises here, on every rank.
-                if self.async_save:
-                    response = dcp.async_save(state, storage_writer=self._writer, process_group=self._group)
-                    self._future = getattr(response, "upload_completion", response)
-                    self._pending_name = name
-                    return
-                dcp.save(state, storage_writer=self._writer, process_group=self._group)
-            except (Exception, CheckpointException) as exc:
-                raise CheckpointWriteError(f"saving {self.directory / name} failed: {exc}") from exc
-        self._after_commit(name)
+        elif os.path.lexists(target):  # refused before any copy, as DCP's planning refuses it on every rank
+            raise CheckpointWriteError(f"{target} already exists; a periodic checkpoint is never replaced: save "
+                                       "under a new name, or delete the old one")
+        ticket = next(self._tickets)
+        try:
+            flat, job = self._plan(state, name, target, f"{self._run_id}-{ticket}")
+            snapshot = self._slot.take(flat)
+        except Exception as exc:
+            raise CheckpointWriteError(f"saving {self.directory / name} failed: {exc}") from exc
+        write_job = WriteJob(ticket, name, snapshot, None, dcp=job)
+        if self._writer is None:
+            self._on_report(self._runner.run(write_job))
+            self._pending = (ticket, name)
+            self.wait()
+            return
+        self._pending = (ticket, name)
+        try:
+            self._writer.submit(write_job)
+        except BaseException:
+            self._pending = None
+            raise
 
     def wait(self) -> None:
         """Wait for the save in flight; raise its error (once) if it failed."""
-        future, name = self._future, self._pending_name
-        self._future = self._pending_name = None
-        if future is not None:
-            try:
-                future.result()
-            except (Exception, CheckpointException) as exc:  # DCP's error is a BaseException
-                self._error = exc
-            else:
-                assert name is not None
-                self._after_commit(name)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            ticket, name = pending
+            with self._reported:
+                while ticket not in self._reports:
+                    if self._writer is not None and not self._writer.alive():
+                        self._reports[ticket] = Report(ticket, "failed", error=CheckpointWriteError(
+                            "the checkpoint writer thread died; see the log"))
+                        break
+                    self._reported.wait(timeout=1.0)
+                report = self._reports.pop(ticket)
+            if report.outcome == "failed" and self._error is None:
+                self._error = report.error or CheckpointWriteError(f"{name}: failed")
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointWriteError(f"a background save into {self.directory} failed: {error}") from error
@@ -148,10 +224,16 @@ class ShardedCheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
+            self._slot.release()
             if self._group is not None:
+                _barrier(self._group)  # every rank has read the outcome of the last save
                 dist.destroy_process_group(self._group)
                 self._group = None
+            if self._rank == 0:
+                with contextlib.suppress(OSError):
+                    _remove_outcomes(self.directory)
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -175,22 +257,41 @@ class ShardedCheckpointManager:
         dcp.load(state, storage_reader=Reader(target), process_group=self._group)
         return target
 
-    def _after_commit(self, name: str) -> None:
-        if not parse_checkpoint_name(name):
-            if _rank() == 0:
-                _swap_into_place(self.directory / f".{name}{_NEXT_SUFFIX}", self.directory / name)
-            _barrier(self._group)
-        if self.keep_count is None and self.disk_budget is None:
-            return
-        if _rank() == 0:
-            entries = checkpoint_entries(self.directory)
-            plan = plan_retention(entries, keep_count=self.keep_count, budget=self.disk_budget,
-                                  must_keep=self.directory / name)
-            for entry in plan.delete:
-                delete_dcp_directory(entry.path)
-        # Every rank returns from save()/wait() seeing the same directory: none lists a checkpoint that rank 0
-        # is still deleting.
-        _barrier(self._group)
+    def _plan(self, state: dict[str, Any], name: str, target: Path, token: str
+              ) -> tuple[dict[str, torch.Tensor], DcpJob]:
+        """DCP's local plan, cut to the items this rank writes; the tensors to stage and what the writer needs."""
+        state = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
+        planner = DefaultSavePlanner()
+        planner.set_up_planner(state, is_coordinator=self._rank == 0)
+        plan = planner.create_local_plan()
+        items, sources, blobs, flat = [], [], {}, {}
+        for item in plan.items:
+            if not _writes_here(planner.state_dict[item.index.fqn], self._rank):
+                continue
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                blobs[len(items)] = data.getvalue()  # small values, pickled now: the caller may change them
+                sources.append(None)
+            else:
+                key = str(len(flat))
+                flat[key] = data
+                sources.append(key)
+            items.append(item)
+        job = DcpJob(directory=str(self.directory), name=name, target=str(target), token=token, rank=self._rank,
+                     world_size=self._world, items=items, sources=sources, blobs=blobs,
+                     planner_data=plan.planner_data, compression=self.compression, timeout=self.timeout,
+                     keep_count=self.keep_count, disk_budget=self.disk_budget)
+        return flat, job
+
+    def _on_report(self, report: Report) -> None:
+        with self._reported:
+            self._reports[report.ticket] = report
+            self._reported.notify_all()
+
+    def _on_lost(self, tickets: list[int], reason: str) -> None:
+        for ticket in tickets:
+            self._on_report(Report(ticket, "failed", error=CheckpointWriteError(
+                f"{reason}; the save was lost (the previous checkpoint is intact)")))
 
     def _make_room(self, state: dict[str, Any]) -> None:
         """Rank 0 deletes the oldest periodic checkpoints until this save and ``min_free`` fit; all ranks agree."""
@@ -228,6 +329,39 @@ class ShardedCheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this ShardedCheckpointManager is closed; create a new one")
+
+
+def after_commit(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
+    """Rank 0's writer, once ``name`` is committed (under its hidden name if it replaces one): swap it into
+    place, then delete what ``keep_count`` and ``disk_budget`` drop. Return how many were deleted."""
+    if not parse_checkpoint_name(name):
+        _swap_into_place(directory / f".{name}{_NEXT_SUFFIX}", directory / name)
+    if keep_count is None and disk_budget is None:
+        return 0
+    plan = plan_retention(checkpoint_entries(directory), keep_count=keep_count, budget=disk_budget,
+                          must_keep=directory / name)
+    for entry in plan.delete:
+        delete_dcp_directory(entry.path)
+    return len(plan.delete)
+
+
+def _writes_here(value: Any, rank: int) -> bool:
+    """Whether this rank writes the item planned for ``value``: its own shard of a DTensor (of a replicated
+    mesh dimension, the rank at coordinate 0), anything else on rank 0 only."""
+    if isinstance(value, DTensor):
+        coordinate = value.device_mesh.get_coordinate()
+        if coordinate is None:
+            return False
+        return all(c == 0 for c, placement in zip(coordinate, value.placements, strict=True)
+                   if not placement.is_shard())
+    return rank == 0
+
+
+def _remove_outcomes(directory: Path) -> None:
+    for path in directory.glob(f".*{OUTCOME_SUFFIX}*"):
+        if path.name.endswith((OUTCOME_SUFFIX, TEMP_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 _NEXT_SUFFIX = ".next-ckptio"

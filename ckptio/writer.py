@@ -57,6 +57,8 @@ class WriteJob:
     metadata: dict[str, Any] | None
     shard: Snapshot | None = None
     token: str | None = None
+    dcp: Any = None
+    """A :class:`ckptio.dcp_job.DcpJob`: this rank's part of a sharded DCP save, its tensors in ``snapshot``."""
 
 
 @dataclass
@@ -104,6 +106,8 @@ class JobRunner:
         return self.directory / file_name(name, self.options.format, self.options.compression)
 
     def run(self, job: WriteJob) -> Report:
+        if job.dcp is not None:
+            return self._run_dcp(job)
         options = self.options
         path = self.path_for(job.name)
         deleted = 0
@@ -136,6 +140,18 @@ class JobRunner:
         except Exception as exc:  # the checkpoint is safe on disk; housekeeping failed, so say so
             return Report(job.ticket, "committed", saved=saved, error=exc, path=path, deleted=deleted)
         return Report(job.ticket, "committed", saved=self._slim_older(saved), path=path, deleted=deleted)
+
+    def _run_dcp(self, job: WriteJob) -> Report:
+        """A sharded DCP save (:mod:`ckptio.dcp_job`); its retention is the DCP directories', not ours."""
+        path = Path(job.dcp.target)
+        try:
+            from .dcp_job import run_dcp_job
+
+            assert job.snapshot is not None
+            deleted = run_dcp_job(job.dcp, job.snapshot.materialize())
+        except BaseException as exc:  # the caller must hear of every failure; the writer itself goes on
+            return Report(job.ticket, "failed", error=exc, path=path)
+        return Report(job.ticket, "committed", path=path, deleted=deleted)
 
     def _write(self, path: Path, snapshot: Snapshot, name: str, metadata: dict[str, Any] | None,
                shards: list[dict[str, Any]] | None = None) -> SavedCheckpoint:

@@ -210,7 +210,7 @@ class ProcessWriter(WriterBackend):
     def _send_job(self, generation: _Generation, job: WriteJob) -> None:
         try:
             wire = pickle.dumps(("job", {
-                "ticket": job.ticket, "name": job.name, "metadata": job.metadata, "token": job.token,
+                "ticket": job.ticket, "name": job.name, "metadata": job.metadata, "token": job.token, "dcp": job.dcp,
                 "snapshot": _wire_snapshot(job.snapshot), "shard": _wire_snapshot(job.shard),
             }), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -365,7 +365,7 @@ class _Child:
             wire = message[1]
             try:
                 job = WriteJob(wire["ticket"], wire["name"], self.snapshot(wire["snapshot"]), wire["metadata"],
-                               self.snapshot(wire["shard"]), wire["token"])
+                               self.snapshot(wire["shard"]), wire["token"], wire["dcp"])
             except Exception as exc:
                 report = Report(wire["ticket"], "failed", error=exc)
             else:

@@ -1,0 +1,252 @@
+"""One rank's part of a sharded (DCP) save by :class:`~ckptio.dcp_manager.ShardedCheckpointManager`, as the
+writer (thread or process) runs it, with no collective.
+
+Every rank writes its items into the save's staging directory (one data file, the record format of
+:class:`ckptio.dcp.Writer`), then a sealed results file: its items, their records and its plan's mappings.
+
+* **Rank 0** waits (polling, bounded by ``timeout``) for every rank's results, builds DCP's ``Metadata`` with
+  DCP's own planner, writes ``.metadata`` and the seal last, renames the directory into place, applies the
+  sharded retention, and only then writes the save's *outcome file* ``DIRECTORY/.TOKEN.ckptio-outcome``:
+  committed, or failed with the error's text.
+* **Other ranks** wait (bounded) for that outcome file and report the same outcome. A rank whose own write
+  failed says so in its results file, so that rank 0 gives up at once instead of at its timeout.
+
+So every rank's ``wait()`` agrees on whether the checkpoint was committed, and returns after rank 0's
+retention: no rank lists a directory that rank 0 is still deleting. Only a rank that dies or hangs makes the
+others fail by timeout (the checkpoint is then not committed either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
+from torch.distributed.checkpoint.storage import WriteResult
+
+from .atomic import TEMP_SUFFIX, create_new, fsync_directory, open_lock, write_all_at
+from .dcp_format import DATA_SUFFIX, RESULTS_SUFFIX, WRITING_LOCK_NAME
+from .errors import CheckpointWriteError
+
+__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "run_dcp_job", "staging_path"]
+
+OUTCOME_SUFFIX = ".ckptio-outcome"
+_POLL_SECONDS = 0.02
+
+
+@dataclass
+class DcpJob:
+    """What a writer needs besides the staged tensors to write one rank's part of a sharded save."""
+
+    directory: str
+    """The manager's directory: the checkpoint, its staging directory and the outcome file live there."""
+    name: str
+    target: str
+    """Where the committed directory is renamed to: ``directory/name``, or a hidden name swapped in afterwards
+    for a name that is saved again (``best_model``)."""
+    token: str
+    """Unique per save and equal on every rank: names the staging directory and the outcome file."""
+    rank: int
+    world_size: int
+    items: list[WriteItem]
+    """This rank's items, in the order of its data file."""
+    sources: list[str | None]
+    """Per item: its key in the staged flat state, or ``None`` for a serialized value in ``blobs``."""
+    blobs: dict[int, bytes] = field(default_factory=dict)
+    planner_data: Any = None
+    compression: str | None = None
+    level: int = 1
+    sync: bool = True
+    timeout: float = 600.0
+    keep_count: int | None = None
+    disk_budget: int | None = None
+
+
+def staging_path(directory: Path, target_name: str, token: str) -> Path:
+    """The staging directory every rank of one save writes into, named without any exchange between ranks."""
+    return directory / f".{target_name}.{token}{TEMP_SUFFIX}"
+
+
+def outcome_path(directory: Path, token: str) -> Path:
+    return directory / f".{token}{OUTCOME_SUFFIX}"
+
+
+def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
+    """Write this rank's part; on rank 0 also commit. Return how many old checkpoints retention deleted; raise
+    if the save was not committed (on every rank alike)."""
+    directory = Path(job.directory)
+    target = Path(job.target)
+    staging = staging_path(directory, target.name, job.token)
+    lock_fd = None
+    try:
+        staging.mkdir(mode=0o755, exist_ok=True)
+        if job.rank == 0:
+            # Held until the outcome is known: a sweep (a restarted run, `ckptio clean`) never takes a save in flight.
+            lock_fd = open_lock(staging / WRITING_LOCK_NAME)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            records = _write_rank(job, staging, tensors)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                _write_results(staging, job.rank, {"token": job.token, "ok": False,
+                                                   "error": f"rank {job.rank}: {type(exc).__name__}: {exc}"},
+                               sync=job.sync)
+            raise
+        _write_results(staging, job.rank, {"token": job.token, "ok": True, "items": job.items,
+                                           "results": records, "planner_data": job.planner_data}, sync=job.sync)
+        if job.rank != 0:
+            return _await_outcome(job)
+        return _commit(job, staging, target)
+    except BaseException as exc:
+        if job.rank == 0:  # the other ranks wait for this verdict: they must hear it, not time out
+            with contextlib.suppress(OSError):
+                _write_outcome(directory, job.token, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+class _Staged:
+    """Hands the writer's item loop what the planner resolved in the training thread, from the staging slot."""
+
+    def __init__(self, job: DcpJob, tensors: dict[str, torch.Tensor]) -> None:
+        self._by_index = {item.index: i for i, item in enumerate(job.items)}
+        self._job = job
+        self._tensors = tensors
+
+    def resolve_data(self, item: WriteItem) -> Any:
+        position = self._by_index[item.index]
+        key = self._job.sources[position]
+        if key is None:
+            return io.BytesIO(self._job.blobs[position])
+        return self._tensors[key]
+
+
+def _write_rank(job: DcpJob, staging: Path, tensors: dict[str, torch.Tensor]) -> list[WriteResult]:
+    from .dcp_writer import _write_items
+
+    file_name = f"__{job.rank}_0{DATA_SUFFIX}"
+    return _write_items(staging / file_name, file_name, job.items, _Staged(job, tensors),  # type: ignore[arg-type]
+                        compression=job.compression, level=job.level, sync=job.sync)
+
+
+def _results_path(staging: Path, rank: int) -> Path:
+    return staging / f"__{rank}_0{DATA_SUFFIX}{RESULTS_SUFFIX}"
+
+
+def _write_results(staging: Path, rank: int, content: dict[str, Any], *, sync: bool) -> None:
+    """Written under a temporary name and renamed: rank 0 never reads a partial one."""
+    final = _results_path(staging, rank)
+    partial = staging / f".{final.name}.{os.getpid()}{TEMP_SUFFIX}"
+    _write_whole(partial, pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL), sync=sync)
+    os.rename(partial, final)
+
+
+def _write_outcome(directory: Path, token: str, content: dict[str, Any]) -> None:
+    final = outcome_path(directory, token)
+    partial = directory / f"{final.name}.{os.getpid()}{TEMP_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+    _write_whole(partial, json.dumps(content).encode(), sync=True)
+    os.rename(partial, final)
+    fsync_directory(directory)
+
+
+def _write_whole(path: Path, data: bytes, *, sync: bool) -> None:
+    fd = create_new(path)
+    try:
+        write_all_at(fd, data, 0)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _await_results(job: DcpJob, staging: Path) -> list[dict[str, Any]]:
+    """Rank 0: every rank's results for this save, polling the filesystem (never a collective)."""
+    deadline = time.monotonic() + job.timeout
+    table: dict[int, dict[str, Any]] = {}
+    while True:
+        for rank in range(job.world_size):
+            if rank in table:
+                continue
+            try:
+                content = pickle.loads(_results_path(staging, rank).read_bytes())  # written by our own ranks
+            except FileNotFoundError:
+                continue
+            if content.get("token") != job.token:
+                continue
+            if not content["ok"]:
+                raise CheckpointWriteError(f"{content['error']}; the checkpoint was not committed (the previous "
+                                           "one stays valid)")
+            table[rank] = content
+        if len(table) == job.world_size:
+            return [table[rank] for rank in range(job.world_size)]
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(job.world_size)) - set(table))
+            raise CheckpointWriteError(
+                f"ranks {missing} did not write their part of {job.name} within {job.timeout}s; the checkpoint "
+                "was not committed (the previous one stays valid)")
+        time.sleep(_POLL_SECONDS)
+
+
+def _commit(job: DcpJob, staging: Path, target: Path) -> int:
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from . import dcp_manager
+    from .dcp_writer import seal_and_rename
+
+    directory = Path(job.directory)
+    ranks = _await_results(job, staging)
+    # Every rank has finished its previous save (it wrote this one's results), so it read that save's outcome.
+    for stale in directory.glob(f".*{OUTCOME_SUFFIX}"):
+        if stale.name != outcome_path(directory, job.token).name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+    plans = [SavePlan(items=content["items"], planner_data=content["planner_data"] or {}) for content in ranks]
+    # DCP's own planner builds the metadata (chunks, mappings) and checks that the chunks cover every tensor.
+    _, metadata = DefaultSavePlanner().create_global_plan(plans)
+    storage: dict[MetadataIndex, Any] = {}
+    for content in ranks:
+        for result in content["results"]:
+            storage.setdefault(result.index, result.storage_data)
+    metadata.storage_data = storage
+    metadata.storage_meta = StorageMeta(checkpoint_id=str(target), save_id=job.token)
+    for rank in range(job.world_size):
+        os.unlink(_results_path(staging, rank))
+    seal_and_rename(staging, target, metadata, sync=job.sync)
+    deleted = dcp_manager.after_commit(directory, job.name, keep_count=job.keep_count, disk_budget=job.disk_budget)
+    _write_outcome(directory, job.token, {"ok": True})
+    return deleted
+
+
+def _await_outcome(job: DcpJob) -> int:
+    """Ranks other than 0: the outcome rank 0 wrote for this save. Rank 0 waits up to ``timeout`` for the
+    slowest rank and then commits, so this waits twice as long before it gives up on rank 0."""
+    path = outcome_path(Path(job.directory), job.token)
+    deadline = time.monotonic() + 2 * job.timeout
+    while True:
+        try:
+            content = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise CheckpointWriteError(
+                    f"rank 0 did not commit {job.name} within {2 * job.timeout}s; this rank's part is written, the "
+                    "checkpoint is not committed (the previous one stays valid)") from None
+            time.sleep(_POLL_SECONDS)
+            continue
+        if not content.get("ok"):
+            raise CheckpointWriteError(f"rank 0 did not commit {job.name}: {content.get('error')}")
+        return 0
+
