@@ -7,8 +7,10 @@ port is ever taken. Actions:
   rank 0 also writes the full (unsharded) state to ``DIR/expected.pt`` for the loaders to compare with.
 * ``load``: build the model from a different seed, ``dcp.load`` ``DIR/ckpt`` through ``ckptio.dcp.Reader`` at this
   world size, and compare the full state with ``DIR/expected.pt`` bit for bit (exit 3 on a difference).
-* ``manage``: two saves through ``ShardedCheckpointManager(DIR/managed, keep_count=1)``, rank 0's deletes slowed;
-  every rank checks that only the second is left and that it is the latest (exit 4 otherwise).
+* ``load DIR CHECKPOINT EXPECTED``: the same, from ``DIR/CHECKPOINT`` against ``DIR/EXPECTED``.
+* ``manage``: two saves through ``ShardedCheckpointManager(DIR/managed, keep_count=1)``, the first with the writer
+  process, the second with the writer thread and rank 0's deletes slowed; every rank checks that only the second
+  is left and that it is the latest (exit 4 otherwise); rank 0 writes its full state to ``DIR/expected-managed.pt``.
 * ``crash``: save ``DIR/crashed``, and rank 1 kills itself with SIGKILL half way through writing its data file.
 """
 
@@ -102,6 +104,7 @@ class _DyingWriter(ckptio.dcp.Writer):
 def main() -> int:
     action, rank, world, rendezvous, directory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
         Path(sys.argv[5])
+    source, expected_name = (sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else ("ckpt", "expected.pt")
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -124,11 +127,11 @@ def main() -> int:
             model, optimizer = build(seed=1, world=world)
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd, "step": 0}
-            dcp.load(state, storage_reader=ckptio.dcp.Reader(directory / "ckpt"))
+            dcp.load(state, storage_reader=ckptio.dcp.Reader(directory / source))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             actual = full_state(model, optimizer)
             if rank == 0:
-                expected = torch.load(directory / "expected.pt", weights_only=True)
+                expected = torch.load(directory / expected_name, weights_only=True)
                 differences = bits_equal(actual, expected) + ([] if state["step"] == 2 else ["step"])
                 if differences:
                     print("\n".join(differences[:20]), file=sys.stderr)
@@ -140,24 +143,27 @@ def main() -> int:
             from ckptio import dcp_manager
             from ckptio.dcp_manager import ShardedCheckpointManager
 
-            if rank == 0:  # a slow delete: rank 1 must still see only what retention left
-                slow_delete = dcp_manager.delete_dcp_directory
-
-                def delete_slowly(path: Path) -> None:
-                    time.sleep(3)
-                    slow_delete(path)
-
-                dcp_manager.delete_dcp_directory = delete_slowly
             model, optimizer = build(seed=0, world=world)
-            with ShardedCheckpointManager(directory / "managed", keep_count=1) as manager:
-                for batch in (1, 2):
+            for batch, writer in ((1, "process"), (2, "thread")):
+                with ShardedCheckpointManager(directory / "managed", keep_count=1, writer=writer) as manager:
+                    if rank == 0 and writer == "thread":  # a slow delete: rank 1 must still see only what is left
+                        slow_delete = dcp_manager.delete_dcp_directory
+
+                        def delete_slowly(path: Path) -> None:
+                            time.sleep(3)
+                            slow_delete(path)
+
+                        dcp_manager.delete_dcp_directory = delete_slowly
                     train(model, optimizer, rank)
                     model_sd, optim_sd = get_state_dict(model, optimizer)
                     manager.save({"model": model_sd, "optim": optim_sd, "step": batch},
                                  name=f"checkpoint_epoch_1_batch_{batch}")
-                manager.wait()
-                names = [path.name for path in manager.checkpoints()]
-                latest = manager.latest()
+                    manager.wait()
+                    names = [path.name for path in manager.checkpoints()]
+                    latest = manager.latest()
+            expected = full_state(model, optimizer)
+            if rank == 0:
+                torch.save(expected, directory / "expected-managed.pt")
             if names != ["checkpoint_epoch_1_batch_2"] or latest is None or latest.name != names[0]:
                 print(f"rank {rank}: {names}, latest {latest}", file=sys.stderr)
                 return 4

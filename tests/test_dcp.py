@@ -281,11 +281,11 @@ RANK_TIMEOUT = 400  # generous: a busy 2-core machine starts each rank's interpr
 
 
 def _start(action: str, world: int, directory: Path, tag: str,
-           started: list[subprocess.Popen[str]]) -> list[subprocess.Popen[str]]:
+           started: list[subprocess.Popen[str]], *extra: str) -> list[subprocess.Popen[str]]:
     rendezvous = directory / f"rendezvous-{tag}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
     ranks = [subprocess.Popen([sys.executable, str(WORKER), action, str(rank), str(world), str(rendezvous),
-                               str(directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               str(directory), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for rank in range(world)]
     started += ranks
     return ranks
@@ -333,6 +333,15 @@ def _check_save_load_crash_and_manager(tmp_path: Path, started: list[subprocess.
         assert f"loaded bit for bit at {world} process(es)" in results[0][1]
     results = _finish(managed)
     assert all(code == 0 for code, _ in results) and "managed: ['checkpoint_epoch_1_batch_2']" in results[0][1], results
+    # The manager's checkpoint (staged in its slots, written by its writer, committed by rank 0 without a
+    # collective) loads resharded at 1 and 3 processes and passes the CLI's verify.
+    managed_ckpt = "managed/checkpoint_epoch_1_batch_2"
+    reloads = {world: _start("load", world, tmp_path, f"reload{world}", started, managed_ckpt, "expected-managed.pt")
+               for world in (1, 3)}
+    for world, ranks in reloads.items():
+        results = _finish(ranks)
+        assert all(code == 0 for code, _ in results) and "bit for bit" in results[0][1], (world, results)
+    assert cli_main(["verify", str(tmp_path / managed_ckpt)]) == 0
     crashed = _finish(crash)
     assert crashed[1][0] == -9, crashed  # rank 1 died by SIGKILL mid-save
     assert crashed[0][0] != 0, crashed  # and rank 0's save failed instead of committing
