@@ -1,0 +1,155 @@
+"""Sharded saves through ckptio's staging slot and writer (one process): the writer's errors surface on the next
+call, the slot's buffers are reused between saves, and the ranks of one save agree on its outcome (two ranks
+simulated with two writer threads)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+import ckptio
+import ckptio.dcp
+import ckptio.dcp_job
+from ckptio.dcp_job import DcpJob, outcome_path, run_dcp_job
+from ckptio.dcp_manager import ShardedCheckpointManager
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"model": {"w": torch.arange(48, dtype=torch.float32).reshape(6, 8) + step, "b": torch.ones(3) * step},
+            "step": step}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    state = {"model": {"w": torch.zeros(6, 8), "b": torch.zeros(3)}, "step": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=ckptio.dcp.Reader(path), no_dist=True)
+    return state
+
+
+class _Gate:
+    """Holds the writer before it writes its part until the test opens it: what happens meanwhile is certain."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+        write = ckptio.dcp_job._write_rank
+
+        def gated(*args: Any) -> Any:
+            self.entered.set()
+            assert self.open.wait(30)
+            return write(*args)
+
+        monkeypatch.setattr(ckptio.dcp_job, "_write_rank", gated)
+
+
+def test_a_save_that_fails_in_the_writer_raises_on_the_next_call_and_the_manager_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _Gate(monkeypatch)
+    with ShardedCheckpointManager(tmp_path, writer="thread") as manager:
+        manager.save(_state(1), name="checkpoint_epoch_1_batch_1")
+        assert gate.entered.wait(30)
+        (tmp_path / "checkpoint_epoch_1_batch_1").mkdir()  # taken after save() returned: the commit must refuse
+        gate.open.set()
+        with pytest.raises(ckptio.CheckpointWriteError, match="appeared while this checkpoint was written"):
+            manager.wait()
+        manager.wait()  # raised once
+        manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
+    assert _load(tmp_path / "checkpoint_epoch_1_batch_2")["step"] == 2
+    assert list((tmp_path / "checkpoint_epoch_1_batch_1").iterdir()) == []  # never replaced
+    assert not list(tmp_path.glob(f".*{ckptio.dcp_job.OUTCOME_SUFFIX}*"))  # close() cleared the verdicts
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_saves_reuse_the_slot_buffers_and_load_back_bit_for_bit(tmp_path: Path, writer: str) -> None:
+    with ShardedCheckpointManager(tmp_path, writer=writer, keep_count=1, compression="zstd") as manager:
+        manager.save(_state(1), name="checkpoint_epoch_1_batch_1")
+        buffers = [t.data_ptr() for t in manager._slot.buffers]
+        segment = manager._slot.staging.segment if manager._slot.staging is not None else None
+        state = _state(2)
+        manager.save(state, name="checkpoint_epoch_1_batch_2")
+        state["model"]["w"].zero_()  # the caller may change its tensors once save() returned
+        assert [t.data_ptr() for t in manager._slot.buffers] == buffers
+        assert (manager._slot.staging.segment if manager._slot.staging is not None else None) is segment
+        if writer == "process":
+            assert segment is not None  # one shared segment for the whole slot, not a handle per tensor
+        manager.save(_state(3), name="best_model")
+    loaded = _load(tmp_path / "checkpoint_epoch_1_batch_2")
+    expected = _state(2)
+    assert torch.equal(loaded["model"]["w"], expected["model"]["w"]) and loaded["step"] == 2
+    assert _load(tmp_path / "best_model")["step"] == 3
+    assert [p.name for p in manager.checkpoints()] == ["best_model", "checkpoint_epoch_1_batch_2"]
+    assert ckptio.dcp.verify_directory(tmp_path / "checkpoint_epoch_1_batch_2").status == "verified"
+
+
+def _jobs(tmp_path: Path, state: dict[str, Any], name: str, *, timeout: float = 30.0) -> list[DcpJob]:
+    """Rank 0 writes every item of a plain state (replicated values are rank 0's); rank 1 has nothing of its own."""
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(state, is_coordinator=True)
+    plan = planner.create_local_plan()
+    sources: list[str | None] = []
+    blobs = {}
+    for position, item in enumerate(plan.items):
+        if item.index.fqn == "step":
+            blobs[position] = planner.resolve_data(item).getvalue()
+            sources.append(None)
+        else:
+            sources.append(item.index.fqn)
+    common = {"directory": str(tmp_path), "name": name, "target": str(tmp_path / name), "token": f"t-{name}",
+              "world_size": 2, "timeout": timeout, "sync": False}
+    return [DcpJob(rank=0, items=plan.items, sources=sources, blobs=blobs, planner_data=plan.planner_data, **common),
+            DcpJob(rank=1, items=[], sources=[], planner_data=plan.planner_data, **common)]
+
+
+def _run_ranks(jobs: list[DcpJob], tensors: list[dict[str, torch.Tensor]]) -> list[BaseException | None]:
+    outcomes: list[BaseException | None] = [None, None]
+
+    def rank(r: int) -> None:
+        try:
+            run_dcp_job(jobs[r], tensors[r])
+        except BaseException as exc:
+            outcomes[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
+def test_ranks_agree_a_save_was_committed_and_a_failure_of_rank_0_fails_rank_1_too(tmp_path: Path) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1")
+    assert _run_ranks(jobs, [flat, {}]) == [None, None]
+    assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
+
+    jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_2")
+    (tmp_path / "checkpoint_epoch_1_batch_2").mkdir()  # rank 0's commit will refuse to replace it
+    errors = _run_ranks(jobs, [flat, {}])
+    assert "appeared while this checkpoint was written" in str(errors[0])
+    assert isinstance(errors[1], ckptio.CheckpointWriteError)
+    assert "rank 0 did not commit checkpoint_epoch_1_batch_2" in str(errors[1]) and "appeared" in str(errors[1])
+    assert outcome_path(tmp_path, "t-checkpoint_epoch_1_batch_2").exists()
+    assert not outcome_path(tmp_path, "t-checkpoint_epoch_1_batch_1").exists()  # rank 0 cleared the old verdict
+
+
+def test_a_rank_whose_write_fails_makes_rank_0_give_up_at_once_not_at_its_timeout(tmp_path: Path) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1", timeout=600.0)
+    jobs[1].items, jobs[1].sources = jobs[0].items[:1], ["missing"]  # rank 1 cannot find what it should write
+    errors = _run_ranks(jobs, [flat, {}])  # a timeout would leave the threads running past join(60)
+    assert "rank 1: KeyError" in str(errors[0]) and "not committed" in str(errors[0])
+    assert isinstance(errors[1], KeyError)
+    assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
