@@ -7,7 +7,8 @@ One FSDP2 state (an MLP of 1024x1024 layers and its Adam moments, CPU, gloo) is 
 * ``dcp.async_save`` in its best mode (writer process, shared-memory ``DefaultStager`` cached across saves,
   plan caching): its blocking time is until ``staging_completion``, as torchtitan waits for it;
 * ``dcp.save`` + ``ckptio.dcp.Writer``, and ``dcp.async_save`` + ``ckptio.dcp.Writer(cache_staged_state_dict=True)``;
-* ``ckptio.dcp_manager.ShardedCheckpointManager`` (the same writer, on a process group of its own, retention on).
+* ``ckptio.dcp_manager.ShardedCheckpointManager`` (retention on): its staging slot and writer thread, and with
+  ``writer="process"`` its writer process fed through one shared segment (whose memory is not counted).
 
 For each: blocking time, time until durable (committed), and the growth of the training process's resident
 memory during the save (the host copies; a writer process's memory is not counted). Then the checkpoints saved
@@ -40,7 +41,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVE_MODES = ["FileSystemWriter dcp.save", "FileSystemWriter dcp.async_save", "dcp best (process, shm stager)",
-              "ckptio Writer dcp.save", "ckptio Writer dcp.async_save", "ckptio ShardedCheckpointManager"]
+              "ckptio Writer dcp.save", "ckptio Writer dcp.async_save", "ckptio ShardedCheckpointManager",
+              "ckptio ShardedCheckpointManager (process)"]
 LOAD_MODES = ["FileSystemReader", "ckptio Reader (digests)"]
 WIDTH = 1024
 
@@ -194,7 +196,9 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
     from ckptio.dcp_manager import ShardedCheckpointManager
 
     ckptio_writer = ckptio.dcp.Writer(args.workdir / "unused", cache_staged_state_dict=True)
-    manager = ShardedCheckpointManager(args.workdir / "managed", keep_count=2)
+    managers = {"ckptio ShardedCheckpointManager": ShardedCheckpointManager(args.workdir / "managed", keep_count=2),
+                "ckptio ShardedCheckpointManager (process)": ShardedCheckpointManager(
+                    args.workdir / "managed-process", keep_count=2, writer="process")}
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     # One uncounted warm-up round (writer process start, plan caches, first allocations), then --reps rounds;
     # methods alternate within each round so that a slow phase of the machine is shared.
@@ -212,7 +216,8 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
                 dcp.save(state, storage_writer=ckptio.dcp.Writer(target))
                 blocking = time.perf_counter() - started
                 grown = _rss() - rss
-            elif mode == "ckptio ShardedCheckpointManager":
+            elif mode in managers:
+                manager = managers[mode]
                 manager.save(state, name=f"checkpoint_epoch_1_batch_{rep}")
                 blocking = time.perf_counter() - started
                 grown = _rss() - rss
@@ -247,7 +252,8 @@ def _saves(args: argparse.Namespace) -> dict[str, Any]:
     if best:
         best["async_stager"].close()
     ckptio_writer.close()
-    manager.close()
+    for manager in managers.values():
+        manager.close()
     size = sum(f.stat().st_size for f in (args.workdir / "ckptio").iterdir()) if args.rank == 0 else 0
     return {"world": args.world, "checkpoint_bytes": size, "results": {
         mode: {key: statistics.median(s[key] for s in rows) for key in rows[0]} for mode, rows in samples.items()}}

@@ -149,7 +149,7 @@ def main() -> int:
                     if rank == 0 and writer == "thread":  # a slow delete: rank 1 must still see only what is left
                         slow_delete = dcp_manager.delete_dcp_directory
 
-                        def delete_slowly(path: Path) -> None:
+                        def delete_slowly(path: Path, slow_delete: Any = slow_delete) -> None:
                             time.sleep(3)
                             slow_delete(path)
 

@@ -285,7 +285,8 @@ def _start(action: str, world: int, directory: Path, tag: str,
     rendezvous = directory / f"rendezvous-{tag}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
     ranks = [subprocess.Popen([sys.executable, str(WORKER), action, str(rank), str(world), str(rendezvous),
-                               str(directory), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                               str(directory), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for rank in range(world)]
     started += ranks
     return ranks
