@@ -108,6 +108,9 @@ class ShardedCheckpointManager:
                              "needs), or None to keep all")
         if compression not in (None, "zstd"):
             raise ValueError(f"compression={compression!r}: use None or 'zstd'")
+        if not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"timeout={timeout!r}: give the seconds rank 0 may wait for the other ranks' parts "
+                             "(a positive number, e.g. 600)")
         if compression == "zstd":
             zstandard_module()  # raises with the install hint if zstandard is missing
         self.directory = Path(directory).absolute()

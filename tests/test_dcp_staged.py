@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 import ckptio
 import ckptio.dcp
 import ckptio.dcp_job
+from ckptio.cli import main as cli_main
 from ckptio.dcp_job import DcpJob, outcome_path, run_dcp_job
 from ckptio.dcp_manager import ShardedCheckpointManager
 
@@ -89,6 +90,16 @@ def test_saves_reuse_the_slot_buffers_and_load_back_bit_for_bit(tmp_path: Path, 
     assert _load(tmp_path / "best_model")["step"] == 3
     assert [p.name for p in manager.checkpoints()] == ["best_model", "checkpoint_epoch_1_batch_2"]
     assert ckptio.dcp.verify_directory(tmp_path / "checkpoint_epoch_1_batch_2").status == "verified"
+    for command in (["verify", str(tmp_path / "best_model")], ["info", str(tmp_path / "checkpoint_epoch_1_batch_2")],
+                    ["list", str(tmp_path)]):
+        assert cli_main(command) == 0, command
+
+
+def test_invalid_manager_settings_say_what_to_use(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'thread' or 'process'"):
+        ShardedCheckpointManager(tmp_path, writer="fork")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive number"):
+        ShardedCheckpointManager(tmp_path, timeout=0)
 
 
 def _jobs(tmp_path: Path, state: dict[str, Any], name: str, *, timeout: float = 30.0) -> list[DcpJob]:
