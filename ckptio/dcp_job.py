@@ -38,7 +38,7 @@ from .atomic import TEMP_SUFFIX, create_new, fsync_directory, open_lock, write_a
 from .dcp_format import DATA_SUFFIX, RESULTS_SUFFIX, WRITING_LOCK_NAME
 from .errors import CheckpointWriteError
 
-__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "run_dcp_job", "staging_path"]
+__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "refuse", "run_dcp_job", "staging_path"]
 
 OUTCOME_SUFFIX = ".ckptio-outcome"
 _POLL_SECONDS = 0.02
@@ -115,6 +115,20 @@ def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def refuse(job: DcpJob, error: BaseException) -> None:
+    """This rank gives the save up before its writer got it (e.g. a value that cannot be pickled): tell the other
+    ranks now, as a failed write would, so that they fail at once instead of at their timeout."""
+    directory = Path(job.directory)
+    text = f"rank {job.rank}: {type(error).__name__}: {error}"
+    with contextlib.suppress(OSError):
+        if job.rank == 0:
+            _write_outcome(directory, job.token, {"ok": False, "error": text})
+        else:
+            staging = staging_path(directory, Path(job.target).name, job.token)
+            staging.mkdir(mode=0o755, exist_ok=True)
+            _write_results(staging, job.rank, {"token": job.token, "ok": False, "error": text}, sync=False)
 
 
 class _Staged:

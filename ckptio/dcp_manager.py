@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from .atomic import TEMP_SUFFIX, fsync_directory, temp_name
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
-from .dcp_job import OUTCOME_SUFFIX, DcpJob
+from .dcp_job import OUTCOME_SUFFIX, DcpJob, refuse
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
@@ -183,10 +183,12 @@ class ShardedCheckpointManager:
             raise CheckpointWriteError(f"{target} already exists; a periodic checkpoint is never replaced: save "
                                        "under a new name, or delete the old one")
         ticket = next(self._tickets)
+        token = f"{self._run_id}-{ticket}"
         try:
-            flat, job = self._plan(state, name, target, f"{self._run_id}-{ticket}")
+            flat, job = self._plan(state, name, target, token)
             snapshot = self._slot.take(flat)
         except Exception as exc:
+            refuse(self._job(name, target, token, [], [], {}, None), exc)  # the other ranks' writers wait for it
             raise CheckpointWriteError(f"saving {self.directory / name} failed: {exc}") from exc
         write_job = WriteJob(ticket, name, snapshot, None, dcp=job)
         if self._writer is None:
@@ -280,11 +282,14 @@ class ShardedCheckpointManager:
                 flat[key] = data
                 sources.append(key)
             items.append(item)
-        job = DcpJob(directory=str(self.directory), name=name, target=str(target), token=token, rank=self._rank,
-                     world_size=self._world, items=items, sources=sources, blobs=blobs,
-                     planner_data=plan.planner_data, compression=self.compression, timeout=self.timeout,
-                     keep_count=self.keep_count, disk_budget=self.disk_budget)
-        return flat, job
+        return flat, self._job(name, target, token, items, sources, blobs, plan.planner_data)
+
+    def _job(self, name: str, target: Path, token: str, items: list[Any], sources: list[str | None],
+             blobs: dict[int, bytes], planner_data: Any) -> DcpJob:
+        return DcpJob(directory=str(self.directory), name=name, target=str(target), token=token, rank=self._rank,
+                      world_size=self._world, items=items, sources=sources, blobs=blobs, planner_data=planner_data,
+                      compression=self.compression, timeout=self.timeout, keep_count=self.keep_count,
+                      disk_budget=self.disk_budget)
 
     def _on_report(self, report: Report) -> None:
         with self._reported:

@@ -164,3 +164,18 @@ def test_a_rank_whose_write_fails_makes_rank_0_give_up_at_once_not_at_its_timeou
     assert "rank 1: KeyError" in str(errors[0]) and "not committed" in str(errors[0])
     assert isinstance(errors[1], KeyError)
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+
+
+def test_a_save_refused_by_rank_0_before_its_writer_got_it_fails_rank_1_at_once(tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path, _state(5), "checkpoint_epoch_1_batch_1", timeout=600.0)
+    ckptio.dcp_job.refuse(jobs[0], ValueError("cannot pickle this"))
+    with pytest.raises(ckptio.CheckpointWriteError, match="rank 0: ValueError: cannot pickle this"):
+        run_dcp_job(jobs[1], {})  # without the verdict it would wait 1200 s
+
+
+def test_a_value_that_cannot_be_saved_raises_in_save_and_the_next_save_works(tmp_path: Path) -> None:
+    with ShardedCheckpointManager(tmp_path) as manager:
+        with pytest.raises(ckptio.CheckpointWriteError, match="checkpoint_epoch_1_batch_1"):
+            manager.save({**_state(1), "hook": lambda: 0}, name="checkpoint_epoch_1_batch_1")
+        manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
