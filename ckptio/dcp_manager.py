@@ -192,9 +192,9 @@ class ShardedCheckpointManager:
             raise CheckpointWriteError(f"saving {self.directory / name} failed: {exc}") from exc
         write_job = WriteJob(ticket, name, snapshot, None, dcp=job)
         if self._writer is None:
-            self._on_report(self._runner.run(write_job))
-            self._pending = (ticket, name)
-            self.wait()
+            report = self._runner.run(write_job)
+            if report.outcome == "failed":
+                raise CheckpointWriteError(f"saving {self.directory / name} failed: {report.error}") from report.error
             return
         self._pending = (ticket, name)
         try:
