@@ -28,6 +28,7 @@ wrapped: the same state-dict calls give the same names, so a checkpoint of a sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -51,7 +52,7 @@ from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import augmentation_seed, share
-from .preemption import ignore_stop_signals
+from .preemption import Preemption, ignore_stop_signals
 from .state import TrainResult
 
 __all__ = [
@@ -234,6 +235,10 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                                        disk_budget=config.disk_budget, min_free=config.min_free,
                                        async_save=config.async_save, compression=config.compression)
     result = TrainResult()
+    # A signal to any process stops every one at the same step, which all save (Preemption.agree, every step).
+    preemption = Preemption()
+    signals = contextlib.ExitStack()
+    signals.enter_context(preemption.installed())
     try:
         torch.manual_seed(config.seed)
         model = CRAFT().to(device)
@@ -279,8 +284,9 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             manager.save(get_train_state(model, optimizer, progress), name=name)
             result.saves += 1
 
+        # ---- the loop ----------------------------------------------------------------------------------------
         stop = config.max_steps is not None and global_step >= config.max_steps
-        last_saved_step = global_step
+        last_saved_step, last_saved_name = global_step, ""
         order: list[int] = []
         while epoch <= config.epochs and not stop:
             if batch_in_epoch == 0:
@@ -303,9 +309,13 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 global_step += 1
                 position = min(position + step_samples, len(order))
                 if config.save_freq and global_step % config.save_freq == 0:
-                    save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", order)
+                    last_saved_name = f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}"
+                    save(last_saved_name, order)
                     last_saved_step = global_step
-                if config.max_steps is not None and global_step >= config.max_steps:
+
+                # stop: a signal to any process (agreed by all, every step), or the last step
+                preempted = preemption.agree(world, device)
+                if preempted or (config.max_steps is not None and global_step >= config.max_steps):
                     stop = True
                     break
             say(f"Epoch {epoch}: batch {batch_in_epoch}, global step {global_step}, "
@@ -321,19 +331,47 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                     + (" - best so far, saving best_model" if improved else ""))
                 if improved:
                     save("best_model", order)
+            stop = preemption.agree(world, device) or stop  # a signal during validation
             if not stop:
                 epoch, batch_in_epoch, validated = epoch + 1, 0, False
-        if config.save_freq and global_step > last_saved_step:
+
+        # ---- a final checkpoint, so that the last steps are never lost (and the one a signal asked for) ------
+        if (config.save_freq or preemption.agreed) and global_step > last_saved_step:
             if batch_in_epoch == 0:
                 epoch, batch_in_epoch, validated = epoch - 1, math.ceil(len(order) / step_samples), True
-            save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", order)
+            last_saved_name = f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}"
+            save(last_saved_name, order)
+        if preemption.stopped_by is not None:
+            _finish_preemption(preemption, manager, global_step, last_saved_name, say)
+            result.stopped_by, result.exit_code = preemption.stopped_by, preemption.exit_code
     finally:
-        manager.close()
+        try:
+            manager.close()
+        finally:
+            signals.close()  # a second signal while close() finishes the save still exits
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
     say(f"done: {global_step - result.start_step} steps in {result.seconds:.1f}s (global step {global_step}); "
         f"{result.saves} sharded checkpoint(s) in {config.save_dir}")
     return result
+
+
+def _finish_preemption(preemption: Preemption, manager: ShardedCheckpointManager, global_step: int, name: str,
+                       say: Callable[[str], None]) -> None:
+    """Wait until the preemption save is committed (by rank 0, once every process's part is durable), and say so.
+
+    Unlike the single-file loop, the wait is not cut at ``--grace``: a process leaving early would fail the others'
+    collectives. A SIGKILL past the grace period leaves the previous checkpoint directory intact (the commit is
+    one rename).
+    """
+    manager.wait()
+    head = f"stopped by {preemption.stopped_by} at global step {global_step}"
+    if name:
+        since = preemption.since if preemption.since is not None else time.monotonic()
+        say(f"{head}: saved {name}, durable {time.monotonic() - since:.1f}s after the signal; continue with "
+            "--resume auto")
+    else:
+        say(f"{head}: no new checkpoint (no step since the run started); continue with --resume auto")
 
 
 def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[str] | None,
