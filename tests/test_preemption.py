@@ -224,7 +224,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_its_ch
     assert found, outputs[0]
     step, name = int(found[1]), found[2]
     # the step's checkpoint is the run's only one besides best_model, committed whole
-    assert sorted(p.name for p in save_dir.glob("checkpoint_epoch_*")) == [name + ("" if mode == "fsdp" else ".pth")]
+    assert {p.name.split(".")[0] for p in save_dir.glob("checkpoint_epoch_*")} == {name}
     assert "terminate called" not in outputs[0] + outputs[1]
 
     # --resume auto continues from it (at one process: both kinds of checkpoint resume at any count)
