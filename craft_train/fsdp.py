@@ -52,7 +52,7 @@ from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import augmentation_seed, share
-from .preemption import Preemption, ignore_stop_signals
+from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .state import TrainResult
 
 __all__ = [
@@ -236,7 +236,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                                        async_save=config.async_save, compression=config.compression)
     result = TrainResult()
     # A signal to any process stops every one at the same step, which all save (Preemption.agree, every step).
-    preemption = Preemption()
+    preemption = Preemption(repeat_window=RELAY_WINDOW if world.distributed else 0.0)
     signals = contextlib.ExitStack()
     signals.enter_context(preemption.installed())
     try:

@@ -33,12 +33,16 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .distributed import World
 
-__all__ = ["EXIT_CODES", "Preemption", "ignore_stop_signals", "wait_durable"]
+__all__ = ["EXIT_CODES", "RELAY_WINDOW", "Preemption", "ignore_stop_signals", "wait_durable"]
 
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 0}
 """The exit code of a run that a signal ended after saving."""
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+RELAY_WINDOW = 5.0
+"""Under torchrun, seconds within which the same signal again is one request, not a second signal: a scheduler
+that signals every process of the job (SLURM) also reaches ``torchrun``, which relays the signal to its workers."""
 
 _AGREEMENT_ORDER = (None, "SIGUSR1", "SIGINT", "SIGTERM")
 """When processes got different signals, the run stops for the last one here: SIGTERM's grace period is the
@@ -46,9 +50,14 @@ scheduler's, and a job that asked for its own checkpoint (SIGUSR1, exit 0) must 
 
 
 class Preemption:
-    """Records the first SIGTERM/SIGINT/SIGUSR1; a second one ends the process at once."""
+    """Records the first SIGTERM/SIGINT/SIGUSR1; a second one ends the process at once.
 
-    def __init__(self) -> None:
+    ``repeat_window``: seconds after the first signal within which the same signal again is not a second one
+    (:data:`RELAY_WINDOW` under torchrun; 0 for one process).
+    """
+
+    def __init__(self, *, repeat_window: float = 0.0) -> None:
+        self.repeat_window = repeat_window
         self.signal_name: str | None = None
         """The first signal this process got."""
         self.received_at: float | None = None
@@ -117,9 +126,12 @@ class Preemption:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.signal_name is None:
-            self.signal_name, self.received_at = name, time.monotonic()
+            self.signal_name, self.received_at = name, now
             return
+        if name == self.signal_name and self.received_at is not None and now - self.received_at < self.repeat_window:
+            return  # the same request, relayed by the launcher
         # The second signal: the user (or the scheduler) will not wait. Files being written are temporaries that
         # the next start removes; the checkpoints already committed are intact.
         _write_stderr(f"craft_train: second signal ({name}) while saving after {self.signal_name}: exiting now; "

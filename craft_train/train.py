@@ -28,7 +28,7 @@ from .determinism import deterministic_mode
 from .distributed import World, setup_world
 from .loss import craft_loss
 from .order import augmentation_seed, share
-from .preemption import Preemption, ignore_stop_signals
+from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .progress import EpochProgress, progress_fields
 from .resume import load_checkpoint, restore, resume_path
 from .saving import Checkpoints, finish_preemption, mirror_summary
@@ -95,7 +95,7 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
     last_saved_step = state.global_step
     # A signal stops the run at a step boundary; under torchrun every process asks preemption.agree() at the same
     # points, so that all stop at the same step and take part in its save.
-    preemption = Preemption()
+    preemption = Preemption(repeat_window=RELAY_WINDOW if world.distributed else 0.0)
     signals = contextlib.ExitStack()
     signals.enter_context(preemption.installed())
     progress: EpochProgress | None = None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from craft_train.config import TrainConfig
+from craft_train.preemption import RELAY_WINDOW, Preemption
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch.
@@ -159,6 +160,33 @@ def test_a_mirror_that_cannot_take_the_preemption_save_within_the_grace_period_i
     assert stopped.exit_code == 143 and stopped.saved_paths
     assert any("saved checkpoint_epoch_1_batch_2, durable here but not mirrored to" in line for line in said), said
     assert any("not mirrored: checkpoint_epoch_1_batch_2" in line for line in said), said
+
+
+class _Exited(Exception):
+    pass
+
+
+def _fake_exit(code: int) -> None:
+    raise _Exited(code)
+
+
+def test_under_torchrun_the_same_signal_relayed_by_the_launcher_is_one_request_and_another_signal_exits_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    preemption = Preemption(repeat_window=RELAY_WINDOW)
+    preemption._handle(signal.SIGTERM, None)  # from the scheduler
+    preemption._handle(signal.SIGTERM, None)  # the same, relayed by torchrun a moment later
+    assert preemption.signal_name == "SIGTERM" and preemption.exit_code == 143
+    with pytest.raises(_Exited, match="130"):
+        preemption._handle(signal.SIGINT, None)  # the user will not wait
+
+
+def test_on_one_process_the_same_signal_twice_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    preemption = Preemption()
+    preemption._handle(signal.SIGTERM, None)
+    with pytest.raises(_Exited, match="143"):
+        preemption._handle(signal.SIGTERM, None)
 
 
 # ---- under torchrun: a signal to one process stops every one at the same step, which all save ---------------
