@@ -54,11 +54,14 @@ from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import augmentation_seed, share
 from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .state import TrainResult
+from .train import _step_optimizer as step_optimizer  # the same rule as the single-file loop
 
 __all__ = [
     "CHECKPOINT_KIND",
+    "amp_enabled",
     "find_resume_directory",
     "get_train_state",
+    "grad_scaler",
     "load_train_state",
     "read_progress",
     "refuse_sharded_checkpoints",
@@ -115,6 +118,23 @@ def shard_model(model: CRAFT, world: World, device: torch.device) -> torch.nn.Mo
     return model
 
 
+def amp_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the run trains with AMP (fp16 autocast and a gradient scaler): ``--amp`` on CUDA, as without
+    ``--fsdp``; on the CPU it trains in full precision."""
+    return config.amp and device.type == "cuda"
+
+
+def grad_scaler(enabled: bool, world: World, device: torch.device) -> torch.amp.GradScaler:
+    """The AMP gradient scaler (disabled: a pass-through). Sharded under torchrun: each process holds a slice of
+    every gradient, so an inf/NaN in one slice must make every process skip the step (``ShardedGradScaler``
+    all-reduces that finding); one process has whole gradients and torch's own scaler."""
+    if world.distributed:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def sync_buffers(model: torch.nn.Module, world: World) -> None:
     """Rank 0's BatchNorm statistics on every process (see the module's docstring)."""
     if not world.distributed:
@@ -164,14 +184,29 @@ def load_train_state(manager: ShardedCheckpointManager, path: Path, model: torch
     The optimizer's state exists before the load (``get_state_dict`` creates it), so DCP has every tensor to
     read into, resharded to this run's slices.
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_state_dict
 
+    if not _holds_optimizer_state(path):
+        # Every step before the save was skipped by the AMP scaler (inf/NaN gradients, as in the first steps of
+        # most runs): Adam had no state, and the resumed optimizer starts without any, as the saving run's did.
+        model_only = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+            manager.load(model_only, path)
+        set_model_state_dict(model, model_only["model"])
+        return
     state = get_train_state(model, optimizer, {})
     del state["progress"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         manager.load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _holds_optimizer_state(path: Path) -> bool:
+    from ckptio.dcp import Reader
+
+    return any(key.startswith("optim.state.") for key in Reader(path).read_metadata().state_dict_metadata)
 
 
 def refuse_sharded_checkpoints(config: TrainConfig) -> None:
@@ -229,8 +264,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
     if resume_path is not None:  # its config decides the model, the data and the checkpoint options
         progress, config = _resumed_settings(resume_path, config, given, say)
     device = torch.device("cuda", world.local_rank) if device_kind(config) == "cuda" else torch.device("cpu")
-    if device.type == "cuda" and config.amp:
-        say("--fsdp trains in full precision: AMP is not used")
+    use_amp = amp_enabled(config, device)
     manager = ShardedCheckpointManager(config.save_dir, keep_count=config.keep_count,
                                        disk_budget=config.disk_budget, min_free=config.min_free,
                                        async_save=config.async_save, compression=config.compression)
@@ -267,8 +301,11 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                     f"{config.batch_size * world.size} samples a step (no sample skipped or repeated)")
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_steps,
                                                     gamma=config.lr_gamma)
+        scaler = grad_scaler(use_amp, world, device)
         if resume_path is not None:
             scheduler.load_state_dict(progress["scheduler"])
+            if use_amp and progress.get("scaler"):  # a checkpoint of a full-precision run starts a fresh scale
+                scaler.load_state_dict(progress["scaler"])
         result.start_step = global_step
 
         train_set, val_set, train_indices, val_indices = datasets(config)
@@ -279,7 +316,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             progress = {"epoch": epoch, "batch": batch_in_epoch, "global_step": global_step, "position": position,
                         "order": order, "loss_sums": sums, "epoch_validated": validated,
                         "best_val_loss": result.best_val_loss, "world_size": world.size,
-                        "scheduler": scheduler.state_dict(), "config": config.to_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "config": config.to_dict(),
                         "train_loss": sums["train"] / max(sums["batches"], 1)}
             manager.save(get_train_state(model, optimizer, progress), name=name)
             result.saves += 1
@@ -301,7 +338,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                                 generator=torch.Generator().manual_seed(config.seed + epoch),
                                 worker_init_fn=ignore_stop_signals)
             for batch in loader:
-                loss_total, errors = _train_step(model, optimizer, scheduler, batch, config, world, device)
+                loss_total, errors = _train_step(model, optimizer, scheduler, scaler, batch, config, world, device)
                 result.errors += errors
                 sums["train"] += loss_total
                 sums["batches"] += 1
@@ -322,7 +359,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 f"train_loss={sums['train'] / max(sums['batches'], 1):.4f}")
             if not stop and val_indices and not validated:
                 # Every process runs the same validation: each sharded forward pass needs all of them.
-                scores = validate_all(model, val_set, val_indices, config, device, False)
+                scores = validate_all(model, val_set, val_indices, config, device, use_amp)
                 result.last_validation = scores
                 improved = scores["val_loss"] < result.best_val_loss
                 result.best_val_loss = min(result.best_val_loss, scores["val_loss"])
@@ -389,8 +426,9 @@ def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[
     return progress, config
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: dict[str, Any],
-                config: TrainConfig, world: World, device: torch.device) -> tuple[float, int]:
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                scaler: torch.amp.GradScaler, batch: dict[str, Any], config: TrainConfig, world: World,
+                device: torch.device) -> tuple[float, int]:
     """One optimizer step on every process; returns the step's loss summed over processes and its load errors."""
     model.train()
     # A process whose samples all failed to load still joins the sharded passes, with no weight.
@@ -399,12 +437,12 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
         batch = {**_blank_batch(config.image_size), "errors": batch["errors"]}
     images = batch["image"].to(device, non_blocking=True)
     targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
-    prediction, _ = model(images)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+        prediction, _ = model(images)
     loss, _, _ = craft_loss(prediction.float(), *targets)
     optimizer.zero_grad(set_to_none=True)
-    (loss * weight).backward()
-    optimizer.step()
-    scheduler.step()
+    scaler.scale(loss * weight).backward()
+    step_optimizer(optimizer, scaler, scheduler)  # the schedule counts the steps the scaler did not skip
     sync_buffers(model, world)
     losses, errors = world.step_totals([loss.item() if weight else 0.0], int(batch["errors"]), device)
     return losses[0], errors
