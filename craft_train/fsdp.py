@@ -259,6 +259,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
 
     check_config(config)
     started = time.perf_counter()
+    # ---- the checkpoint to resume from: first, since its config decides the model, the data and the saves ----
     resume_path: Path | None = world.broadcast(find_resume_directory(config, say) if world.is_main else None)
     progress: dict[str, Any] = {}
     if resume_path is not None:  # its config decides the model, the data and the checkpoint options
@@ -274,6 +275,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
     signals = contextlib.ExitStack()
     signals.enter_context(preemption.installed())
     try:
+        # ---- model, optimizer, schedule, AMP scaler; then where the checkpoint left them ---------------------
         torch.manual_seed(config.seed)
         model = CRAFT().to(device)
         if config.pretrained:
@@ -308,6 +310,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 scaler.load_state_dict(progress["scaler"])
         result.start_step = global_step
 
+        # ---- data ------------------------------------------------------------------------------------------
         train_set, val_set, train_indices, val_indices = datasets(config)
 
         step_samples = config.batch_size * world.size
