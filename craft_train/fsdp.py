@@ -376,7 +376,8 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 epoch, batch_in_epoch, validated = epoch + 1, 0, False
 
         # ---- a final checkpoint, so that the last steps are never lost (and the one a signal asked for) ------
-        if (config.save_freq or preemption.agreed) and global_step > last_saved_step:
+        preempted = preemption.agree(world, device)  # also a signal during the last step's save or validation
+        if (config.save_freq or preempted) and global_step > last_saved_step:
             if batch_in_epoch == 0:
                 epoch, batch_in_epoch, validated = epoch - 1, math.ceil(len(order) / step_samples), True
             last_saved_name = f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}"

@@ -152,16 +152,19 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
             if not stop:
                 state.epoch, state.batch, state.validated = state.epoch + 1, 0, False
 
-        # a final checkpoint, so that the last steps are never lost
-        if (config.save_freq or preemption.agreed) and state.global_step > last_saved_step:
+        # a final checkpoint, so that the last steps are never lost (and the one a signal asked for, even one that
+        # came during the last step's save or validation)
+        preempted = preemption.agree(world, run.device)
+        if (config.save_freq or preempted) and state.global_step > last_saved_step:
             if state.batch == 0:  # finished the last epoch, validation included: describe it as its end
                 state.epoch, state.batch, state.validated = state.epoch - 1, run.total_batches, True
             checkpoints.save(f"checkpoint_epoch_{state.epoch}_batch_{state.batch}", run, state)
         if preemption.stopped_by is not None:
             finish_preemption(preemption, checkpoints, state.global_step, say)
-            # torchrun stops every process as soon as one exits with a code other than 0: none may leave before
-            # the save of every process is durable
-            world.barrier()
+            if preempted:  # every process stops here (a signal after the agreement may have reached one only)
+                # torchrun stops every process as soon as one exits with a code other than 0: none may leave
+                # before the save of every process is durable
+                world.barrier()
             result.stopped_by, result.exit_code = preemption.stopped_by, preemption.exit_code
     except KeyboardInterrupt:
         result.interrupted = True
