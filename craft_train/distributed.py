@@ -48,6 +48,11 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every process got here (nothing to wait for with one)."""
+        if self.distributed:
+            dist.barrier()
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

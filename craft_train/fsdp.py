@@ -28,6 +28,7 @@ wrapped: the same state-dict calls give the same names, so a checkpoint of a sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -51,13 +52,16 @@ from .distributed import World
 from .loss import craft_loss
 from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import augmentation_seed, share
-from .preemption import ignore_stop_signals
+from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .state import TrainResult
+from .train import _step_optimizer as step_optimizer  # the same rule as the single-file loop
 
 __all__ = [
     "CHECKPOINT_KIND",
+    "amp_enabled",
     "find_resume_directory",
     "get_train_state",
+    "grad_scaler",
     "load_train_state",
     "read_progress",
     "refuse_sharded_checkpoints",
@@ -114,6 +118,23 @@ def shard_model(model: CRAFT, world: World, device: torch.device) -> torch.nn.Mo
     return model
 
 
+def amp_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the run trains with AMP (fp16 autocast and a gradient scaler): ``--amp`` on CUDA, as without
+    ``--fsdp``; on the CPU it trains in full precision."""
+    return config.amp and device.type == "cuda"
+
+
+def grad_scaler(enabled: bool, world: World, device: torch.device) -> torch.amp.GradScaler:
+    """The AMP gradient scaler (disabled: a pass-through). Sharded under torchrun: each process holds a slice of
+    every gradient, so an inf/NaN in one slice must make every process skip the step (``ShardedGradScaler``
+    all-reduces that finding); one process has whole gradients and torch's own scaler."""
+    if world.distributed:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def sync_buffers(model: torch.nn.Module, world: World) -> None:
     """Rank 0's BatchNorm statistics on every process (see the module's docstring)."""
     if not world.distributed:
@@ -163,14 +184,29 @@ def load_train_state(manager: ShardedCheckpointManager, path: Path, model: torch
     The optimizer's state exists before the load (``get_state_dict`` creates it), so DCP has every tensor to
     read into, resharded to this run's slices.
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_state_dict
 
+    if not _holds_optimizer_state(path):
+        # Every step before the save was skipped by the AMP scaler (inf/NaN gradients, as in the first steps of
+        # most runs): Adam had no state, and the resumed optimizer starts without any, as the saving run's did.
+        model_only = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+            manager.load(model_only, path)
+        set_model_state_dict(model, model_only["model"])
+        return
     state = get_train_state(model, optimizer, {})
     del state["progress"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         manager.load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _holds_optimizer_state(path: Path) -> bool:
+    from ckptio.dcp import Reader
+
+    return any(key.startswith("optim.state.") for key in Reader(path).read_metadata().state_dict_metadata)
 
 
 def refuse_sharded_checkpoints(config: TrainConfig) -> None:
@@ -223,18 +259,23 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
 
     check_config(config)
     started = time.perf_counter()
+    # ---- the checkpoint to resume from: first, since its config decides the model, the data and the saves ----
     resume_path: Path | None = world.broadcast(find_resume_directory(config, say) if world.is_main else None)
     progress: dict[str, Any] = {}
     if resume_path is not None:  # its config decides the model, the data and the checkpoint options
         progress, config = _resumed_settings(resume_path, config, given, say)
     device = torch.device("cuda", world.local_rank) if device_kind(config) == "cuda" else torch.device("cpu")
-    if device.type == "cuda" and config.amp:
-        say("--fsdp trains in full precision: AMP is not used")
+    use_amp = amp_enabled(config, device)
     manager = ShardedCheckpointManager(config.save_dir, keep_count=config.keep_count,
                                        disk_budget=config.disk_budget, min_free=config.min_free,
                                        async_save=config.async_save, compression=config.compression)
     result = TrainResult()
+    # A signal to any process stops every one at the same step, which all save (Preemption.agree, every step).
+    preemption = Preemption(repeat_window=RELAY_WINDOW if world.distributed else 0.0)
+    signals = contextlib.ExitStack()
+    signals.enter_context(preemption.installed())
     try:
+        # ---- model, optimizer, schedule, AMP scaler; then where the checkpoint left them ---------------------
         torch.manual_seed(config.seed)
         model = CRAFT().to(device)
         if config.pretrained:
@@ -262,10 +303,14 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                     f"{config.batch_size * world.size} samples a step (no sample skipped or repeated)")
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_steps,
                                                     gamma=config.lr_gamma)
+        scaler = grad_scaler(use_amp, world, device)
         if resume_path is not None:
             scheduler.load_state_dict(progress["scheduler"])
+            if use_amp and progress.get("scaler"):  # a checkpoint of a full-precision run starts a fresh scale
+                scaler.load_state_dict(progress["scaler"])
         result.start_step = global_step
 
+        # ---- data ------------------------------------------------------------------------------------------
         train_set, val_set, train_indices, val_indices = datasets(config)
 
         step_samples = config.batch_size * world.size
@@ -274,13 +319,14 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
             progress = {"epoch": epoch, "batch": batch_in_epoch, "global_step": global_step, "position": position,
                         "order": order, "loss_sums": sums, "epoch_validated": validated,
                         "best_val_loss": result.best_val_loss, "world_size": world.size,
-                        "scheduler": scheduler.state_dict(), "config": config.to_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "config": config.to_dict(),
                         "train_loss": sums["train"] / max(sums["batches"], 1)}
             manager.save(get_train_state(model, optimizer, progress), name=name)
             result.saves += 1
 
+        # ---- the loop ----------------------------------------------------------------------------------------
         stop = config.max_steps is not None and global_step >= config.max_steps
-        last_saved_step = global_step
+        last_saved_step, last_saved_name = global_step, ""
         order: list[int] = []
         while epoch <= config.epochs and not stop:
             if batch_in_epoch == 0:
@@ -295,7 +341,7 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                                 generator=torch.Generator().manual_seed(config.seed + epoch),
                                 worker_init_fn=ignore_stop_signals)
             for batch in loader:
-                loss_total, errors = _train_step(model, optimizer, scheduler, batch, config, world, device)
+                loss_total, errors = _train_step(model, optimizer, scheduler, scaler, batch, config, world, device)
                 result.errors += errors
                 sums["train"] += loss_total
                 sums["batches"] += 1
@@ -303,16 +349,20 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                 global_step += 1
                 position = min(position + step_samples, len(order))
                 if config.save_freq and global_step % config.save_freq == 0:
-                    save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", order)
+                    last_saved_name = f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}"
+                    save(last_saved_name, order)
                     last_saved_step = global_step
-                if config.max_steps is not None and global_step >= config.max_steps:
+
+                # stop: a signal to any process (agreed by all, every step), or the last step
+                preempted = preemption.agree(world, device)
+                if preempted or (config.max_steps is not None and global_step >= config.max_steps):
                     stop = True
                     break
             say(f"Epoch {epoch}: batch {batch_in_epoch}, global step {global_step}, "
                 f"train_loss={sums['train'] / max(sums['batches'], 1):.4f}")
             if not stop and val_indices and not validated:
                 # Every process runs the same validation: each sharded forward pass needs all of them.
-                scores = validate_all(model, val_set, val_indices, config, device, False)
+                scores = validate_all(model, val_set, val_indices, config, device, use_amp)
                 result.last_validation = scores
                 improved = scores["val_loss"] < result.best_val_loss
                 result.best_val_loss = min(result.best_val_loss, scores["val_loss"])
@@ -321,19 +371,48 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
                     + (" - best so far, saving best_model" if improved else ""))
                 if improved:
                     save("best_model", order)
+            stop = preemption.agree(world, device) or stop  # a signal during validation
             if not stop:
                 epoch, batch_in_epoch, validated = epoch + 1, 0, False
-        if config.save_freq and global_step > last_saved_step:
+
+        # ---- a final checkpoint, so that the last steps are never lost (and the one a signal asked for) ------
+        preempted = preemption.agree(world, device)  # also a signal during the last step's save or validation
+        if (config.save_freq or preempted) and global_step > last_saved_step:
             if batch_in_epoch == 0:
                 epoch, batch_in_epoch, validated = epoch - 1, math.ceil(len(order) / step_samples), True
-            save(f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}", order)
+            last_saved_name = f"checkpoint_epoch_{epoch}_batch_{batch_in_epoch}"
+            save(last_saved_name, order)
+        if preemption.stopped_by is not None:
+            _finish_preemption(preemption, manager, global_step, last_saved_name, say)
+            result.stopped_by, result.exit_code = preemption.stopped_by, preemption.exit_code
     finally:
-        manager.close()
+        try:
+            manager.close()
+        finally:
+            signals.close()  # a second signal while close() finishes the save still exits
     result.global_step, result.epoch, result.batch = global_step, epoch, batch_in_epoch
     result.seconds = time.perf_counter() - started
     say(f"done: {global_step - result.start_step} steps in {result.seconds:.1f}s (global step {global_step}); "
         f"{result.saves} sharded checkpoint(s) in {config.save_dir}")
     return result
+
+
+def _finish_preemption(preemption: Preemption, manager: ShardedCheckpointManager, global_step: int, name: str,
+                       say: Callable[[str], None]) -> None:
+    """Wait until the preemption save is committed (by rank 0, once every process's part is durable), and say so.
+
+    Unlike the single-file loop, the wait is not cut at ``--grace``: a process leaving early would fail the others'
+    collectives. A SIGKILL past the grace period leaves the previous checkpoint directory intact (the commit is
+    one rename).
+    """
+    manager.wait()
+    head = f"stopped by {preemption.stopped_by} at global step {global_step}"
+    if name:
+        since = preemption.since if preemption.since is not None else time.monotonic()
+        say(f"{head}: saved {name}, durable {time.monotonic() - since:.1f}s after the signal; continue with "
+            "--resume auto")
+    else:
+        say(f"{head}: no new checkpoint (no step since the run started); continue with --resume auto")
 
 
 def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[str] | None,
@@ -351,8 +430,9 @@ def _resumed_settings(resume_path: Path, config: TrainConfig, given: Collection[
     return progress, config
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batch: dict[str, Any],
-                config: TrainConfig, world: World, device: torch.device) -> tuple[float, int]:
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                scaler: torch.amp.GradScaler, batch: dict[str, Any], config: TrainConfig, world: World,
+                device: torch.device) -> tuple[float, int]:
     """One optimizer step on every process; returns the step's loss summed over processes and its load errors."""
     model.train()
     # A process whose samples all failed to load still joins the sharded passes, with no weight.
@@ -361,12 +441,12 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
         batch = {**_blank_batch(config.image_size), "errors": batch["errors"]}
     images = batch["image"].to(device, non_blocking=True)
     targets = [batch[k].to(device, non_blocking=True) for k in ("region", "affinity", "mask")]
-    prediction, _ = model(images)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+        prediction, _ = model(images)
     loss, _, _ = craft_loss(prediction.float(), *targets)
     optimizer.zero_grad(set_to_none=True)
-    (loss * weight).backward()
-    optimizer.step()
-    scheduler.step()
+    scaler.scale(loss * weight).backward()
+    step_optimizer(optimizer, scaler, scheduler)  # the schedule counts the steps the scaler did not skip
     sync_buffers(model, world)
     losses, errors = world.step_totals([loss.item() if weight else 0.0], int(batch["errors"]), device)
     return losses[0], errors

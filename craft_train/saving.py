@@ -121,6 +121,8 @@ def finish_preemption(preemption: Preemption, checkpoints: Checkpoints, global_s
     Past the grace period the process exits at once: the scheduler's SIGKILL is due, and a save cut short leaves
     only a temporary file (the previous checkpoints stay valid)."""
     future, manager, config = checkpoints.latest, checkpoints.manager, checkpoints.config
+    if manager is None:  # a process that writes nothing (rank 0 writes the replicated state, and says how it went)
+        return
     mirror = manager.mirror if manager is not None else None
 
     def mirrored(timeout: float) -> bool:
@@ -128,8 +130,8 @@ def finish_preemption(preemption: Preemption, checkpoints: Checkpoints, global_s
         return mirror.wait_mirrored(future.result().name, timeout)
 
     durable, copied, left = wait_durable(future, mirrored if mirror is not None else None, grace=config.grace,
-                                         since=preemption.received_at)
-    head = f"stopped by {preemption.signal_name} at global step {global_step}"
+                                         since=preemption.since)
+    head = f"stopped by {preemption.stopped_by} at global step {global_step}"
     resume = "continue with --resume auto" + (f" --mirror {mirror.url}" if mirror is not None else "")
     if durable:
         name = future.result().name

@@ -28,7 +28,7 @@ from .determinism import deterministic_mode
 from .distributed import World, setup_world
 from .loss import craft_loss
 from .order import augmentation_seed, share
-from .preemption import Preemption, ignore_stop_signals
+from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .progress import EpochProgress, progress_fields
 from .resume import load_checkpoint, restore, resume_path
 from .saving import Checkpoints, finish_preemption, mirror_summary
@@ -93,12 +93,11 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
     # ---- the loop -----------------------------------------------------------------------------------------
     stop = config.max_steps is not None and state.global_step >= config.max_steps  # resumed at its last step
     last_saved_step = state.global_step
-    # Every process of a distributed run would have to agree on the step to stop at; there the signals keep
-    # their default meaning.
-    preemption = Preemption()
+    # A signal stops the run at a step boundary; under torchrun every process asks preemption.agree() at the same
+    # points, so that all stop at the same step and take part in its save.
+    preemption = Preemption(repeat_window=RELAY_WINDOW if world.distributed else 0.0)
     signals = contextlib.ExitStack()
-    if not world.distributed:
-        signals.enter_context(preemption.installed())
+    signals.enter_context(preemption.installed())
     progress: EpochProgress | None = None
     try:
         while state.epoch <= config.epochs and not stop:
@@ -129,7 +128,9 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
                 # progress, in the guide's words and order
                 progress.update(checkpoints.report.label(state.epoch), progress_fields(
                     losses[0], losses[1], losses[2], state.errors, state.mean_train_loss))
-                if preemption.requested or (config.max_steps is not None and state.global_step >= config.max_steps):
+                # stop: a signal to any process (agreed by all, every step), or the last step
+                preempted = preemption.agree(world, run.device)
+                if preempted or (config.max_steps is not None and state.global_step >= config.max_steps):
                     stop = True
                     break
             progress.close()
@@ -147,18 +148,24 @@ def _train(config: TrainConfig, world: World, say: Callable[[str], None],
                 if improved:
                     checkpoints.save("best_model", run, state)
                 checkpoints.tell(say)
-            stop = stop or preemption.requested
+            stop = preemption.agree(world, run.device) or stop  # a signal during validation
             if not stop:
                 state.epoch, state.batch, state.validated = state.epoch + 1, 0, False
 
-        # a final checkpoint, so that the last steps are never lost
-        if (config.save_freq or preemption.requested) and state.global_step > last_saved_step:
+        # a final checkpoint, so that the last steps are never lost (and the one a signal asked for, even one that
+        # came during the last step's save or validation)
+        preempted = preemption.agree(world, run.device)
+        if (config.save_freq or preempted) and state.global_step > last_saved_step:
             if state.batch == 0:  # finished the last epoch, validation included: describe it as its end
                 state.epoch, state.batch, state.validated = state.epoch - 1, run.total_batches, True
             checkpoints.save(f"checkpoint_epoch_{state.epoch}_batch_{state.batch}", run, state)
-        if preemption.requested:
+        if preemption.stopped_by is not None:
             finish_preemption(preemption, checkpoints, state.global_step, say)
-            result.stopped_by, result.exit_code = preemption.signal_name, preemption.exit_code
+            if preempted:  # every process stops here (a signal after the agreement may have reached one only)
+                # torchrun stops every process as soon as one exits with a code other than 0: none may leave
+                # before the save of every process is durable
+                world.barrier()
+            result.stopped_by, result.exit_code = preemption.stopped_by, preemption.exit_code
     except KeyboardInterrupt:
         result.interrupted = True
         say("interrupted: finishing the checkpoints already queued, nothing half-written is left")

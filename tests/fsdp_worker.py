@@ -1,7 +1,8 @@
 """One process of the ``craft_train --fsdp`` tests: CRAFT at 64 px on 8 synthetic images, FSDP2 on CPU, gloo.
 
-Run as ``python tests/fsdp_worker.py RANK WORLD RENDEZVOUS_FILE SAVE_DIR MAX_STEPS OUT [zero]``; with ``zero``
-the run uses ``--zero`` (file checkpoints, ZeroRedundancyOptimizer) instead of ``--fsdp``. The processes meet
+Run as ``python tests/fsdp_worker.py RANK WORLD RENDEZVOUS_FILE SAVE_DIR MAX_STEPS OUT [zero|amp]``; with ``zero``
+the run uses ``--zero`` (file checkpoints, ZeroRedundancyOptimizer) instead of ``--fsdp``; with ``amp`` the
+``--fsdp`` run takes its CUDA path of AMP on the CPU (fp16 autocast and the sharded gradient scaler). The processes meet
 through a file (no port is ever taken), then train with ``--resume auto --max-steps MAX_STEPS`` as
 ``craft_train.train`` does under torchrun. Afterwards rank 0 writes the model's and optimizer's full (unsharded)
 state, gathered from every process, to ``OUT``, and whether every process holds the same BatchNorm statistics.
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from craft_train import distributed
+from craft_train import distributed, fsdp
 from craft_train.config import TrainConfig
 from craft_train.train import train
 
@@ -32,7 +33,7 @@ def config(save_dir: str, max_steps: int, zero: bool) -> TrainConfig:
 
 def main() -> int:
     rank, world, rendezvous, save_dir, max_steps, out = sys.argv[1:7]
-    zero = sys.argv[7:] == ["zero"]
+    zero, amp = sys.argv[7:] == ["zero"], sys.argv[7:] == ["amp"]
     os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank)
     torch.set_num_threads(1)  # several processes share two cores
     if int(world) > 1:
@@ -41,6 +42,8 @@ def main() -> int:
         # Keep the group past train(), which closes it when it returns, to gather the full state afterwards.
         distributed.World.close = lambda self: None  # type: ignore[method-assign]
     warnings.simplefilter("ignore")
+    if amp:
+        fsdp.amp_enabled = lambda config, device: True  # type: ignore[assignment]
     result = train(config(save_dir, int(max_steps), zero), given=None)
     assert result.model is not None and result.optimizer is not None
     if zero:  # the whole Adam state, numbered as model.parameters()

@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from fsdp_worker import config as worker_config
 from helpers import assert_same
 
 import ckptio.dcp
+import craft_train.fsdp as fsdp_module
 from ckptio.dcp_manager import latest
 from craft_train.config import TrainConfig
 from craft_train.fsdp import check_config, read_progress, refuse_sharded_checkpoints
+from craft_train.train import train
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 ROOT = WORKER.parent.parent
@@ -137,3 +140,24 @@ def test_a_run_without_fsdp_is_told_to_add_it_for_the_checkpoint_directories_of_
         with pytest.raises(ValueError, match="add --fsdp"):
             refuse_sharded_checkpoints(TrainConfig(save_dir=str(tmp_path), resume=resume))
     refuse_sharded_checkpoints(TrainConfig(save_dir=str(tmp_path / "elsewhere")))  # a fresh directory: fine
+
+
+@pytest.mark.slow
+def test_amp_skips_steps_on_every_process_together_and_its_scale_and_optimizer_resume_with_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # AMP is for CUDA; its code path (fp16 autocast, FSDP2's sharded gradient scaler) runs on the CPU just as well.
+    save_dir = tmp_path / "checkpoints"
+    _run_group(2, save_dir, 2, tmp_path / "amp.pt", "amp", "amp")
+    # fp16 overflows at the initial scale (2**16) on both steps: the sharded scaler found it in some process's
+    # slice and every process skipped the step and halved the scale, twice; Adam has no state yet.
+    saved = read_progress(save_dir / "checkpoint_epoch_1_batch_2")
+    assert (saved["scaler"]["scale"], saved["scaler"]["_growth_tracker"]) == (2.0**14, 0)
+    assert not torch.load(tmp_path / "amp.pt", weights_only=True)["optim"]["state"]
+
+    # One more step in this process (the model whole, torch's own scaler), from the scale the 2 processes left,
+    # with an optimizer that has no state, as theirs had none.
+    monkeypatch.setattr(fsdp_module, "amp_enabled", lambda config, device: True)
+    result = train(worker_config(str(save_dir), 3, zero=False), given=None)
+    assert result.start_step == 2 and result.global_step == 3
+    resumed = read_progress(save_dir / "checkpoint_epoch_1_batch_3")["scaler"]
+    assert (resumed["scale"], resumed["_growth_tracker"]) == (2.0**14, 1)  # a fresh scaler would be at 2**16

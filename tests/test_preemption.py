@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from craft_train.config import TrainConfig
+from craft_train.preemption import RELAY_WINDOW, Preemption
 from craft_train.train import TrainResult, train
 
 # 10 synthetic images, 2 held out: 4 batches of 2 per epoch.
@@ -157,3 +160,102 @@ def test_a_mirror_that_cannot_take_the_preemption_save_within_the_grace_period_i
     assert stopped.exit_code == 143 and stopped.saved_paths
     assert any("saved checkpoint_epoch_1_batch_2, durable here but not mirrored to" in line for line in said), said
     assert any("not mirrored: checkpoint_epoch_1_batch_2" in line for line in said), said
+
+
+class _Exited(Exception):
+    pass
+
+
+def _fake_exit(code: int) -> None:
+    raise _Exited(code)
+
+
+def test_under_torchrun_the_same_signal_relayed_by_the_launcher_is_one_request_and_another_signal_exits_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    preemption = Preemption(repeat_window=RELAY_WINDOW)
+    preemption._handle(signal.SIGTERM, None)  # from the scheduler
+    preemption._handle(signal.SIGTERM, None)  # the same, relayed by torchrun a moment later
+    assert preemption.signal_name == "SIGTERM" and preemption.exit_code == 143
+    with pytest.raises(_Exited, match="130"):
+        preemption._handle(signal.SIGINT, None)  # the user will not wait
+
+
+def test_on_one_process_the_same_signal_twice_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "_exit", _fake_exit)
+    preemption = Preemption()
+    preemption._handle(signal.SIGTERM, None)
+    with pytest.raises(_Exited, match="143"):
+        preemption._handle(signal.SIGTERM, None)
+
+
+# ---- under torchrun: a signal to one process stops every one at the same step, which all save ---------------
+
+CLI_WORKER = Path(__file__).resolve().parent / "cli_worker.py"
+# 8 synthetic images, 2 held out: at 2 processes of batch 1, 3 steps an epoch, then a validation that saves
+# best_model. No periodic checkpoint: the only checkpoint_epoch_* a run writes is the one a signal asks for.
+TORCHRUN_TINY = dict(synthetic_size=8, image_size=64, batch_size=1, workers=0, val_fraction=0.25, val_hmean=False,
+                     save_freq=1000, epochs=50, device="cpu")
+
+
+def _flags(settings: dict[str, object]) -> list[str]:
+    flags = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + name.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _start_group(save_dir: Path, mode: str) -> list[subprocess.Popen[str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    extra = [f"--{mode}"] if mode != "ddp" else []
+    rendezvous = save_dir.parent / f"rendezvous-{mode}"
+    return [subprocess.Popen([sys.executable, str(CLI_WORKER), str(rank), "2", str(rendezvous),
+                              *_flags(TORCHRUN_TINY), "--save-dir", str(save_dir), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=save_dir.parent)
+            for rank in range(2)]
+
+
+def _first_best_model(save_dir: Path, ranks: list[subprocess.Popen[str]]) -> None:
+    """Return once the first epoch's best_model is committed: every process is then past the set-up (its signal
+    handlers installed) and still has 49 epochs to go."""
+    while not any(save_dir.glob("best_model*")):
+        if any(rank.poll() is not None for rank in ranks):
+            raise AssertionError("a process ended before the first best_model: "
+                                 + "".join(rank.communicate()[0] for rank in ranks))
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_its_checkpoint_and_exit_143(
+        tmp_path: Path, mode: str) -> None:
+    save_dir = tmp_path / "ck"
+    ranks = _start_group(save_dir, mode)
+    try:
+        _first_best_model(save_dir, ranks)
+        ranks[1].send_signal(signal.SIGTERM)  # not rank 0: the one that saves, prints and commits must be told
+        outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    finally:  # never leave a process behind, whatever failed
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    assert [rank.returncode for rank in ranks] == [143, 143], outputs
+    found = re.search(r"stopped by SIGTERM at global step (\d+): saved (checkpoint_epoch_\d+_batch_\d+), durable",
+                      outputs[0])
+    assert found, outputs[0]
+    step, name = int(found[1]), found[2]
+    # the step's checkpoint is the run's only one besides best_model, committed whole
+    assert {p.name.split(".")[0] for p in save_dir.glob("checkpoint_epoch_*")} == {name}
+    assert "terminate called" not in outputs[0] + outputs[1]
+
+    # --resume auto continues from it (at one process: both kinds of checkpoint resume at any count)
+    resumed = train(TrainConfig(**TORCHRUN_TINY, fsdp=mode == "fsdp", save_dir=str(save_dir), resume="auto",
+                                max_steps=step + 1), say=lambda _: None)  # type: ignore[arg-type]
+    assert resumed.stopped_by is None and resumed.start_step == step and resumed.global_step == step + 1
