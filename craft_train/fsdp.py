@@ -268,7 +268,8 @@ def train_fsdp(config: TrainConfig, world: World, say: Callable[[str], None],
     use_amp = amp_enabled(config, device)
     manager = ShardedCheckpointManager(config.save_dir, keep_count=config.keep_count,
                                        disk_budget=config.disk_budget, min_free=config.min_free,
-                                       async_save=config.async_save, compression=config.compression)
+                                       async_save=config.async_save, compression=config.compression,
+                                       writer="process")  # as the other loops: leaves the GIL to training
     result = TrainResult()
     # A signal to any process stops every one at the same step, which all save (Preemption.agree, every step).
     preemption = Preemption(repeat_window=RELAY_WINDOW if world.distributed else 0.0)
