@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from .atomic import TEMP_SUFFIX, fsync_directory, temp_name
+from .atomic import TEMP_SUFFIX, fsync_directory
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
 from .dcp_job import OUTCOME_SUFFIX, DcpJob, refuse
@@ -141,6 +141,7 @@ class ShardedCheckpointManager:
         if self._rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_dcp_leftovers(self.directory)  # saves that crashed before this run: their locks are gone
+            _restore_set_aside(self.directory)
             for stale in self.directory.glob(".*" + _NEXT_SUFFIX):  # a replacement that crashed before its swap
                 delete_dcp_directory(stale)
             _remove_outcomes(self.directory)
@@ -373,6 +374,7 @@ def _remove_outcomes(directory: Path) -> None:
 
 
 _NEXT_SUFFIX = ".next-ckptio"
+_PREV_SUFFIX = ".prev-ckptio"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -380,9 +382,10 @@ _AT_FDCWD = -100
 def _swap_into_place(new: Path, final: Path) -> None:
     """Put the committed directory ``new`` under ``final``'s name; the one it replaces is deleted.
 
-    With Linux's ``renameat2(RENAME_EXCHANGE)`` the two trade places in one step. Without it, the old one is
-    first renamed to a hidden leftover name, so a crash between the two renames leaves the old checkpoint
-    aside (swept at the next start) and the new one under its hidden name (deleted at the next start).
+    With Linux's ``renameat2(RENAME_EXCHANGE)`` the two trade places in one step. Without it (NFS, no glibc),
+    the old one is first renamed to a fixed hidden name: a crash between the two renames leaves no directory
+    under the name, and the next start puts the old one back (:func:`_restore_set_aside`); the save was never
+    reported committed, so the old one is the right one.
     """
     if not os.path.lexists(final):
         os.rename(new, final)
@@ -395,11 +398,24 @@ def _swap_into_place(new: Path, final: Path) -> None:
         if swapped:
             delete_dcp_directory(new)  # now holds the previous one
         else:
-            aside = final.parent / temp_name(final.name)
+            aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
+            delete_dcp_directory(aside)  # an old one that a crash left after its replacement was in place
             os.rename(final, aside)
             os.rename(new, final)
-            shutil.rmtree(aside, ignore_errors=True)
+            delete_dcp_directory(aside)
     fsync_directory(final.parent)
+
+
+def _restore_set_aside(directory: Path) -> None:
+    """After a crash inside :func:`_swap_into_place`'s two renames: an old checkpoint set aside whose name is
+    empty goes back under it; one whose replacement is in place is deleted."""
+    for aside in directory.glob(".*" + _PREV_SUFFIX):
+        final = directory / aside.name[1:-len(_PREV_SUFFIX)]
+        if os.path.lexists(final):
+            delete_dcp_directory(aside)
+        else:
+            os.rename(aside, final)
+            fsync_directory(directory)
 
 
 def _free_bytes(directory: Path) -> int:

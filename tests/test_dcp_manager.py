@@ -90,3 +90,38 @@ def test_latest_is_the_newest_directory_that_verifies_and_none_for_a_missing_dir
         manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
     (tmp_path / "checkpoint_epoch_1_batch_2" / "__0_0.distcp").write_bytes(b"cut")
     assert latest(tmp_path) == tmp_path / "checkpoint_epoch_1_batch_1"
+
+
+class _Crash(BaseException):
+    """The process dying at this point: nothing after it runs."""
+
+
+def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_best_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+    with warnings.catch_warnings():  # the replacement, committed under its hidden name
+        warnings.simplefilter("ignore")
+        dcp.save(_state(2), storage_writer=ckptio.dcp.Writer(tmp_path / ".best_model.next-ckptio"), no_dist=True)
+    # A file system without RENAME_EXCHANGE (NFS): the old one is renamed aside first, then the process dies.
+    def no_renameat2(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("no glibc renameat2")
+
+    monkeypatch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
+    renames = []
+    real_rename = ckptio.dcp_manager.os.rename
+
+    def rename_then_die(source: Any, target: Any) -> None:
+        if renames:
+            raise _Crash
+        renames.append((source, target))
+        real_rename(source, target)
+
+    monkeypatch.setattr(ckptio.dcp_manager.os, "rename", rename_then_die)
+    with pytest.raises(_Crash):
+        ckptio.dcp_manager._swap_into_place(tmp_path / ".best_model.next-ckptio", tmp_path / "best_model")
+    monkeypatch.undo()
+    with ShardedCheckpointManager(tmp_path, async_save=False):  # the restarted run
+        pass
+    assert _step_in(tmp_path / "best_model") == 1  # the save was never reported committed: the old one is back
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
