@@ -38,7 +38,7 @@ from .atomic import TEMP_SUFFIX, create_new, fsync_directory, open_lock, write_a
 from .dcp_format import DATA_SUFFIX, RESULTS_SUFFIX, WRITING_LOCK_NAME
 from .errors import CheckpointWriteError
 
-__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "refuse", "run_dcp_job", "staging_path"]
+__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "refuse", "run_dcp_job", "run_of", "staging_path"]
 
 OUTCOME_SUFFIX = ".ckptio-outcome"
 _POLL_SECONDS = 0.02
@@ -55,7 +55,7 @@ class DcpJob:
     """Where the committed directory is renamed to: ``directory/name``, or a hidden name swapped in afterwards
     for a name that is saved again (``best_model``)."""
     token: str
-    """Unique per save and equal on every rank: names the staging directory and the outcome file."""
+    """Unique per save and equal on every rank, ``RUN-TICKET``: names the staging directory and the outcome file."""
     rank: int
     world_size: int
     items: list[WriteItem]
@@ -79,6 +79,11 @@ def staging_path(directory: Path, target_name: str, token: str) -> Path:
 
 def outcome_path(directory: Path, token: str) -> Path:
     return directory / f".{token}{OUTCOME_SUFFIX}"
+
+
+def run_of(token: str) -> str:
+    """The run (one manager on every rank) a save's token belongs to: tokens are ``RUN-TICKET``."""
+    return token.rpartition("-")[0]
 
 
 def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
@@ -224,7 +229,8 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     directory = Path(job.directory)
     ranks = _await_results(job, staging)
     # Every rank has finished its previous save (it wrote this one's results), so it read that save's outcome.
-    for stale in directory.glob(f".*{OUTCOME_SUFFIX}"):
+    # Only this run's: another manager on this directory has ranks that may still be waiting for theirs.
+    for stale in directory.glob(f".{run_of(job.token)}-*{OUTCOME_SUFFIX}"):
         if stale.name != outcome_path(directory, job.token).name:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)

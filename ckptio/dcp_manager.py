@@ -144,7 +144,6 @@ class ShardedCheckpointManager:
             _restore_set_aside(self.directory)
             for stale in self.directory.glob(".*" + _NEXT_SUFFIX):  # a replacement that crashed before its swap
                 delete_dcp_directory(stale)
-            _remove_outcomes(self.directory)
         _barrier(self._group)
         in_process = async_save and writer == "process"
         if in_process:
@@ -239,7 +238,7 @@ class ShardedCheckpointManager:
                 self._group = None
             if self._rank == 0:
                 with contextlib.suppress(OSError):
-                    _remove_outcomes(self.directory)
+                    _remove_outcomes(self.directory, self._run_id)
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -366,8 +365,10 @@ def _writes_here(value: Any, rank: int) -> bool:
     return rank == 0
 
 
-def _remove_outcomes(directory: Path) -> None:
-    for path in directory.glob(f".*{OUTCOME_SUFFIX}*"):
+def _remove_outcomes(directory: Path, run_id: str) -> None:
+    """This run's verdict files: another manager on the same directory may have ranks waiting for its own (a run
+    that crashed leaves at most one, a few bytes)."""
+    for path in directory.glob(f".{run_id}-*{OUTCOME_SUFFIX}*"):
         if path.name.endswith((OUTCOME_SUFFIX, TEMP_SUFFIX)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -4,6 +4,7 @@ simulated with two writer threads)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 from pathlib import Path
@@ -179,3 +180,38 @@ def test_a_value_that_cannot_be_saved_raises_in_save_and_the_next_save_works(tmp
             manager.save({**_state(1), "hook": lambda: 0}, name="checkpoint_epoch_1_batch_1")
         manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
     assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
+
+
+def test_a_commit_of_another_manager_on_the_same_directory_never_deletes_a_verdict_a_rank_still_waits_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    ours = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1", timeout=1.0)
+    other = dataclasses.replace(_jobs(tmp_path, state, "checkpoint_epoch_9_batch_9")[0], token="otherrun-7",
+                                world_size=1)
+    written, resume = threading.Event(), threading.Event()
+    await_outcome = ckptio.dcp_job._await_outcome
+
+    def held(job: DcpJob) -> int:  # rank 1 has written its part; it reads the verdict only once told to
+        written.set()
+        assert resume.wait(30)
+        return await_outcome(job)
+
+    monkeypatch.setattr(ckptio.dcp_job, "_await_outcome", held)
+    errors: list[BaseException | None] = [None]
+
+    def rank_1() -> None:
+        try:
+            run_dcp_job(ours[1], {})
+        except BaseException as exc:
+            errors[0] = exc
+
+    thread = threading.Thread(target=rank_1)
+    thread.start()
+    assert written.wait(30)
+    run_dcp_job(ours[0], flat)  # committed; its verdict waits for rank 1
+    run_dcp_job(other, flat)  # a second manager on the same directory commits
+    resume.set()
+    thread.join(60)
+    assert errors == [None]  # rank 1 agrees with rank 0: committed
+    assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
