@@ -64,6 +64,9 @@ class DcpJob:
     """Per item: its key in the staged flat state, or ``None`` for a serialized value in ``blobs``."""
     blobs: dict[int, bytes] = field(default_factory=dict)
     planner_data: Any = None
+    left_to_rank_0: list[str] = field(default_factory=list)
+    """The keys of this rank's plain values (not DTensors), which only rank 0 writes: rank 0 fails the save if
+    it has not got one of them, rather than commit a checkpoint without it."""
     compression: str | None = None
     level: int = 1
     sync: bool = True
@@ -108,7 +111,8 @@ def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
                                sync=job.sync)
             raise
         _write_results(staging, job.rank, {"token": job.token, "ok": True, "items": job.items,
-                                           "results": records, "planner_data": job.planner_data}, sync=job.sync)
+                                           "results": records, "planner_data": job.planner_data,
+                                           "left_to_rank_0": job.left_to_rank_0}, sync=job.sync)
         if job.rank != 0:
             return _await_outcome(job)
         return _commit(job, staging, target)
@@ -237,6 +241,13 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     plans = [SavePlan(items=content["items"], planner_data=content["planner_data"] or {}) for content in ranks]
     # DCP's own planner builds the metadata (chunks, mappings) and checks that the chunks cover every tensor.
     _, metadata = DefaultSavePlanner().create_global_plan(plans)
+    for rank, content in enumerate(ranks):
+        missing = [key for key in content.get("left_to_rank_0", ()) if key not in metadata.state_dict_metadata]
+        if missing:
+            raise CheckpointWriteError(
+                f"rank {rank} has {missing[:5]} but rank 0 has not: plain values (not DTensors) are saved from rank "
+                "0 only, so give every rank the same keys (a per-rank value: a DTensor, or one key on every rank); "
+                "the checkpoint was not committed (the previous one stays valid)")
     storage: dict[MetadataIndex, Any] = {}
     for content in ranks:
         for result in content["results"]:

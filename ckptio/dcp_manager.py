@@ -13,7 +13,8 @@ writer, with no collective once the manager exists:
 
 Each rank writes the shards of its DTensors (a replicated DTensor's chunk: the ranks at coordinate 0 of its
 replicated mesh dimensions). Plain tensors and other values are written by rank 0 only: like DCP, the manager
-takes them to be equal on every rank.
+takes them to be equal on every rank; a key that another rank has and rank 0 has not fails the save (it would
+be missing from the checkpoint).
 
 After a save is committed, rank 0 applies ``keep_count`` and ``disk_budget`` over the DCP directories, with the
 rules of :mod:`ckptio.retention`: only periodic checkpoints (``checkpoint_epoch_E_batch_B``) are deleted, never the
@@ -269,9 +270,12 @@ class ShardedCheckpointManager:
         planner = DefaultSavePlanner()
         planner.set_up_planner(state, is_coordinator=self._rank == 0)
         plan = planner.create_local_plan()
-        items, sources, blobs, flat = [], [], {}, {}
+        items, sources, blobs, flat, left = [], [], {}, {}, []
         for item in plan.items:
-            if not _writes_here(planner.state_dict[item.index.fqn], self._rank):
+            value = planner.state_dict[item.index.fqn]
+            if not _writes_here(value, self._rank):
+                if not isinstance(value, DTensor):
+                    left.append(item.index.fqn)  # rank 0's commit checks that it has this value itself
                 continue
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
@@ -282,14 +286,14 @@ class ShardedCheckpointManager:
                 flat[key] = data
                 sources.append(key)
             items.append(item)
-        return flat, self._job(name, target, token, items, sources, blobs, plan.planner_data)
+        return flat, self._job(name, target, token, items, sources, blobs, plan.planner_data, left)
 
     def _job(self, name: str, target: Path, token: str, items: list[Any], sources: list[str | None],
-             blobs: dict[int, bytes], planner_data: Any) -> DcpJob:
+             blobs: dict[int, bytes], planner_data: Any, left_to_rank_0: list[str] | None = None) -> DcpJob:
         return DcpJob(directory=str(self.directory), name=name, target=str(target), token=token, rank=self._rank,
                       world_size=self._world, items=items, sources=sources, blobs=blobs, planner_data=planner_data,
-                      compression=self.compression, timeout=self.timeout, keep_count=self.keep_count,
-                      disk_budget=self.disk_budget)
+                      left_to_rank_0=left_to_rank_0 or [], compression=self.compression, timeout=self.timeout,
+                      keep_count=self.keep_count, disk_budget=self.disk_budget)
 
     def _on_report(self, report: Report) -> None:
         with self._reported:

@@ -215,3 +215,22 @@ def test_a_commit_of_another_manager_on_the_same_directory_never_deletes_a_verdi
     thread.join(60)
     assert errors == [None]  # rank 1 agrees with rank 0: committed
     assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
+
+
+def test_a_plain_value_that_only_a_rank_other_than_0_has_fails_the_save_instead_of_being_dropped(
+        tmp_path: Path) -> None:
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        # Two ranks' plans, made by the manager's own planning (one process: its rank is set by hand).
+        rank_states = [_state(5), {**_state(5), "rng_rank_1": torch.arange(4)}]
+        jobs, tensors = [], []
+        for rank, state in enumerate(rank_states):
+            manager._rank, manager._world = rank, 2
+            flat, job = manager._plan(state, "checkpoint_epoch_1_batch_1", tmp_path / "checkpoint_epoch_1_batch_1",
+                                      "t-1")
+            jobs.append(dataclasses.replace(job, timeout=30.0, sync=False))
+            tensors.append(flat)
+        manager._rank, manager._world = 0, 1
+        errors = _run_ranks(jobs, tensors)
+    assert all(isinstance(error, ckptio.CheckpointWriteError) for error in errors), errors
+    assert "rng_rank_1" in str(errors[0]) and "rng_rank_1" in str(errors[1])
+    assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
