@@ -14,6 +14,11 @@ Every rank writes its items into the save's staging directory (one data file, th
 So every rank's ``wait()`` agrees on whether the checkpoint was committed, and returns after rank 0's
 retention: no rank lists a directory that rank 0 is still deleting. Only a rank that dies or hangs makes the
 others fail by timeout (the checkpoint is then not committed either).
+
+A rank that gives up waiting must not be overtaken by a rank 0 that was only late: the first *decision* on a
+save, ``DIRECTORY/.TOKEN.ckptio-decision`` created without replacing (a hard link), stands. Rank 0 decides
+"commit" before its rename; a rank that times out decides "abandon". Whoever finds the other's decision
+follows it: a late rank 0 gives the save up, a rank that finds rank 0 committing waits for its outcome.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +44,11 @@ from .atomic import TEMP_SUFFIX, create_new, fsync_directory, open_lock, write_a
 from .dcp_format import DATA_SUFFIX, RESULTS_SUFFIX, WRITING_LOCK_NAME
 from .errors import CheckpointWriteError
 
-__all__ = ["OUTCOME_SUFFIX", "DcpJob", "outcome_path", "refuse", "run_dcp_job", "run_of", "staging_path"]
+__all__ = ["DECISION_SUFFIX", "OUTCOME_SUFFIX", "DcpJob", "decision_path", "outcome_path", "refuse", "run_dcp_job",
+           "run_of", "staging_path"]
 
 OUTCOME_SUFFIX = ".ckptio-outcome"
+DECISION_SUFFIX = ".ckptio-decision"
 _POLL_SECONDS = 0.02
 
 
@@ -82,6 +90,10 @@ def staging_path(directory: Path, target_name: str, token: str) -> Path:
 
 def outcome_path(directory: Path, token: str) -> Path:
     return directory / f".{token}{OUTCOME_SUFFIX}"
+
+
+def decision_path(directory: Path, token: str) -> Path:
+    return directory / f".{token}{DECISION_SUFFIX}"
 
 
 def run_of(token: str) -> str:
@@ -178,12 +190,25 @@ def _write_results(staging: Path, rank: int, content: dict[str, Any], *, sync: b
 
 def _write_outcome(directory: Path, token: str, content: dict[str, Any]) -> None:
     final = outcome_path(directory, token)
-    partial = directory / f"{final.name}.{os.getpid()}{TEMP_SUFFIX}"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)
+    partial = directory / f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     _write_whole(partial, json.dumps(content).encode(), sync=True)
     os.rename(partial, final)
     fsync_directory(directory)
+
+
+def _decide(directory: Path, token: str, content: dict[str, Any]) -> dict[str, Any]:
+    """Make ``content`` the decision on this save unless one was made before; return the one that stands."""
+    final = decision_path(directory, token)
+    partial = directory / f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    _write_whole(partial, json.dumps(content).encode(), sync=True)
+    try:
+        os.link(partial, final)  # never replaces: of two ranks deciding at once, one wins and the other reads it
+    except FileExistsError:
+        return json.loads(final.read_bytes())
+    finally:
+        os.unlink(partial)
+    fsync_directory(directory)
+    return content
 
 
 def _write_whole(path: Path, data: bytes, *, sync: bool) -> None:
@@ -234,10 +259,11 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     ranks = _await_results(job, staging)
     # Every rank has finished its previous save (it wrote this one's results), so it read that save's outcome.
     # Only this run's: another manager on this directory has ranks that may still be waiting for theirs.
-    for stale in directory.glob(f".{run_of(job.token)}-*{OUTCOME_SUFFIX}"):
-        if stale.name != outcome_path(directory, job.token).name:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
+    for suffix in (OUTCOME_SUFFIX, DECISION_SUFFIX):
+        for stale in directory.glob(f".{run_of(job.token)}-*{suffix}"):
+            if not stale.name.startswith(f".{job.token}."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
     plans = [SavePlan(items=content["items"], planner_data=content["planner_data"] or {}) for content in ranks]
     # DCP's own planner builds the metadata (chunks, mappings) and checks that the chunks cover every tensor.
     _, metadata = DefaultSavePlanner().create_global_plan(plans)
@@ -254,6 +280,10 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
             storage.setdefault(result.index, result.storage_data)
     metadata.storage_data = storage
     metadata.storage_meta = StorageMeta(checkpoint_id=str(target), save_id=job.token)
+    decision = _decide(directory, job.token, {"commit": True})
+    if not decision.get("commit"):
+        raise CheckpointWriteError(f"{decision.get('error')}; the checkpoint was not committed (the previous one "
+                                   "stays valid)")
     for rank in range(job.world_size):
         os.unlink(_results_path(staging, rank))
     seal_and_rename(staging, target, metadata, sync=job.sync)
@@ -265,18 +295,30 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
 def _await_outcome(job: DcpJob) -> int:
     """Ranks other than 0: the outcome rank 0 wrote for this save. Rank 0 waits up to ``timeout`` for the
     slowest rank and then commits, so this waits twice as long before it gives up on rank 0."""
-    path = outcome_path(Path(job.directory), job.token)
+    directory = Path(job.directory)
+    path = outcome_path(directory, job.token)
     deadline = time.monotonic() + 2 * job.timeout
+    committing = False
     while True:
         try:
             content = json.loads(path.read_bytes())
         except FileNotFoundError:
-            if time.monotonic() > deadline:
+            if time.monotonic() <= deadline:
+                time.sleep(_POLL_SECONDS)
+                continue
+            if committing:
                 raise CheckpointWriteError(
-                    f"rank 0 did not commit {job.name} within {2 * job.timeout}s; this rank's part is written, the "
-                    "checkpoint is not committed (the previous one stays valid)") from None
-            time.sleep(_POLL_SECONDS)
-            continue
+                    f"rank 0 began to commit {job.name} but gave no outcome within another {2 * job.timeout}s; "
+                    "whether it was committed is unknown on this rank: see the log of rank 0") from None
+            error = f"rank {job.rank} gave up waiting {2 * job.timeout}s for rank 0 to commit {job.name}"
+            if _decide(directory, job.token, {"commit": False, "error": error}).get("commit"):
+                committing = True  # rank 0 decided first and is renaming: its outcome follows
+                deadline = time.monotonic() + 2 * job.timeout
+                continue
+            with contextlib.suppress(OSError):  # the other ranks waiting hear it now
+                _write_outcome(directory, job.token, {"ok": False, "error": error})
+            raise CheckpointWriteError(f"{error}; this rank's part is written, the checkpoint is not committed (the "
+                                       "previous one stays valid)") from None
         if not content.get("ok"):
             raise CheckpointWriteError(f"rank 0 did not commit {job.name}: {content.get('error')}")
         return 0

@@ -53,7 +53,7 @@ from torch.distributed.tensor import DTensor
 from .atomic import TEMP_SUFFIX, fsync_directory
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
-from .dcp_job import OUTCOME_SUFFIX, DcpJob, refuse
+from .dcp_job import DECISION_SUFFIX, OUTCOME_SUFFIX, DcpJob, refuse
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
@@ -372,8 +372,8 @@ def _writes_here(value: Any, rank: int) -> bool:
 def _remove_outcomes(directory: Path, run_id: str) -> None:
     """This run's verdict files: another manager on the same directory may have ranks waiting for its own (a run
     that crashed leaves at most one, a few bytes)."""
-    for path in directory.glob(f".{run_id}-*{OUTCOME_SUFFIX}*"):
-        if path.name.endswith((OUTCOME_SUFFIX, TEMP_SUFFIX)):
+    for path in directory.glob(f".{run_id}-*.ckptio-*"):
+        if path.name.endswith((OUTCOME_SUFFIX, DECISION_SUFFIX, TEMP_SUFFIX)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -234,3 +234,15 @@ def test_a_plain_value_that_only_a_rank_other_than_0_has_fails_the_save_instead_
     assert all(isinstance(error, ckptio.CheckpointWriteError) for error in errors), errors
     assert "rng_rank_1" in str(errors[0]) and "rng_rank_1" in str(errors[1])
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+
+
+def test_a_rank_that_gave_up_waiting_for_rank_0_makes_a_late_rank_0_give_the_save_up_too(tmp_path: Path) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1", timeout=0.05)
+    # Rank 0 reaches the save long after rank 1 (a rank-0-only evaluation): rank 1's writer has given up by then.
+    with pytest.raises(ckptio.CheckpointWriteError, match="not committed"):
+        run_dcp_job(jobs[1], {})
+    with pytest.raises(ckptio.CheckpointWriteError, match="rank 1 gave up"):
+        run_dcp_job(jobs[0], flat)  # rank 1's part is all there, but rank 1 already reported the save failed
+    assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
