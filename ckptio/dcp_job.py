@@ -45,7 +45,7 @@ from .dcp_format import DATA_SUFFIX, RESULTS_SUFFIX, WRITING_LOCK_NAME
 from .errors import CheckpointWriteError
 
 __all__ = ["DECISION_SUFFIX", "OUTCOME_SUFFIX", "DcpJob", "decision_path", "outcome_path", "refuse", "run_dcp_job",
-           "run_of", "staging_path"]
+           "run_of", "settle_lost", "staging_path"]
 
 OUTCOME_SUFFIX = ".ckptio-outcome"
 DECISION_SUFFIX = ".ckptio-decision"
@@ -150,6 +150,43 @@ def refuse(job: DcpJob, error: BaseException) -> None:
             staging = staging_path(directory, Path(job.target).name, job.token)
             staging.mkdir(mode=0o755, exist_ok=True)
             _write_results(staging, job.rank, {"token": job.token, "ok": False, "error": text}, sync=False)
+
+
+def settle_lost(job: DcpJob, reason: str) -> None:
+    """This rank's writer died with the save in flight (``reason``): make the save's outcome the one every rank
+    reports. Return if it was committed, raise if not."""
+    directory = Path(job.directory)
+    decision = _decide(directory, job.token, {"commit": False, "error": f"rank {job.rank}: {reason}"})
+    if not decision.get("commit"):  # given up before rank 0 began its commit: rank 0 will not commit it either
+        with contextlib.suppress(OSError):
+            _write_outcome(directory, job.token, {"ok": False, "error": decision.get("error")})
+        raise CheckpointWriteError(f"{decision.get('error')}; the save was given up on every rank (the previous "
+                                   "checkpoint is intact)")
+    if job.rank != 0:
+        _await_outcome(job)  # rank 0's writer is committing it
+        return
+    # Rank 0's own writer died while committing: nothing changes on disk any more, so the name says it.
+    committed = _saved_by(directory / job.name, job.token)
+    if Path(job.target) != directory / job.name:  # the hidden name of a replacement: the new one or the old one
+        from .dcp_inspect import delete_dcp_directory
+
+        delete_dcp_directory(Path(job.target))
+    if committed:
+        _write_outcome(directory, job.token, {"ok": True})
+        return
+    error = f"rank 0: {reason} while committing {job.name}"
+    _write_outcome(directory, job.token, {"ok": False, "error": error})
+    raise CheckpointWriteError(f"{error}; the checkpoint was not committed (the previous one stays valid)")
+
+
+def _saved_by(path: Path, token: str) -> bool:
+    from .dcp_reader import open_directory
+
+    try:
+        storage_meta = open_directory(path).metadata.storage_meta
+    except (OSError, ValueError):
+        return False
+    return storage_meta is not None and storage_meta.save_id == token
 
 
 class _Staged:

@@ -53,7 +53,7 @@ from torch.distributed.tensor import DTensor
 from .atomic import TEMP_SUFFIX, fsync_directory
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
-from .dcp_job import DECISION_SUFFIX, OUTCOME_SUFFIX, DcpJob, refuse
+from .dcp_job import DECISION_SUFFIX, OUTCOME_SUFFIX, DcpJob, refuse, settle_lost
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
@@ -130,6 +130,7 @@ class ShardedCheckpointManager:
         self._closed = False
         self._pending: tuple[int, str] | None = None
         self._reports: dict[int, Report] = {}
+        self._in_flight: dict[int, DcpJob] = {}  # what a writer process that dies leaves to settle
         self._reported = threading.Condition()
         self._tickets = itertools.count()
         # The collectives left (min_free's agreement, load, the barriers here) run on a group of their own, so
@@ -198,10 +199,12 @@ class ShardedCheckpointManager:
                 raise CheckpointWriteError(f"saving {self.directory / name} failed: {report.error}") from report.error
             return
         self._pending = (ticket, name)
+        self._in_flight[ticket] = job
         try:
             self._writer.submit(write_job)
         except BaseException:
             self._pending = None
+            self._in_flight.pop(ticket, None)
             raise
 
     def wait(self) -> None:
@@ -296,14 +299,23 @@ class ShardedCheckpointManager:
                       keep_count=self.keep_count, disk_budget=self.disk_budget)
 
     def _on_report(self, report: Report) -> None:
+        self._in_flight.pop(report.ticket, None)
         with self._reported:
             self._reports[report.ticket] = report
             self._reported.notify_all()
 
     def _on_lost(self, tickets: list[int], reason: str) -> None:
         for ticket in tickets:
-            self._on_report(Report(ticket, "failed", error=CheckpointWriteError(
-                f"{reason}; the save was lost (the previous checkpoint is intact)")))
+            job = self._in_flight.get(ticket)
+            try:
+                if job is None:
+                    raise CheckpointWriteError(f"{reason}; the save was lost (the previous checkpoint is intact)")
+                # Its part may be written and rank 0 committing: report what every other rank reports.
+                settle_lost(job, reason)
+            except BaseException as exc:
+                self._on_report(Report(ticket, "failed", error=exc))
+            else:
+                self._on_report(Report(ticket, "committed", path=self.directory / job.name))
 
     def _make_room(self, state: dict[str, Any]) -> None:
         """Rank 0 deletes the oldest periodic checkpoints until this save and ``min_free`` fit; all ranks agree."""

@@ -5,6 +5,7 @@ simulated with two writer threads)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -18,6 +19,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 import ckptio
 import ckptio.dcp
 import ckptio.dcp_job
+import ckptio.dcp_manager
+import ckptio.dcp_writer
 from ckptio.cli import main as cli_main
 from ckptio.dcp_job import DcpJob, outcome_path, run_dcp_job
 from ckptio.dcp_manager import ShardedCheckpointManager
@@ -246,3 +249,86 @@ def test_a_rank_that_gave_up_waiting_for_rank_0_makes_a_late_rank_0_give_the_sav
     with pytest.raises(ckptio.CheckpointWriteError, match="rank 1 gave up"):
         run_dcp_job(jobs[0], flat)  # rank 1's part is all there, but rank 1 already reported the save failed
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+
+
+class _KilledAfterItsPart:
+    """A writer process that writes this rank's part and is killed before it reads rank 0's verdict."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Any] = []
+
+    def submit(self, job: Any) -> None:
+        self.jobs.append(job)
+
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_rank_whose_writer_process_dies_after_its_part_agrees_with_rank_0_on_the_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+
+    def killed(job: DcpJob) -> int:
+        raise _Killed
+
+    for batch, rank_0_first in ((1, True), (2, False)):
+        name = f"checkpoint_epoch_1_batch_{batch}"
+        with ShardedCheckpointManager(tmp_path, writer="thread", timeout=30) as manager:
+            manager._writer.close()
+            manager._writer = writer = _KilledAfterItsPart()  # type: ignore[assignment]
+            manager._rank, manager._world = 1, 2  # this manager plays rank 1
+            manager.save(state, name=name)
+            job = writer.jobs[0]
+            with monkeypatch.context() as patch, pytest.raises(_Killed):
+                patch.setattr(ckptio.dcp_job, "_await_outcome", killed)
+                run_dcp_job(job.dcp, {})  # rank 1's part is written, then its writer is killed
+            rank_0 = dataclasses.replace(_jobs(tmp_path, state, name)[0], token=job.dcp.token)
+            lost = "the checkpoint writer process 4242 was killed by signal 9"
+            if rank_0_first:  # rank 0 commits before rank 1's trainer hears its writer died
+                run_dcp_job(rank_0, flat)
+                manager._on_lost([job.ticket], lost)
+                manager.wait()  # committed, as rank 0 says
+            else:  # rank 1's trainer hears it first: the save is given up on every rank
+                manager._on_lost([job.ticket], lost)
+                with pytest.raises(ckptio.CheckpointWriteError, match="killed by signal 9"):
+                    manager.wait()
+                with pytest.raises(ckptio.CheckpointWriteError, match="killed by signal 9"):
+                    run_dcp_job(rank_0, flat)
+            manager._rank, manager._world = 0, 1
+    assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
+    assert not (tmp_path / "checkpoint_epoch_1_batch_2").exists()
+
+
+@pytest.mark.parametrize("dies_in", ["seal_and_rename", "after_commit"])
+def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: str) -> None:
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise _Killed
+
+    with ShardedCheckpointManager(tmp_path, writer="thread") as manager:
+        manager._writer.close()
+        manager._writer = writer = _KilledAfterItsPart()  # type: ignore[assignment]
+        manager.save(_state(5), name="checkpoint_epoch_1_batch_1")
+        job = writer.jobs[0]
+        module = ckptio.dcp_writer if dies_in == "seal_and_rename" else ckptio.dcp_manager
+        with monkeypatch.context() as patch, pytest.raises(_Killed):
+            patch.setattr(module, dies_in, killed)
+            run_dcp_job(job.dcp, job.snapshot.materialize())
+        manager._on_lost([job.ticket], "the checkpoint writer process 4242 was killed by signal 9")
+        if dies_in == "after_commit":  # renamed into place before it died: committed, on every rank
+            manager.wait()
+            assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
+        else:
+            with pytest.raises(ckptio.CheckpointWriteError, match="not committed"):
+                manager.wait()
+            assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+        outcome = json.loads(outcome_path(tmp_path, job.dcp.token).read_bytes())
+        assert outcome["ok"] is (dies_in == "after_commit")  # what the other ranks read
