@@ -132,6 +132,12 @@ def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
         if job.rank == 0:  # the other ranks wait for this verdict: they must hear it, not time out
             with contextlib.suppress(OSError):
                 _write_outcome(directory, job.token, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            if target != directory / job.name and _saved_by(target, job.token):
+                # A replacement that was never swapped in: left under its hidden name, it would block every
+                # later save of this name until a restart.
+                from .dcp_inspect import delete_dcp_directory
+
+                delete_dcp_directory(target)
         raise
     finally:
         if lock_fd is not None:

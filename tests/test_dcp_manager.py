@@ -125,3 +125,25 @@ def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_bes
         pass
     assert _step_in(tmp_path / "best_model") == 1  # the save was never reported committed: the old one is back
     assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+
+
+def test_a_best_model_whose_swap_failed_does_not_block_the_next_best_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    swap = ckptio.dcp_manager._swap_into_place
+    failures: list[OSError] = []
+
+    def fails_once(new: Path, final: Path) -> None:
+        if failures:
+            raise failures.pop()
+        swap(new, final)
+
+    monkeypatch.setattr(ckptio.dcp_manager, "_swap_into_place", fails_once)
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+        failures.append(OSError(13, "Permission denied"))
+        with pytest.raises(ckptio.CheckpointWriteError, match="Permission denied"):
+            manager.save(_state(2), name="best_model")
+        assert _step_in(tmp_path / "best_model") == 1
+        manager.save(_state(3), name="best_model")
+    assert _step_in(tmp_path / "best_model") == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
