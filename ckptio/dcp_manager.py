@@ -406,21 +406,33 @@ def _swap_into_place(new: Path, final: Path) -> None:
     """
     if not os.path.lexists(final):
         os.rename(new, final)
+    elif _exchange(new, final):
+        delete_dcp_directory(new)  # now holds the previous one
     else:
-        swapped = False
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            swapped = libc.renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final),
-                                     _RENAME_EXCHANGE) == 0
-        if swapped:
-            delete_dcp_directory(new)  # now holds the previous one
-        else:
-            aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
-            delete_dcp_directory(aside)  # an old one that a crash left after its replacement was in place
-            os.rename(final, aside)
+        aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
+        delete_dcp_directory(aside)  # an old one that a crash left after its replacement was in place
+        os.rename(final, aside)
+        try:
             os.rename(new, final)
-            delete_dcp_directory(aside)
+        except BaseException:
+            os.rename(aside, final)  # the save failed; the old one stays under its name meanwhile
+            raise
+        delete_dcp_directory(aside)
     fsync_directory(final.parent)
+
+
+def _exchange(new: Path, final: Path) -> bool:
+    """Swap two directories in one step; ``False`` where this libc, kernel or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(final))  # e.g. EACCES: the two-rename way would fail the same
 
 
 def _restore_set_aside(directory: Path) -> None:

@@ -147,3 +147,30 @@ def test_a_best_model_whose_swap_failed_does_not_block_the_next_best_model(
         manager.save(_state(3), name="best_model")
     assert _step_in(tmp_path / "best_model") == 3
     assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+
+
+def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_model_back_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+
+        def no_renameat2(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("no glibc renameat2")
+
+        real_rename = ckptio.dcp_manager.os.rename
+        renames: list[Any] = []
+
+        def second_fails(source: Any, target: Any) -> None:
+            if Path(source).name == ".best_model.next-ckptio" and not renames:
+                renames.append(source)
+                raise OSError(28, "No space left on device")
+            real_rename(source, target)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
+            patch.setattr(ckptio.dcp_manager.os, "rename", second_fails)
+            with pytest.raises(ckptio.CheckpointWriteError, match="No space left"):
+                manager.save(_state(2), name="best_model")
+        assert _step_in(tmp_path / "best_model") == 1  # while this run goes on, not only after a restart
+        manager.save(_state(3), name="best_model")
+    assert _step_in(tmp_path / "best_model") == 3
