@@ -202,9 +202,10 @@ class ShardedCheckpointManager:
         self._in_flight[ticket] = job
         try:
             self._writer.submit(write_job)
-        except BaseException:
+        except BaseException as exc:
             self._pending = None
             self._in_flight.pop(ticket, None)
+            refuse(job, exc)  # never taken: the other ranks' writers must not wait for it until their timeout
             raise
 
     def wait(self) -> None:

@@ -332,3 +332,25 @@ def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_di
             assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
         outcome = json.loads(outcome_path(tmp_path, job.dcp.token).read_bytes())
         assert outcome["ok"] is (dies_in == "after_commit")  # what the other ranks read
+
+
+class _CannotStart(_KilledAfterItsPart):
+    """A writer that cannot take the job (no new writer process could start)."""
+
+    def submit(self, job: Any) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+
+def test_a_save_its_writer_could_not_take_tells_the_other_ranks_at_once_and_the_next_save_works(
+        tmp_path: Path) -> None:
+    with ShardedCheckpointManager(tmp_path, writer="thread") as manager:
+        writer = manager._writer
+        manager._writer = _CannotStart()  # type: ignore[assignment]
+        with pytest.raises(OSError, match="temporarily unavailable"):
+            manager.save(_state(1), name="checkpoint_epoch_1_batch_1")
+        # Rank 1's writer, waiting for this save's verdict, hears it now instead of at its timeout.
+        verdict = json.loads(outcome_path(tmp_path, f"{manager._run_id}-0").read_bytes())
+        assert verdict["ok"] is False and "temporarily unavailable" in verdict["error"]
+        manager._writer = writer
+        manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
