@@ -307,6 +307,20 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
             if not stale.name.startswith(f".{job.token}."):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(stale)
+    # Rank 0 holds the lock only from its own start: a sweep (another run starting, `ckptio clean`) may have
+    # taken a part written before then, with the rank's results landing in the directory made again after.
+    for rank, content in enumerate(ranks):
+        data = staging / f"__{rank}_0{DATA_SUFFIX}"
+        wrote = sum(result.size_in_bytes for result in content["results"])
+        try:
+            found: int | None = data.stat().st_size
+        except FileNotFoundError:
+            found = None
+        if found != wrote:
+            now = "is missing" if found is None else f"holds {found}"
+            raise CheckpointWriteError(
+                f"rank {rank} wrote {wrote} bytes into {data.name}, but it {now} (was the staging directory swept "
+                "while this save was in flight?); the checkpoint was not committed (the previous one stays valid)")
     plans = [SavePlan(items=content["items"], planner_data=content["planner_data"] or {}) for content in ranks]
     # DCP's own planner builds the metadata (chunks, mappings) and checks that the chunks cover every tensor.
     _, metadata = DefaultSavePlanner().create_global_plan(plans)

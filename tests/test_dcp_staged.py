@@ -354,3 +354,49 @@ def test_a_save_its_writer_could_not_take_tells_the_other_ranks_at_once_and_the_
         manager._writer = writer
         manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
     assert [p.name for p in manager.checkpoints()] == ["checkpoint_epoch_1_batch_2"]
+
+
+def _only(job: DcpJob, positions: set[int]) -> DcpJob:
+    kept = sorted(positions)
+    return dataclasses.replace(job, items=[job.items[i] for i in kept], sources=[job.sources[i] for i in kept],
+                               blobs={new: job.blobs[old] for new, old in enumerate(kept) if old in job.blobs})
+
+
+def test_a_rank_part_swept_from_the_staging_directory_before_rank_0_locked_it_fails_the_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1", timeout=30.0)
+    w = {i for i, item in enumerate(jobs[0].items) if item.index.fqn == "model.w"}
+    jobs = [_only(jobs[0], {i for i in range(len(jobs[0].items)) if i not in w}),
+            _only(dataclasses.replace(jobs[0], rank=1), w)]  # rank 1 writes w, rank 0 the rest
+    written, resume = threading.Event(), threading.Event()
+    await_outcome = ckptio.dcp_job._await_outcome
+
+    def held(job: DcpJob) -> int:
+        written.set()
+        assert resume.wait(30)
+        return await_outcome(job)
+
+    monkeypatch.setattr(ckptio.dcp_job, "_await_outcome", held)
+    errors: list[BaseException | None] = [None]
+
+    def rank_1() -> None:
+        try:
+            run_dcp_job(jobs[1], flat)
+        except BaseException as exc:
+            errors[0] = exc
+
+    thread = threading.Thread(target=rank_1)
+    thread.start()
+    assert written.wait(30)
+    # Another run's start-up sweep (or `ckptio clean`) took the staging directory while rank 0 had not yet locked
+    # it; rank 1's results file then landed in the directory rank 0's writer made again.
+    [staging] = [p for p in tmp_path.iterdir() if p.name.endswith(".ckptio-tmp")]
+    (staging / "__1_0.distcp").unlink()
+    with pytest.raises(ckptio.CheckpointWriteError, match="__1_0.distcp"):
+        run_dcp_job(jobs[0], flat)
+    resume.set()
+    thread.join(60)
+    assert isinstance(errors[0], ckptio.CheckpointWriteError)
+    assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
