@@ -129,7 +129,8 @@ def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
             return _await_outcome(job)
         return _commit(job, staging, target)
     except BaseException as exc:
-        if job.rank == 0:  # the other ranks wait for this verdict: they must hear it, not time out
+        if job.rank == 0 and not isinstance(exc, _CommittedButRetentionFailed):
+            # the other ranks wait for this verdict: they must hear it, not time out
             with contextlib.suppress(OSError):
                 _write_outcome(directory, job.token, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
             if target != directory / job.name and _saved_by(target, job.token):
@@ -344,9 +345,20 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     for rank in range(job.world_size):
         os.unlink(_results_path(staging, rank))
     seal_and_rename(staging, target, metadata, sync=job.sync)
-    deleted = dcp_manager.after_commit(directory, job.name, keep_count=job.keep_count, disk_budget=job.disk_budget)
+    dcp_manager.swap_in(directory, job.name)  # a failure here leaves the old one under the name: not committed
+    try:
+        deleted = dcp_manager.apply_retention(directory, job.name, keep_count=job.keep_count,
+                                              disk_budget=job.disk_budget)
+    except Exception as exc:  # committed all the same: every rank says so, and what went wrong after
+        error = f"{job.name} was committed, but deleting old checkpoints failed: {type(exc).__name__}: {exc}"
+        _write_outcome(directory, job.token, {"ok": True, "error": error})
+        raise _CommittedButRetentionFailed(error) from exc
     _write_outcome(directory, job.token, {"ok": True})
     return deleted
+
+
+class _CommittedButRetentionFailed(CheckpointWriteError):
+    """Rank 0's outcome file already says committed: it must not be overwritten with a failure."""
 
 
 def _await_outcome(job: DcpJob) -> int:
@@ -378,5 +390,7 @@ def _await_outcome(job: DcpJob) -> int:
                                        "previous one stays valid)") from None
         if not content.get("ok"):
             raise CheckpointWriteError(f"rank 0 did not commit {job.name}: {content.get('error')}")
+        if content.get("error"):
+            raise CheckpointWriteError(content["error"])
         return 0
 

@@ -356,11 +356,15 @@ class ShardedCheckpointManager:
             raise RuntimeError("this ShardedCheckpointManager is closed; create a new one")
 
 
-def after_commit(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
-    """Rank 0's writer, once ``name`` is committed (under its hidden name if it replaces one): swap it into
-    place, then delete what ``keep_count`` and ``disk_budget`` drop. Return how many were deleted."""
+def swap_in(directory: Path, name: str) -> None:
+    """Rank 0's writer, once ``name`` is sealed under its hidden name because it replaces one: swap it in."""
     if not parse_checkpoint_name(name):
         _swap_into_place(directory / f".{name}{_NEXT_SUFFIX}", directory / name)
+
+
+def apply_retention(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
+    """Rank 0's writer, once ``name`` is committed: delete what ``keep_count`` and ``disk_budget`` drop. Return
+    how many were deleted."""
     if keep_count is None and disk_budget is None:
         return 0
     plan = plan_retention(checkpoint_entries(directory), keep_count=keep_count, budget=disk_budget,

@@ -307,7 +307,7 @@ def test_a_rank_whose_writer_process_dies_after_its_part_agrees_with_rank_0_on_t
     assert not (tmp_path / "checkpoint_epoch_1_batch_2").exists()
 
 
-@pytest.mark.parametrize("dies_in", ["seal_and_rename", "after_commit"])
+@pytest.mark.parametrize("dies_in", ["seal_and_rename", "apply_retention"])
 def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_in: str) -> None:
     def killed(*args: Any, **kwargs: Any) -> None:
@@ -323,7 +323,7 @@ def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_di
             patch.setattr(module, dies_in, killed)
             run_dcp_job(job.dcp, job.snapshot.materialize())
         manager._on_lost([job.ticket], "the checkpoint writer process 4242 was killed by signal 9")
-        if dies_in == "after_commit":  # renamed into place before it died: committed, on every rank
+        if dies_in == "apply_retention":  # renamed into place before it died: committed, on every rank
             manager.wait()
             assert _load(tmp_path / "checkpoint_epoch_1_batch_1")["step"] == 5
         else:
@@ -331,7 +331,7 @@ def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_di
                 manager.wait()
             assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
         outcome = json.loads(outcome_path(tmp_path, job.dcp.token).read_bytes())
-        assert outcome["ok"] is (dies_in == "after_commit")  # what the other ranks read
+        assert outcome["ok"] is (dies_in == "apply_retention")  # what the other ranks read
 
 
 class _CannotStart(_KilledAfterItsPart):
@@ -400,3 +400,21 @@ def test_a_rank_part_swept_from_the_staging_directory_before_rank_0_locked_it_fa
     thread.join(60)
     assert isinstance(errors[0], ckptio.CheckpointWriteError)
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+
+
+def test_a_retention_that_fails_after_the_commit_says_committed_on_every_rank(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = _state(5)
+    flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
+    assert _run_ranks(_jobs(tmp_path, state, "checkpoint_epoch_1_batch_1"), [flat, {}]) == [None, None]
+
+    def cannot_delete(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckptio.dcp_manager, "delete_dcp_directory", cannot_delete)
+    jobs = [dataclasses.replace(job, keep_count=1) for job in _jobs(tmp_path, state, "checkpoint_epoch_1_batch_2")]
+    errors = _run_ranks(jobs, [flat, {}])
+    for error in errors:  # the same on both ranks: the new checkpoint is there, the old one could not go
+        assert isinstance(error, ckptio.CheckpointWriteError)
+        assert "checkpoint_epoch_1_batch_2 was committed" in str(error) and "Permission denied" in str(error)
+    assert _load(tmp_path / "checkpoint_epoch_1_batch_2")["step"] == 5
