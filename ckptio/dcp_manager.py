@@ -176,6 +176,8 @@ class ShardedCheckpointManager:
         self._check_open()
         validate_name(name)
         self.wait()  # one save in flight: the next copy would overwrite the slot it is written from
+        # Once, before min_free counts the bytes: a Stateful's tensors are what is written.
+        state = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
         if self.min_free is not None:
             self._make_room(state)
         target = self.directory / name
@@ -270,7 +272,6 @@ class ShardedCheckpointManager:
     def _plan(self, state: dict[str, Any], name: str, target: Path, token: str
               ) -> tuple[dict[str, torch.Tensor], DcpJob]:
         """DCP's local plan, cut to the items this rank writes; the tensors to stage and what the writer needs."""
-        state = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
         planner = DefaultSavePlanner()
         planner.set_up_planner(state, is_coordinator=self._rank == 0)
         plan = planner.create_local_plan()

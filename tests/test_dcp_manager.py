@@ -174,3 +174,24 @@ def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_mo
         assert _step_in(tmp_path / "best_model") == 1  # while this run goes on, not only after a restart
         manager.save(_state(3), name="best_model")
     assert _step_in(tmp_path / "best_model") == 3
+
+
+class _Wrapper:
+    """A Stateful, as trainers wrap a model or its optimizers (torchtitan's ModelWrapper)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.tensor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensor.copy_(state["w"])
+
+
+def test_min_free_counts_the_tensors_of_stateful_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckptio.dcp_manager, "_free_bytes", lambda _: 4096)
+    with ShardedCheckpointManager(tmp_path, min_free=2048, async_save=False) as manager, \
+            pytest.raises(ckptio.InsufficientSpaceError, match="lower min_free"):
+        manager.save({"model": _Wrapper(torch.zeros(1024)), "step": 1}, name="checkpoint_epoch_1_batch_1")
+    assert list(tmp_path.iterdir()) == []
