@@ -24,6 +24,7 @@ follows it: a late rank 0 gives the save up, a rank that finds rank 0 committing
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -50,6 +51,7 @@ __all__ = ["DECISION_SUFFIX", "OUTCOME_SUFFIX", "DcpJob", "decision_path", "outc
 OUTCOME_SUFFIX = ".ckptio-outcome"
 DECISION_SUFFIX = ".ckptio-decision"
 _POLL_SECONDS = 0.02
+_DECISION_READS = 250  # 5 s of polls: a decision file is filled in right after it is created
 
 
 @dataclass
@@ -243,16 +245,36 @@ def _write_outcome(directory: Path, token: str, content: dict[str, Any]) -> None
 def _decide(directory: Path, token: str, content: dict[str, Any]) -> dict[str, Any]:
     """Make ``content`` the decision on this save unless one was made before; return the one that stands."""
     final = decision_path(directory, token)
+    data = json.dumps(content).encode()
     partial = directory / f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    _write_whole(partial, json.dumps(content).encode(), sync=True)
+    _write_whole(partial, data, sync=True)
     try:
         os.link(partial, final)  # never replaces: of two ranks deciding at once, one wins and the other reads it
     except FileExistsError:
-        return json.loads(final.read_bytes())
+        return _read_decision(final)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        try:  # a file system without hard links (some FUSE mounts): created exclusively, then filled in
+            _write_whole(final, data, sync=True)
+        except FileExistsError:
+            return _read_decision(final)
     finally:
         os.unlink(partial)
     fsync_directory(directory)
     return content
+
+
+def _read_decision(path: Path) -> dict[str, Any]:
+    """The decision another rank made; without hard links it may still be being filled in."""
+    for _ in range(_DECISION_READS):
+        with contextlib.suppress(ValueError):
+            content = json.loads(path.read_bytes())
+            if isinstance(content, dict):
+                return content
+        time.sleep(_POLL_SECONDS)
+    # Its maker died between creating and filling it in: nobody commits what nobody can read.
+    return {"commit": False, "error": f"{path.name} could not be read"}
 
 
 def _write_whole(path: Path, data: bytes, *, sync: bool) -> None:

@@ -5,6 +5,7 @@ simulated with two writer threads)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import threading
 import warnings
@@ -239,7 +240,14 @@ def test_a_plain_value_that_only_a_rank_other_than_0_has_fails_the_save_instead_
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
 
 
-def test_a_rank_that_gave_up_waiting_for_rank_0_makes_a_late_rank_0_give_the_save_up_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_rank_that_gave_up_waiting_for_rank_0_makes_a_late_rank_0_give_the_save_up_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool) -> None:
+    if not hard_links:  # some FUSE mounts: the decision is created exclusively instead
+        def no_link(*args: Any) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(ckptio.dcp_job.os, "link", no_link)
     state = _state(5)
     flat = {"model.w": state["model"]["w"], "model.b": state["model"]["b"]}
     jobs = _jobs(tmp_path, state, "checkpoint_epoch_1_batch_1", timeout=0.05)
@@ -249,6 +257,7 @@ def test_a_rank_that_gave_up_waiting_for_rank_0_makes_a_late_rank_0_give_the_sav
     with pytest.raises(ckptio.CheckpointWriteError, match="rank 1 gave up"):
         run_dcp_job(jobs[0], flat)  # rank 1's part is all there, but rank 1 already reported the save failed
     assert not (tmp_path / "checkpoint_epoch_1_batch_1").exists()
+    assert _run_ranks(_jobs(tmp_path, state, "checkpoint_epoch_1_batch_2"), [flat, {}]) == [None, None]
 
 
 class _KilledAfterItsPart:
