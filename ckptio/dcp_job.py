@@ -140,7 +140,8 @@ def run_dcp_job(job: DcpJob, tensors: dict[str, torch.Tensor]) -> int:
                 # later save of this name until a restart.
                 from .dcp_inspect import delete_dcp_directory
 
-                delete_dcp_directory(target)
+                with contextlib.suppress(OSError):  # the save's own error is what the caller must hear
+                    delete_dcp_directory(target)
         raise
     finally:
         if lock_fd is not None:
