@@ -13,7 +13,8 @@ writer, with no collective once the manager exists:
 
 Each rank writes the shards of its DTensors (a replicated DTensor's chunk: the ranks at coordinate 0 of its
 replicated mesh dimensions). Plain tensors and other values are written by rank 0 only: like DCP, the manager
-takes them to be equal on every rank.
+takes them to be equal on every rank; a key that another rank has and rank 0 has not fails the save (it would
+be missing from the checkpoint).
 
 After a save is committed, rank 0 applies ``keep_count`` and ``disk_budget`` over the DCP directories, with the
 rules of :mod:`ckptio.retention`: only periodic checkpoints (``checkpoint_epoch_E_batch_B``) are deleted, never the
@@ -49,10 +50,10 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from .atomic import TEMP_SUFFIX, fsync_directory, temp_name
+from .atomic import TEMP_SUFFIX, fsync_directory
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
-from .dcp_job import OUTCOME_SUFFIX, DcpJob, refuse
+from .dcp_job import DECISION_SUFFIX, OUTCOME_SUFFIX, DcpJob, refuse, settle_lost
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
 from .retention import plan_retention
@@ -129,6 +130,7 @@ class ShardedCheckpointManager:
         self._closed = False
         self._pending: tuple[int, str] | None = None
         self._reports: dict[int, Report] = {}
+        self._in_flight: dict[int, DcpJob] = {}  # what a writer process that dies leaves to settle
         self._reported = threading.Condition()
         self._tickets = itertools.count()
         # The collectives left (min_free's agreement, load, the barriers here) run on a group of their own, so
@@ -141,9 +143,9 @@ class ShardedCheckpointManager:
         if self._rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_dcp_leftovers(self.directory)  # saves that crashed before this run: their locks are gone
+            _restore_set_aside(self.directory)
             for stale in self.directory.glob(".*" + _NEXT_SUFFIX):  # a replacement that crashed before its swap
                 delete_dcp_directory(stale)
-            _remove_outcomes(self.directory)
         _barrier(self._group)
         in_process = async_save and writer == "process"
         if in_process:
@@ -174,6 +176,8 @@ class ShardedCheckpointManager:
         self._check_open()
         validate_name(name)
         self.wait()  # one save in flight: the next copy would overwrite the slot it is written from
+        # Once, before min_free counts the bytes: a Stateful's tensors are what is written.
+        state = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
         if self.min_free is not None:
             self._make_room(state)
         target = self.directory / name
@@ -197,10 +201,13 @@ class ShardedCheckpointManager:
                 raise CheckpointWriteError(f"saving {self.directory / name} failed: {report.error}") from report.error
             return
         self._pending = (ticket, name)
+        self._in_flight[ticket] = job
         try:
             self._writer.submit(write_job)
-        except BaseException:
+        except BaseException as exc:
             self._pending = None
+            self._in_flight.pop(ticket, None)
+            refuse(job, exc)  # never taken: the other ranks' writers must not wait for it until their timeout
             raise
 
     def wait(self) -> None:
@@ -238,7 +245,7 @@ class ShardedCheckpointManager:
                 self._group = None
             if self._rank == 0:
                 with contextlib.suppress(OSError):
-                    _remove_outcomes(self.directory)
+                    _remove_outcomes(self.directory, self._run_id)
 
     def __enter__(self) -> ShardedCheckpointManager:
         return self
@@ -265,13 +272,15 @@ class ShardedCheckpointManager:
     def _plan(self, state: dict[str, Any], name: str, target: Path, token: str
               ) -> tuple[dict[str, torch.Tensor], DcpJob]:
         """DCP's local plan, cut to the items this rank writes; the tensors to stage and what the writer needs."""
-        state = {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
         planner = DefaultSavePlanner()
         planner.set_up_planner(state, is_coordinator=self._rank == 0)
         plan = planner.create_local_plan()
-        items, sources, blobs, flat = [], [], {}, {}
+        items, sources, blobs, flat, left = [], [], {}, {}, []
         for item in plan.items:
-            if not _writes_here(planner.state_dict[item.index.fqn], self._rank):
+            value = planner.state_dict[item.index.fqn]
+            if not _writes_here(value, self._rank):
+                if not isinstance(value, DTensor):
+                    left.append(item.index.fqn)  # rank 0's commit checks that it has this value itself
                 continue
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
@@ -282,24 +291,33 @@ class ShardedCheckpointManager:
                 flat[key] = data
                 sources.append(key)
             items.append(item)
-        return flat, self._job(name, target, token, items, sources, blobs, plan.planner_data)
+        return flat, self._job(name, target, token, items, sources, blobs, plan.planner_data, left)
 
     def _job(self, name: str, target: Path, token: str, items: list[Any], sources: list[str | None],
-             blobs: dict[int, bytes], planner_data: Any) -> DcpJob:
+             blobs: dict[int, bytes], planner_data: Any, left_to_rank_0: list[str] | None = None) -> DcpJob:
         return DcpJob(directory=str(self.directory), name=name, target=str(target), token=token, rank=self._rank,
                       world_size=self._world, items=items, sources=sources, blobs=blobs, planner_data=planner_data,
-                      compression=self.compression, timeout=self.timeout, keep_count=self.keep_count,
-                      disk_budget=self.disk_budget)
+                      left_to_rank_0=left_to_rank_0 or [], compression=self.compression, timeout=self.timeout,
+                      keep_count=self.keep_count, disk_budget=self.disk_budget)
 
     def _on_report(self, report: Report) -> None:
+        self._in_flight.pop(report.ticket, None)
         with self._reported:
             self._reports[report.ticket] = report
             self._reported.notify_all()
 
     def _on_lost(self, tickets: list[int], reason: str) -> None:
         for ticket in tickets:
-            self._on_report(Report(ticket, "failed", error=CheckpointWriteError(
-                f"{reason}; the save was lost (the previous checkpoint is intact)")))
+            job = self._in_flight.get(ticket)
+            try:
+                if job is None:
+                    raise CheckpointWriteError(f"{reason}; the save was lost (the previous checkpoint is intact)")
+                # Its part may be written and rank 0 committing: report what every other rank reports.
+                settle_lost(job, reason)
+            except BaseException as exc:
+                self._on_report(Report(ticket, "failed", error=exc))
+            else:
+                self._on_report(Report(ticket, "committed", path=self.directory / job.name))
 
     def _make_room(self, state: dict[str, Any]) -> None:
         """Rank 0 deletes the oldest periodic checkpoints until this save and ``min_free`` fit; all ranks agree."""
@@ -339,11 +357,15 @@ class ShardedCheckpointManager:
             raise RuntimeError("this ShardedCheckpointManager is closed; create a new one")
 
 
-def after_commit(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
-    """Rank 0's writer, once ``name`` is committed (under its hidden name if it replaces one): swap it into
-    place, then delete what ``keep_count`` and ``disk_budget`` drop. Return how many were deleted."""
+def swap_in(directory: Path, name: str) -> None:
+    """Rank 0's writer, once ``name`` is sealed under its hidden name because it replaces one: swap it in."""
     if not parse_checkpoint_name(name):
         _swap_into_place(directory / f".{name}{_NEXT_SUFFIX}", directory / name)
+
+
+def apply_retention(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
+    """Rank 0's writer, once ``name`` is committed: delete what ``keep_count`` and ``disk_budget`` drop. Return
+    how many were deleted."""
     if keep_count is None and disk_budget is None:
         return 0
     plan = plan_retention(checkpoint_entries(directory), keep_count=keep_count, budget=disk_budget,
@@ -365,14 +387,17 @@ def _writes_here(value: Any, rank: int) -> bool:
     return rank == 0
 
 
-def _remove_outcomes(directory: Path) -> None:
-    for path in directory.glob(f".*{OUTCOME_SUFFIX}*"):
-        if path.name.endswith((OUTCOME_SUFFIX, TEMP_SUFFIX)):
+def _remove_outcomes(directory: Path, run_id: str) -> None:
+    """This run's verdict files: another manager on the same directory may have ranks waiting for its own (a run
+    that crashed leaves at most one, a few bytes)."""
+    for path in directory.glob(f".{run_id}-*.ckptio-*"):
+        if path.name.endswith((OUTCOME_SUFFIX, DECISION_SUFFIX, TEMP_SUFFIX)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
 
 _NEXT_SUFFIX = ".next-ckptio"
+_PREV_SUFFIX = ".prev-ckptio"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -380,26 +405,52 @@ _AT_FDCWD = -100
 def _swap_into_place(new: Path, final: Path) -> None:
     """Put the committed directory ``new`` under ``final``'s name; the one it replaces is deleted.
 
-    With Linux's ``renameat2(RENAME_EXCHANGE)`` the two trade places in one step. Without it, the old one is
-    first renamed to a hidden leftover name, so a crash between the two renames leaves the old checkpoint
-    aside (swept at the next start) and the new one under its hidden name (deleted at the next start).
+    With Linux's ``renameat2(RENAME_EXCHANGE)`` the two trade places in one step. Without it (NFS, no glibc),
+    the old one is first renamed to a fixed hidden name: a crash between the two renames leaves no directory
+    under the name, and the next start puts the old one back (:func:`_restore_set_aside`); the save was never
+    reported committed, so the old one is the right one.
     """
     if not os.path.lexists(final):
         os.rename(new, final)
+    elif _exchange(new, final):
+        delete_dcp_directory(new)  # now holds the previous one
     else:
-        swapped = False
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            swapped = libc.renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final),
-                                     _RENAME_EXCHANGE) == 0
-        if swapped:
-            delete_dcp_directory(new)  # now holds the previous one
-        else:
-            aside = final.parent / temp_name(final.name)
-            os.rename(final, aside)
+        aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
+        delete_dcp_directory(aside)  # an old one that a crash left after its replacement was in place
+        os.rename(final, aside)
+        try:
             os.rename(new, final)
-            shutil.rmtree(aside, ignore_errors=True)
+        except BaseException:
+            os.rename(aside, final)  # the save failed; the old one stays under its name meanwhile
+            raise
+        delete_dcp_directory(aside)
     fsync_directory(final.parent)
+
+
+def _exchange(new: Path, final: Path) -> bool:
+    """Swap two directories in one step; ``False`` where this libc, kernel or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(final))  # e.g. EACCES: the two-rename way would fail the same
+
+
+def _restore_set_aside(directory: Path) -> None:
+    """After a crash inside :func:`_swap_into_place`'s two renames: an old checkpoint set aside whose name is
+    empty goes back under it; one whose replacement is in place is deleted."""
+    for aside in directory.glob(".*" + _PREV_SUFFIX):
+        final = directory / aside.name[1:-len(_PREV_SUFFIX)]
+        if os.path.lexists(final):
+            delete_dcp_directory(aside)
+        else:
+            os.rename(aside, final)
+            fsync_directory(directory)
 
 
 def _free_bytes(directory: Path) -> int:

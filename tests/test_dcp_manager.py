@@ -90,3 +90,108 @@ def test_latest_is_the_newest_directory_that_verifies_and_none_for_a_missing_dir
         manager.save(_state(2), name="checkpoint_epoch_1_batch_2")
     (tmp_path / "checkpoint_epoch_1_batch_2" / "__0_0.distcp").write_bytes(b"cut")
     assert latest(tmp_path) == tmp_path / "checkpoint_epoch_1_batch_1"
+
+
+class _Crash(BaseException):
+    """The process dying at this point: nothing after it runs."""
+
+
+def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_best_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+    with warnings.catch_warnings():  # the replacement, committed under its hidden name
+        warnings.simplefilter("ignore")
+        dcp.save(_state(2), storage_writer=ckptio.dcp.Writer(tmp_path / ".best_model.next-ckptio"), no_dist=True)
+    # A file system without RENAME_EXCHANGE (NFS): the old one is renamed aside first, then the process dies.
+    def no_renameat2(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("no glibc renameat2")
+
+    monkeypatch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
+    renames = []
+    real_rename = ckptio.dcp_manager.os.rename
+
+    def rename_then_die(source: Any, target: Any) -> None:
+        if renames:
+            raise _Crash
+        renames.append((source, target))
+        real_rename(source, target)
+
+    monkeypatch.setattr(ckptio.dcp_manager.os, "rename", rename_then_die)
+    with pytest.raises(_Crash):
+        ckptio.dcp_manager._swap_into_place(tmp_path / ".best_model.next-ckptio", tmp_path / "best_model")
+    monkeypatch.undo()
+    with ShardedCheckpointManager(tmp_path, async_save=False):  # the restarted run
+        pass
+    assert _step_in(tmp_path / "best_model") == 1  # the save was never reported committed: the old one is back
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+
+
+def test_a_best_model_whose_swap_failed_does_not_block_the_next_best_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    swap = ckptio.dcp_manager._swap_into_place
+    failures: list[OSError] = []
+
+    def fails_once(new: Path, final: Path) -> None:
+        if failures:
+            raise failures.pop()
+        swap(new, final)
+
+    monkeypatch.setattr(ckptio.dcp_manager, "_swap_into_place", fails_once)
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+        failures.append(OSError(13, "Permission denied"))
+        with pytest.raises(ckptio.CheckpointWriteError, match="Permission denied"):
+            manager.save(_state(2), name="best_model")
+        assert _step_in(tmp_path / "best_model") == 1
+        manager.save(_state(3), name="best_model")
+    assert _step_in(tmp_path / "best_model") == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+
+
+def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_model_back_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
+        manager.save(_state(1), name="best_model")
+
+        def no_renameat2(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("no glibc renameat2")
+
+        real_rename = ckptio.dcp_manager.os.rename
+        renames: list[Any] = []
+
+        def second_fails(source: Any, target: Any) -> None:
+            if Path(source).name == ".best_model.next-ckptio" and not renames:
+                renames.append(source)
+                raise OSError(28, "No space left on device")
+            real_rename(source, target)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
+            patch.setattr(ckptio.dcp_manager.os, "rename", second_fails)
+            with pytest.raises(ckptio.CheckpointWriteError, match="No space left"):
+                manager.save(_state(2), name="best_model")
+        assert _step_in(tmp_path / "best_model") == 1  # while this run goes on, not only after a restart
+        manager.save(_state(3), name="best_model")
+    assert _step_in(tmp_path / "best_model") == 3
+
+
+class _Wrapper:
+    """A Stateful, as trainers wrap a model or its optimizers (torchtitan's ModelWrapper)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.tensor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensor.copy_(state["w"])
+
+
+def test_min_free_counts_the_tensors_of_stateful_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ckptio.dcp_manager, "_free_bytes", lambda _: 4096)
+    with ShardedCheckpointManager(tmp_path, min_free=2048, async_save=False) as manager, \
+            pytest.raises(ckptio.InsufficientSpaceError, match="lower min_free"):
+        manager.save({"model": _Wrapper(torch.zeros(1024)), "step": 1}, name="checkpoint_epoch_1_batch_1")
+    assert list(tmp_path.iterdir()) == []
