@@ -19,6 +19,10 @@ from craft_train.evaluate import evaluate_model
 from craft_train.weak import EVEN_SPLIT_CONFIDENCE
 from craft_train.weak_quality import pseudo_label_quality
 
+# Training the models is part of these tests' setup, which pytest-timeout counts: 200 steps take 2 minutes on a
+# quiet 2-core machine, and several times that beside the other worker and a busy core.
+pytestmark = pytest.mark.timeout(1800)
+
 # ---- it finds words ---------------------------------------------------------------------------------------------
 
 def _region_separation(model: torch.nn.Module, data: SyntheticTextDataset, indices: list[int]) -> float:
