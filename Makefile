@@ -31,10 +31,13 @@ demo: install
 	@echo "  python -m ckptio list checkpoints_improved"
 	@echo "  python -m craft_train.detect --checkpoint $(DEMO_DIR)/best_model.pth --images DIR --out results"
 
+# Two pytest-xdist workers (TEST_WORKERS=0 runs the suite in one process, e.g. to debug a test);
+# each worker takes whole files, longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 # PYTEST_ARGS=--learning adds the learning tier (what .ci/run does): about 2 minutes more on 2 cores.
 test: install
 	$(PY) -m ruff check ckptio craft_train benchmarks tests *.py
-	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout=600 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The tests that need a CRAFT model trained for 200 steps alone (~2.5 minutes on 2 cores; tests/conftest.py).
 test-learning: install

@@ -35,6 +35,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("learning") is not None and not config.getoption("--learning"):
             item.add_marker(skip)
+    # make test runs two pytest-xdist workers, each given whole files (--dist loadfile, in this order): the
+    # longest work first, so that the many short files fill the gaps instead of one long file running alone at
+    # the end. First the file that trains the shared models (test_learning.py: the only users of the session's
+    # trained models, so they are trained once), then the files with end-to-end tests, then the rest.
+    rank: dict[str, int] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        if item.get_closest_marker("skip") is None:
+            kind = 0 if TRAINED_MODELS & set(getattr(item, "fixturenames", ())) else (
+                1 if item.get_closest_marker("slow") is not None else 2)
+            rank[file] = min(rank.get(file, 2), kind)
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], 2))
+
+
+TRAINED_MODELS = {"early_on_synthetic", "trained_on_synthetic"}
 
 
 def learning_config(**overrides: object) -> TrainConfig:
