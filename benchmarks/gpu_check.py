@@ -1,4 +1,4 @@
-"""One call on a GPU machine: CUDA ordering, save latency for CRAFT and a 2 GB state, training overhead.
+"""One call on a GPU machine: CUDA ordering, the FSDP2 path, save latency (CRAFT, 2 GB), training overhead.
 
 Meant for the few minutes of a lent GPU (about 5 minutes on an H100/H200), so it runs everything once, in order
 of importance, and prints one markdown report that names the GPU and can go into the README as is:
@@ -6,15 +6,18 @@ of importance, and prints one markdown report that names the GPU and can go into
 1. **Ordering** (both formats, thread and process writers, several trials): a chain of kernels that changes a
    tensor, queued before ``save()`` and still running when it is called, is in the file; changes queued right
    after ``save()`` returns are not.
-2. **Save latency** (``save_latency.py``'s methods on CUDA states: the pinned device-to-host and write+fsync
+2. **Sharded** (FSDP2): a DTensor on a one-process mesh (nccl) saved through ``ShardedCheckpointManager`` with
+   the thread and the process writer: the same ordering check through the pinned staging slot, a load back, and
+   the time ``save()`` blocks for a 256 MB shard.
+3. **Save latency** (``save_latency.py``'s methods on CUDA states: the pinned device-to-host and write+fsync
    floors, torch.save + fsync, DCP default and best mode, ckptio thread and process writers): CRAFT + Adam and a
    2 GB state, first / second / steady-state stall, durable time, host memory.
-3. **Training overhead** (``train_overhead.py`` on CUDA: CRAFT 512 px, batch 8, AMP; a save every 25 and every
+4. **Training overhead** (``train_overhead.py`` on CUDA: CRAFT 512 px, batch 8, AMP; a save every 25 and every
    100 steps; the main thread's Python pace while a write runs).
 
 ``--quick --device cpu`` runs the same code on the CPU with tiny sizes (a smoke test: the tests run it). Without
-zstandard (the GPU image lacks it) the zstd cases are skipped with a note. Exit code 1 if the ordering check
-or a CUDA test fails, 0 otherwise.
+zstandard (the GPU image lacks it) the zstd cases are skipped with a note. Exit code 1 if the ordering check,
+the sharded check or a CUDA test fails, 0 otherwise.
 
 Run ``python benchmarks/gpu_check.py [--out DIR]`` (``--skip-train`` / ``--skip-latency`` to shorten it).
 ``make gpu-check`` adds ``--with-tests`` (``pytest -m cuda tests/test_cuda.py`` right after the ordering check)
@@ -38,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_ordering", "main"]
+__all__ = ["check_ordering", "check_sharded", "main"]
 
 
 _BENCHMARKS = Path(__file__).resolve().parent
@@ -110,6 +113,69 @@ def check_ordering(device: str, workdir: Path, *, trials: int = 3, numel: int = 
                                        f"(expected {chain}), bias {file_bias.tolist()} (expected {trial + 1.0})")
             results.append({"case": label, "passed": passed, "trials": trials, "details": details})
             log(f"ordering {label}: {passed}/{trials}" + (f" FAILED: {details}" if details else ""))
+    return results
+
+
+def check_sharded(device: str, workdir: Path, *, trials: int = 2, numel: int = 1 << 24,
+                  chain: int = 50, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The FSDP2 path on this device: a DTensor sharded over a one-process mesh (nccl on CUDA, gloo on the CPU)
+    saved by ``ShardedCheckpointManager`` with each writer, and loaded back. As in :func:`check_ordering`, a
+    chain of in-place additions is queued right before ``save()`` (it must be in the checkpoint: the copy into
+    the pinned staging slot waits for it) and another right after it returns (it must not be). Also reports the
+    time ``save()`` blocked and the time until the save was committed, for ``numel`` float32 elements."""
+    _use_this_checkout()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from ckptio.dcp_manager import ShardedCheckpointManager
+
+    dev = torch.device(device)
+    started_group = not dist.is_initialized()
+    if started_group:
+        store = workdir / "sharded_rendezvous"
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{store}", rank=0,
+                                world_size=1)
+    results = []
+    try:
+        mesh = init_device_mesh(dev.type, (1,))
+        for writer in ("thread", "process"):
+            directory = workdir / f"sharded_{writer}"
+            passed, details, blocked, durable = 0, [], [], []
+            with ShardedCheckpointManager(directory, writer=writer) as manager:
+                x = distribute_tensor(torch.zeros(numel, device=dev), mesh, [Shard(0)])
+                for trial in range(trials):
+                    x.zero_()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    _delay(dev)
+                    for _ in range(chain):  # queued before save(): must be in the checkpoint
+                        x.add_(1.0)
+                    name = f"checkpoint_epoch_1_batch_{trial + 1}"
+                    since = time.perf_counter()
+                    manager.save({"x": x, "trial": trial}, name=name)
+                    blocked.append(time.perf_counter() - since)
+                    for _ in range(chain):  # queued right after save() returned: must not be
+                        x.add_(1.0)
+                    manager.wait()
+                    durable.append(time.perf_counter() - since)
+                    loaded = {"x": distribute_tensor(torch.zeros(numel, device=dev), mesh, [Shard(0)]), "trial": -1}
+                    manager.load(loaded, directory / name)
+                    ok = (bool(torch.all(loaded["x"].to_local() == chain)) and loaded["trial"] == trial
+                          and bool(torch.all(x.to_local() == 2 * chain)))
+                    passed += ok
+                    if not ok:
+                        local = loaded["x"].to_local()
+                        details.append(f"trial {trial}: checkpoint x in [{local.min().item()}, "
+                                       f"{local.max().item()}] (expected {chain}), trial {loaded['trial']}")
+            label = f"FSDP2 mesh of 1 ({'nccl' if dev.type == 'cuda' else 'gloo'}), {writer} writer"
+            results.append({"case": label, "passed": passed, "trials": trials, "details": details,
+                            "blocked_ms": 1000 * min(blocked), "durable_ms": 1000 * min(durable)})
+            log(f"sharded {label}: {passed}/{trials}, save() blocked {1000 * min(blocked):.1f} ms, committed "
+                f"after {1000 * min(durable):.1f} ms" + (f" FAILED: {details}" if details else ""))
+    finally:
+        if started_group:
+            dist.destroy_process_group()
     return results
 
 
@@ -226,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append("this ckptio has no process writer: only the thread writer was measured")
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=out))
     ordering_ok = True
+    sharded_ok = True
     tests_ok = True
     try:
         since = time.perf_counter()
@@ -245,6 +312,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        _markdown(["test", "outcome", "s"],
                                  [(r["test"], r["outcome"], f"{r['seconds']:.1f}") for r in tests]), ""]
             section_done("pytest -m cuda", verdict, since)
+
+        since = time.perf_counter()
+        sharded = check_sharded(args.device, workdir, trials=2, numel=1 << (12 if args.quick else 26),
+                                chain=5 if args.quick else 50, log=log)
+        sharded_ok = all(r["passed"] == r["trials"] for r in sharded)
+        report += [f"Sharded (FSDP2 DTensor of {4 << (12 if args.quick else 26)} bytes through "
+                   "`ShardedCheckpointManager`, saved and loaded back):", "",
+                   _markdown(["case", "ordering", "save() blocked ms", "committed ms"],
+                             [(r["case"], f"{r['passed']}/{r['trials']}", f"{r['blocked_ms']:.1f}",
+                               f"{r['durable_ms']:.1f}") for r in sharded]), ""]
+        section_done("sharded (FSDP2)", "; ".join(f"{r['case']} {r['passed']}/{r['trials']}" for r in sharded),
+                     since)
 
         if not args.skip_latency and left() < 45:
             notes.append(f"save latency skipped: {max(left(), 0):.0f} s of the budget left")
@@ -307,9 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.remove(str(_BENCHMARKS))
     if not ordering_ok:
         print("gpu_check: the ordering check FAILED (see above)", file=sys.stderr)
+    if not sharded_ok:
+        print("gpu_check: the sharded (FSDP2) check FAILED (see above)", file=sys.stderr)
     if not tests_ok:
         print("gpu_check: pytest -m cuda FAILED (see above)", file=sys.stderr)
-    return 0 if ordering_ok and tests_ok else 1
+    return 0 if ordering_ok and sharded_ok and tests_ok else 1
 
 
 if __name__ == "__main__":

@@ -226,6 +226,10 @@ def test_gpu_check_smoke_mode_runs_on_the_cpu_and_writes_a_report(tmp_path: Path
     assert "| test_the_amp_scaler_state_round_trips_through_a_checkpoint | skipped: needs a CUDA device |" in report
     assert "Ordering" in report and "0/" not in report.split("Ordering", 1)[1].split("\n", 1)[0]
     assert "| 1MB | dcp best" in report and "| 1MB | ckptio async torch |" in report
+    # the FSDP2 path: a DTensor saved through ShardedCheckpointManager with each writer, in order, loaded back
+    assert "| sharded (FSDP2) |" in summary
+    assert "| FSDP2 mesh of 1 (gloo), thread writer | 2/2 |" in report
+    assert "| FSDP2 mesh of 1 (gloo), process writer | 2/2 |" in report
     assert not any(out.glob("gpu_check_*")), "scratch files were left behind"
     assert not _children_alive(), "a writer process outlived the check"
 
