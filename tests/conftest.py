@@ -9,6 +9,7 @@ from its checkpoint: a run with ``--learning`` trains 200 steps in all. They are
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,18 @@ resumes from this one's checkpoint, so a run with ``--learning`` trains 200 step
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--learning", action="store_true",
                      help="also run the tests marked 'learning' (they train CRAFT for a few minutes first)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist each worker gets its share of the cores, and so do the trainers its tests start (they
+    # inherit OMP_NUM_THREADS): torch's default of one thread per core in every worker makes its threads spin
+    # against each other's, which made the suite slower with two workers than with one. Results stay comparable:
+    # a test's in-process and subprocess runs use the same count.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
