@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import ckptio
+from ckptio.atomic import HOLD_ENV, TEMP_SUFFIX
 from ckptio.naming import scan
 
 
@@ -40,29 +43,55 @@ def test_thousands_of_saves_with_retention_keep_memory_descriptors_and_files_fla
     assert torch.equal(newest["model_state_dict"]["weight"], model.weight.detach())
 
 
+def _temporaries(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(TEMP_SUFFIX)] if directory.exists() else []
+
+
+def _wait_until(condition: Callable[[], object], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 @pytest.mark.slow
 def test_clean_beside_a_running_training_never_removes_the_newest_or_in_flight_checkpoint(tmp_path: Path) -> None:
+    # Each round holds one of the run's writes before its rename (ckptio.atomic.HOLD_ENV): the run cannot end
+    # while it is held, so every clean certainly runs beside the training with a write in flight, however fast or
+    # slow this machine is.
+    hold = tmp_path / "hold-writes"
+    hold.touch()
     run = subprocess.Popen(
         [sys.executable, "-m", "craft_train", "--synthetic-size", "8", "--image-size", "64", "--batch-size", "2",
          "--workers", "0", "--val-fraction", "0", "--epochs", "2", "--save-freq", "1", "--async-save",
          "--save-dir", "ck", "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, env=dict(os.environ, **{HOLD_ENV: str(hold)}))
     directory = tmp_path / "ck"
     cleans = 0
     try:
-        while run.poll() is None:
-            if directory.exists() and len(scan(directory)) >= 2:
-                done = subprocess.run([sys.executable, "-m", "ckptio", "clean", "ck", "--keep-count", "1"],
-                                      cwd=tmp_path, capture_output=True, text=True)
-                assert done.returncode == 0, done.stderr
-                cleans += 1
+        for _ in range(3):
+            _wait_until(lambda: _temporaries(directory) or run.poll() is not None)
+            assert run.poll() is None, "the run ended with a write held"
+            in_flight = _temporaries(directory)
+            done = subprocess.run([sys.executable, "-m", "ckptio", "clean", "ck", "--keep-count", "1"],
+                                  cwd=tmp_path, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            cleans += 1
+            if "newest valid: " in done.stdout:
                 kept = done.stdout.split("newest valid: ")[1].split(")")[0]
                 assert f"deleted: {kept}" not in done.stdout
-                assert (directory / kept).exists() or scan(directory)[0].name != kept
-                remaining = scan(directory)
-                assert remaining and ckptio.verify(remaining[0].path).ok
-            time.sleep(0.2)
+                assert (directory / kept).exists()
+            assert all(path.exists() for path in in_flight), "clean removed a write in flight"
+            remaining = scan(directory)
+            assert not remaining or ckptio.verify(remaining[0].path).ok
+            committed = {entry.path.name for entry in remaining}
+            hold.unlink()  # the held write commits; the next one is held again
+            _wait_until(lambda before=committed: {e.path.name for e in scan(directory)} - before
+                        or run.poll() is not None)
+            hold.touch()
+        hold.unlink()
     finally:
+        hold.unlink(missing_ok=True)
         try:
             _, err = run.communicate(timeout=300)
         finally:
@@ -70,7 +99,7 @@ def test_clean_beside_a_running_training_never_removes_the_newest_or_in_flight_c
                 run.kill()
                 run.communicate()
     assert run.returncode == 0, err
-    assert cleans >= 2
+    assert cleans == 3
     assert "Traceback" not in err
     assert ckptio.verify(directory).ok
     assert scan(directory)[0].name == "checkpoint_epoch_2_batch_4"
