@@ -319,7 +319,7 @@ def _await_results(job: DcpJob, staging: Path) -> list[dict[str, Any]]:
 def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    from . import dcp_manager
+    from .dcp_commit import apply_retention, swap_in
     from .dcp_writer import seal_and_rename
 
     directory = Path(job.directory)
@@ -368,9 +368,9 @@ def _commit(job: DcpJob, staging: Path, target: Path) -> int:
     for rank in range(job.world_size):
         os.unlink(_results_path(staging, rank))
     seal_and_rename(staging, target, metadata, sync=job.sync)
-    dcp_manager.swap_in(directory, job.name)  # a failure here leaves the old one under the name: not committed
+    swap_in(directory, job.name)  # a failure here leaves the old one under the name: not committed
     try:
-        deleted = dcp_manager.apply_retention(directory, job.name, keep_count=job.keep_count,
+        deleted = apply_retention(directory, job.name, keep_count=job.keep_count,
                                               disk_budget=job.disk_budget)
     except Exception as exc:  # committed all the same: every rank says so, and what went wrong after
         error = f"{job.name} was committed, but deleting old checkpoints failed: {type(exc).__name__}: {exc}"

@@ -31,7 +31,6 @@ why) and report it, so ranks never disagree on whether a checkpoint was committe
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import itertools
@@ -50,13 +49,13 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from .atomic import TEMP_SUFFIX, fsync_directory
+from .atomic import TEMP_SUFFIX
 from .config import CheckpointOptions, parse_size
 from .dcp import Reader, checkpoint_entries, delete_dcp_directory, remove_dcp_leftovers, verify_directory
+from .dcp_commit import NEXT_SUFFIX, restore_set_aside
 from .dcp_job import DECISION_SUFFIX, OUTCOME_SUFFIX, DcpJob, refuse, settle_lost
 from .errors import CheckpointWriteError, InsufficientSpaceError
 from .naming import parse_checkpoint_name, validate_name
-from .retention import plan_retention
 from .snapshot import BufferSlot
 from .writer import JobRunner, Report, WriteJob, WriterBackend
 from .zstd_body import zstandard_module
@@ -143,8 +142,8 @@ class ShardedCheckpointManager:
         if self._rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_dcp_leftovers(self.directory)  # saves that crashed before this run: their locks are gone
-            _restore_set_aside(self.directory)
-            for stale in self.directory.glob(".*" + _NEXT_SUFFIX):  # a replacement that crashed before its swap
+            restore_set_aside(self.directory)
+            for stale in self.directory.glob(".*" + NEXT_SUFFIX):  # a replacement that crashed before its swap
                 delete_dcp_directory(stale)
         _barrier(self._group)
         in_process = async_save and writer == "process"
@@ -182,7 +181,7 @@ class ShardedCheckpointManager:
             self._make_room(state)
         target = self.directory / name
         if not parse_checkpoint_name(name):
-            target = self.directory / f".{name}{_NEXT_SUFFIX}"
+            target = self.directory / f".{name}{NEXT_SUFFIX}"
         elif os.path.lexists(target):  # refused before any copy, as DCP's planning refuses it on every rank
             raise CheckpointWriteError(f"{target} already exists; a periodic checkpoint is never replaced: save "
                                        "under a new name, or delete the old one")
@@ -357,24 +356,6 @@ class ShardedCheckpointManager:
             raise RuntimeError("this ShardedCheckpointManager is closed; create a new one")
 
 
-def swap_in(directory: Path, name: str) -> None:
-    """Rank 0's writer, once ``name`` is sealed under its hidden name because it replaces one: swap it in."""
-    if not parse_checkpoint_name(name):
-        _swap_into_place(directory / f".{name}{_NEXT_SUFFIX}", directory / name)
-
-
-def apply_retention(directory: Path, name: str, *, keep_count: int | None, disk_budget: int | None) -> int:
-    """Rank 0's writer, once ``name`` is committed: delete what ``keep_count`` and ``disk_budget`` drop. Return
-    how many were deleted."""
-    if keep_count is None and disk_budget is None:
-        return 0
-    plan = plan_retention(checkpoint_entries(directory), keep_count=keep_count, budget=disk_budget,
-                          must_keep=directory / name)
-    for entry in plan.delete:
-        delete_dcp_directory(entry.path)
-    return len(plan.delete)
-
-
 def _writes_here(value: Any, rank: int) -> bool:
     """Whether this rank writes the item planned for ``value``: its own shard of a DTensor (of a replicated
     mesh dimension, the rank at coordinate 0), anything else on rank 0 only."""
@@ -394,63 +375,6 @@ def _remove_outcomes(directory: Path, run_id: str) -> None:
         if path.name.endswith((OUTCOME_SUFFIX, DECISION_SUFFIX, TEMP_SUFFIX)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-_NEXT_SUFFIX = ".next-ckptio"
-_PREV_SUFFIX = ".prev-ckptio"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Put the committed directory ``new`` under ``final``'s name; the one it replaces is deleted.
-
-    With Linux's ``renameat2(RENAME_EXCHANGE)`` the two trade places in one step. Without it (NFS, no glibc),
-    the old one is first renamed to a fixed hidden name: a crash between the two renames leaves no directory
-    under the name, and the next start puts the old one back (:func:`_restore_set_aside`); the save was never
-    reported committed, so the old one is the right one.
-    """
-    if not os.path.lexists(final):
-        os.rename(new, final)
-    elif _exchange(new, final):
-        delete_dcp_directory(new)  # now holds the previous one
-    else:
-        aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
-        delete_dcp_directory(aside)  # an old one that a crash left after its replacement was in place
-        os.rename(final, aside)
-        try:
-            os.rename(new, final)
-        except BaseException:
-            os.rename(aside, final)  # the save failed; the old one stays under its name meanwhile
-            raise
-        delete_dcp_directory(aside)
-    fsync_directory(final.parent)
-
-
-def _exchange(new: Path, final: Path) -> bool:
-    """Swap two directories in one step; ``False`` where this libc, kernel or file system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(final))  # e.g. EACCES: the two-rename way would fail the same
-
-
-def _restore_set_aside(directory: Path) -> None:
-    """After a crash inside :func:`_swap_into_place`'s two renames: an old checkpoint set aside whose name is
-    empty goes back under it; one whose replacement is in place is deleted."""
-    for aside in directory.glob(".*" + _PREV_SUFFIX):
-        final = directory / aside.name[1:-len(_PREV_SUFFIX)]
-        if os.path.lexists(final):
-            delete_dcp_directory(aside)
-        else:
-            os.rename(aside, final)
-            fsync_directory(directory)
 
 
 def _free_bytes(directory: Path) -> int:

@@ -54,7 +54,7 @@ from .model import CRAFT, load_pretrained, load_pretrained_backbone
 from .order import augmentation_seed, share
 from .preemption import RELAY_WINDOW, Preemption, ignore_stop_signals
 from .state import TrainResult
-from .train import _step_optimizer as step_optimizer  # the same rule as the single-file loop
+from .stepping import step_optimizer  # the same rule as the single-file loop
 
 __all__ = [
     "CHECKPOINT_KIND",

@@ -33,6 +33,7 @@ from .progress import EpochProgress, progress_fields
 from .resume import load_checkpoint, restore, resume_path
 from .saving import Checkpoints, finish_preemption, mirror_summary
 from .state import TrainResult, TrainState
+from .stepping import step_optimizer
 from .validation import NAMED_BAD_SAMPLES, describe, name_bad_samples, validate_all
 from .validation import validate as _validate  # noqa: F401 (the tests reach the validation loss here)
 from .weak import pseudo_targets
@@ -234,35 +235,12 @@ def _train_step(run: Run, batch: dict[str, Any]) -> tuple[list[float], int, bool
         loss, cls_loss, geo_loss = craft_loss(prediction.float(), *targets)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss * batch.get("weight", 1.0)).backward()
-        _step_optimizer(run.optimizer, run.scaler, run.scheduler)
+        step_optimizer(run.optimizer, run.scaler, run.scheduler)
         local = [loss.item(), cls_loss.item(), geo_loss.item()]
     else:  # one process only: every process of a distributed run has a batch (see above)
         local = [math.nan, math.nan, math.nan]
     losses, errors = run.world.step_totals(local, int(batch["errors"]), device)
     return losses, errors, batch["size"] > 0
-
-
-def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
-    """One optimizer step through the AMP scaler; the schedule advances only if the optimizer really stepped.
-
-    With AMP the scaler skips ``optimizer.step()`` when the gradients hold inf/NaN (and halves its scale), as it
-    does on the first steps of most runs. Stepping the scheduler anyway would shift the schedule by the number of
-    skipped steps and makes PyTorch warn. So the learning rate follows optimizer steps taken, and since the
-    scheduler's and scaler's state are both in every checkpoint, a resume reproduces the same schedule.
-    """
-    # The scaler calls optimizer.step() only when the gradients are finite: a hook sees whether it did, with no
-    # host sync of its own (reading the scale before and after the step would add one every step).
-    stepped: list[bool] = []
-    hook = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
-    try:
-        scaler.step(optimizer)
-    finally:
-        hook.remove()
-    scaler.update()
-    if stepped:
-        scheduler.step()
-    return bool(stepped)
 
 
 def _stand_in_batch(batch: dict[str, Any], image_size: int) -> dict[str, Any]:

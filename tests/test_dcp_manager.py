@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckptio
 import ckptio.dcp
+import ckptio.dcp_commit
 import ckptio.dcp_manager
 from ckptio.dcp_manager import ShardedCheckpointManager, latest
 
@@ -107,9 +108,9 @@ def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_bes
     def no_renameat2(*args: Any, **kwargs: Any) -> Any:
         raise OSError("no glibc renameat2")
 
-    monkeypatch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
+    monkeypatch.setattr(ckptio.dcp_commit.ctypes, "CDLL", no_renameat2)
     renames = []
-    real_rename = ckptio.dcp_manager.os.rename
+    real_rename = ckptio.dcp_commit.os.rename
 
     def rename_then_die(source: Any, target: Any) -> None:
         if renames:
@@ -117,9 +118,9 @@ def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_bes
         renames.append((source, target))
         real_rename(source, target)
 
-    monkeypatch.setattr(ckptio.dcp_manager.os, "rename", rename_then_die)
+    monkeypatch.setattr(ckptio.dcp_commit.os, "rename", rename_then_die)
     with pytest.raises(_Crash):
-        ckptio.dcp_manager._swap_into_place(tmp_path / ".best_model.next-ckptio", tmp_path / "best_model")
+        ckptio.dcp_commit._swap_into_place(tmp_path / ".best_model.next-ckptio", tmp_path / "best_model")
     monkeypatch.undo()
     with ShardedCheckpointManager(tmp_path, async_save=False):  # the restarted run
         pass
@@ -129,7 +130,7 @@ def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_bes
 
 def test_a_best_model_whose_swap_failed_does_not_block_the_next_best_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    swap = ckptio.dcp_manager._swap_into_place
+    swap = ckptio.dcp_commit._swap_into_place
     failures: list[OSError] = []
 
     def fails_once(new: Path, final: Path) -> None:
@@ -137,7 +138,7 @@ def test_a_best_model_whose_swap_failed_does_not_block_the_next_best_model(
             raise failures.pop()
         swap(new, final)
 
-    monkeypatch.setattr(ckptio.dcp_manager, "_swap_into_place", fails_once)
+    monkeypatch.setattr(ckptio.dcp_commit, "_swap_into_place", fails_once)
     with ShardedCheckpointManager(tmp_path, async_save=False) as manager:
         manager.save(_state(1), name="best_model")
         failures.append(OSError(13, "Permission denied"))
@@ -157,7 +158,7 @@ def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_mo
         def no_renameat2(*args: Any, **kwargs: Any) -> Any:
             raise OSError("no glibc renameat2")
 
-        real_rename = ckptio.dcp_manager.os.rename
+        real_rename = ckptio.dcp_commit.os.rename
         renames: list[Any] = []
 
         def second_fails(source: Any, target: Any) -> None:
@@ -167,8 +168,8 @@ def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_mo
             real_rename(source, target)
 
         with monkeypatch.context() as patch:
-            patch.setattr(ckptio.dcp_manager.ctypes, "CDLL", no_renameat2)
-            patch.setattr(ckptio.dcp_manager.os, "rename", second_fails)
+            patch.setattr(ckptio.dcp_commit.ctypes, "CDLL", no_renameat2)
+            patch.setattr(ckptio.dcp_commit.os, "rename", second_fails)
             with pytest.raises(ckptio.CheckpointWriteError, match="No space left"):
                 manager.save(_state(2), name="best_model")
         assert _step_in(tmp_path / "best_model") == 1  # while this run goes on, not only after a restart

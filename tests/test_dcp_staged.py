@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import ckptio
 import ckptio.dcp
+import ckptio.dcp_commit
 import ckptio.dcp_job
 import ckptio.dcp_manager
 import ckptio.dcp_writer
@@ -327,7 +328,7 @@ def test_rank_0_whose_writer_process_dies_while_committing_reports_what_is_on_di
         manager._writer = writer = _KilledAfterItsPart()  # type: ignore[assignment]
         manager.save(_state(5), name="checkpoint_epoch_1_batch_1")
         job = writer.jobs[0]
-        module = ckptio.dcp_writer if dies_in == "seal_and_rename" else ckptio.dcp_manager
+        module = ckptio.dcp_writer if dies_in == "seal_and_rename" else ckptio.dcp_commit
         with monkeypatch.context() as patch, pytest.raises(_Killed):
             patch.setattr(module, dies_in, killed)
             run_dcp_job(job.dcp, job.snapshot.materialize())
@@ -420,7 +421,7 @@ def test_a_retention_that_fails_after_the_commit_says_committed_on_every_rank(
     def cannot_delete(path: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(ckptio.dcp_manager, "delete_dcp_directory", cannot_delete)
+    monkeypatch.setattr(ckptio.dcp_commit, "delete_dcp_directory", cannot_delete)
     jobs = [dataclasses.replace(job, keep_count=1) for job in _jobs(tmp_path, state, "checkpoint_epoch_1_batch_2")]
     errors = _run_ranks(jobs, [flat, {}])
     for error in errors:  # the same on both ranks: the new checkpoint is there, the old one could not go

@@ -13,7 +13,8 @@ import ckptio
 from craft_train.cli import _parser
 from craft_train.config import TrainConfig
 from craft_train.determinism import CUBLAS_WORKSPACE_CONFIG, deterministic_mode, resume_note
-from craft_train.train import TrainResult, _step_optimizer, train
+from craft_train.stepping import step_optimizer
+from craft_train.train import TrainResult, train
 
 # 8 synthetic images, no validation: 4 batches of 2 per epoch, so 20 steps cross four epoch boundaries.
 BASE = dict(synthetic_size=8, image_size=32, batch_size=2, epochs=10, val_fraction=0.0, seed=3, workers=0,
@@ -84,7 +85,7 @@ def _tiny_step(loss_value: float, model: torch.nn.Linear, optimizer: torch.optim
     optimizer.zero_grad(set_to_none=True)
     loss = model(torch.ones(1, 2)).sum() * loss_value
     scaler.scale(loss).backward()
-    return _step_optimizer(optimizer, scaler, scheduler)
+    return step_optimizer(optimizer, scaler, scheduler)
 
 
 def test_a_step_the_amp_scaler_skips_does_not_advance_the_schedule_and_warns_nothing() -> None:

@@ -357,7 +357,7 @@ def test_a_checkpoint_written_without_amp_resumes_into_a_run_whose_amp_scaler_is
 def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_its_layout(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # AMP skips the first steps of most runs (inf gradients while the scale settles): Adam has no state yet.
-    real_step = train_module._step_optimizer
+    real_step = train_module.step_optimizer
     steps: list[int] = []
 
     def skips_the_first_two(optimizer: Any, scaler: Any, scheduler: Any) -> bool:
@@ -376,7 +376,7 @@ def test_the_first_save_after_steps_that_amp_skipped_finds_buffers_prepared_for_
         saved.append(state_shape(state))
         return real_save(self, state, **kwargs)
 
-    monkeypatch.setattr(train_module, "_step_optimizer", skips_the_first_two)
+    monkeypatch.setattr(train_module, "step_optimizer", skips_the_first_two)
     monkeypatch.setattr(ckptio.CheckpointManager, "prepare", prepare)
     monkeypatch.setattr(ckptio.CheckpointManager, "save", save)
     train(_config(save_dir=str(tmp_path), workers=0, val_fraction=0.0, save_freq=4, max_steps=4, async_save=True),
