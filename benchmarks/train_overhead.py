@@ -370,7 +370,7 @@ class Trainer:
     def step(self) -> None:
         """One batch: the body of the trainer's inner loop, up to the periodic checkpoint."""
         from craft_train.loss import craft_loss
-        from craft_train.train import _step_optimizer
+        from craft_train.stepping import step_optimizer
 
         batch = next(self._batches)
         self.model.train()
@@ -384,7 +384,7 @@ class Trainer:
             self.scaler.scale(loss * batch.get("weight", 1.0)).backward()
             if self.saver is not None:
                 self.saver.before_optimizer_step()
-            _step_optimizer(self.optimizer, self.scaler, self.scheduler)
+            step_optimizer(self.optimizer, self.scaler, self.scheduler)
             losses = (loss.item(), cls_loss.item(), geo_loss.item())  # world.mean() of one process
             self.sums["train"] += losses[0]
             self.sums["cls"] += losses[1]
