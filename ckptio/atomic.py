@@ -30,6 +30,7 @@ __all__ = [
     "AtomicFile",
     "atomic_write",
     "create_new",
+    "exchange",
     "fsync_directory",
     "is_temporary",
     "lock_exclusive",
@@ -245,7 +246,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange(a: Path, b: Path) -> bool:
     """Swap the entries ``a`` and ``b`` in one step (``renameat2(RENAME_EXCHANGE)``); ``FileNotFoundError`` if
     either is gone; ``False`` where the kernel, the C library or the filesystem cannot exchange."""
     try:
@@ -271,10 +272,10 @@ def replace_if_unchanged(new: Path, final: Path, expected: os.stat_result) -> No
     def same(info: os.stat_result) -> bool:
         return (info.st_ino, info.st_dev) == (expected.st_ino, expected.st_dev)
 
-    if _exchange(new, final):
+    if exchange(new, final):
         if same(os.lstat(new)):
             return
-        _exchange(new, final)  # someone else's file took the name meanwhile: give it back its place
+        exchange(new, final)  # someone else's file took the name meanwhile: give it back its place
         raise FileExistsError(errno.EEXIST, f"{final} was replaced while it was being rewritten; the newer file "
                               "is kept", str(final))
     if not same(os.lstat(final)):  # FileNotFoundError when it was deleted

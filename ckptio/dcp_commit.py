@@ -7,12 +7,10 @@ directory a crash left set aside).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 from pathlib import Path
 
-from .atomic import fsync_directory
+from .atomic import exchange, fsync_directory
 from .dcp import checkpoint_entries, delete_dcp_directory
 from .naming import parse_checkpoint_name
 from .retention import plan_retention
@@ -39,8 +37,6 @@ def apply_retention(directory: Path, name: str, *, keep_count: int | None, disk_
 
 NEXT_SUFFIX = ".next-ckptio"
 _PREV_SUFFIX = ".prev-ckptio"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 def _swap_into_place(new: Path, final: Path) -> None:
@@ -53,7 +49,7 @@ def _swap_into_place(new: Path, final: Path) -> None:
     """
     if not os.path.lexists(final):
         os.rename(new, final)
-    elif _exchange(new, final):
+    elif exchange(new, final):
         delete_dcp_directory(new)  # now holds the previous one
     else:
         aside = final.parent / f".{final.name}{_PREV_SUFFIX}"
@@ -66,20 +62,6 @@ def _swap_into_place(new: Path, final: Path) -> None:
             raise
         delete_dcp_directory(aside)
     fsync_directory(final.parent)
-
-
-def _exchange(new: Path, final: Path) -> bool:
-    """Swap two directories in one step; ``False`` where this libc, kernel or file system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(final))  # e.g. EACCES: the two-rename way would fail the same
 
 
 def restore_set_aside(directory: Path) -> None:

@@ -108,7 +108,7 @@ def test_a_crash_between_the_two_renames_of_a_swap_without_renameat2_keeps_a_bes
     def no_renameat2(*args: Any, **kwargs: Any) -> Any:
         raise OSError("no glibc renameat2")
 
-    monkeypatch.setattr(ckptio.dcp_commit.ctypes, "CDLL", no_renameat2)
+    monkeypatch.setattr(ckptio.atomic.ctypes, "CDLL", no_renameat2)
     renames = []
     real_rename = ckptio.dcp_commit.os.rename
 
@@ -168,7 +168,7 @@ def test_a_swap_without_renameat2_whose_second_rename_fails_puts_the_old_best_mo
             real_rename(source, target)
 
         with monkeypatch.context() as patch:
-            patch.setattr(ckptio.dcp_commit.ctypes, "CDLL", no_renameat2)
+            patch.setattr(ckptio.atomic.ctypes, "CDLL", no_renameat2)
             patch.setattr(ckptio.dcp_commit.os, "rename", second_fails)
             with pytest.raises(ckptio.CheckpointWriteError, match="No space left"):
                 manager.save(_state(2), name="best_model")

@@ -231,7 +231,7 @@ class _CleanDuringSlimming:
 def test_a_checkpoint_clean_deletes_while_it_is_slimmed_stays_deleted(tmp_path: Path, exchange: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     if exchange == "unavailable":  # a filesystem or kernel that cannot exchange two names: checked, then renamed
-        monkeypatch.setattr(ckptio.atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(ckptio.atomic, "exchange", lambda a, b: False)
     older, newest = _save(tmp_path, [1, 2])
     fake = _CleanDuringSlimming(tmp_path)
     monkeypatch.setattr(ckptio.slim, "verify_file", fake)
